@@ -1,1 +1,162 @@
-//! config
+//! Validated configurations of each role. `main.rs` turns CLI flags into
+//! these; tests build them directly. Invalid settings are rejected here,
+//! at start-up, with a message naming the flag.
+
+use std::time::Duration;
+
+use crate::io::uplink::{Heartbeat, Limits};
+use crate::runtime::DriverKind;
+
+/// Where and how a role's workers run.
+#[derive(Clone, Debug)]
+pub struct Cores {
+    pub cores: usize,
+    pub pin: bool,
+    pub driver: DriverKind,
+    pub first_core: usize,
+}
+
+impl Cores {
+    pub fn new(cores: Option<usize>, pin: bool, driver: DriverKind) -> Self {
+        Cores {
+            cores: cores.unwrap_or_else(crate::runtime::available_cores).max(1),
+            pin,
+            driver,
+            first_core: 0,
+        }
+    }
+
+    pub fn spec(&self, name: &str) -> crate::runtime::WorkerSpec {
+        crate::runtime::WorkerSpec {
+            name: name.to_string(),
+            cores: self.cores,
+            pin: self.pin,
+            driver: self.driver,
+            first_core: self.first_core,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub listen: String,
+    pub tunnel_listen: String,
+    pub admin_listen: Option<String>,
+    pub cores: Cores,
+    pub domain: Option<String>,
+    pub default_session: Option<String>,
+    /// Accepted agent tokens; empty = open gateway (any token, which then
+    /// only decides who owns a session name).
+    pub tokens: Vec<String>,
+    pub max_head: usize,
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+    pub heartbeat: Heartbeat,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            listen: "0.0.0.0:8080".into(),
+            tunnel_listen: "0.0.0.0:7000".into(),
+            admin_listen: Some("127.0.0.1:9090".into()),
+            cores: Cores::new(None, true, DriverKind::Auto),
+            domain: None,
+            default_session: None,
+            tokens: Vec::new(),
+            max_head: crate::http::DEFAULT_MAX_HEAD,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            limits: Limits::default(),
+            heartbeat: Heartbeat::default(),
+        }
+    }
+}
+
+impl GatewayConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(d) = &self.domain {
+            if d.is_empty() || d.starts_with('.') || d.contains(['/', ':', ' ']) {
+                return Err(format!("--domain {d:?}: expected a bare domain like tunnel.example.com"));
+            }
+        }
+        if let Some(s) = &self.default_session {
+            if !crate::proto::valid_session_name(s) {
+                return Err(format!("--default-session {s:?}: not a valid session name ([a-z0-9-], 1..=63)"));
+            }
+        }
+        if self.max_head < 1024 {
+            return Err("--max-head must be at least 1024 bytes".into());
+        }
+        if self.limits.stream_window < 1024 || self.limits.conn_window < self.limits.stream_window {
+            return Err("--stream-window must be >= 1 KiB and --conn-window >= --stream-window".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub gateway: String,
+    pub session: String,
+    pub to: String,
+    /// None: as many as the gateway has cores (announced in ACCEPT).
+    pub uplinks: Option<usize>,
+    pub cores: Cores,
+    pub backend_concurrency: usize,
+    pub backend_queue: usize,
+    pub backend_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub token: String,
+    pub admin_listen: Option<String>,
+    pub heartbeat: Heartbeat,
+    pub reconnect_max: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            gateway: "127.0.0.1:7000".into(),
+            session: String::new(),
+            to: "127.0.0.1:3000".into(),
+            uplinks: None,
+            cores: Cores::new(None, true, DriverKind::Auto),
+            backend_concurrency: 1024,
+            backend_queue: 8192,
+            backend_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            token: String::new(),
+            admin_listen: None,
+            heartbeat: Heartbeat::default(),
+            reconnect_max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !crate::proto::valid_session_name(&self.session) {
+            return Err(format!(
+                "--session {:?}: 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
+                self.session
+            ));
+        }
+        if self.backend_concurrency == 0 {
+            return Err("--backend-concurrency must be at least 1".into());
+        }
+        if self.uplinks == Some(0) {
+            return Err("--uplinks must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EchoServerConfig {
+    pub listen: String,
+    pub cores: Cores,
+    pub delay_ms: u64,
+}

@@ -2,6 +2,7 @@
 //!
 //! (module map written below once modules land)
 
+pub mod admin;
 pub mod agent;
 pub mod bench;
 pub mod config;
@@ -10,5 +11,7 @@ pub mod gateway;
 pub mod http;
 pub mod io;
 pub mod proto;
+pub mod demo;
 pub mod route;
+pub mod signals;
 pub mod runtime;

@@ -1,1 +1,240 @@
-fn main() {}
+//! `ringtunnel`: command line front end. Flags become validated configs
+//! (`ringtunnel::config`), then the library runs them.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ringtunnel::config::{AgentConfig, Cores, EchoServerConfig, GatewayConfig};
+use ringtunnel::io::uplink::Limits;
+use ringtunnel::runtime::DriverKind;
+
+#[derive(Parser)]
+#[command(name = "ringtunnel", version, about = "Thread-per-core HTTP tunnel gateway on io_uring")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Public HTTP listener + uplink listener; routes requests by Host.
+    Gateway(GatewayArgs),
+    /// Connects to a gateway, claims a session, forwards to a backend.
+    Agent(AgentArgs),
+    /// Built-in httpbin-like backend for tests, demos and benchmarks.
+    Echo(EchoArgs),
+    /// Load generator (closed/open loop, sweeps, ramps, comparisons).
+    Bench(ringtunnel::bench::BenchArgs),
+    /// Echo + gateway + agent on loopback, then a short benchmark.
+    Demo(ringtunnel::demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct CoreArgs {
+    /// Worker cores [default: all].
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Pin each worker to a core.
+    #[arg(long, overrides_with = "no_pin", default_value_t = true)]
+    pin: bool,
+    /// Do not pin workers.
+    #[arg(long = "no-pin")]
+    no_pin: bool,
+    #[arg(long, value_enum, default_value_t = DriverKind::Auto)]
+    driver: DriverKind,
+}
+
+impl CoreArgs {
+    fn cores(&self) -> Cores {
+        Cores::new(self.cores, self.pin && !self.no_pin, self.driver)
+    }
+}
+
+#[derive(Args)]
+struct GatewayArgs {
+    /// Public HTTP listen address.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// Uplink (agent) listen address.
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    tunnel_listen: String,
+    /// Admin endpoint (/metrics, /stats); "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: String,
+    #[command(flatten)]
+    core: CoreArgs,
+    /// Serve sessions as <name>.<domain> too.
+    #[arg(long)]
+    domain: Option<String>,
+    /// Session for every Host that names no connected session.
+    #[arg(long)]
+    default_session: Option<String>,
+    /// Token(s) agents must present, comma separated [env RINGTUNNEL_TOKEN; none = open].
+    #[arg(long, env = "RINGTUNNEL_TOKEN")]
+    token: Option<String>,
+    /// Largest request head accepted (bytes); larger gets 431.
+    #[arg(long, default_value_t = 64 * 1024)]
+    max_head: usize,
+    /// Seconds a client may take to send a request head (then 408).
+    #[arg(long, default_value_t = 10.0)]
+    header_timeout: f64,
+    /// Seconds an idle keep-alive connection is kept.
+    #[arg(long, default_value_t = 60.0)]
+    idle_timeout: f64,
+    /// Seconds in-flight requests get to finish on SIGTERM.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace: f64,
+    /// Initial per-stream credit in bytes.
+    #[arg(long, default_value_t = 512 * 1024)]
+    stream_window: u32,
+    /// Initial per-uplink credit in bytes (the per-uplink memory budget).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    conn_window: u32,
+    /// Concurrent streams per uplink.
+    #[arg(long, default_value_t = 4096)]
+    max_streams: u32,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// Gateway tunnel address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    gateway: String,
+    /// Session name to claim.
+    #[arg(long)]
+    session: String,
+    /// Backend address.
+    #[arg(long)]
+    to: String,
+    /// Uplinks to open [default: the gateway's core count].
+    #[arg(long)]
+    uplinks: Option<usize>,
+    #[command(flatten)]
+    core: CoreArgs,
+    /// Backend requests in flight per core; more wait in a bounded queue.
+    #[arg(long, default_value_t = 1024)]
+    backend_concurrency: usize,
+    /// Requests waiting for a backend slot per core before 503.
+    #[arg(long, default_value_t = 8192)]
+    backend_queue: usize,
+    /// Seconds the backend has to start answering (then 504).
+    #[arg(long, default_value_t = 30.0)]
+    backend_timeout: f64,
+    /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
+    #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
+    token: String,
+    /// Admin endpoint (/metrics, /stats) [default: off].
+    #[arg(long)]
+    admin_listen: Option<String>,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: String,
+    /// Delay added to every response.
+    #[arg(long, default_value_t = 0)]
+    delay_ms: u64,
+    #[command(flatten)]
+    core: CoreArgs,
+}
+
+fn secs(s: f64, flag: &str) -> Result<Duration, String> {
+    if s.is_finite() && s > 0.0 {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        Err(format!("--{flag} must be a positive number of seconds"))
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.cmd {
+        Cmd::Gateway(a) => {
+            let cfg = GatewayConfig {
+                listen: a.listen,
+                tunnel_listen: a.tunnel_listen,
+                admin_listen: (a.admin_listen != "off").then_some(a.admin_listen),
+                cores: a.core.cores(),
+                domain: a.domain,
+                default_session: a.default_session,
+                tokens: a
+                    .token
+                    .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                    .unwrap_or_default(),
+                max_head: a.max_head,
+                header_timeout: secs(a.header_timeout, "header-timeout")?,
+                idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
+                shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+                limits: Limits {
+                    max_frame: ringtunnel::proto::DEFAULT_MAX_FRAME,
+                    stream_window: a.stream_window,
+                    conn_window: a.conn_window,
+                    max_streams: a.max_streams,
+                },
+                ..GatewayConfig::default()
+            };
+            let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
+            println!(
+                "ringtunnel gateway ready public={} tunnel={} admin={}",
+                gw.public_addr(),
+                gw.tunnel_addr(),
+                gw.admin_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+            );
+            ringtunnel::signals::wait_for_termination();
+            eprintln!("ringtunnel gateway: shutting down (finishing in-flight requests)");
+            gw.shutdown();
+            Ok(())
+        }
+        Cmd::Agent(a) => {
+            let cfg = AgentConfig {
+                gateway: a.gateway,
+                session: a.session,
+                to: a.to,
+                uplinks: a.uplinks,
+                cores: a.core.cores(),
+                backend_concurrency: a.backend_concurrency,
+                backend_queue: a.backend_queue,
+                backend_timeout: secs(a.backend_timeout, "backend-timeout")?,
+                token: a.token,
+                admin_listen: a.admin_listen,
+                ..AgentConfig::default()
+            };
+            let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
+            println!("ringtunnel agent started");
+            ringtunnel::signals::wait_for_termination();
+            agent.stop();
+            Ok(())
+        }
+        Cmd::Echo(a) => {
+            let cfg = EchoServerConfig {
+                listen: a.listen,
+                cores: a.core.cores(),
+                delay_ms: a.delay_ms,
+            };
+            let srv = ringtunnel::echo::start(cfg).map_err(|e| e.to_string())?;
+            println!("ringtunnel echo ready listen={}", srv.addr());
+            ringtunnel::signals::wait_for_termination();
+            Ok(())
+        }
+        Cmd::Bench(a) => ringtunnel::bench::run(a),
+        Cmd::Demo(a) => ringtunnel::demo::run(a),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ringtunnel: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

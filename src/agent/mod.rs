@@ -1,1 +1,313 @@
-//! agent (in progress)
+//! The agent: uplinks to the gateway and the backend side of streams.
+//!
+//! Sharded like the gateway: agent core `i` owns uplinks `i, i+N, ...`,
+//! its own backend connection pool and its own concurrency limit. An
+//! uplink is kept alive by a loop that reconnects with exponential backoff
+//! and jitter; streams in flight when it drops fail cleanly (the gateway
+//! answers 502 or closes), new ones go to the other uplinks meanwhile.
+
+mod backend;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use monoio::net::TcpStream;
+
+use crate::config::AgentConfig;
+use crate::io::stats::CoreStats;
+use crate::io::uplink::{read_handshake_frame, write_frame, Limits, Uplink};
+use crate::proto::{ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::runtime::notify::WaitList;
+
+pub(crate) struct AgentShared {
+    cfg: AgentConfig,
+    gateway: std::net::SocketAddr,
+    backend: std::net::SocketAddr,
+    agent_id: u64,
+    /// Total uplinks; 0 until known (from --uplinks or the first ACCEPT).
+    total: AtomicUsize,
+    stats: Vec<Arc<CoreStats>>,
+    stop: AtomicBool,
+    connected: AtomicUsize,
+}
+
+impl crate::admin::StatsSource for AgentShared {
+    fn role(&self) -> &'static str {
+        "agent"
+    }
+    fn cores(&self) -> &[Arc<CoreStats>] {
+        &self.stats
+    }
+}
+
+/// One agent core's state.
+pub(crate) struct AgentCore {
+    pub(crate) index: usize,
+    pub(crate) shared: Arc<AgentShared>,
+    pub(crate) stats: Arc<CoreStats>,
+    pub(crate) pool: RefCell<Vec<backend::BackendConn>>,
+    /// Backend requests running now, and those waiting for a slot.
+    pub(crate) running: Cell<usize>,
+    pub(crate) waiting: Cell<usize>,
+    pub(crate) slot_free: WaitList,
+}
+
+impl AgentCore {
+    pub(crate) fn cfg(&self) -> &AgentConfig {
+        &self.shared.cfg
+    }
+}
+
+/// A running agent (in-process handle).
+pub struct Agent {
+    shared: Arc<AgentShared>,
+    workers: Option<crate::runtime::Workers>,
+}
+
+impl Agent {
+    /// Uplinks currently accepted by the gateway.
+    pub fn connected_uplinks(&self) -> usize {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn total_uplinks(&self) -> usize {
+        self.shared.total.load(Ordering::SeqCst)
+    }
+
+    pub fn stop(mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.workers.take() {
+            w.join();
+        }
+    }
+
+    pub fn join(mut self) {
+        if let Some(w) = self.workers.take() {
+            w.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.workers.take() {
+            w.join();
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
+    cfg.validate()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    crate::runtime::raise_nofile_limit();
+    let gateway = crate::runtime::resolve(&cfg.gateway)?;
+    let backend = crate::runtime::resolve(&cfg.to)?;
+    let n = cfg.cores.cores;
+    let shared = Arc::new(AgentShared {
+        total: AtomicUsize::new(cfg.uplinks.unwrap_or(0)),
+        cfg: cfg.clone(),
+        gateway,
+        backend,
+        agent_id: random_u64(),
+        stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
+        stop: AtomicBool::new(false),
+        connected: AtomicUsize::new(0),
+    });
+    if let Some(a) = &cfg.admin_listen {
+        crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
+    }
+    let sh = shared.clone();
+    let workers = crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| core_main(i, sh.clone()))?;
+    Ok(Agent {
+        shared,
+        workers: Some(workers),
+    })
+}
+
+async fn core_main(index: usize, shared: Arc<AgentShared>) {
+    let core = Rc::new(AgentCore {
+        index,
+        stats: shared.stats[index].clone(),
+        shared: shared.clone(),
+        pool: RefCell::new(Vec::new()),
+        running: Cell::new(0),
+        waiting: Cell::new(0),
+        slot_free: WaitList::new(),
+    });
+    let cores = shared.cfg.cores.cores;
+    // Until the first ACCEPT says how many cores the gateway has, only
+    // uplink 0 connects; then every core opens its share.
+    let mut total = shared.total.load(Ordering::SeqCst);
+    while total == 0 {
+        if index == 0 {
+            break;
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+        total = shared.total.load(Ordering::SeqCst);
+    }
+    let live = Rc::new(Cell::new(0usize));
+    let mut started = 0usize;
+    let mut next = index;
+    loop {
+        let total = shared.total.load(Ordering::SeqCst).max(1);
+        while next < total {
+            let c = core.clone();
+            let l = live.clone();
+            let k = next;
+            l.set(l.get() + 1);
+            crate::runtime::spawn_isolated("uplink-keeper", async move {
+                keep_uplink(c, k).await;
+                l.set(l.get() - 1);
+            });
+            started += 1;
+            next += cores;
+        }
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = started;
+    // Own the tasks until they end (block_on would drop them otherwise).
+    while live.get() > 0 {
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects, handshakes and serves uplink `k` until stopped; reconnects
+/// with exponential backoff (100 ms doubling to `reconnect_max`) and
+/// +-50% jitter so that many agents do not reconnect in lockstep.
+async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
+    let mut backoff = Duration::from_millis(100);
+    let mut seed = core.shared.agent_id ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    while !core.shared.stop.load(Ordering::SeqCst) {
+        match connect_uplink(&core, k).await {
+            Ok(up) => {
+                backoff = Duration::from_millis(100);
+                core.shared.connected.fetch_add(1, Ordering::SeqCst);
+                // Poll for stop while the uplink lives.
+                while !up.is_closed() {
+                    if core.shared.stop.load(Ordering::SeqCst) {
+                        up.go_away(ErrorCode::Shutdown, "agent stopping");
+                        monoio::time::sleep(Duration::from_millis(50)).await;
+                        up.close_now("agent stopped");
+                        break;
+                    }
+                    let _ = monoio::time::timeout(Duration::from_millis(100), up.wait_closed()).await;
+                }
+                core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
+            }
+            Err(Fatal(e)) => {
+                tracing::error!(uplink = k, "gateway refused the uplink: {e}");
+                eprintln!("ringtunnel agent: gateway refused the uplink: {e}");
+            }
+            Err(Retry(e)) => tracing::warn!(uplink = k, "cannot reach gateway: {e}"),
+        }
+        if core.shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
+        let wait = backoff.mul_f64(jitter);
+        let mut slept = Duration::ZERO;
+        while slept < wait && !core.shared.stop.load(Ordering::SeqCst) {
+            let step = (wait - slept).min(Duration::from_millis(50));
+            monoio::time::sleep(step).await;
+            slept += step;
+        }
+        backoff = (backoff * 2).min(core.cfg().reconnect_max);
+    }
+}
+
+enum ConnectError {
+    Retry(String),
+    Fatal(String),
+}
+use ConnectError::{Fatal, Retry};
+
+async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, ConnectError> {
+    let cfg = core.cfg();
+    let mut stream = match monoio::time::timeout(cfg.connect_timeout, TcpStream::connect_addr(core.shared.gateway)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Retry(e.to_string())),
+        Err(_) => return Err(Retry("connect timed out".into())),
+    };
+    let total = core.shared.total.load(Ordering::SeqCst);
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: 0,
+        agent_id: core.shared.agent_id,
+        uplink_index: k as u16,
+        uplinks_total: total.max(k + 1) as u16,
+        token: cfg.token.clone(),
+        session: cfg.session.clone(),
+    };
+    write_frame(&mut stream, &Frame::hello(&hello))
+        .await
+        .map_err(|e| Retry(e.to_string()))?;
+    let (res, leftover) = read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await;
+    let f = res.map_err(Retry)?;
+    match f.kind {
+        FrameType::Accept => {}
+        FrameType::Refuse => {
+            let (code, reason) = f.parse_refuse().map_err(|e| Retry(e.to_string()))?;
+            return Err(Fatal(format!("{reason} ({code:?})")));
+        }
+        other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
+    }
+    let acc = f.parse_accept().map_err(|e| Retry(e.to_string()))?;
+    if core.shared.total.load(Ordering::SeqCst) == 0 {
+        let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
+        let _ = core.shared.total.compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    tracing::info!(
+        core = core.index,
+        uplink = k,
+        gateway_core = acc.core,
+        session = %cfg.session,
+        "uplink accepted"
+    );
+    let limits = Limits {
+        max_frame: acc.max_frame,
+        stream_window: acc.stream_window,
+        conn_window: acc.conn_window,
+        max_streams: acc.max_streams,
+    };
+    let up = Uplink::start(
+        stream,
+        leftover,
+        k as u64,
+        core.index,
+        cfg.session.clone(),
+        limits,
+        cfg.heartbeat,
+        core.stats.clone(),
+    );
+    let c = core.clone();
+    up.set_open_handler(move |stream, head| {
+        let c = c.clone();
+        crate::runtime::spawn_isolated("agent-stream", async move {
+            backend::serve_stream(c, stream, head).await;
+        });
+    });
+    Ok(up)
+}

@@ -1,1 +1,29 @@
-//! http (in progress)
+//! Sans-IO HTTP/1.x: bytes in, parsed heads and body pieces out; heads and
+//! chunk framing encoded into a `BytesMut`. No sockets, no clocks.
+//!
+//! - [`head`]: find, parse and validate request and response heads. Requests
+//!   are strict (every request-smuggling ambiguity is a [`HeadError`] with
+//!   its status); responses are lenient where the result stays unambiguous.
+//! - [`body`]: [`BodyDecoder`] strips length, chunked or close-delimited
+//!   framing and yields the body zero-copy, in bounded pieces.
+//! - [`encode`]: heads as they are forwarded (hop-by-hop headers dropped,
+//!   framing restated), chunk framing, small error responses.
+//!
+//! Invariants the IO layer relies on: `parse_*` never consume input (the
+//! caller advances by `head_len`); `Ok(None)` always means "read more"; a
+//! decoder never touches the bytes after the end of its body, so pipelined
+//! requests stay in the buffer.
+
+pub mod body;
+pub mod encode;
+pub mod head;
+
+pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
+pub use encode::{
+    encode_chunk_header, encode_request_forward, encode_response_forward, encode_response_head,
+    is_hop_by_hop, reason_phrase, simple_response, CHUNK_TRAILER, LAST_CHUNK,
+};
+pub use head::{
+    parse_request, parse_response, BodyKind, HeadError, RequestHead, ResponseHead,
+    DEFAULT_MAX_HEAD, MAX_HEADERS,
+};

@@ -1,1 +1,301 @@
-//! runtime (in progress)
+//! Worker threads, core pinning, driver choice, listeners, task isolation
+//! and cross-core mailboxes.
+//!
+//! This is the only module that creates threads. Every worker is one monoio
+//! runtime on one (optionally pinned) core; everything a worker owns is
+//! `!Send` and stays on it. Crossing cores is explicit: a [`mailbox`] carries
+//! plain data (fds, `Bytes`, names) to another core and wakes its runtime.
+//!
+//! Invariants:
+//! - a panic inside a task started with [`spawn_isolated`] ends that task
+//!   only (monoio would otherwise unwind out of `block_on` and kill the core);
+//! - a listener address that is already in use is a start-up error, even
+//!   though monoio binds with SO_REUSEPORT (which would silently share it).
+
+pub mod mailbox;
+pub mod notify;
+
+use std::future::Future;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+/// Which monoio driver a worker runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// io_uring when the kernel allows it, else epoll.
+    Auto,
+    /// io_uring only; start-up fails if unavailable.
+    Uring,
+    /// epoll (monoio's legacy driver).
+    Legacy,
+}
+
+impl DriverKind {
+    /// Resolves `Auto` against what this kernel offers.
+    pub fn resolve(self) -> DriverKind {
+        match self {
+            DriverKind::Auto if monoio::utils::detect_uring() => DriverKind::Uring,
+            DriverKind::Auto => DriverKind::Legacy,
+            other => other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Auto => "auto",
+            DriverKind::Uring => "io_uring",
+            DriverKind::Legacy => "epoll",
+        }
+    }
+}
+
+/// How to start a group of workers.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    /// Thread name prefix, e.g. "gw" gives threads "gw-0", "gw-1".
+    pub name: String,
+    pub cores: usize,
+    pub pin: bool,
+    pub driver: DriverKind,
+    /// Pin worker i to core `(first_core + i) % ncpu`; lets a demo place
+    /// roles on different cores.
+    pub first_core: usize,
+}
+
+impl WorkerSpec {
+    pub fn new(name: &str, cores: usize) -> Self {
+        WorkerSpec {
+            name: name.to_string(),
+            cores: cores.max(1),
+            pin: true,
+            driver: DriverKind::Auto,
+            first_core: 0,
+        }
+    }
+}
+
+/// Number of cores this process may run on.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Running worker threads.
+pub struct Workers {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Waits until every worker's main future has ended.
+    pub fn join(self) {
+        for h in self.handles {
+            if h.join().is_err() {
+                tracing::error!("a worker thread panicked");
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+}
+
+/// io_uring submission queue size; 32768 is the largest accepted here, and
+/// far more than the few thousand ops a core keeps in flight.
+const URING_ENTRIES: u32 = 4096;
+
+/// Spawns `spec.cores` threads; each builds a monoio runtime (timers on)
+/// and runs `f(core_index)` to completion. Fails before spawning anything
+/// if the requested driver is unavailable.
+pub fn spawn_workers<F, Fut>(spec: &WorkerSpec, f: F) -> io::Result<Workers>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + 'static,
+{
+    let driver = spec.driver.resolve();
+    if spec.driver == DriverKind::Uring && !monoio::utils::detect_uring() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring requested (--driver uring) but the kernel does not allow it; use --driver legacy",
+        ));
+    }
+    let core_ids = if spec.pin {
+        core_affinity::get_core_ids().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let f = std::sync::Arc::new(f);
+    let mut handles = Vec::with_capacity(spec.cores);
+    for i in 0..spec.cores {
+        let f = f.clone();
+        let pin_to = if core_ids.is_empty() {
+            None
+        } else {
+            Some(core_ids[(spec.first_core + i) % core_ids.len()])
+        };
+        let role = spec.name.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("{}-{}", spec.name, i))
+            .spawn(move || {
+                let pinned = match pin_to {
+                    Some(id) if core_affinity::set_for_current(id) => Some(id.id),
+                    _ => None,
+                };
+                tracing::info!(
+                    role = %role,
+                    core = i,
+                    driver = driver.as_str(),
+                    pinned_cpu = ?pinned,
+                    "worker started"
+                );
+                run_on_driver(driver, f(i));
+            })?;
+        handles.push(h);
+    }
+    Ok(Workers { handles })
+}
+
+fn run_on_driver<Fut: Future<Output = ()>>(driver: DriverKind, fut: Fut) {
+    match driver {
+        DriverKind::Legacy => {
+            let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+                .expect("build epoll runtime");
+            rt.block_on(fut);
+        }
+        _ => {
+            let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                .with_entries(URING_ENTRIES)
+                .enable_timer()
+                .build()
+                .expect("build io_uring runtime");
+            rt.block_on(fut);
+        }
+    }
+}
+
+static TASK_PANICS: AtomicU64 = AtomicU64::new(0);
+
+/// Tasks that panicked and were isolated since start-up (all cores).
+pub fn task_panics() -> u64 {
+    TASK_PANICS.load(Ordering::Relaxed)
+}
+
+/// Spawns a task on the current core whose panic ends only that task.
+pub fn spawn_isolated<F: Future<Output = ()> + 'static>(what: &'static str, fut: F) {
+    monoio::spawn(CatchUnwind { what, fut });
+}
+
+/// Polls the inner future inside `catch_unwind`: a bug in one connection's
+/// handling must not unwind through monoio's scheduler and end the core.
+pub struct CatchUnwind<F> {
+    what: &'static str,
+    fut: F,
+}
+
+impl<F> CatchUnwind<F> {
+    pub fn new(what: &'static str, fut: F) -> Self {
+        CatchUnwind { what, fut }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // SAFETY: `fut` is structurally pinned; we never move it.
+        let this = unsafe { self.get_unchecked_mut() };
+        let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(p) => p,
+            Err(payload) => {
+                TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic".into());
+                tracing::error!(task = this.what, panic = %msg, "task panicked; it alone was ended");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// Resolves `addr` once (blocking lookups must never run on a core) and
+/// checks that nobody listens there yet. Port 0 is resolved to a concrete
+/// free port so that every core's SO_REUSEPORT listener shares it.
+pub fn reserve_listen_addr(addr: &str) -> io::Result<SocketAddr> {
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve listen address {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}")))?;
+    // std's listener does not set SO_REUSEPORT, so this bind fails exactly
+    // when another socket already holds the port.
+    let probe = std::net::TcpListener::bind(resolved).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {resolved}: {e} (is another ringtunnel or server already using it?)"),
+        )
+    })?;
+    let actual = probe.local_addr()?;
+    drop(probe);
+    Ok(actual)
+}
+
+/// Binds one core's SO_REUSEPORT listener; must run on a worker thread.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<monoio::net::TcpListener> {
+    let opts = monoio::net::ListenerOpts::new()
+        .reuse_port(true)
+        .reuse_addr(true)
+        .backlog(4096);
+    monoio::net::TcpListener::bind_with_config(addr, &opts)
+}
+
+/// Resolves a `host:port` once, before the runtimes start.
+pub fn resolve(addr: &str) -> io::Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}")))
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft
+/// limit. Thousands of connections need it and the default is often 1024.
+pub fn raise_nofile_limit() -> u64 {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return 0;
+        }
+        if rl.rlim_cur < rl.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: rl.rlim_max,
+                rlim_max: rl.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur as u64;
+            }
+        }
+    }
+    rl.rlim_cur as u64
+}
+
+/// Starts a plain (non-runtime) helper thread, e.g. the admin endpoint.
+pub fn spawn_service_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    std::thread::Builder::new().name(name.to_string()).spawn(f).map(|_| ())
+}

@@ -1,0 +1,192 @@
+//! Uplink side of the gateway: accept, handshake, placement.
+//!
+//! An agent's uplink lands on whichever core the kernel's SO_REUSEPORT
+//! hash picks. After HELLO, the claim registry chooses the core holding
+//! the fewest uplinks of that session; if that is another core, the socket
+//! (and any bytes read past HELLO) moves there through its mailbox, and
+//! that core sends ACCEPT. So a session with K >= cores uplinks ends up
+//! with one on every core and public requests rarely need a handoff.
+
+use std::cell::Cell;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+
+use bytes::{Bytes, BytesMut};
+use monoio::net::{TcpListener, TcpStream};
+
+use super::{Core, CoreMsg};
+use crate::io::stats::{CoreStats, ErrorKind};
+use crate::io::uplink::{read_handshake_frame, write_frame, Uplink};
+use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+
+const HANDSHAKE_MAX: u32 = 64 * 1024;
+
+pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                if stop.get() {
+                    return;
+                }
+                let c = core.clone();
+                crate::runtime::spawn_isolated("uplink-handshake", async move {
+                    handshake(c, stream).await;
+                });
+            }
+            Err(e) => {
+                if stop.get() {
+                    return;
+                }
+                tracing::warn!(error = %e, "tunnel accept failed");
+                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, core: &Core, code: ErrorCode, reason: &str) {
+    core.stats.error(ErrorKind::HandshakeRefused);
+    tracing::warn!(core = core.index, %reason, "uplink refused");
+    let _ = write_frame(stream, &Frame::refuse(code, reason)).await;
+}
+
+fn token_ok(core: &Core, token: &str) -> bool {
+    let tokens = &core.cfg().tokens;
+    tokens.is_empty() || tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+}
+
+/// Compares without an early exit, so response timing does not reveal how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
+    // A silent peer must not hold a task forever: the watchdog shuts the
+    // socket down, which ends the read below.
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+    let done = Rc::new(Cell::new(false));
+    let d = done.clone();
+    let timeout = core.cfg().header_timeout;
+    monoio::spawn(async move {
+        monoio::time::sleep(timeout).await;
+        if !d.get() {
+            crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
+        }
+    });
+    let (res, leftover) = read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), HANDSHAKE_MAX).await;
+    done.set(true);
+    let frame = match res {
+        Ok(f) => f,
+        Err(e) => {
+            core.stats.error(ErrorKind::Protocol);
+            tracing::debug!(error = %e, "uplink handshake failed");
+            return;
+        }
+    };
+    if frame.kind != FrameType::Hello {
+        refuse(&mut stream, &core, ErrorCode::ProtocolError, "expected HELLO").await;
+        return;
+    }
+    let hello = match frame.parse_hello() {
+        Ok(h) => h,
+        Err(e) => {
+            refuse(&mut stream, &core, e.code(), &e.to_string()).await;
+            return;
+        }
+    };
+    if !token_ok(&core, &hello.token) {
+        refuse(&mut stream, &core, ErrorCode::AuthFailed, "bad token").await;
+        return;
+    }
+    if core.shared.shutting_down.load(Ordering::Relaxed) {
+        refuse(&mut stream, &core, ErrorCode::Shutdown, "gateway is shutting down").await;
+        return;
+    }
+    let target = match core.shared.claim(&hello.session, &hello.token, core.index) {
+        Ok(t) => t,
+        Err(reason) => {
+            refuse(&mut stream, &core, ErrorCode::SessionTaken, &reason).await;
+            return;
+        }
+    };
+    let id = core.shared.next_uplink.fetch_add(1, Ordering::Relaxed);
+    if target == core.index {
+        finish(core, stream, leftover, hello, id).await;
+        return;
+    }
+    // Move the socket to the chosen core. No op holds the fd now.
+    let fd = stream.into_raw_fd();
+    let msg = CoreMsg::Uplink {
+        fd,
+        leftover: leftover.freeze(),
+        hello,
+        id,
+    };
+    if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
+        // The target core is gone (shutdown): give the claim back, close.
+        core.shared.release(&hello.session, target);
+        // SAFETY: we own the fd again since the send failed.
+        drop(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    }
+}
+
+/// Takes over an uplink handed to this core.
+pub(super) fn adopt(core: Rc<Core>, fd: std::os::fd::RawFd, leftover: Bytes, hello: Hello, id: u64) {
+    // SAFETY: the fd was handed over by the sending core, which no longer
+    // uses it.
+    let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    let _ = std_stream.set_nonblocking(true);
+    let stream = match TcpStream::from_std(std_stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot adopt uplink socket");
+            core.shared.release(&hello.session, core.index);
+            return;
+        }
+    };
+    crate::runtime::spawn_isolated("uplink-adopt", async move {
+        finish(core, stream, BytesMut::from(&leftover[..]), hello, id).await;
+    });
+}
+
+async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello: Hello, id: u64) {
+    let limits = core.cfg().limits;
+    let accept = Accept {
+        version: PROTOCOL_VERSION,
+        gateway_cores: core.shared.mailboxes.len() as u16,
+        core: core.index as u16,
+        max_frame: limits.max_frame,
+        stream_window: limits.stream_window,
+        conn_window: limits.conn_window,
+        max_streams: limits.max_streams,
+    };
+    if let Err(e) = write_frame(&mut stream, &Frame::accept(&accept)).await {
+        tracing::debug!(error = %e, "ACCEPT write failed");
+        core.shared.release(&hello.session, core.index);
+        return;
+    }
+    tracing::info!(
+        core = core.index,
+        session = %hello.session,
+        uplink = id,
+        index = hello.uplink_index,
+        "uplink accepted"
+    );
+    let up = Uplink::start(
+        stream,
+        leftover,
+        id,
+        core.index,
+        hello.session.clone(),
+        limits,
+        core.cfg().heartbeat,
+        core.stats.clone(),
+    );
+    core.add_uplink(up);
+    let _ = CoreStats::get(&core.stats.uplinks);
+}

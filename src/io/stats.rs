@@ -1,0 +1,229 @@
+//! Per-core counters, gauges and bucketed histograms.
+//!
+//! Each core writes only its own [`CoreStats`] (relaxed atomics on a
+//! cache line nobody else writes, so no contention and no lock); the admin
+//! endpoint and the bench report read all cores and merge.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Kinds of errors counted per core (the `kind` label of
+/// `ringtunnel_errors_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    HeadTooLarge,
+    HeaderTimeout,
+    NoSession,
+    Overloaded,
+    BackendConnect,
+    BackendTimeout,
+    BackendReset,
+    AgentGone,
+    Protocol,
+    HandshakeRefused,
+    ClientIo,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 12] = [
+        ErrorKind::BadRequest,
+        ErrorKind::HeadTooLarge,
+        ErrorKind::HeaderTimeout,
+        ErrorKind::NoSession,
+        ErrorKind::Overloaded,
+        ErrorKind::BackendConnect,
+        ErrorKind::BackendTimeout,
+        ErrorKind::BackendReset,
+        ErrorKind::AgentGone,
+        ErrorKind::Protocol,
+        ErrorKind::HandshakeRefused,
+        ErrorKind::ClientIo,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::HeadTooLarge => "head_too_large",
+            ErrorKind::HeaderTimeout => "header_timeout",
+            ErrorKind::NoSession => "no_session",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::BackendConnect => "backend_connect",
+            ErrorKind::BackendTimeout => "backend_timeout",
+            ErrorKind::BackendReset => "backend_reset",
+            ErrorKind::AgentGone => "agent_gone",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::HandshakeRefused => "handshake_refused",
+            ErrorKind::ClientIo => "client_io",
+        }
+    }
+}
+
+/// Power-of-two buckets: `le` 1, 2, 4, ... 1024, then +Inf.
+pub const HIST_BUCKETS: usize = 12;
+
+#[derive(Default)]
+pub struct Hist {
+    buckets: [AtomicU64; HIST_BUCKETS],
+    sum: AtomicU64,
+    count: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Hist {
+    pub fn bucket_bound(i: usize) -> Option<u64> {
+        (i + 1 < HIST_BUCKETS).then(|| 1u64 << i)
+    }
+
+    pub fn record(&self, v: u64) {
+        let i = if v <= 1 {
+            0
+        } else {
+            (64 - (v - 1).leading_zeros()) as usize
+        };
+        self.buckets[i.min(HIST_BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.sum.fetch_add(v, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+        self.max.fetch_max(v, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> HistSnapshot {
+        HistSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Relaxed)),
+            sum: self.sum.load(Relaxed),
+            count: self.count.load(Relaxed),
+            max: self.max.load(Relaxed),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistSnapshot {
+    pub buckets: [u64; HIST_BUCKETS],
+    pub sum: u64,
+    pub count: u64,
+    pub max: u64,
+}
+
+impl HistSnapshot {
+    pub fn merge(&mut self, o: &HistSnapshot) {
+        for i in 0..HIST_BUCKETS {
+            self.buckets[i] += o.buckets[i];
+        }
+        self.sum += o.sum;
+        self.count += o.count;
+        self.max = self.max.max(o.max);
+    }
+
+    /// Upper bound of the bucket holding quantile `q` (0..=1), capped by
+    /// the observed max: buckets are powers of two, so this is an upper
+    /// estimate within a factor of two.
+    pub fn quantile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for i in 0..HIST_BUCKETS {
+            seen += self.buckets[i];
+            if seen >= rank {
+                return Hist::bucket_bound(i).unwrap_or(self.max).min(self.max);
+            }
+        }
+        self.max
+    }
+
+    pub fn mean(&self) -> f64 {
+        if self.count == 0 {
+            0.0
+        } else {
+            self.sum as f64 / self.count as f64
+        }
+    }
+}
+
+/// Everything one core counts. Gauges are `current` values.
+#[derive(Default)]
+pub struct CoreStats {
+    pub public_conns: AtomicU64,
+    pub public_conns_total: AtomicU64,
+    pub requests: AtomicU64,
+    pub handoffs_out: AtomicU64,
+    pub handoffs_in: AtomicU64,
+    pub active_streams: AtomicU64,
+    pub uplinks: AtomicU64,
+    pub frames: AtomicU64,
+    pub writevs: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub frames_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub queue_depth_max: AtomicU64,
+    pub frames_per_writev: Hist,
+    pub kib_per_writev: Hist,
+    pub errors: [AtomicU64; 12],
+}
+
+impl CoreStats {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Relaxed);
+    }
+
+    pub fn dec(c: &AtomicU64) {
+        c.fetch_sub(1, Relaxed);
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.errors[i].fetch_add(1, Relaxed);
+    }
+
+    pub fn error_count(&self, kind: ErrorKind) -> u64 {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.errors[i].load(Relaxed)
+    }
+
+    pub fn record_writev(&self, frames: usize, bytes: usize) {
+        self.writevs.fetch_add(1, Relaxed);
+        self.frames.fetch_add(frames as u64, Relaxed);
+        self.bytes_out.fetch_add(bytes as u64, Relaxed);
+        self.frames_per_writev.record(frames as u64);
+        self.kib_per_writev.record(bytes.div_ceil(1024) as u64);
+    }
+
+    pub fn queue_add(&self, n: u64) {
+        let now = self.queue_depth.fetch_add(n, Relaxed) + n;
+        self.queue_depth_max.fetch_max(now, Relaxed);
+    }
+
+    pub fn queue_sub(&self, n: u64) {
+        self.queue_depth.fetch_sub(n, Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hist_buckets_and_quantiles() {
+        let h = Hist::default();
+        for v in [1u64, 2, 3, 4, 8, 9, 16, 2000] {
+            h.record(v);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.count, 8);
+        assert_eq!(s.buckets[0], 1); // 1
+        assert_eq!(s.buckets[1], 1); // 2
+        assert_eq!(s.buckets[2], 2); // 3, 4
+        assert_eq!(s.buckets[3], 1); // 8
+        assert_eq!(s.buckets[4], 2); // 9, 16
+        assert_eq!(s.buckets[HIST_BUCKETS - 1], 1); // 2000
+        assert_eq!(s.max, 2000);
+        assert_eq!(s.quantile(0.5), 4);
+        assert_eq!(s.quantile(1.0), 2000);
+    }
+}

@@ -1,0 +1,786 @@
+//! Typed payloads of the handshake and connection frames: HELLO, ACCEPT,
+//! REFUSE and GOAWAY (the WINDOW, RESET and PING accessors live beside the
+//! frame in `frame.rs`, being one fixed-size field each).
+//!
+//! Forward compatibility rests on two habits: magic and version sit at fixed
+//! offsets that no later version may move, so a peer of another version is
+//! told `UnsupportedVersion` rather than a confusing length error; and bytes
+//! after the fields this version knows are ignored, so a later version can
+//! append fields without breaking older peers.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::error::{ErrorCode, ProtoError};
+use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
+
+pub const PROTOCOL_VERSION: u16 = 1;
+pub const MAGIC: [u8; 4] = *b"RTNL";
+
+/// Longest session name: a DNS label, so `<session>.<domain>` stays a
+/// valid host name.
+pub const MAX_SESSION_NAME: usize = 63;
+
+/// The smallest `max_frame` an ACCEPT may announce, and the limit on every
+/// frame before ACCEPT (when neither side knows the other's limit). Request
+/// and response heads travel in one OPEN or RESPONSE frame, so this must
+/// cover the HTTP head limit (64 KiB by default).
+pub const MIN_MAX_FRAME: u32 = 64 * 1024;
+
+/// Default initial credit per stream, in each direction.
+pub const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
+/// Default initial credit per uplink, in each direction.
+pub const DEFAULT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
+/// Default limit on concurrent streams per uplink.
+pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+
+/// How often the gateway pings an idle-or-not uplink.
+pub const PING_INTERVAL: Duration = Duration::from_secs(15);
+/// An uplink that delivered no frame at all for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(45);
+
+/// GOAWAY and REFUSE reasons are cut to this many bytes (at a character
+/// boundary) when encoded, so that a verbose error message can never make a
+/// frame the peer rejects as too large.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// 1 to 63 of `[a-z0-9-]`, not starting or ending with `-`.
+pub fn valid_session_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let (Some(&first), Some(&last)) = (bytes.first(), bytes.last()) else {
+        return false;
+    };
+    bytes.len() <= MAX_SESSION_NAME
+        && first != b'-'
+        && last != b'-'
+        && bytes
+            .iter()
+            .all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+/// First frame on every uplink, agent -> gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// Bit flags the agent supports; none are defined in version 1.
+    pub capabilities: u32,
+    /// Random per agent process; groups the uplinks of one agent.
+    pub agent_id: u64,
+    pub uplink_index: u16,
+    pub uplinks_total: u16,
+    pub token: String,
+    pub session: String,
+}
+
+impl Hello {
+    /// magic, version, capabilities, agent_id, uplink_index, uplinks_total.
+    const FIXED_LEN: usize = 4 + 2 + 4 + 8 + 2 + 2;
+
+    /// What the agent should check once, at start-up, so that encoding
+    /// cannot panic later.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        // Before ACCEPT nobody knows the peer's limit beyond the floor every
+        // peer must accept, so the whole HELLO has to fit that floor.
+        if self.encoded_len() > MIN_MAX_FRAME as usize {
+            return Err(ProtoError::BadPayload("HELLO longer than 64 KiB"));
+        }
+        if !valid_session_name(&self.session) {
+            return Err(ProtoError::BadSessionName(self.session.clone()));
+        }
+        if self.uplink_index >= self.uplinks_total {
+            return Err(ProtoError::BadPayload(
+                "HELLO uplink_index is not below uplinks_total",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len()
+    }
+
+    /// # Panics
+    /// If the token or the session name is longer than 65535 bytes, which
+    /// `validate` rejects (its limit on the whole HELLO is lower).
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.reserve(self.encoded_len());
+        dst.put_slice(&MAGIC);
+        dst.put_u16(self.version);
+        dst.put_u32(self.capabilities);
+        dst.put_u64(self.agent_id);
+        dst.put_u16(self.uplink_index);
+        dst.put_u16(self.uplinks_total);
+        put_str16(dst, &self.token);
+        put_str16(dst, &self.session);
+    }
+
+    /// Checks magic, then version, before anything else, so a peer of
+    /// another version gets `UnsupportedVersion` whatever its layout.
+    pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(FrameType::Hello, payload);
+        if r.array::<4>()? != MAGIC {
+            return Err(ProtoError::BadMagic);
+        }
+        let version = r.u16()?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtoError::UnsupportedVersion(version));
+        }
+        let capabilities = r.u32()?;
+        let agent_id = r.u64()?;
+        let uplink_index = r.u16()?;
+        let uplinks_total = r.u16()?;
+        let token = r.str16()?;
+        let token = std::str::from_utf8(token)
+            .map_err(|_| ProtoError::BadPayload("HELLO token is not UTF-8"))?
+            .to_owned();
+        let session = r.str16()?;
+        let session = match std::str::from_utf8(session) {
+            Ok(s) if valid_session_name(s) => s.to_owned(),
+            _ => {
+                return Err(ProtoError::BadSessionName(
+                    String::from_utf8_lossy(session).into_owned(),
+                ))
+            }
+        };
+        // Trailing bytes: fields of a later minor revision, ignored.
+        let hello = Self {
+            version,
+            capabilities,
+            agent_id,
+            uplink_index,
+            uplinks_total,
+            token,
+            session,
+        };
+        hello.validate()?;
+        Ok(hello)
+    }
+}
+
+/// The gateway's answer to a valid HELLO.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub version: u16,
+    pub gateway_cores: u16,
+    /// Index of the gateway core that owns this uplink.
+    pub core: u16,
+    /// Largest payload either side may send on this uplink.
+    pub max_frame: u32,
+    /// Initial per-stream credit, in each direction.
+    pub stream_window: u32,
+    /// Initial per-uplink credit, in each direction.
+    pub conn_window: u32,
+    /// Concurrent streams per uplink.
+    pub max_streams: u32,
+}
+
+impl Accept {
+    /// version, gateway_cores, core, reserved, then four u32.
+    pub const ENCODED_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+
+    /// What the gateway should check once, at start-up: an agent refuses an
+    /// ACCEPT that fails this.
+    pub fn validate(&self) -> Result<(), ProtoError> {
+        if self.gateway_cores == 0 || self.core >= self.gateway_cores {
+            return Err(ProtoError::BadPayload(
+                "ACCEPT core is not below gateway_cores",
+            ));
+        }
+        if !(MIN_MAX_FRAME..=MAX_FRAME_CEILING).contains(&self.max_frame) {
+            return Err(ProtoError::BadPayload(
+                "ACCEPT max_frame outside 64 KiB..=16 MiB",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self, dst: &mut BytesMut) {
+        dst.reserve(Self::ENCODED_LEN);
+        dst.put_u16(self.version);
+        dst.put_u16(self.gateway_cores);
+        dst.put_u16(self.core);
+        dst.put_u16(0);
+        dst.put_u32(self.max_frame);
+        dst.put_u32(self.stream_window);
+        dst.put_u32(self.conn_window);
+        dst.put_u32(self.max_streams);
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
+        let mut r = Reader::new(FrameType::Accept, payload);
+        let version = r.u16()?;
+        if version != PROTOCOL_VERSION {
+            return Err(ProtoError::UnsupportedVersion(version));
+        }
+        let gateway_cores = r.u16()?;
+        let core = r.u16()?;
+        if r.u16()? != 0 {
+            return Err(ProtoError::ReservedBits);
+        }
+        let accept = Self {
+            version,
+            gateway_cores,
+            core,
+            max_frame: r.u32()?,
+            stream_window: r.u32()?,
+            conn_window: r.u32()?,
+            max_streams: r.u32()?,
+        };
+        accept.validate()?;
+        Ok(accept)
+    }
+}
+
+impl Frame {
+    /// `reason` is cut to `MAX_REASON_LEN` bytes.
+    pub fn goaway(code: ErrorCode, reason: &str) -> Self {
+        Self::new(FrameType::GoAway, 0, code_and_reason(code, reason))
+    }
+
+    /// `reason` is cut to `MAX_REASON_LEN` bytes.
+    pub fn refuse(code: ErrorCode, reason: &str) -> Self {
+        Self::new(FrameType::Refuse, 0, code_and_reason(code, reason))
+    }
+
+    /// # Panics
+    /// As `Hello::encode`.
+    pub fn hello(hello: &Hello) -> Self {
+        let mut buf = BytesMut::with_capacity(hello.encoded_len());
+        hello.encode(&mut buf);
+        Self::new(FrameType::Hello, 0, buf.freeze())
+    }
+
+    pub fn accept(accept: &Accept) -> Self {
+        let mut buf = BytesMut::with_capacity(Accept::ENCODED_LEN);
+        accept.encode(&mut buf);
+        Self::new(FrameType::Accept, 0, buf.freeze())
+    }
+
+    /// The code and reason of a GOAWAY. (Named `parse_*` because `goaway`
+    /// is the constructor.)
+    pub fn parse_goaway(&self) -> Result<(ErrorCode, String), ProtoError> {
+        self.expect_kind(&[FrameType::GoAway])?;
+        parse_code_and_reason(self)
+    }
+
+    /// The code and reason of a REFUSE.
+    pub fn parse_refuse(&self) -> Result<(ErrorCode, String), ProtoError> {
+        self.expect_kind(&[FrameType::Refuse])?;
+        parse_code_and_reason(self)
+    }
+
+    pub fn parse_hello(&self) -> Result<Hello, ProtoError> {
+        self.expect_kind(&[FrameType::Hello])?;
+        Hello::decode(&self.payload)
+    }
+
+    pub fn parse_accept(&self) -> Result<Accept, ProtoError> {
+        self.expect_kind(&[FrameType::Accept])?;
+        Accept::decode(&self.payload)
+    }
+}
+
+fn code_and_reason(code: ErrorCode, reason: &str) -> Bytes {
+    let reason = truncate_at_char(reason, MAX_REASON_LEN);
+    let mut buf = BytesMut::with_capacity(4 + reason.len());
+    buf.put_u32(code.as_u32());
+    buf.put_slice(reason.as_bytes());
+    buf.freeze()
+}
+
+/// The reason is for humans and logs, so invalid UTF-8 is replaced rather
+/// than rejected: a garbled reason must not hide the code.
+fn parse_code_and_reason(frame: &Frame) -> Result<(ErrorCode, String), ProtoError> {
+    let mut r = Reader::new(frame.kind, &frame.payload);
+    let code = ErrorCode::from_u32(r.u32()?);
+    let reason = String::from_utf8_lossy(r.rest()).into_owned();
+    Ok((code, reason))
+}
+
+fn truncate_at_char(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_str16(dst: &mut BytesMut, s: &str) {
+    let len = u16::try_from(s.len()).expect("string field longer than 65535 bytes");
+    dst.put_u16(len);
+    dst.put_slice(s.as_bytes());
+}
+
+/// Bounds-checked big-endian reads; running out of bytes is `BadLength` of
+/// the whole payload, which is what a peer needs to see in the GOAWAY.
+struct Reader<'a> {
+    kind: FrameType,
+    whole: usize,
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(kind: FrameType, payload: &'a [u8]) -> Self {
+        Self {
+            kind,
+            whole: payload.len(),
+            rest: payload,
+        }
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.rest.len() < n {
+            return Err(ProtoError::BadLength {
+                kind: self.kind,
+                len: u32::try_from(self.whole).unwrap_or(u32::MAX),
+            });
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtoError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.bytes(N)?);
+        Ok(out)
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        self.array().map(u64::from_be_bytes)
+    }
+
+    /// A u16 length followed by that many bytes.
+    fn str16(&mut self) -> Result<&'a [u8], ProtoError> {
+        let len = self.u16()?;
+        self.bytes(usize::from(len))
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.rest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::{encode, Decoder};
+    use crate::proto::test_rng::XorShift;
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            capabilities: 0,
+            agent_id: 42,
+            uplink_index: 0,
+            uplinks_total: 2,
+            token: "secret".into(),
+            session: "demo".into(),
+        }
+    }
+
+    fn accept() -> Accept {
+        Accept {
+            version: PROTOCOL_VERSION,
+            gateway_cores: 2,
+            core: 1,
+            max_frame: 256 * 1024,
+            stream_window: DEFAULT_STREAM_WINDOW,
+            conn_window: DEFAULT_CONN_WINDOW,
+            max_streams: DEFAULT_MAX_STREAMS,
+        }
+    }
+
+    fn hello_bytes(h: &Hello) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        h.encode(&mut buf);
+        assert_eq!(buf.len(), h.encoded_len());
+        buf.to_vec()
+    }
+
+    fn accept_bytes(a: &Accept) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        a.encode(&mut buf);
+        assert_eq!(buf.len(), Accept::ENCODED_LEN);
+        buf.to_vec()
+    }
+
+    /// Through the whole codec, not just the payload parser.
+    fn over_the_wire(frame: &Frame) -> Frame {
+        let mut buf = BytesMut::new();
+        encode(frame, &mut buf);
+        let out = Decoder::default().decode(&mut buf).unwrap().unwrap();
+        assert!(buf.is_empty());
+        out
+    }
+
+    fn random_session(rng: &mut XorShift) -> String {
+        const EDGE: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+        const INNER: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789-";
+        let len = 1 + rng.below(MAX_SESSION_NAME);
+        (0..len)
+            .map(|i| {
+                let set = if i == 0 || i == len - 1 { EDGE } else { INNER };
+                char::from(*rng.pick(set))
+            })
+            .collect()
+    }
+
+    fn random_text(rng: &mut XorShift, max_chars: usize) -> String {
+        const CHARS: &[char] = &['a', 'Z', '0', ' ', '-', 'é', 'ß', '€', '日', '🦀', '\0'];
+        (0..rng.below(max_chars + 1))
+            .map(|_| *rng.pick(CHARS))
+            .collect()
+    }
+
+    #[test]
+    fn session_names() {
+        for good in ["a", "demo", "my-app-2", "0", "a-b", &"x".repeat(63)] {
+            assert!(valid_session_name(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "-",
+            "Demo",
+            "de mo",
+            "de.mo",
+            "de_mo",
+            "démo",
+            &"x".repeat(64),
+        ] {
+            assert!(!valid_session_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn random_hellos_round_trip() {
+        let mut rng = XorShift::new(1);
+        for _ in 0..2_000 {
+            let total = 1 + rng.below(usize::from(u16::MAX)) as u16;
+            let h = Hello {
+                version: PROTOCOL_VERSION,
+                capabilities: rng.next_u32(),
+                agent_id: rng.next_u64(),
+                uplink_index: rng.below(usize::from(total)) as u16,
+                uplinks_total: total,
+                token: random_text(&mut rng, 40),
+                session: random_session(&mut rng),
+            };
+            assert_eq!(h.validate(), Ok(()));
+            assert_eq!(Hello::decode(&hello_bytes(&h)), Ok(h.clone()));
+            assert_eq!(over_the_wire(&Frame::hello(&h)).parse_hello(), Ok(h));
+        }
+    }
+
+    #[test]
+    fn random_accepts_round_trip() {
+        let mut rng = XorShift::new(2);
+        for _ in 0..2_000 {
+            let cores = 1 + rng.below(usize::from(u16::MAX)) as u16;
+            let a = Accept {
+                version: PROTOCOL_VERSION,
+                gateway_cores: cores,
+                core: rng.below(usize::from(cores)) as u16,
+                max_frame: MIN_MAX_FRAME
+                    + rng.below((MAX_FRAME_CEILING - MIN_MAX_FRAME + 1) as usize) as u32,
+                stream_window: rng.next_u32(),
+                conn_window: rng.next_u32(),
+                max_streams: rng.next_u32(),
+            };
+            assert_eq!(a.validate(), Ok(()));
+            assert_eq!(Accept::decode(&accept_bytes(&a)), Ok(a.clone()));
+            assert_eq!(over_the_wire(&Frame::accept(&a)).parse_accept(), Ok(a));
+        }
+    }
+
+    #[test]
+    fn goaway_and_refuse_round_trip() {
+        let mut rng = XorShift::new(3);
+        for _ in 0..1_000 {
+            let code = ErrorCode::from_u32(rng.next_u32() % 20);
+            let reason = random_text(&mut rng, 100);
+            let g = over_the_wire(&Frame::goaway(code, &reason));
+            assert_eq!(g.parse_goaway(), Ok((code, reason.clone())));
+            let r = over_the_wire(&Frame::refuse(code, &reason));
+            assert_eq!(r.parse_refuse(), Ok((code, reason)));
+        }
+    }
+
+    #[test]
+    fn long_reasons_are_cut_at_a_char_boundary() {
+        let reason = "é".repeat(MAX_REASON_LEN); // two bytes each
+        let frame = Frame::goaway(ErrorCode::InternalError, &reason);
+        assert_eq!(frame.payload.len(), 4 + MAX_REASON_LEN);
+        let (_, got) = frame.parse_goaway().unwrap();
+        assert_eq!(got, "é".repeat(MAX_REASON_LEN / 2));
+
+        let odd = format!("a{}", "é".repeat(MAX_REASON_LEN));
+        let (_, got) = Frame::refuse(ErrorCode::AuthFailed, &odd)
+            .parse_refuse()
+            .unwrap();
+        assert_eq!(got.len(), MAX_REASON_LEN - 1);
+        assert!(odd.starts_with(&got));
+    }
+
+    #[test]
+    fn invalid_utf8_reason_is_replaced_not_rejected() {
+        let payload = Bytes::from_static(&[0, 0, 0, 14, b'o', 0xff, b'k']);
+        let frame = Frame::new(FrameType::GoAway, 0, payload);
+        assert_eq!(
+            frame.parse_goaway(),
+            Ok((ErrorCode::Shutdown, "o\u{fffd}k".to_owned()))
+        );
+    }
+
+    #[test]
+    fn hello_trailing_bytes_are_ignored() {
+        let mut bytes = hello_bytes(&hello());
+        bytes.extend_from_slice(b"fields from a later revision");
+        assert_eq!(Hello::decode(&bytes), Ok(hello()));
+    }
+
+    #[test]
+    fn accept_trailing_bytes_are_ignored() {
+        let mut bytes = accept_bytes(&accept());
+        bytes.extend_from_slice(&[0xff; 9]);
+        assert_eq!(Accept::decode(&bytes), Ok(accept()));
+    }
+
+    #[test]
+    fn hello_magic_and_version_come_first() {
+        let mut bytes = hello_bytes(&hello());
+        bytes[0] = b'X';
+        assert_eq!(Hello::decode(&bytes), Err(ProtoError::BadMagic));
+
+        let mut bytes = hello_bytes(&hello());
+        bytes[4..6].copy_from_slice(&2u16.to_be_bytes());
+        assert_eq!(
+            Hello::decode(&bytes),
+            Err(ProtoError::UnsupportedVersion(2))
+        );
+        // A later version may change everything after the version field.
+        assert_eq!(
+            Hello::decode(&bytes[..6]),
+            Err(ProtoError::UnsupportedVersion(2))
+        );
+        bytes[4..6].copy_from_slice(&0u16.to_be_bytes());
+        assert_eq!(
+            Hello::decode(&bytes),
+            Err(ProtoError::UnsupportedVersion(0))
+        );
+    }
+
+    #[test]
+    fn every_truncated_hello_is_bad_length() {
+        let bytes = hello_bytes(&hello());
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                Hello::decode(&bytes[..cut]),
+                Err(ProtoError::BadLength {
+                    kind: FrameType::Hello,
+                    len: cut as u32
+                }),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_truncated_accept_is_bad_length() {
+        let bytes = accept_bytes(&accept());
+        for cut in 0..bytes.len() {
+            assert_eq!(
+                Accept::decode(&bytes[..cut]),
+                Err(ProtoError::BadLength {
+                    kind: FrameType::Accept,
+                    len: cut as u32
+                }),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn hello_field_errors() {
+        let bad_session = |session: &str| {
+            let h = Hello {
+                session: session.into(),
+                ..hello()
+            };
+            Hello::decode(&hello_bytes(&h))
+        };
+        for name in ["", "Demo", "-x", "x-", "a.b", &"a".repeat(64)] {
+            assert_eq!(
+                bad_session(name),
+                Err(ProtoError::BadSessionName(name.to_owned()))
+            );
+        }
+
+        // The session is the last field: swap its bytes for invalid UTF-8.
+        let mut bytes = hello_bytes(&hello());
+        let n = bytes.len();
+        bytes[n - 1] = 0xff;
+        assert_eq!(
+            Hello::decode(&bytes),
+            Err(ProtoError::BadSessionName("dem\u{fffd}".into()))
+        );
+
+        // Token "secret" starts after the fixed part and its length field.
+        let mut bytes = hello_bytes(&hello());
+        bytes[Hello::FIXED_LEN + 2] = 0xc3;
+        assert!(matches!(
+            Hello::decode(&bytes),
+            Err(ProtoError::BadPayload(_))
+        ));
+
+        for (index, total) in [(0, 0), (2, 2), (u16::MAX, 1)] {
+            let h = Hello {
+                uplink_index: index,
+                uplinks_total: total,
+                ..hello()
+            };
+            assert!(matches!(
+                Hello::decode(&hello_bytes(&h)),
+                Err(ProtoError::BadPayload(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn hello_must_fit_the_handshake_limit() {
+        // 64 KiB minus the fixed part, two length fields and "demo".
+        let longest = MIN_MAX_FRAME as usize - Hello::FIXED_LEN - 2 - 2 - 4;
+        let max = Hello {
+            token: "t".repeat(longest),
+            ..hello()
+        };
+        assert_eq!(max.validate(), Ok(()));
+        assert_eq!(Frame::hello(&max).payload.len(), MIN_MAX_FRAME as usize);
+        assert_eq!(over_the_wire(&Frame::hello(&max)).parse_hello(), Ok(max));
+
+        let over = Hello {
+            token: "t".repeat(longest + 1),
+            ..hello()
+        };
+        assert!(matches!(over.validate(), Err(ProtoError::BadPayload(_))));
+        // Encodable, but the gateway refuses it.
+        assert!(matches!(
+            Frame::hello(&over).parse_hello(),
+            Err(ProtoError::BadPayload(_))
+        ));
+    }
+
+    #[test]
+    fn accept_field_errors() {
+        let mut bytes = accept_bytes(&accept());
+        bytes[0..2].copy_from_slice(&9u16.to_be_bytes());
+        assert_eq!(
+            Accept::decode(&bytes),
+            Err(ProtoError::UnsupportedVersion(9))
+        );
+        assert_eq!(
+            Accept::decode(&bytes[..2]),
+            Err(ProtoError::UnsupportedVersion(9))
+        );
+
+        let mut bytes = accept_bytes(&accept());
+        bytes[7] = 1;
+        assert_eq!(Accept::decode(&bytes), Err(ProtoError::ReservedBits));
+
+        let broken = [
+            Accept {
+                gateway_cores: 0,
+                core: 0,
+                ..accept()
+            },
+            Accept {
+                core: 2,
+                ..accept()
+            },
+            Accept {
+                max_frame: MIN_MAX_FRAME - 1,
+                ..accept()
+            },
+            Accept {
+                max_frame: MAX_FRAME_CEILING + 1,
+                ..accept()
+            },
+        ];
+        for a in broken {
+            assert!(matches!(
+                Accept::decode(&accept_bytes(&a)),
+                Err(ProtoError::BadPayload(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn typed_parsers_check_the_frame_type() {
+        let ping = Frame::ping([0; 8]);
+        assert!(matches!(ping.parse_hello(), Err(ProtoError::BadPayload(_))));
+        assert!(matches!(
+            ping.parse_accept(),
+            Err(ProtoError::BadPayload(_))
+        ));
+        assert!(matches!(
+            ping.parse_goaway(),
+            Err(ProtoError::BadPayload(_))
+        ));
+        let goaway = Frame::goaway(ErrorCode::NoError, "");
+        assert!(matches!(
+            goaway.parse_refuse(),
+            Err(ProtoError::BadPayload(_))
+        ));
+        let short = Frame::new(FrameType::GoAway, 0, Bytes::from_static(&[0, 0]));
+        assert_eq!(
+            short.parse_goaway(),
+            Err(ProtoError::BadLength {
+                kind: FrameType::GoAway,
+                len: 2
+            })
+        );
+    }
+
+    #[test]
+    fn random_payloads_never_panic_the_typed_parsers() {
+        let mut rng = XorShift::new(4);
+        let valid_hello = hello_bytes(&hello());
+        let valid_accept = accept_bytes(&accept());
+        for _ in 0..20_000 {
+            let mut h = valid_hello.clone();
+            let mut a = valid_accept.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(h.len());
+                h[at] = rng.next_u32() as u8;
+                let at = rng.below(a.len());
+                a[at] = rng.next_u32() as u8;
+            }
+            h.truncate(rng.below(h.len() + 8));
+            a.truncate(rng.below(a.len() + 8));
+            // Whatever parses must survive its own round trip.
+            if let Ok(parsed) = Hello::decode(&h) {
+                assert_eq!(Hello::decode(&hello_bytes(&parsed)), Ok(parsed));
+            }
+            if let Ok(parsed) = Accept::decode(&a) {
+                assert_eq!(Accept::decode(&accept_bytes(&parsed)), Ok(parsed));
+            }
+            let noise = rng.noise(40);
+            let _ = Hello::decode(&noise);
+            let _ = Accept::decode(&noise);
+        }
+    }
+}

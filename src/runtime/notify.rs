@@ -1,0 +1,93 @@
+//! Single-core wake-up primitives for tasks of one runtime.
+//!
+//! monoio tasks of one core never run concurrently, so these are `Cell`s
+//! and `RefCell`s: no atomics, no locks on the data path.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+/// A one-waiter notification: `notify` before `notified().await` is not
+/// lost (a permit is stored), like a binary semaphore.
+#[derive(Default)]
+pub struct Notify {
+    permit: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Notify {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn notify(&self) {
+        self.permit.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn notified(&self) -> Notified<'_> {
+        Notified { n: self }
+    }
+}
+
+pub struct Notified<'a> {
+    n: &'a Notify,
+}
+
+impl Future for Notified<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.n.permit.replace(false) {
+            return Poll::Ready(());
+        }
+        let mut slot = self.n.waker.borrow_mut();
+        match slot.as_ref() {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+}
+
+/// Many waiters woken together (e.g. every stream waiting for uplink
+/// credit). Waiters re-check their condition after waking.
+#[derive(Default)]
+pub struct WaitList {
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl WaitList {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&self, w: &Waker) {
+        let mut v = self.wakers.borrow_mut();
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
+        }
+    }
+
+    pub fn wake_all(&self) {
+        let v = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in v {
+            w.wake();
+        }
+    }
+}
+
+/// Resolves when `cond()` holds, re-checked each time `list` wakes us.
+pub async fn wait_until(list: &WaitList, mut cond: impl FnMut() -> bool) {
+    std::future::poll_fn(|cx| {
+        if cond() {
+            Poll::Ready(())
+        } else {
+            list.register(cx.waker());
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -26,7 +26,10 @@ pub trait StatsSource: Send + Sync + 'static {
 /// Binds `addr` and serves until the process ends. Returns the address.
 pub fn start(addr: &str, src: Arc<dyn StatsSource>) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on admin address {addr}: {e}"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on admin address {addr}: {e}"),
+        )
     })?;
     let local = listener.local_addr()?;
     crate::runtime::spawn_service_thread("admin", move || {
@@ -57,7 +60,11 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource) {
     let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(src)),
         "/stats" => ("200 OK", "application/json", render_json(src)),
-        _ => ("404 Not Found", "text/plain", "try /metrics or /stats\n".to_string()),
+        _ => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /stats\n".to_string(),
+        ),
     };
     let _ = write!(
         conn,
@@ -99,21 +106,63 @@ pub fn render_metrics(src: &dyn StatsSource) -> String {
         "gauge",
         &|c| get(&c.public_conns),
     );
-    counter("ringtunnel_uplinks", "Open uplinks.", "gauge", &|c| get(&c.uplinks));
-    counter("ringtunnel_active_streams", "Open streams.", "gauge", &|c| get(&c.active_streams));
-    counter("ringtunnel_uplink_frames_total", "Frames written to uplinks.", "counter", &|c| get(&c.frames));
-    counter("ringtunnel_uplink_writev_total", "writev calls on uplinks.", "counter", &|c| get(&c.writevs));
-    counter("ringtunnel_uplink_bytes_total", "Bytes written to uplinks.", "counter", &|c| get(&c.bytes_out));
-    counter("ringtunnel_uplink_frames_received_total", "Frames read from uplinks.", "counter", &|c| get(&c.frames_in));
-    counter("ringtunnel_uplink_queue_depth", "Frames queued for uplink writers.", "gauge", &|c| get(&c.queue_depth));
-    counter("ringtunnel_uplink_queue_depth_max", "Largest uplink queue seen.", "gauge", &|c| get(&c.queue_depth_max));
+    counter("ringtunnel_uplinks", "Open uplinks.", "gauge", &|c| {
+        get(&c.uplinks)
+    });
+    counter(
+        "ringtunnel_active_streams",
+        "Open streams.",
+        "gauge",
+        &|c| get(&c.active_streams),
+    );
+    counter(
+        "ringtunnel_uplink_frames_total",
+        "Frames written to uplinks.",
+        "counter",
+        &|c| get(&c.frames),
+    );
+    counter(
+        "ringtunnel_uplink_writev_total",
+        "writev calls on uplinks.",
+        "counter",
+        &|c| get(&c.writevs),
+    );
+    counter(
+        "ringtunnel_uplink_bytes_total",
+        "Bytes written to uplinks.",
+        "counter",
+        &|c| get(&c.bytes_out),
+    );
+    counter(
+        "ringtunnel_uplink_frames_received_total",
+        "Frames read from uplinks.",
+        "counter",
+        &|c| get(&c.frames_in),
+    );
+    counter(
+        "ringtunnel_uplink_queue_depth",
+        "Frames queued for uplink writers.",
+        "gauge",
+        &|c| get(&c.queue_depth),
+    );
+    counter(
+        "ringtunnel_uplink_queue_depth_max",
+        "Largest uplink queue seen.",
+        "gauge",
+        &|c| get(&c.queue_depth_max),
+    );
     let _ = writeln!(
         out,
         "# HELP ringtunnel_errors_total Errors by kind.\n# TYPE ringtunnel_errors_total counter"
     );
     for (i, c) in cores.iter().enumerate() {
         for k in ErrorKind::ALL {
-            let _ = writeln!(out, "ringtunnel_errors_total{{core=\"{i}\",kind=\"{}\"}} {}", k.as_str(), c.error_count(k));
+            let _ = writeln!(
+                out,
+                "ringtunnel_errors_total{{core=\"{i}\",kind=\"{}\"}} {}",
+                k.as_str(),
+                c.error_count(k)
+            );
         }
     }
     let _ = writeln!(
@@ -122,16 +171,25 @@ pub fn render_metrics(src: &dyn StatsSource) -> String {
         crate::runtime::task_panics()
     );
     let name = "ringtunnel_uplink_frames_per_writev";
-    let _ = writeln!(out, "# HELP {name} Frames per writev call.\n# TYPE {name} histogram");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Frames per writev call.\n# TYPE {name} histogram"
+    );
     for (i, c) in cores.iter().enumerate() {
         let s = c.frames_per_writev.snapshot();
         let mut cum = 0;
         for b in 0..HIST_BUCKETS {
             cum += s.buckets[b];
-            let le = Hist::bucket_bound(b).map(|v| v.to_string()).unwrap_or_else(|| "+Inf".into());
+            let le = Hist::bucket_bound(b)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "+Inf".into());
             let _ = writeln!(out, "{name}_bucket{{core=\"{i}\",le=\"{le}\"}} {cum}");
         }
-        let _ = writeln!(out, "{name}_sum{{core=\"{i}\"}} {}\n{name}_count{{core=\"{i}\"}} {}", s.sum, s.count);
+        let _ = writeln!(
+            out,
+            "{name}_sum{{core=\"{i}\"}} {}\n{name}_count{{core=\"{i}\"}} {}",
+            s.sum, s.count
+        );
     }
     out
 }

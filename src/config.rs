@@ -80,19 +80,25 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(d) = &self.domain {
             if d.is_empty() || d.starts_with('.') || d.contains(['/', ':', ' ']) {
-                return Err(format!("--domain {d:?}: expected a bare domain like tunnel.example.com"));
+                return Err(format!(
+                    "--domain {d:?}: expected a bare domain like tunnel.example.com"
+                ));
             }
         }
         if let Some(s) = &self.default_session {
             if !crate::proto::valid_session_name(s) {
-                return Err(format!("--default-session {s:?}: not a valid session name ([a-z0-9-], 1..=63)"));
+                return Err(format!(
+                    "--default-session {s:?}: not a valid session name ([a-z0-9-], 1..=63)"
+                ));
             }
         }
         if self.max_head < 1024 {
             return Err("--max-head must be at least 1024 bytes".into());
         }
         if self.limits.stream_window < 1024 || self.limits.conn_window < self.limits.stream_window {
-            return Err("--stream-window must be >= 1 KiB and --conn-window >= --stream-window".into());
+            return Err(
+                "--stream-window must be >= 1 KiB and --conn-window >= --stream-window".into(),
+            );
         }
         Ok(())
     }

@@ -91,27 +91,45 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     for (i, &c) in a.sweep.iter().enumerate() {
         let label = format!("{} ms backend c={c}", a.delay_ms);
         eprintln!("running {label} ...");
-        let t = || run_load(&spec(&tunnel, &delay_path, c, Some("demo"))).map_err(|e| e.to_string());
+        let t =
+            || run_load(&spec(&tunnel, &delay_path, c, Some("demo"))).map_err(|e| e.to_string());
         let d = || run_load(&spec(&direct, &delay_path, c, None)).map_err(|e| e.to_string());
         // Alternate the order so neither target always runs on a warmer machine.
-        let (rt, rd) = if i % 2 == 0 { (t()?, d()?) } else { let d = d()?; (t()?, d) };
+        let (rt, rd) = if i % 2 == 0 {
+            (t()?, d()?)
+        } else {
+            let d = d()?;
+            (t()?, d)
+        };
         rows.push((row(label.clone(), rt), row(label, rd)));
     }
-    for c in [100usize] {
-        let label = format!("0 ms backend c={c}");
-        eprintln!("running {label} ...");
-        let rd = run_load(&spec(&direct, "/", c, None)).map_err(|e| e.to_string())?;
-        let rt = run_load(&spec(&tunnel, "/", c, Some("demo"))).map_err(|e| e.to_string())?;
-        rows.push((row(label.clone(), rt), row(label, rd)));
-    }
-    println!("{}", format_comparison(&rows, &format!("tunnel  {tunnel} (Host: demo)"), &format!("direct  {direct}")));
+    let c = 100;
+    let label = format!("0 ms backend c={c}");
+    eprintln!("running {label} ...");
+    let rd = run_load(&spec(&direct, "/", c, None)).map_err(|e| e.to_string())?;
+    let rt = run_load(&spec(&tunnel, "/", c, Some("demo"))).map_err(|e| e.to_string())?;
+    rows.push((row(label.clone(), rt), row(label, rd)));
+    println!(
+        "{}",
+        format_comparison(
+            &rows,
+            &format!("tunnel  {tunnel} (Host: demo)"),
+            &format!("direct  {direct}")
+        )
+    );
     let fpw: Vec<String> = gw
         .stats()
         .iter()
         .enumerate()
         .map(|(i, s)| {
             let h = s.frames_per_writev.snapshot();
-            format!("core {i}: p50 {} p99 {} max {} (mean {:.1})", h.quantile(0.5), h.quantile(0.99), h.max, h.mean())
+            format!(
+                "core {i}: p50 {} p99 {} max {} (mean {:.1})",
+                h.quantile(0.5),
+                h.quantile(0.99),
+                h.max,
+                h.mean()
+            )
         })
         .collect();
     println!("gateway uplink frames per writev: {}", fpw.join("; "));

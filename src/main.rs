@@ -10,7 +10,11 @@ use ringtunnel::io::uplink::Limits;
 use ringtunnel::runtime::DriverKind;
 
 #[derive(Parser)]
-#[command(name = "ringtunnel", version, about = "Thread-per-core HTTP tunnel gateway on io_uring")]
+#[command(
+    name = "ringtunnel",
+    version,
+    about = "Thread-per-core HTTP tunnel gateway on io_uring"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -160,7 +164,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 default_session: a.default_session,
                 tokens: a
                     .token
-                    .map(|t| t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                    .map(|t| {
+                        t.split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 max_head: a.max_head,
                 header_timeout: secs(a.header_timeout, "header-timeout")?,
@@ -175,11 +184,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 ..GatewayConfig::default()
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
+            ringtunnel::signals::install();
             println!(
                 "ringtunnel gateway ready public={} tunnel={} admin={}",
                 gw.public_addr(),
                 gw.tunnel_addr(),
-                gw.admin_addr().map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+                gw.admin_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "off".into())
             );
             ringtunnel::signals::wait_for_termination();
             eprintln!("ringtunnel gateway: shutting down (finishing in-flight requests)");
@@ -200,9 +212,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 admin_listen: a.admin_listen,
                 ..AgentConfig::default()
             };
+            ringtunnel::signals::install();
             let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
-            println!("ringtunnel agent started");
-            ringtunnel::signals::wait_for_termination();
+            let mut announced = false;
+            while !ringtunnel::signals::terminated() {
+                let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
+                if !announced && total > 0 && up >= total {
+                    // Scripts and tests wait for this line.
+                    println!("ringtunnel agent ready uplinks={up}");
+                    announced = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             agent.stop();
             Ok(())
         }
@@ -213,6 +234,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 delay_ms: a.delay_ms,
             };
             let srv = ringtunnel::echo::start(cfg).map_err(|e| e.to_string())?;
+            ringtunnel::signals::install();
             println!("ringtunnel echo ready listen={}", srv.addr());
             ringtunnel::signals::wait_for_termination();
             Ok(())

@@ -44,21 +44,48 @@ mod tests {
             session_for_host("demo.t.example.com", Some("t.example.com")).as_deref(),
             Some("demo")
         );
-        assert_eq!(session_for_host("demo.t.example.com.", Some("t.example.com")).as_deref(), Some("demo"));
-        assert_eq!(session_for_host("a.b.t.example.com", Some("t.example.com")), None);
-        assert_eq!(session_for_host("demo.other.com", Some("t.example.com")), None);
-        assert_eq!(session_for_host("xt.example.com", Some("t.example.com")), None);
+        assert_eq!(
+            session_for_host("demo.t.example.com.", Some("t.example.com")).as_deref(),
+            Some("demo")
+        );
+        assert_eq!(
+            session_for_host("a.b.t.example.com", Some("t.example.com")),
+            None
+        );
+        assert_eq!(
+            session_for_host("demo.other.com", Some("t.example.com")),
+            None
+        );
+        assert_eq!(
+            session_for_host("xt.example.com", Some("t.example.com")),
+            None
+        );
         assert_eq!(session_for_host("127.0.0.1", None), None);
     }
 
     #[test]
     fn default_session_catches_the_rest() {
         let present = |n: &str| n == "app";
-        assert_eq!(route(Some("app"), None, Some("dflt"), present).as_deref(), Some("app"));
-        assert_eq!(route(Some("nope"), None, Some("dflt"), present).as_deref(), Some("dflt"));
-        assert_eq!(route(Some("1.2.3.4"), None, Some("dflt"), present).as_deref(), Some("dflt"));
-        assert_eq!(route(None, None, Some("dflt"), present).as_deref(), Some("dflt"));
-        assert_eq!(route(Some("nope"), None, None, present).as_deref(), Some("nope"));
+        assert_eq!(
+            route(Some("app"), None, Some("dflt"), present).as_deref(),
+            Some("app")
+        );
+        assert_eq!(
+            route(Some("nope"), None, Some("dflt"), present).as_deref(),
+            Some("dflt")
+        );
+        assert_eq!(
+            route(Some("1.2.3.4"), None, Some("dflt"), present).as_deref(),
+            Some("dflt")
+        );
+        assert_eq!(
+            route(None, None, Some("dflt"), present).as_deref(),
+            Some("dflt")
+        );
+        assert_eq!(
+            route(Some("nope"), None, None, present).as_deref(),
+            Some("nope")
+        );
         assert_eq!(route(Some("1.2.3.4"), None, None, present), None);
     }
 }

@@ -10,14 +10,23 @@ extern "C" fn on_signal(_sig: libc::c_int) {
     TERM.store(true, Ordering::SeqCst);
 }
 
-/// Installs the handlers, then blocks until SIGTERM or SIGINT arrives.
-pub fn wait_for_termination() {
+/// Routes SIGTERM and SIGINT to [`terminated`].
+pub fn install() {
     // SAFETY: installing a handler that only touches an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
     }
-    while !TERM.load(Ordering::SeqCst) {
+}
+
+pub fn terminated() -> bool {
+    TERM.load(Ordering::SeqCst)
+}
+
+/// Installs the handlers, then blocks until SIGTERM or SIGINT arrives.
+pub fn wait_for_termination() {
+    install();
+    while !terminated() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -87,7 +87,8 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
                 }
             },
         };
-        let retry_ok = was_pooled && attempts == 1 && req.body == BodyKind::Empty && req.upgrade.is_none();
+        let retry_ok =
+            was_pooled && attempts == 1 && req.body == BodyKind::Empty && req.upgrade.is_none();
         match exchange(&core, conn, &stream, &head, &req, retry_ok).await {
             Outcome::Done(Some(conn)) => {
                 let mut pool = core.pool.borrow_mut();
@@ -104,9 +105,19 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
 
 async fn connect(core: &AgentCore) -> std::io::Result<BackendConn> {
     let addr = core.shared.backend;
-    let stream = match monoio::time::timeout(core.cfg().connect_timeout, TcpStream::connect_addr(addr)).await {
+    let stream = match monoio::time::timeout(
+        core.cfg().connect_timeout,
+        TcpStream::connect_addr(addr),
+    )
+    .await
+    {
         Ok(r) => r?,
-        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+        Err(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))
+        }
     };
     let _ = stream.set_nodelay(true);
     let wd = Watchdog::start(stream.as_raw_fd(), libc::SHUT_RDWR);
@@ -158,16 +169,27 @@ async fn exchange(
                 decided.notified().await;
             }
         }
-        let ok = stream_to_backend(&mut wh, stream, req.body == BodyKind::Chunked && upgrade.get() != Upgrade::Yes).await;
+        let ok = stream_to_backend(
+            &mut wh,
+            stream,
+            req.body == BodyKind::Chunked && upgrade.get() != Upgrade::Yes,
+        )
+        .await;
         if !ok {
             aborted.set(true);
             shutdown_fd(fd, libc::SHUT_RDWR);
+        } else if upgrade.get() == Upgrade::Yes {
+            // END on an upgraded stream is the client's half-close.
+            shutdown_fd(fd, libc::SHUT_WR);
         }
         req_done.set(ok);
         ok
     };
     let pump_resp = async {
-        let r = backend_to_stream(core, &mut rh, stream, req, &wd, retry_ok, &aborted, &upgrade, &decided).await;
+        let r = backend_to_stream(
+            core, &mut rh, stream, req, &wd, retry_ok, &aborted, &upgrade, &decided,
+        )
+        .await;
         if upgrade.get() == Upgrade::Pending {
             upgrade.set(Upgrade::No);
             decided.notify();
@@ -215,7 +237,11 @@ async fn stream_to_backend(wh: &mut TcpOwnedWriteHalf, stream: &Stream, chunked:
                 stream.consumed(n);
             }
             Inbound::End => {
-                if chunked && crate::io::write_all(wh, Bytes::from_static(http::LAST_CHUNK)).await.is_err() {
+                if chunked
+                    && crate::io::write_all(wh, Bytes::from_static(http::LAST_CHUNK))
+                        .await
+                        .is_err()
+                {
                     return false;
                 }
                 return true;

@@ -104,7 +104,12 @@ impl Drop for Agent {
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.write_u32(std::process::id());
     h.finish()
 }
@@ -130,7 +135,8 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
     }
     let sh = shared.clone();
-    let workers = crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| core_main(i, sh.clone()))?;
+    let workers =
+        crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| core_main(i, sh.clone()))?;
     Ok(Agent {
         shared,
         workers: Some(workers),
@@ -209,7 +215,8 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         up.close_now("agent stopped");
                         break;
                     }
-                    let _ = monoio::time::timeout(Duration::from_millis(100), up.wait_closed()).await;
+                    let _ =
+                        monoio::time::timeout(Duration::from_millis(100), up.wait_closed()).await;
                 }
                 core.shared.connected.fetch_sub(1, Ordering::SeqCst);
                 tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
@@ -246,7 +253,12 @@ use ConnectError::{Fatal, Retry};
 
 async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, ConnectError> {
     let cfg = core.cfg();
-    let mut stream = match monoio::time::timeout(cfg.connect_timeout, TcpStream::connect_addr(core.shared.gateway)).await {
+    let mut stream = match monoio::time::timeout(
+        cfg.connect_timeout,
+        TcpStream::connect_addr(core.shared.gateway),
+    )
+    .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(Retry(e.to_string())),
         Err(_) => return Err(Retry("connect timed out".into())),
@@ -264,7 +276,8 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     write_frame(&mut stream, &Frame::hello(&hello))
         .await
         .map_err(|e| Retry(e.to_string()))?;
-    let (res, leftover) = read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await;
+    let (res, leftover) =
+        read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await;
     let f = res.map_err(Retry)?;
     match f.kind {
         FrameType::Accept => {}
@@ -277,7 +290,10 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let acc = f.parse_accept().map_err(|e| Retry(e.to_string()))?;
     if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
-        let _ = core.shared.total.compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = core
+            .shared
+            .total
+            .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
     }
     tracing::info!(
         core = core.index,

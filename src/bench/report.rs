@@ -63,7 +63,13 @@ pub fn format_table(rows: &[LoadReport]) -> String {
 
 fn ratio_cell(a: f64, b: f64) -> String {
     if b > 0.0 && a.is_finite() && b.is_finite() {
-        format!("{:.2}x", a / b)
+        let r = a / b;
+        // Keep two significant digits for small ratios.
+        if r != 0.0 && r < 0.1 {
+            format!("{r:.4}x")
+        } else {
+            format!("{r:.2}x")
+        }
     } else {
         "-".to_string()
     }

@@ -88,9 +88,11 @@ fn draw(
     (y0, y1): (f64, f64),
     lines: &[Line],
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 600)).into_drawing_area();
     root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
+    // The legend gets its own column so that it never hides a line.
+    let (plot_area, legend_area) = root.split_horizontally(800);
+    let mut chart = ChartBuilder::on(&plot_area)
         .caption(format!("latency vs {x_label}"), ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(48)
@@ -105,36 +107,38 @@ fn draw(
         .draw()?;
     for line in lines.iter().filter(|l| !l.points.is_empty()) {
         let style = line.color.stroke_width(2);
-        let drawn = if line.dashed {
+        if line.dashed {
             chart.draw_series(DashedLineSeries::new(
                 line.points.iter().copied(),
                 8,
                 5,
                 style,
-            ))?
+            ))?;
         } else {
-            chart.draw_series(LineSeries::new(line.points.iter().copied(), style))?
-        };
-        let dashed = line.dashed;
-        drawn.label(line.label.as_str()).legend(move |(x, y)| {
-            if dashed {
-                PathElement::new(vec![(x, y), (x + 7, y)], style)
-            } else {
-                PathElement::new(vec![(x, y), (x + 20, y)], style)
-            }
-        });
+            chart.draw_series(LineSeries::new(line.points.iter().copied(), style))?;
+        }
         chart.draw_series(
             line.points
                 .iter()
                 .map(|&p| Circle::new(p, 3, line.color.filled())),
         )?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    for (i, line) in lines.iter().enumerate() {
+        let y = 60 + 22 * i as i32;
+        let style = line.color.stroke_width(2);
+        if line.dashed {
+            for x in [10, 24] {
+                legend_area.draw(&PathElement::new(vec![(x, y), (x + 8, y)], style))?;
+            }
+        } else {
+            legend_area.draw(&PathElement::new(vec![(10, y), (32, y)], style))?;
+        }
+        legend_area.draw(&Text::new(
+            line.label.clone(),
+            (40, y - 7),
+            ("sans-serif", 13),
+        ))?;
+    }
     root.present()?;
     Ok(())
 }

@@ -18,7 +18,9 @@ pub struct CatchUnwind<F> {
 
 impl<F: Future> CatchUnwind<F> {
     pub fn new(future: F) -> Self {
-        CatchUnwind { inner: Box::pin(future) }
+        CatchUnwind {
+            inner: Box::pin(future),
+        }
     }
 }
 

@@ -55,6 +55,15 @@ pub(super) enum Stop {
     Body(BodyError),
 }
 
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stop::Io(e) => write!(f, "io: {e}"),
+            Stop::Body(e) => write!(f, "request body: {e}"),
+        }
+    }
+}
+
 impl From<io::Error> for Stop {
     fn from(e: io::Error) -> Self {
         Stop::Io(e)
@@ -150,16 +159,31 @@ impl Conn {
             Route::Drip { bytes, delay_ms } => self.drip(head, bytes, delay_ms).await?,
             Route::Upgrade => match &head.upgrade {
                 Some(proto) if !head.is_head() => return self.upgrade(head, proto).await,
-                _ => self.small(head, 426, b"upgrade required\n", Some(("Upgrade", b"websocket"))),
+                _ => self.small(
+                    head,
+                    426,
+                    b"upgrade required\n",
+                    Some(("Upgrade", b"websocket")),
+                ),
             },
             Route::NotFound => self.small(head, 404, b"not found\n", None),
             Route::BadRequest(why) => self.small(head, 400, why.as_bytes(), None),
         }
-        Ok(if head.keep_alive { Next::KeepAlive } else { Next::Close })
+        Ok(if head.keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        })
     }
 
     /// A response with a small fixed body (none for HEAD).
-    fn small(&mut self, head: &RequestHead, status: u16, body: &[u8], extra: Option<(&str, &[u8])>) {
+    fn small(
+        &mut self,
+        head: &RequestHead,
+        status: u16,
+        body: &[u8],
+        extra: Option<(&str, &[u8])>,
+    ) {
         let content_type = ("Content-Type", TEXT);
         let pair;
         let headers: &[(&str, &[u8])] = match extra {
@@ -170,7 +194,14 @@ impl Conn {
             None => std::slice::from_ref(&content_type),
         };
         let framing = BodyKind::Length(body.len() as u64);
-        encode_response_head(status, head.version, framing, head.keep_alive, headers, &mut self.wbuf);
+        encode_response_head(
+            status,
+            head.version,
+            framing,
+            head.keep_alive,
+            headers,
+            &mut self.wbuf,
+        );
         if !head.is_head() {
             self.wbuf.put_slice(body);
         }
@@ -183,15 +214,33 @@ impl Conn {
         } else {
             BodyKind::Length(0)
         };
-        encode_response_head(code, head.version, framing, head.keep_alive, &[], &mut self.wbuf);
+        encode_response_head(
+            code,
+            head.version,
+            framing,
+            head.keep_alive,
+            &[],
+            &mut self.wbuf,
+        );
     }
 
     /// `/headers`: the request headers, one `name: value` line each, as
     /// received.
     fn headers(&mut self, head: &RequestHead) {
-        let len: usize = head.headers.iter().map(|(n, v)| n.len() + v.len() + 3).sum();
+        let len: usize = head
+            .headers
+            .iter()
+            .map(|(n, v)| n.len() + v.len() + 3)
+            .sum();
         let framing = BodyKind::Length(len as u64);
-        encode_response_head(200, head.version, framing, head.keep_alive, &[("Content-Type", TEXT)], &mut self.wbuf);
+        encode_response_head(
+            200,
+            head.version,
+            framing,
+            head.keep_alive,
+            &[("Content-Type", TEXT)],
+            &mut self.wbuf,
+        );
         if !head.is_head() {
             self.wbuf.reserve(len);
             for (name, value) in &head.headers {
@@ -208,7 +257,14 @@ impl Conn {
     async fn bytes(&mut self, head: &RequestHead, n: u64) -> io::Result<()> {
         let framing = BodyKind::Length(n);
         let ct: &[u8] = b"application/octet-stream";
-        encode_response_head(200, head.version, framing, head.keep_alive, &[("Content-Type", ct)], &mut self.wbuf);
+        encode_response_head(
+            200,
+            head.version,
+            framing,
+            head.keep_alive,
+            &[("Content-Type", ct)],
+            &mut self.wbuf,
+        );
         if head.is_head() {
             return Ok(());
         }
@@ -232,7 +288,14 @@ impl Conn {
         let ct = head.header("content-type");
         let ct_header = [("Content-Type", ct.unwrap_or_default())];
         let headers: &[(&str, &[u8])] = if ct.is_some() { &ct_header } else { &[] };
-        encode_response_head(200, head.version, framing, head.keep_alive, headers, &mut self.wbuf);
+        encode_response_head(
+            200,
+            head.version,
+            framing,
+            head.keep_alive,
+            headers,
+            &mut self.wbuf,
+        );
 
         let mut dec = BodyDecoder::new(head.body);
         loop {
@@ -271,7 +334,14 @@ impl Conn {
             (BodyKind::Eof, false)
         };
         let ct: &[u8] = b"application/x-ndjson";
-        encode_response_head(200, head.version, framing, keep_alive, &[("Content-Type", ct)], &mut self.wbuf);
+        encode_response_head(
+            200,
+            head.version,
+            framing,
+            keep_alive,
+            &[("Content-Type", ct)],
+            &mut self.wbuf,
+        );
         if !head.is_head() {
             for id in 0..n {
                 let mut line = [0u8; 32];
@@ -291,13 +361,24 @@ impl Conn {
                 self.wbuf.put_slice(LAST_CHUNK);
             }
         }
-        Ok(if keep_alive { Next::KeepAlive } else { Next::Close })
+        Ok(if keep_alive {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        })
     }
 
     /// `/drip`: one byte every `delay_ms`, each written on its own.
     async fn drip(&mut self, head: &RequestHead, bytes: u64, delay_ms: u64) -> io::Result<()> {
         let framing = BodyKind::Length(bytes);
-        encode_response_head(200, head.version, framing, head.keep_alive, &[("Content-Type", TEXT)], &mut self.wbuf);
+        encode_response_head(
+            200,
+            head.version,
+            framing,
+            head.keep_alive,
+            &[("Content-Type", TEXT)],
+            &mut self.wbuf,
+        );
         if head.is_head() {
             return Ok(());
         }
@@ -366,7 +447,8 @@ impl Conn {
 
     /// Answer with an error and close gracefully.
     async fn reject(&mut self, status: u16, message: &str) {
-        self.wbuf.put_slice(&simple_response(status, message, true, &[]));
+        self.wbuf
+            .put_slice(&simple_response(status, message, true, &[]));
         if self.flush().await.is_ok() {
             self.linger().await;
         }
@@ -409,7 +491,10 @@ impl Conn {
 
     /// Append a body piece: small ones join `wbuf`, big ones go out whole
     /// after what is queued.
-    async fn write_piece<B: IoBuf + std::ops::Deref<Target = [u8]> + 'static>(&mut self, data: B) -> io::Result<()> {
+    async fn write_piece<B: IoBuf + std::ops::Deref<Target = [u8]> + 'static>(
+        &mut self,
+        data: B,
+    ) -> io::Result<()> {
         if data.len() <= COPY_MAX {
             self.wbuf.put_slice(&data);
             if self.wbuf.len() >= FLUSH_AT {

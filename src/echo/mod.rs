@@ -128,7 +128,7 @@ pub async fn serve_conn(stream: TcpStream, cfg: Rc<EchoConfig>) {
     // one waiting for an ACK.
     let _ = stream.set_nodelay(true);
     if let Err(e) = conn::Conn::new(stream, cfg).run().await {
-        tracing::debug!(error = ?e, "echo connection ended");
+        tracing::debug!(error = %e, "echo connection ended");
     }
 }
 
@@ -159,7 +159,17 @@ mod pattern_tests {
 
     #[test]
     fn slices_match_pattern_byte_at_every_phase() {
-        for offset in [0u64, 1, 250, 251, 252, 65_535, 65_536, 1 << 30, u64::MAX - PIECE as u64] {
+        for offset in [
+            0u64,
+            1,
+            250,
+            251,
+            252,
+            65_535,
+            65_536,
+            1 << 30,
+            u64::MAX - PIECE as u64,
+        ] {
             let s = pattern_slice(offset, PIECE);
             assert_eq!(s.len(), PIECE);
             for (k, &b) in s.iter().enumerate().step_by(97) {

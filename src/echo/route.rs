@@ -20,7 +20,10 @@ pub enum Route {
     Echo,
     Stream(u32),
     Headers,
-    Drip { bytes: u64, delay_ms: u64 },
+    Drip {
+        bytes: u64,
+        delay_ms: u64,
+    },
     Upgrade,
     NotFound,
     /// A known route with a bad parameter; the text is the response body.
@@ -100,8 +103,13 @@ fn parse_drip(query: &str) -> Route {
         }
     }
     let total = bytes.checked_mul(delay_ms);
-    if bytes > MAX_DRIP_BYTES || delay_ms > MAX_DELAY_MS || total.map_or(true, |t| t > MAX_DRIP_TOTAL_MS) {
-        return Route::BadRequest("drip: bytes <= 1048576, delay_ms <= 60000, bytes * delay_ms <= 600000\n");
+    if bytes > MAX_DRIP_BYTES
+        || delay_ms > MAX_DELAY_MS
+        || total.map_or(true, |t| t > MAX_DRIP_TOTAL_MS)
+    {
+        return Route::BadRequest(
+            "drip: bytes <= 1048576, delay_ms <= 60000, bytes * delay_ms <= 600000\n",
+        );
     }
     Route::Drip { bytes, delay_ms }
 }
@@ -125,8 +133,20 @@ mod tests {
         assert_eq!(Route::parse("/bytes/1073741824"), Route::Bytes(MAX_BYTES));
         assert_eq!(Route::parse("/status/204"), Route::Status(204));
         assert_eq!(Route::parse("/stream/100000"), Route::Stream(100_000));
-        assert_eq!(Route::parse("/drip"), Route::Drip { bytes: 10, delay_ms: 0 });
-        assert_eq!(Route::parse("/drip?bytes=5&delay_ms=20&x=y"), Route::Drip { bytes: 5, delay_ms: 20 });
+        assert_eq!(
+            Route::parse("/drip"),
+            Route::Drip {
+                bytes: 10,
+                delay_ms: 0
+            }
+        );
+        assert_eq!(
+            Route::parse("/drip?bytes=5&delay_ms=20&x=y"),
+            Route::Drip {
+                bytes: 5,
+                delay_ms: 20
+            }
+        );
     }
 
     #[test]

@@ -49,5 +49,8 @@ pub fn start(cfg: EchoServerConfig) -> std::io::Result<EchoServer> {
             Err(_) => return Err(std::io::Error::other("echo worker died during start-up")),
         }
     }
-    Ok(EchoServer { addr, _workers: workers })
+    Ok(EchoServer {
+        addr,
+        _workers: workers,
+    })
 }

@@ -15,7 +15,6 @@
 mod public;
 mod tunnel;
 
-
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -87,7 +86,9 @@ impl Shared {
             per_core: vec![0; cores],
         });
         if c.token != token {
-            return Err(format!("session '{session}' is held by an agent with another token"));
+            return Err(format!(
+                "session '{session}' is held by an agent with another token"
+            ));
         }
         let min = *c.per_core.iter().min().unwrap_or(&0);
         let target = if c.per_core[here] == min {
@@ -112,7 +113,10 @@ impl Shared {
     /// Uplinks per core of every session (for /stats).
     pub(crate) fn placement(&self) -> Vec<(String, Vec<u32>)> {
         let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = claims.iter().map(|(k, c)| (k.clone(), c.per_core.clone())).collect();
+        let mut v: Vec<_> = claims
+            .iter()
+            .map(|(k, c)| (k.clone(), c.per_core.clone()))
+            .collect();
         v.sort();
         v
     }
@@ -341,7 +345,10 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         tunnel_addr,
     });
     let admin = match &cfg.admin_listen {
-        Some(a) => Some(crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?),
+        Some(a) => Some(crate::admin::start(
+            a,
+            shared.clone() as Arc<dyn crate::admin::StatsSource>,
+        )?),
         None => None,
     };
     let receivers = Arc::new(Mutex::new(receivers));
@@ -360,7 +367,11 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
                 shared.broadcast(|| CoreMsg::Shutdown);
                 return Err(std::io::Error::other(e));
             }
-            Err(_) => return Err(std::io::Error::other("a gateway worker died during start-up")),
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "a gateway worker died during start-up",
+                ))
+            }
         }
     }
     tracing::info!(%public_addr, %tunnel_addr, cores = n, "gateway listening");
@@ -416,12 +427,26 @@ async fn core_main(
     // of every task on this core (block_on drops unfinished tasks).
     while let Some(msg) = rx.recv().await {
         match msg {
-            CoreMsg::Public { fd, buf, peer, hops } => {
+            CoreMsg::Public {
+                fd,
+                buf,
+                peer,
+                hops,
+            } => {
                 CoreStats::inc(&core.stats.handoffs_in);
                 public::adopt(core.clone(), fd, buf, peer, hops);
             }
-            CoreMsg::Uplink { fd, leftover, hello, id } => tunnel::adopt(core.clone(), fd, leftover, hello, id),
-            CoreMsg::Directory { session, core: c, present } => core.apply_directory(session, c, present),
+            CoreMsg::Uplink {
+                fd,
+                leftover,
+                hello,
+                id,
+            } => tunnel::adopt(core.clone(), fd, leftover, hello, id),
+            CoreMsg::Directory {
+                session,
+                core: c,
+                present,
+            } => core.apply_directory(session, c, present),
             CoreMsg::Shutdown => break,
         }
     }
@@ -434,7 +459,11 @@ async fn core_main(
     let deadline = std::time::Instant::now() + grace;
     while core.inflight.get() > 0 && std::time::Instant::now() < deadline {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let _ = monoio::time::timeout(left.min(std::time::Duration::from_millis(50)), core.idle.notified()).await;
+        let _ = monoio::time::timeout(
+            left.min(std::time::Duration::from_millis(50)),
+            core.idle.notified(),
+        )
+        .await;
     }
     for up in core.all_uplinks() {
         up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");

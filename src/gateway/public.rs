@@ -27,9 +27,9 @@ use crate::http::{self, BodyDecoder, BodyKind, HeadError, RequestHead, ResponseH
 use crate::io::batch::{write_parts, Parts};
 use crate::io::stats::{CoreStats, ErrorKind};
 use crate::io::uplink::{Inbound, Stream, DATA_CHUNK};
+use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
 use crate::proto::ErrorCode;
-use crate::io::watchdog::Watchdog;
 use crate::runtime::notify::Notify;
 
 /// A connection moves between cores at most this often per request, so a
@@ -85,7 +85,12 @@ enum HeadRead {
     Bad(HeadError),
 }
 
-async fn read_head(rh: &mut TcpOwnedReadHalf, buf: &mut BytesMut, max_head: usize, wd: &Watchdog) -> HeadRead {
+async fn read_head(
+    rh: &mut TcpOwnedReadHalf,
+    buf: &mut BytesMut,
+    max_head: usize,
+    wd: &Watchdog,
+) -> HeadRead {
     loop {
         if !buf.is_empty() {
             match http::parse_request(buf, max_head) {
@@ -147,7 +152,14 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
             HeadRead::Timeout => {
                 if !buf.is_empty() || first {
                     core.stats.error(ErrorKind::HeaderTimeout);
-                    send_simple(&mut wh, 408, "request head not received in time\n", true, &[]).await;
+                    send_simple(
+                        &mut wh,
+                        408,
+                        "request head not received in time\n",
+                        true,
+                        &[],
+                    )
+                    .await;
                 }
                 break;
             }
@@ -197,7 +209,9 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
                                 hops: hops + 1,
                             };
                             CoreStats::inc(&core.stats.handoffs_out);
-                            if let Err(CoreMsg::Public { fd, .. }) = core.shared.mailboxes[target].send(msg) {
+                            if let Err(CoreMsg::Public { fd, .. }) =
+                                core.shared.mailboxes[target].send(msg)
+                            {
                                 // SAFETY: the send failed, the fd is ours.
                                 drop(unsafe { std::net::TcpStream::from_raw_fd(fd) });
                             }
@@ -231,7 +245,14 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         let fwd = forward_head(&head, peer);
         let Some(stream) = up.open_stream(fwd) else {
             core.stats.error(ErrorKind::Overloaded);
-            send_simple(&mut wh, 503, "session busy, retry shortly\n", true, &[("Retry-After", "1")]).await;
+            send_simple(
+                &mut wh,
+                503,
+                "session busy, retry shortly\n",
+                true,
+                &[("Retry-After", "1")],
+            )
+            .await;
             break;
         };
         core.inflight.set(core.inflight.get() + 1);
@@ -268,7 +289,8 @@ fn forward_head(head: &RequestHead, peer: SocketAddr) -> Bytes {
         if name.eq_ignore_ascii_case("host") {
             host_raw = Some(value.clone());
         }
-        !(name.eq_ignore_ascii_case("x-forwarded-proto") || name.eq_ignore_ascii_case("x-forwarded-host"))
+        !(name.eq_ignore_ascii_case("x-forwarded-proto")
+            || name.eq_ignore_ascii_case("x-forwarded-host"))
     });
     if !xff.is_empty() {
         xff.push_str(", ");
@@ -346,7 +368,12 @@ async fn exchange(
 }
 
 /// Client request body -> DATA frames, de-framed (length or chunked).
-async fn body_to_stream(rh: &mut TcpOwnedReadHalf, buf: &mut BytesMut, stream: &Stream, kind: BodyKind) -> bool {
+async fn body_to_stream(
+    rh: &mut TcpOwnedReadHalf,
+    buf: &mut BytesMut,
+    stream: &Stream,
+    kind: BodyKind,
+) -> bool {
     let mut dec = BodyDecoder::new(kind);
     loop {
         match dec.decode(buf, DATA_CHUNK) {
@@ -396,10 +423,26 @@ async fn raw_to_stream(rh: &mut TcpOwnedReadHalf, buf: &mut BytesMut, stream: &S
 
 fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
     match code {
-        ErrorCode::BackendConnect => (502, ErrorKind::BackendConnect, "the agent could not connect to its backend"),
-        ErrorCode::BackendTimeout => (504, ErrorKind::BackendTimeout, "the backend did not answer in time"),
-        ErrorCode::BackendReset => (502, ErrorKind::BackendReset, "the backend closed the connection or sent an invalid response"),
-        ErrorCode::RefusedStream | ErrorCode::Overloaded => (503, ErrorKind::Overloaded, "the agent is at its concurrency limit, retry shortly"),
+        ErrorCode::BackendConnect => (
+            502,
+            ErrorKind::BackendConnect,
+            "the agent could not connect to its backend",
+        ),
+        ErrorCode::BackendTimeout => (
+            504,
+            ErrorKind::BackendTimeout,
+            "the backend did not answer in time",
+        ),
+        ErrorCode::BackendReset => (
+            502,
+            ErrorKind::BackendReset,
+            "the backend closed the connection or sent an invalid response",
+        ),
+        ErrorCode::RefusedStream | ErrorCode::Overloaded => (
+            503,
+            ErrorKind::Overloaded,
+            "the agent is at its concurrency limit, retry shortly",
+        ),
         ErrorCode::Shutdown => (503, ErrorKind::AgentGone, "the agent is shutting down"),
         _ => (502, ErrorKind::AgentGone, "the agent aborted the request"),
     }
@@ -422,7 +465,14 @@ async fn stream_to_client(
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                     if req.version >= 1 {
                         let mut d = BytesMut::new();
-                        http::encode_response_forward(&h, BodyKind::Empty, false, req.version, true, &mut d);
+                        http::encode_response_forward(
+                            &h,
+                            BodyKind::Empty,
+                            false,
+                            req.version,
+                            true,
+                            &mut d,
+                        );
                         if crate::io::write_all(wh, d.freeze()).await.is_err() {
                             return false;
                         }
@@ -431,16 +481,28 @@ async fn stream_to_client(
                 Ok(Some(h)) => break h,
                 _ => {
                     core.stats.error(ErrorKind::BackendReset);
-                    send_simple(wh, 502, "the backend sent an invalid response head\n", true, &[]).await;
+                    send_simple(
+                        wh,
+                        502,
+                        "the backend sent an invalid response head\n",
+                        true,
+                        &[],
+                    )
+                    .await;
                     return false;
                 }
             },
             Inbound::Reset(code) => {
                 let (status, kind, why) = error_status(code);
                 core.stats.error(kind);
-                let extra: &[(&str, &str)] = if status == 503 { &[("Retry-After", "1")] } else { &[] };
+                let extra: &[(&str, &str)] = if status == 503 {
+                    &[("Retry-After", "1")]
+                } else {
+                    &[]
+                };
                 let msg = format!("{why} (host '{}')\n", req.host.as_deref().unwrap_or(""));
-                return send_simple(wh, status, &msg, !req.keep_alive, extra).await && req.keep_alive;
+                return send_simple(wh, status, &msg, !req.keep_alive, extra).await
+                    && req.keep_alive;
             }
             Inbound::Gone | Inbound::End | Inbound::Data(_) => {
                 core.stats.error(ErrorKind::AgentGone);
@@ -475,7 +537,9 @@ async fn stream_to_client(
         BodyKind::Eof if req.version >= 1 => (BodyKind::Chunked, false),
         other => (other, false),
     };
-    let keep_alive = req.keep_alive && framing != BodyKind::Eof && !core.shared.shutting_down.load(Ordering::Relaxed);
+    let keep_alive = req.keep_alive
+        && framing != BodyKind::Eof
+        && !core.shared.shutting_down.load(Ordering::Relaxed);
     let mut head = BytesMut::with_capacity(resp.head_len + 64);
     http::encode_response_forward(&resp, framing, keep_cl, req.version, keep_alive, &mut head);
     let chunked = framing == BodyKind::Chunked;

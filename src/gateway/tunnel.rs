@@ -53,7 +53,10 @@ async fn refuse(stream: &mut TcpStream, core: &Core, code: ErrorCode, reason: &s
 
 fn token_ok(core: &Core, token: &str) -> bool {
     let tokens = &core.cfg().tokens;
-    tokens.is_empty() || tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    tokens.is_empty()
+        || tokens
+            .iter()
+            .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
 }
 
 /// Compares without an early exit, so response timing does not reveal how
@@ -78,7 +81,8 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
             crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
         }
     });
-    let (res, leftover) = read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), HANDSHAKE_MAX).await;
+    let (res, leftover) =
+        read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), HANDSHAKE_MAX).await;
     done.set(true);
     let frame = match res {
         Ok(f) => f,
@@ -89,7 +93,13 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         }
     };
     if frame.kind != FrameType::Hello {
-        refuse(&mut stream, &core, ErrorCode::ProtocolError, "expected HELLO").await;
+        refuse(
+            &mut stream,
+            &core,
+            ErrorCode::ProtocolError,
+            "expected HELLO",
+        )
+        .await;
         return;
     }
     let hello = match frame.parse_hello() {
@@ -104,7 +114,13 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         return;
     }
     if core.shared.shutting_down.load(Ordering::Relaxed) {
-        refuse(&mut stream, &core, ErrorCode::Shutdown, "gateway is shutting down").await;
+        refuse(
+            &mut stream,
+            &core,
+            ErrorCode::Shutdown,
+            "gateway is shutting down",
+        )
+        .await;
         return;
     }
     let target = match core.shared.claim(&hello.session, &hello.token, core.index) {
@@ -136,7 +152,13 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
 }
 
 /// Takes over an uplink handed to this core.
-pub(super) fn adopt(core: Rc<Core>, fd: std::os::fd::RawFd, leftover: Bytes, hello: Hello, id: u64) {
+pub(super) fn adopt(
+    core: Rc<Core>,
+    fd: std::os::fd::RawFd,
+    leftover: Bytes,
+    hello: Hello,
+    id: u64,
+) {
     // SAFETY: the fd was handed over by the sending core, which no longer
     // uses it.
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };

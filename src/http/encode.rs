@@ -40,14 +40,18 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// `head.body`; then `Connection: upgrade` + `Upgrade` when `head.upgrade`
 /// is set; then each of `extra`; then the empty line.
 ///
-/// `Host` is kept even when `Connection` names it, so a client cannot make
-/// the backend see a request without one.
+/// `Host` is kept even when `Connection` names it, and added (from
+/// `head.host`, possibly empty) when an HTTP/1.0 request had none: the
+/// forwarded request is HTTP/1.1, which must carry one (RFC 9112 3.2).
 pub fn encode_request_forward(head: &RequestHead, extra: &[(&str, &[u8])], dst: &mut BytesMut) {
     dst.reserve(head.head_len + 64);
     dst.put_slice(head.method.as_bytes());
     dst.put_u8(b' ');
     dst.put_slice(head.target.as_bytes());
     dst.put_slice(b" HTTP/1.1\r\n");
+    if head.header("host").is_none() {
+        put_header(dst, "Host", head.host.as_deref().unwrap_or("").as_bytes());
+    }
     for (name, value) in &head.headers {
         let keep = name.eq_ignore_ascii_case("host")
             || !(is_hop_by_hop(name)
@@ -345,6 +349,24 @@ mod tests {
             &[],
         );
         assert_eq!(out, "GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    }
+
+    #[test]
+    fn request_forward_adds_host_for_http10() {
+        let out = forward("GET / HTTP/1.0\r\nX: y\r\n\r\n", &[]);
+        assert_eq!(out, "GET / HTTP/1.1\r\nHost: \r\nX: y\r\n\r\n");
+        let back = parse_request(out.as_bytes(), DEFAULT_MAX_HEAD)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back.host, None);
+        let out = forward("GET http://A.example:81/x HTTP/1.0\r\n\r\n", &[]);
+        assert_eq!(
+            out,
+            "GET http://A.example:81/x HTTP/1.1\r\nHost: a.example\r\n\r\n"
+        );
+        assert!(parse_request(out.as_bytes(), DEFAULT_MAX_HEAD)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -643,7 +643,10 @@ mod tests {
         while s.len() < 200 {
             s.push_str("X-Pad: aaaaaaaaaa\r\n");
         }
-        assert_eq!(parse_request(s.as_bytes(), 100).unwrap_err(), HeadError::TooLarge);
+        assert_eq!(
+            parse_request(s.as_bytes(), 100).unwrap_err(),
+            HeadError::TooLarge
+        );
         assert!(matches!(parse_request(&s.as_bytes()[..99], 100), Ok(None)));
         s.push_str("\r\n");
         assert!(parse_request(s.as_bytes(), s.len()).unwrap().is_some());

@@ -111,7 +111,10 @@ impl Parts {
 }
 
 /// Writes every part with as few writev calls as the kernel allows.
-pub async fn write_parts<W: monoio::io::AsyncWriteRent>(w: &mut W, parts: Parts) -> (std::io::Result<usize>, Parts) {
+pub async fn write_parts<W: monoio::io::AsyncWriteRent>(
+    w: &mut W,
+    parts: Parts,
+) -> (std::io::Result<usize>, Parts) {
     let mut parts = parts;
     parts.seal();
     let mut calls = 0;

@@ -152,7 +152,10 @@ impl OutQueue {
             self.frames -= 1;
         }
         while let Some(id) = self.ready.pop_front() {
-            let q = self.per_stream.get_mut(&id).expect("ready stream has a queue");
+            let q = self
+                .per_stream
+                .get_mut(&id)
+                .expect("ready stream has a queue");
             let f = q.front().expect("ready queue is non-empty");
             if !batch.has_room(f.payload.len()) {
                 self.ready.push_front(id);
@@ -402,7 +405,11 @@ impl Uplink {
         }
     }
 
-    async fn read_loop(self: Rc<Self>, mut rh: monoio::net::tcp::TcpOwnedReadHalf, leftover: BytesMut) {
+    async fn read_loop(
+        self: Rc<Self>,
+        mut rh: monoio::net::tcp::TcpOwnedReadHalf,
+        leftover: BytesMut,
+    ) {
         let mut dec = Decoder::new(self.limits.max_frame);
         let mut buf = leftover;
         loop {
@@ -473,7 +480,9 @@ impl Uplink {
                 if self.stream_of(f.stream).is_some() {
                     return Err(ProtoError::BadPayload("OPEN for a stream id in use"));
                 }
-                if self.state.get() != State::Open || self.streams.borrow().len() >= self.limits.max_streams as usize {
+                if self.state.get() != State::Open
+                    || self.streams.borrow().len() >= self.limits.max_streams as usize
+                {
                     self.enqueue(Frame::reset(f.stream, ErrorCode::RefusedStream));
                     return Ok(());
                 }
@@ -542,7 +551,9 @@ impl Uplink {
                 }
             }
             FrameType::Hello | FrameType::Accept | FrameType::Refuse => {
-                return Err(ProtoError::BadPayload("handshake frame after the handshake"));
+                return Err(ProtoError::BadPayload(
+                    "handshake frame after the handshake",
+                ));
             }
         }
         Ok(())
@@ -559,7 +570,8 @@ impl Uplink {
         let u = self.conn_unacked.get() + n;
         if u >= self.limits.conn_window / 4 {
             self.conn_unacked.set(0);
-            self.conn_recv_window.set(self.conn_recv_window.get() + u as i64);
+            self.conn_recv_window
+                .set(self.conn_recv_window.get() + u as i64);
             self.enqueue(Frame::window(0, u));
         } else {
             self.conn_unacked.set(u);
@@ -697,8 +709,12 @@ impl Stream {
             .await
             .ok_or(())?;
             let piece = data.split_to(n);
-            self.sh.send_credit.set(self.sh.send_credit.get() - n as i64);
-            self.up.conn_credit.set(self.up.conn_credit.get() - n as i64);
+            self.sh
+                .send_credit
+                .set(self.sh.send_credit.get() - n as i64);
+            self.up
+                .conn_credit
+                .set(self.up.conn_credit.get() - n as i64);
             self.up.enqueue(Frame::data(self.sh.id, piece));
         }
         Ok(())
@@ -740,7 +756,9 @@ impl Stream {
         let u = self.sh.recv_unacked.get() + n;
         if u >= self.up.limits.stream_window / 2 {
             self.sh.recv_unacked.set(0);
-            self.sh.recv_window.set(self.sh.recv_window.get() + u as i64);
+            self.sh
+                .recv_window
+                .set(self.sh.recv_window.get() + u as i64);
             self.up.enqueue(Frame::window(self.sh.id, u));
         } else {
             self.sh.recv_unacked.set(u);
@@ -778,7 +796,7 @@ impl Drop for Stream {
         if self.up.is_closed() {
             return;
         }
-        if !(self.sh.sent_end.get() && self.sh.got_end.get()) && !self.sh.reset.get() {
+        if !(self.sh.reset.get() || self.sh.sent_end.get() && self.sh.got_end.get()) {
             self.reset(ErrorCode::Cancel);
         } else {
             self.up.streams.borrow_mut().remove(&self.sh.id);

@@ -237,9 +237,19 @@ impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
 pub fn reserve_listen_addr(addr: &str) -> io::Result<SocketAddr> {
     let resolved = addr
         .to_socket_addrs()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve listen address {addr}: {e}")))?
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot resolve listen address {addr}: {e}"),
+            )
+        })?
         .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}")))?;
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no address for {addr}"),
+            )
+        })?;
     // std's listener does not set SO_REUSEPORT, so this bind fails exactly
     // when another socket already holds the port.
     let probe = std::net::TcpListener::bind(resolved).map_err(|e| {
@@ -267,7 +277,12 @@ pub fn resolve(addr: &str) -> io::Result<SocketAddr> {
     addr.to_socket_addrs()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
         .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no address for {addr}")))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no address for {addr}"),
+            )
+        })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft
@@ -288,14 +303,17 @@ pub fn raise_nofile_limit() -> u64 {
                 rlim_max: rl.rlim_max,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
+                return want.rlim_cur;
             }
         }
     }
-    rl.rlim_cur as u64
+    rl.rlim_cur
 }
 
 /// Starts a plain (non-runtime) helper thread, e.g. the admin endpoint.
 pub fn spawn_service_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
-    std::thread::Builder::new().name(name.to_string()).spawn(f).map(|_| ())
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map(|_| ())
 }

@@ -1,0 +1,452 @@
+//! Test harness: real `ringtunnel` processes on 127.0.0.1 (free ports),
+//! real clients (curl and raw sockets). Every process is killed by PID
+//! when its handle drops, so a failing test leaves nothing behind.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ringtunnel");
+
+/// A child process, killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub ready: String,
+    pub name: &'static str,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Value of `key=` in the ready line.
+    pub fn field(&self, key: &str) -> String {
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("{}: no {key}= in {:?}", self.name, self.ready))
+            .to_string()
+    }
+
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.field(key).parse().unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for a clean exit.
+    pub fn terminate(&mut self, limit: Duration) -> bool {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `ringtunnel ARGS` and waits for a stdout line starting with
+/// `ready_prefix`.
+pub fn spawn(name: &'static str, args: &[&str], ready_prefix: &str) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var("RT_TEST_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("spawn ringtunnel");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let prefix = ready_prefix.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.starts_with(&prefix) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(ready) => Proc { child, ready, name },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{name} did not become ready: {args:?}");
+        }
+    }
+}
+
+pub fn echo(driver: &str, delay_ms: u64) -> Proc {
+    spawn(
+        "echo",
+        &[
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--no-pin",
+            "--driver",
+            driver,
+            "--delay-ms",
+            &delay_ms.to_string(),
+        ],
+        "ringtunnel echo ready",
+    )
+}
+
+pub fn gateway(driver: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--tunnel-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--driver",
+        driver,
+    ];
+    if !extra.contains(&"--cores") {
+        args.extend(["--cores", "2"]);
+    }
+    args.extend_from_slice(extra);
+    spawn("gateway", &args, "ringtunnel gateway ready")
+}
+
+pub fn agent(driver: &str, gw: &Proc, session: &str, backend: SocketAddr, extra: &[&str]) -> Proc {
+    let tunnel = gw.field("tunnel");
+    let backend = backend.to_string();
+    let mut args = vec![
+        "agent",
+        "--gateway",
+        &tunnel,
+        "--session",
+        session,
+        "--to",
+        &backend,
+        "--no-pin",
+        "--driver",
+        driver,
+    ];
+    if !extra.contains(&"--cores") {
+        args.extend(["--cores", "2"]);
+    }
+    args.extend_from_slice(extra);
+    spawn("agent", &args, "ringtunnel agent ready")
+}
+
+/// echo + gateway + agent for session "demo".
+pub struct Stack {
+    pub echo: Proc,
+    pub gw: Proc,
+    pub agent: Proc,
+}
+
+impl Stack {
+    pub fn start(driver: &str, echo_delay: u64) -> Stack {
+        let echo = echo(driver, echo_delay);
+        let gw = gateway(driver, &[]);
+        let agent = agent(driver, &gw, "demo", echo.addr("listen"), &[]);
+        let s = Stack { echo, gw, agent };
+        wait_routable(s.public(), "demo");
+        s
+    }
+
+    pub fn public(&self) -> SocketAddr {
+        self.gw.addr("public")
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.gw.addr("admin")
+    }
+}
+
+/// Waits until a request for `host` gets a non-502 answer on every core
+/// (directory updates reach the cores asynchronously).
+pub fn wait_routable(public: SocketAddr, host: &str) {
+    let t = Instant::now();
+    let mut ok = 0;
+    while ok < 20 {
+        let r = request(
+            public,
+            &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        if r.status == 200 {
+            ok += 1;
+        } else {
+            ok = 0;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "session {host} never became routable"
+        );
+    }
+}
+
+/// A parsed HTTP response read off a raw socket.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Reads one response from `s` (`head_req`: the request was HEAD).
+/// Understands Content-Length, chunked and close-delimited bodies.
+pub fn read_response(s: &mut TcpStream, buf: &mut Vec<u8>, head_req: bool) -> Option<Resp> {
+    let head_end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let mut tmp = [0u8; 65536];
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    buf.drain(..head_end);
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(a, b)| (a.trim().to_string(), b.trim().to_string()))
+        })
+        .collect();
+    let get = |n: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v.clone())
+    };
+    let mut body = Vec::new();
+    let fill = |s: &mut TcpStream, buf: &mut Vec<u8>| -> bool {
+        let mut tmp = [0u8; 65536];
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+        }
+    };
+    if head_req || status / 100 == 1 || status == 204 || status == 304 {
+    } else if get("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let line_end = loop {
+                if let Some(p) = buf.windows(2).position(|w| w == b"\r\n") {
+                    break p;
+                }
+                if !fill(s, buf) {
+                    return None;
+                }
+            };
+            let size = usize::from_str_radix(
+                String::from_utf8_lossy(&buf[..line_end])
+                    .split(';')
+                    .next()?
+                    .trim(),
+                16,
+            )
+            .ok()?;
+            buf.drain(..line_end + 2);
+            while buf.len() < size + 2 {
+                if !fill(s, buf) {
+                    return None;
+                }
+            }
+            if size == 0 {
+                buf.drain(..2);
+                break;
+            }
+            body.extend_from_slice(&buf[..size]);
+            buf.drain(..size + 2);
+        }
+    } else if let Some(cl) = get("content-length") {
+        let n: usize = cl.parse().ok()?;
+        while buf.len() < n {
+            if !fill(s, buf) {
+                return None;
+            }
+        }
+        body = buf.drain(..n).collect();
+    } else {
+        while fill(s, buf) {}
+        body = std::mem::take(buf);
+    }
+    Some(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// One raw request on a fresh connection; status 0 if no response.
+pub fn request(addr: SocketAddr, raw: &str) -> Resp {
+    request_bytes(addr, raw.as_bytes())
+}
+
+pub fn request_bytes(addr: SocketAddr, raw: &[u8]) -> Resp {
+    let mut s = connect(addr);
+    if s.write_all(raw).is_err() {
+        return Resp {
+            status: 0,
+            headers: vec![],
+            body: vec![],
+        };
+    }
+    let head_req = raw.starts_with(b"HEAD ");
+    let mut buf = Vec::new();
+    read_response(&mut s, &mut buf, head_req).unwrap_or(Resp {
+        status: 0,
+        headers: vec![],
+        body: vec![],
+    })
+}
+
+/// curl with a Host header; returns (status, body).
+pub fn curl(public: SocketAddr, host: &str, path: &str, extra: &[&str]) -> (u16, Vec<u8>) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "60",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            &format!("Host: {host}"),
+        ])
+        .args(extra)
+        .arg(format!("http://{public}{path}"))
+        .output()
+        .expect("curl must be installed (.ci/run installs it)");
+    let mut body = out.stdout;
+    let nl = body
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .expect("curl -w output");
+    let status = String::from_utf8_lossy(&body[nl + 1..])
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    body.truncate(nl);
+    (status, body)
+}
+
+/// The echo backend's deterministic byte at offset i (mirrors
+/// `ringtunnel::echo::pattern_byte`).
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n as u64).map(ringtunnel::echo::pattern_byte).collect()
+}
+
+/// FNV-1a: a checksum without extra crates.
+pub fn checksum(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for x in b {
+        h ^= *x as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+pub fn metrics(admin: SocketAddr) -> String {
+    request(admin, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").text()
+}
+
+pub fn stats_json(admin: SocketAddr) -> String {
+    request(admin, "GET /stats HTTP/1.1\r\nHost: x\r\n\r\n").text()
+}
+
+/// Sum of a metric's samples whose labels contain `label_filter`.
+pub fn metric_sum(text: &str, name: &str, label_filter: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(label_filter)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Generates one test per driver.
+#[macro_export]
+macro_rules! both_drivers {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn io_uring() {
+                ($body)("uring");
+            }
+            #[test]
+            fn epoll() {
+                ($body)("legacy");
+            }
+        }
+    };
+}

@@ -1,0 +1,375 @@
+//! End-to-end: echo backend + gateway + agent as real processes on
+//! 127.0.0.1, driven by curl and raw sockets. Every scenario runs on the
+//! io_uring and the epoll driver.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+
+both_drivers!(get_post_put_round_trips, |d| {
+    let s = Stack::start(d, 0);
+    let p = s.public();
+    let (st, body) = curl(p, "demo", "/", &[]);
+    assert_eq!((st, body.as_slice()), (200, &b"ringtunnel echo\n"[..]));
+    let (st, body) = curl(
+        p,
+        "demo",
+        "/echo",
+        &["-X", "POST", "--data-binary", "hello post"],
+    );
+    assert_eq!((st, body.as_slice()), (200, &b"hello post"[..]));
+    let (st, body) = curl(
+        p,
+        "demo",
+        "/echo",
+        &["-X", "PUT", "--data-binary", "hello put"],
+    );
+    assert_eq!((st, body.as_slice()), (200, &b"hello put"[..]));
+    let (st, body) = curl(p, "demo", "/status/418", &[]);
+    assert_eq!(st, 418, "{}", String::from_utf8_lossy(&body));
+    // X-Forwarded-* are added; hop-by-hop headers do not cross.
+    let (st, body) = curl(
+        p,
+        "demo",
+        "/headers",
+        &[
+            "-H",
+            "X-Forwarded-For: 10.9.9.9",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "X-Custom: yes",
+        ],
+    );
+    let text = String::from_utf8_lossy(&body).to_lowercase();
+    assert_eq!(st, 200);
+    assert!(
+        text.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1"),
+        "{text}"
+    );
+    assert!(text.contains("x-forwarded-proto: http"), "{text}");
+    assert!(text.contains("x-forwarded-host: demo"), "{text}");
+    assert!(text.contains("x-custom: yes"), "{text}");
+    assert!(!text.contains("keep-alive: timeout"), "{text}");
+});
+
+both_drivers!(ten_mib_upload_and_download_with_checksums, |d| {
+    let s = Stack::start(d, 0);
+    let p = s.public();
+    let n = 10 * 1024 * 1024;
+    let (st, body) = curl(p, "demo", &format!("/bytes/{n}"), &[]);
+    assert_eq!(st, 200);
+    assert_eq!(body.len(), n);
+    assert_eq!(checksum(&body), checksum(&pattern(n)));
+    let up: Vec<u8> = (0..n).map(|i| (i * 31 % 253) as u8).collect();
+    let path = std::env::temp_dir().join(format!("rt-up-{}-{d}.bin", std::process::id()));
+    std::fs::write(&path, &up).unwrap();
+    let (st, body) = curl(
+        p,
+        "demo",
+        "/echo",
+        &["--data-binary", &format!("@{}", path.display())],
+    );
+    assert_eq!(st, 200);
+    assert_eq!(body.len(), n);
+    assert_eq!(checksum(&body), checksum(&up));
+    // The same upload chunked: echoed back chunked, same bytes.
+    let (st, body) = curl(
+        p,
+        "demo",
+        "/echo",
+        &[
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", path.display()),
+        ],
+    );
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(st, 200);
+    assert_eq!(checksum(&body), checksum(&up));
+});
+
+both_drivers!(chunked_request_and_response, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    c.write_all(b"POST /echo HTTP/1.1\r\nHost: demo\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nTrailer: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.body, b"hello world");
+    c.write_all(b"GET /stream/5 HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(r.text().lines().count(), 5);
+});
+
+both_drivers!(keep_alive_and_pipelining_in_order, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    let mut buf = Vec::new();
+    for i in 0..5 {
+        c.write_all(
+            format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-Seq: {i}\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let r = read_response(&mut c, &mut buf, false).unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains(&format!("X-Seq: {i}")));
+    }
+    // Pipelined: all requests written at once, answers come in order, the
+    // slow first one does not let the fast ones overtake it.
+    let mut batch = Vec::new();
+    batch.extend_from_slice(b"GET /delay/100 HTTP/1.1\r\nHost: demo\r\n\r\n");
+    for i in 0..10 {
+        batch.extend_from_slice(
+            format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-Seq: p{i}\r\n\r\n").as_bytes(),
+        );
+    }
+    batch.extend_from_slice(b"POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Length: 4\r\n\r\nlast");
+    c.write_all(&batch).unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 200);
+    for i in 0..10 {
+        let r = read_response(&mut c, &mut buf, false).unwrap();
+        assert!(
+            r.text().contains(&format!("X-Seq: p{i}\n")),
+            "out of order at {i}: {}",
+            r.text()
+        );
+    }
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.body, b"last");
+});
+
+both_drivers!(expect_100_continue, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    c.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(
+        r.status, 100,
+        "the client must be told to continue before it sends the body"
+    );
+    c.write_all(b"hello there").unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello there");
+});
+
+fn ws_frame(payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0x82u8];
+    let n = payload.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else if n < 65536 {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&(n as u64).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+both_drivers!(websocket_upgrade_echoes_one_mib, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    c.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 101);
+    assert_eq!(
+        r.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    assert!(r
+        .header("upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket")));
+    let payload: Vec<u8> = (0..1024 * 1024).map(|i| (i * 7 % 256) as u8).collect();
+    let frame = ws_frame(&payload, [1, 2, 3, 4]);
+    let mut w = c.try_clone().unwrap();
+    let f2 = frame.clone();
+    let writer = std::thread::spawn(move || w.write_all(&f2).unwrap());
+    let mut got = buf;
+    let mut tmp = vec![0u8; 65536];
+    while got.len() < frame.len() {
+        let n = c.read(&mut tmp).unwrap();
+        assert!(
+            n > 0,
+            "upgraded stream closed early after {} bytes",
+            got.len()
+        );
+        got.extend_from_slice(&tmp[..n]);
+    }
+    writer.join().unwrap();
+    assert_eq!(checksum(&got), checksum(&frame));
+    // Half-close travels through: we close our side, the echo closes its.
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let n = c.read(&mut tmp).unwrap();
+    assert_eq!(n, 0);
+});
+
+both_drivers!(head_204_304_have_no_body, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    let mut buf = Vec::new();
+    c.write_all(b"HEAD /bytes/100 HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut c, &mut buf, true).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-length"), Some("100"));
+    for code in [204, 304] {
+        c.write_all(format!("GET /status/{code} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes())
+            .unwrap();
+        let r = read_response(&mut c, &mut buf, false).unwrap();
+        assert_eq!(r.status, code);
+    }
+    // Had any of them carried a body, this response would be garbled.
+    c.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.body, b"ringtunnel echo\n");
+    assert!(
+        buf.is_empty(),
+        "stray bytes: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+});
+
+both_drivers!(thousand_concurrent_requests_one_session, |d| {
+    let s = Stack::start(d, 35);
+    let p = s.public();
+    let threads: Vec<_> = (0..1000)
+        .map(|i| {
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let r = request(p, &format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-Req: {i}\r\nConnection: close\r\n\r\n"));
+                    (r.status, r.text().contains(&format!("X-Req: {i}\n")))
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut ok = 0;
+    for t in threads {
+        let (st, body_ok) = t.join().unwrap();
+        assert_eq!(st, 200);
+        assert!(body_ok);
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+});
+
+both_drivers!(unknown_host_and_bad_requests, |d| {
+    let s = Stack::start(d, 0);
+    let p = s.public();
+    let r = request(p, "GET / HTTP/1.1\r\nHost: nosuch\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("nosuch"), "{}", r.text());
+    let r = request(
+        p,
+        "GET / HTTP/1.1\r\nHost: demo\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    );
+    assert_eq!(r.status, 400);
+    let r = request(
+        p,
+        "GET / HTTP/1.1\r\nHost: demo\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    );
+    assert_eq!(r.status, 400);
+    let r = request(p, "GARBAGE\r\n\r\n");
+    assert_eq!(r.status, 400);
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: demo\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let r = request(p, &big);
+    assert_eq!(r.status, 431);
+    let r = request(p, "GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(r.status, 400, "HTTP/1.1 without Host");
+    let r = request(
+        p,
+        "POST /echo HTTP/1.1\r\nHost: demo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    );
+    assert!(
+        r.status == 400 || r.status == 0,
+        "bad chunk size must not reach the backend as a 200: {}",
+        r.status
+    );
+});
+
+#[test]
+fn slow_header_gets_408() {
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &["--header-timeout", "0.5"]);
+    let _agent = agent("uring", &gw, "demo", echo.addr("listen"), &[]);
+    let mut c = connect(gw.addr("public"));
+    c.write_all(b"GET / HTTP/1.1\r\nHost: de").unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 408);
+}
+
+#[test]
+fn backend_down_is_502_backend_slow_is_504() {
+    // A port with nothing listening: reserve one and free it.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = gateway("uring", &[]);
+    let _a = agent("uring", &gw, "dead", dead, &[]);
+    wait_ready_status(gw.addr("public"), "dead", 502);
+    let r = request(gw.addr("public"), "GET / HTTP/1.1\r\nHost: dead\r\n\r\n");
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("backend"), "{}", r.text());
+
+    let echo = echo("uring", 0);
+    let _b = agent(
+        "uring",
+        &gw,
+        "slow",
+        echo.addr("listen"),
+        &["--backend-timeout", "0.3"],
+    );
+    wait_routable(gw.addr("public"), "slow");
+    let r = request(
+        gw.addr("public"),
+        "GET /delay/2000 HTTP/1.1\r\nHost: slow\r\n\r\n",
+    );
+    assert_eq!(r.status, 504, "{}", r.text());
+    // The session still works afterwards.
+    let r = request(gw.addr("public"), "GET / HTTP/1.1\r\nHost: slow\r\n\r\n");
+    assert_eq!(r.status, 200);
+}
+
+fn wait_ready_status(p: std::net::SocketAddr, host: &str, want: u16) {
+    let t = std::time::Instant::now();
+    loop {
+        let r = request(p, &format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        if r.status == want && !r.text().contains("no agent") {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{host}: last {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -243,6 +243,11 @@ impl Uplink {
         let u = up.clone();
         crate::runtime::spawn_isolated("uplink-reader", async move {
             u.clone().read_loop(rh, leftover).await;
+            if u.state.get() == State::Failing {
+                // Let the writer put GOAWAY(reason) on the wire first, but
+                // do not wait forever on a peer that stopped reading.
+                let _ = monoio::time::timeout(std::time::Duration::from_secs(1), u.wait_closed()).await;
+            }
             u.close_now("connection closed");
         });
         let u = up.clone();
@@ -299,7 +304,8 @@ impl Uplink {
     }
 
     fn enqueue(&self, f: Frame) {
-        if self.state.get() == State::Closed {
+        // After a fatal GOAWAY nothing else may follow it on the wire.
+        if matches!(self.state.get(), State::Closed | State::Failing) {
             return;
         }
         self.out.borrow_mut().push(f);
@@ -418,9 +424,9 @@ impl Uplink {
                     Ok(Some(f)) => {
                         self.last_rx.set(Instant::now());
                         CoreStats::inc(&self.stats.frames_in);
-                        if let Err(e) = self.dispatch(f) {
+                        if let Err((code, why)) = self.dispatch(f) {
                             self.stats.error(ErrorKind::Protocol);
-                            self.fail(e.code(), &e.to_string());
+                            self.fail(code, &why);
                             return;
                         }
                     }
@@ -452,24 +458,29 @@ impl Uplink {
         self.streams.borrow().get(&id).cloned()
     }
 
-    fn dispatch(self: &Rc<Self>, f: Frame) -> Result<(), ProtoError> {
+    fn dispatch(self: &Rc<Self>, f: Frame) -> Result<(), (ErrorCode, String)> {
         match f.kind {
             FrameType::Data => {
                 let n = f.payload.len() as i64;
                 let cw = self.conn_recv_window.get() - n;
                 if cw < 0 {
-                    return Err(ProtoError::BadPayload("DATA beyond uplink credit"));
+                    return Err(flow("DATA beyond uplink credit"));
                 }
                 self.conn_recv_window.set(cw);
                 match self.stream_of(f.stream) {
                     Some(s) if !s.got_end.get() => {
                         let sw = s.recv_window.get() - n;
                         if sw < 0 {
-                            return Err(ProtoError::BadPayload("DATA beyond stream credit"));
+                            return Err(flow("DATA beyond stream credit"));
                         }
                         s.recv_window.set(sw);
                         s.inbound.borrow_mut().push_back(Inbound::Data(f.payload));
                         s.readable.notify();
+                    }
+                    // Gateway side: ids are allocated in order, so an id we
+                    // never handed out is the peer inventing streams.
+                    None if self.on_open.borrow().is_none() && f.stream >= self.next_id.get() => {
+                        return Err(proto_err(&format!("DATA for stream {} that was never opened", f.stream)));
                     }
                     // A stream we already reset: nobody will consume it,
                     // but the uplink credit must come back.
@@ -478,7 +489,7 @@ impl Uplink {
             }
             FrameType::Open => {
                 if self.stream_of(f.stream).is_some() {
-                    return Err(ProtoError::BadPayload("OPEN for a stream id in use"));
+                    return Err(proto_err("OPEN for a stream id in use"));
                 }
                 if self.state.get() != State::Open
                     || self.streams.borrow().len() >= self.limits.max_streams as usize
@@ -488,7 +499,7 @@ impl Uplink {
                 }
                 let handler = self.on_open.borrow();
                 let Some(h) = handler.as_ref() else {
-                    return Err(ProtoError::BadPayload("OPEN sent to the gateway"));
+                    return Err(proto_err("OPEN sent to the gateway"));
                 };
                 let s = self.new_stream(f.stream);
                 h(s, f.payload);
@@ -508,7 +519,7 @@ impl Uplink {
                 }
             }
             FrameType::Reset => {
-                let code = f.reset_code()?;
+                let code = f.reset_code().map_err(pe)?;
                 if let Some(s) = self.streams.borrow_mut().remove(&f.stream) {
                     s.reset.set(true);
                     s.inbound.borrow_mut().push_back(Inbound::Reset(code));
@@ -519,27 +530,27 @@ impl Uplink {
                 }
             }
             FrameType::Window => {
-                let inc = f.window_increment()? as i64;
+                let inc = f.window_increment().map_err(pe)? as i64;
                 if f.stream == 0 {
                     let c = self.conn_credit.get() + inc;
                     if c > u32::MAX as i64 {
-                        return Err(ProtoError::BadPayload("uplink window overflow"));
+                        return Err(flow("uplink window above 2^32-1"));
                     }
                     self.conn_credit.set(c);
                     self.conn_waiters.wake_all();
                 } else if let Some(s) = self.stream_of(f.stream) {
                     let c = s.send_credit.get() + inc;
                     if c > u32::MAX as i64 {
-                        return Err(ProtoError::BadPayload("stream window overflow"));
+                        return Err(flow("stream window above 2^32-1"));
                     }
                     s.send_credit.set(c);
                     s.writable.notify();
                 }
             }
-            FrameType::Ping => self.enqueue(Frame::pong(f.ping_payload()?)),
+            FrameType::Ping => self.enqueue(Frame::pong(f.ping_payload().map_err(pe)?)),
             FrameType::Pong => {}
             FrameType::GoAway => {
-                let (code, reason) = f.parse_goaway()?;
+                let (code, reason) = f.parse_goaway().map_err(pe)?;
                 tracing::info!(uplink = self.id, ?code, %reason, "peer sent GOAWAY");
                 if code == ErrorCode::NoError || code == ErrorCode::Shutdown {
                     if self.state.get() == State::Open {
@@ -551,9 +562,7 @@ impl Uplink {
                 }
             }
             FrameType::Hello | FrameType::Accept | FrameType::Refuse => {
-                return Err(ProtoError::BadPayload(
-                    "handshake frame after the handshake",
-                ));
+                return Err(proto_err("handshake frame after the handshake"));
             }
         }
         Ok(())
@@ -639,6 +648,18 @@ impl Uplink {
             self.enqueue(Frame::ping([0; 8]));
         }
     }
+}
+
+fn pe(e: ProtoError) -> (ErrorCode, String) {
+    (e.code(), e.to_string())
+}
+
+fn proto_err(why: &str) -> (ErrorCode, String) {
+    (ErrorCode::ProtocolError, why.to_string())
+}
+
+fn flow(why: &str) -> (ErrorCode, String) {
+    (ErrorCode::FlowControlError, why.to_string())
 }
 
 /// One stream's handle. Dropping it before both directions ended resets

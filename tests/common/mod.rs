@@ -450,3 +450,214 @@ macro_rules! both_drivers {
         }
     };
 }
+
+// ---------------------------------------------------------------------
+// Helpers added for tests/sharding.rs (sessions, placement, refusals).
+// ---------------------------------------------------------------------
+
+/// A process started without waiting for a ready line; its stdout and
+/// stderr are collected as they arrive (killed on drop, like `Proc`).
+pub struct Bg {
+    pub proc: Proc,
+    pub stdout: std::sync::Arc<std::sync::Mutex<String>>,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Bg {
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits up to `limit` for `needle` on stderr.
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.stderr().contains(needle)
+    }
+}
+
+/// Starts `ringtunnel ARGS` and returns at once (no ready line awaited),
+/// capturing stdout and stderr.
+pub fn spawn_nowait(name: &'static str, args: &[&str]) -> Bg {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ringtunnel");
+    let collect = |r: Box<dyn Read + Send>| {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let b = buf.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                let mut g = b.lock().unwrap();
+                g.push_str(&line);
+                g.push('\n');
+            }
+        });
+        buf
+    };
+    let stdout = collect(Box::new(child.stdout.take().unwrap()));
+    let stderr = collect(Box::new(child.stderr.take().unwrap()));
+    Bg {
+        proc: Proc {
+            child,
+            ready: String::new(),
+            name,
+        },
+        stdout,
+        stderr,
+    }
+}
+
+/// The arguments `agent` uses, for `spawn_nowait`.
+pub fn agent_args(
+    driver: &str,
+    gw: &Proc,
+    session: &str,
+    backend: SocketAddr,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "agent",
+        "--gateway",
+        &gw.field("tunnel"),
+        "--session",
+        session,
+        "--to",
+        &backend.to_string(),
+        "--no-pin",
+        "--driver",
+        driver,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if !extra.contains(&"--cores") {
+        args.extend(["--cores".to_string(), "2".to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Polls `GET /` for `host` until it answers `want`; returns that answer.
+pub fn wait_status(public: SocketAddr, host: &str, want: u16, limit: Duration) -> Resp {
+    let t = Instant::now();
+    loop {
+        let r = request(
+            public,
+            &format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        );
+        if r.status == want {
+            return r;
+        }
+        assert!(
+            t.elapsed() < limit,
+            "{host}: wanted {want} within {limit:?}, last {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `"sessions":{"NAME":{"uplinks_per_core":[a,b]}}` from gateway `/stats`.
+pub fn session_placement(stats: &str, name: &str) -> Option<Vec<u32>> {
+    let key = format!("\"{name}\":{{\"uplinks_per_core\":[");
+    let start = stats.find(&key)? + key.len();
+    let end = start + stats[start..].find(']')?;
+    Some(
+        stats[start..end]
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse().unwrap())
+            .collect(),
+    )
+}
+
+/// Every `"KEY":N` in `/stats` JSON, in order (per-core fields appear once
+/// per core).
+pub fn json_numbers(stats: &str, key: &str) -> Vec<u64> {
+    let pat = format!("\"{key}\":");
+    stats
+        .match_indices(&pat)
+        .filter_map(|(i, _)| {
+            let rest = &stats[i + pat.len()..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            rest[..end].parse().ok()
+        })
+        .collect()
+}
+
+/// A tiny keep-alive HTTP/1.1 backend on 127.0.0.1 that answers every
+/// request with `backend=TAG\n` followed by the request head it received,
+/// so a test can tell which backend served a request. Request bodies
+/// (Content-Length only) are read and dropped. Threads end with their
+/// connections; the accept thread lives as long as the test process.
+pub fn tag_backend(tag: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let tag = tag.to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let tag = tag.clone();
+            std::thread::spawn(move || {
+                let _ = c.set_nodelay(true);
+                let mut buf = Vec::new();
+                let mut tmp = [0u8; 16384];
+                loop {
+                    let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match c.read(&mut tmp) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..p + 4]).into_owned();
+                    let cl: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.trim()
+                                .eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < p + 4 + cl {
+                        match c.read(&mut tmp) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                        }
+                    }
+                    buf.drain(..p + 4 + cl);
+                    let body = format!("backend={tag}\n{head}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if c.write_all(resp.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}

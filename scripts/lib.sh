@@ -1,0 +1,334 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh and perf/*.sh. Source it, do not run it.
+#
+# What it gives:
+#   rt_init NAME          strict mode, temp dir, EXIT/INT/TERM trap, fd limit
+#   rt_bin                sets RT_BIN (builds the release binary if missing)
+#                         and RT_BENCH (the bench command prefix)
+#   rt_start NAME CMD..   starts CMD in the background, logs in the temp dir,
+#                         remembers its PID (RT_LAST_PID) for cleanup
+#   rt_wait_ready NAME PREFIX [SECS]
+#                         polls NAME's stdout for a line starting with PREFIX,
+#                         sets RT_READY to it; fails if NAME dies or times out
+#   rt_field LINE KEY     prints VALUE of "KEY=VALUE" in LINE
+#   rt_echo / rt_gateway / rt_agent
+#                         start one role and wait for its ready line
+#   rt_run_bounded SECS OUT CMD..
+#                         runs CMD (stdout to OUT) under `timeout`, tracked,
+#                         so a signal to the script still ends it
+#   rt_get ADDR PATH      HTTP GET from an admin endpoint
+#   rt_metric_sum ADDR NAME   sum of a Prometheus metric over its labels
+#   rt_cpu_ticks PID      utime+stime of PID in clock ticks
+#   rt_machine_facts      nproc, kernel, CPU, date, rustc, git revision
+#   rt_secs DURATION      "500ms" / "10s" / "2m" / "7" -> whole seconds (ceil)
+#
+# Processes are only ever ended by the PIDs this file recorded when it
+# started them: never by name.
+#
+# Environment:
+#   RINGTUNNEL_BIN   use this binary instead of target/release/ringtunnel
+#   RT_BUILD=1       run `cargo build --release` even if the binary exists
+#   RT_KEEP_TMP=1    keep the temp dir with every role's stdout/stderr
+#   RUST_LOG         log filter for the roles (default: info; bench: warn)
+
+RT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RT_PIDS=()
+RT_TMP=""
+RT_NAME="rt"
+RT_BIN=""
+RT_BENCH=()
+RT_READY=""
+RT_LAST_PID=""
+
+rt_log() { printf '[%s] %s\n' "$RT_NAME" "$*" >&2; }
+rt_die() {
+  rt_log "error: $*"
+  exit 1
+}
+
+rt_init() {
+  RT_NAME=$1
+  set -euo pipefail
+  RT_TMP=$(mktemp -d "${TMPDIR:-/tmp}/ringtunnel-${RT_NAME}.XXXXXX")
+  trap rt_cleanup EXIT
+  trap 'rt_log "interrupted"; exit 130' INT
+  trap 'rt_log "terminated"; exit 143' TERM
+  # c=1000 with --compare needs ~4k descriptors in the backend alone.
+  local soft hard
+  soft=$(ulimit -Sn)
+  hard=$(ulimit -Hn)
+  if [[ $soft != unlimited && $soft -lt 16384 ]]; then
+    if [[ $hard == unlimited || $hard -ge 16384 ]]; then
+      ulimit -Sn 16384
+    else
+      ulimit -Sn "$hard"
+      rt_log "warning: open files limited to $hard; c=1000 runs may fail to connect"
+    fi
+  fi
+}
+
+# Ends every process we started, newest first: SIGTERM, up to 5 s grace,
+# then SIGKILL for whatever is left. Only PIDs in RT_PIDS.
+rt_cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local i pid alive
+  for ((i = ${#RT_PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${RT_PIDS[i]}
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for _ in $(seq 1 50); do
+    alive=0
+    for pid in "${RT_PIDS[@]}"; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${RT_PIDS[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then
+      rt_log "pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -n $RT_TMP && -d $RT_TMP ]]; then
+    if [[ ${RT_KEEP_TMP:-0} == 1 || $rc -ne 0 ]]; then
+      rt_log "role logs kept in $RT_TMP"
+    else
+      rm -rf "$RT_TMP"
+    fi
+  fi
+  exit "$rc"
+}
+
+rt_bin() {
+  if [[ -n ${RINGTUNNEL_BIN:-} ]]; then
+    [[ -x $RINGTUNNEL_BIN ]] || rt_die "RINGTUNNEL_BIN=$RINGTUNNEL_BIN is not executable"
+    RT_BIN=$RINGTUNNEL_BIN
+    rt_set_bench
+    return
+  fi
+  local target=${CARGO_TARGET_DIR:-$RT_ROOT/target}
+  RT_BIN=$target/release/ringtunnel
+  if [[ ! -x $RT_BIN || ${RT_BUILD:-0} == 1 ]]; then
+    rt_log "building the release binary (cargo build --release)"
+    (cd "$RT_ROOT" && cargo build --release --bin ringtunnel) >&2 ||
+      rt_die "cargo build --release failed"
+  fi
+  rt_set_bench
+}
+
+# RT_BENCH: the bench command prefix; its log is quiet by default so the
+# tables stay readable (RT_BENCH_LOG overrides).
+rt_set_bench() {
+  RT_BENCH=(env "RUST_LOG=${RT_BENCH_LOG:-warn}" "$RT_BIN" bench)
+}
+
+rt_start() {
+  local name=$1
+  shift
+  "$@" >"$RT_TMP/$name.out" 2>"$RT_TMP/$name.err" &
+  RT_LAST_PID=$!
+  RT_PIDS+=("$RT_LAST_PID")
+}
+
+rt_show_log() {
+  local name=$1
+  rt_log "--- last lines of $name stderr ---"
+  tail -n 20 "$RT_TMP/$name.err" >&2 2>/dev/null || true
+}
+
+rt_wait_ready() {
+  local name=$1 prefix=$2 secs=${3:-20}
+  local pid=$RT_LAST_PID
+  local deadline=$((SECONDS + secs))
+  RT_READY=""
+  while ((SECONDS < deadline)); do
+    RT_READY=$(grep -m1 "^$prefix" "$RT_TMP/$name.out" 2>/dev/null || true)
+    if [[ -n $RT_READY ]]; then return 0; fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      rt_show_log "$name"
+      rt_die "$name (pid $pid) exited before printing '$prefix'"
+    fi
+    sleep 0.05
+  done
+  rt_show_log "$name"
+  rt_die "$name (pid $pid) printed no '$prefix' line within ${secs}s"
+}
+
+rt_field() {
+  local line=$1 key=$2 word
+  for word in $line; do
+    if [[ $word == "$key="* ]]; then
+      printf '%s\n' "${word#"$key="}"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# rt_echo NAME DELAY_MS [extra echo flags..] -> RT_ECHO_ADDR, RT_ECHO_PID
+rt_echo() {
+  local name=$1 delay=$2
+  shift 2
+  rt_start "$name" env RUST_LOG="${RUST_LOG:-info}" "$RT_BIN" echo \
+    --listen 127.0.0.1:0 --delay-ms "$delay" "$@"
+  RT_ECHO_PID=$RT_LAST_PID
+  rt_wait_ready "$name" "ringtunnel echo ready"
+  RT_ECHO_ADDR=$(rt_field "$RT_READY" listen)
+}
+
+# rt_gateway NAME [extra gateway flags..] -> RT_GW_PUBLIC, RT_GW_TUNNEL,
+# RT_GW_ADMIN, RT_GW_PID
+rt_gateway() {
+  local name=$1
+  shift
+  rt_start "$name" env RUST_LOG="${RUST_LOG:-info}" "$RT_BIN" gateway \
+    --listen 127.0.0.1:0 --tunnel-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 "$@"
+  RT_GW_PID=$RT_LAST_PID
+  rt_wait_ready "$name" "ringtunnel gateway ready"
+  RT_GW_PUBLIC=$(rt_field "$RT_READY" public)
+  RT_GW_TUNNEL=$(rt_field "$RT_READY" tunnel)
+  RT_GW_ADMIN=$(rt_field "$RT_READY" admin)
+}
+
+# rt_agent NAME TUNNEL SESSION BACKEND [extra agent flags..] -> RT_AGENT_PID
+rt_agent() {
+  local name=$1 tunnel=$2 session=$3 backend=$4
+  shift 4
+  rt_start "$name" env RUST_LOG="${RUST_LOG:-info}" "$RT_BIN" agent \
+    --gateway "$tunnel" --session "$session" --to "$backend" "$@"
+  RT_AGENT_PID=$RT_LAST_PID
+  rt_wait_ready "$name" "ringtunnel agent ready"
+}
+
+# Runs a command with a hard time bound. Its stdout goes to OUT (and is
+# printed afterwards), stderr passes through. Returns the command's status
+# (124 on timeout).
+rt_run_bounded() {
+  local secs=$1 out=$2
+  shift 2
+  timeout --kill-after=5 "$secs" "$@" >"$out" &
+  local pid=$!
+  RT_PIDS+=("$pid")
+  local rc=0
+  wait "$pid" || rc=$?
+  if ((rc == 124)); then rt_log "command timed out after ${secs}s: $*"; fi
+  return "$rc"
+}
+
+
+rt_get() {
+  local addr=$1 path=$2
+  curl -fsS --max-time 5 "http://$addr$path"
+}
+
+rt_metric_sum() {
+  local addr=$1 name=$2
+  rt_get "$addr" /metrics | awk -v n="$name" '
+    $1 == n || index($1, n "{") == 1 { s += $NF }
+    END { printf "%.0f\n", s }'
+}
+
+# utime + stime (fields 14 and 15 of /proc/PID/stat, counted after the
+# command name, which may contain spaces).
+rt_cpu_ticks() {
+  local pid=$1 stat rest
+  local -a f
+  stat=$(<"/proc/$pid/stat")
+  rest=${stat##*) }
+  # rest starts at field 3 (state): utime is field 14 -> index 11.
+  read -r -a f <<<"$rest"
+  echo $((f[11] + f[12]))
+}
+
+rt_clk_tck() { getconf CLK_TCK; }
+
+rt_secs() {
+  local d=$1
+  case $d in
+    *ms) echo $(((${d%ms} + 999) / 1000)) ;;
+    *s) echo "${d%s}" ;;
+    *m) echo $((${d%m} * 60)) ;;
+    *h) echo $((${d%h} * 3600)) ;;
+    *) echo "$d" ;;
+  esac
+}
+
+# Text with the repo root removed from paths, for files that get shared.
+rt_rel() {
+  local t=$1
+  printf '%s\n' "${t//"$RT_ROOT/"/}"
+}
+
+# Number of comma-separated items.
+rt_count_list() {
+  local IFS=,
+  # shellcheck disable=SC2206
+  local a=($1)
+  echo "${#a[@]}"
+}
+
+rt_machine_facts() {
+  local cpu
+  cpu=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo 2>/dev/null || true)
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "- nproc: $(nproc)"
+  echo "- cpu: ${cpu:-unknown}"
+  echo "- kernel: $(uname -sr)"
+  echo "- memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  echo "- rustc: $(rustc --version 2>/dev/null || echo unknown)"
+  echo "- ringtunnel: $(cd "$RT_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$RT_ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ uncommitted changes in src/)')"
+}
+
+# Frames per writev per gateway core, from /stats.
+rt_fpw_summary() {
+  local addr=$1 json
+  json=$(rt_get "$addr" /stats) || return 1
+  if command -v jq >/dev/null; then
+    jq -r '.cores[] | "core \(.core): frames/writev mean \(.frames_per_writev.mean) p50 \(.frames_per_writev.p50) p99 \(.frames_per_writev.p99) max \(.frames_per_writev.max) (writevs \(.frames_per_writev.count), KiB/writev mean \(.kib_per_writev.mean))"' <<<"$json"
+  elif command -v python3 >/dev/null; then
+    python3 -c '
+import json, sys
+for c in json.load(sys.stdin)["cores"]:
+    f = c["frames_per_writev"]
+    print("core %s: frames/writev mean %s p50 %s p99 %s max %s (writevs %s)" % (c["core"], f["mean"], f["p50"], f["p99"], f["max"], f["count"]))
+' <<<"$json"
+  else
+    printf '%s\n' "$json"
+  fi
+}
+
+# Rows of a bench --json file as tab-separated fields:
+#   label requests rps p50 p90 p99 p99.9 max errors_total
+# SECTION is "rows" (the URL) or "compare" (the --compare URL).
+rt_json_rows() {
+  local file=$1 section=${2:-rows}
+  if command -v jq >/dev/null; then
+    jq -r --arg s "$section" '(.[$s] // [])[] | [.label, .requests, .rps,
+      .latency_ms.p50, .latency_ms.p90, .latency_ms.p99, .latency_ms.p99_9,
+      .latency_ms.max, .errors.total] | @tsv' "$file"
+  elif command -v python3 >/dev/null; then
+    python3 - "$file" "$section" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d.get(sys.argv[2]) or []:
+    l = r["latency_ms"]
+    print("\t".join(str(x) for x in [r["label"], r["requests"], r["rps"], l["p50"],
+        l["p90"], l["p99"], l["p99_9"], l["max"], r["errors"]["total"]]))
+PY
+  else
+    rt_die "need jq or python3 to read $file"
+  fi
+}
+
+# Sum of errors.total over all rows (both sections).
+rt_json_errors() {
+  { rt_json_rows "$1" rows; rt_json_rows "$1" compare; } | awk -F'\t' '{ s += $9 } END { print s + 0 }'
+}
+
+# "--flag value" parsing helper: fails clearly when the value is missing.
+rt_need_arg() {
+  [[ $# -ge 2 && -n $2 ]] || rt_die "$1 needs a value (see --help)"
+}

@@ -1,0 +1,274 @@
+//! Faults and limits: agents dying mid-stream, slow readers, malformed
+//! frames, graceful shutdown. Real processes on 127.0.0.1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::*;
+use ringtunnel::proto::{self, Decoder, ErrorCode, Frame, FrameType, Hello};
+
+both_drivers!(agent_killed_mid_stream_other_sessions_unaffected, |d| {
+    let echo = echo(d, 0);
+    let gw = gateway(d, &[]);
+    let mut a = agent(d, &gw, "alpha", echo.addr("listen"), &[]);
+    let _b = agent(d, &gw, "beta", echo.addr("listen"), &[]);
+    let p = gw.addr("public");
+    wait_routable(p, "alpha");
+    wait_routable(p, "beta");
+    // A large download through alpha, read slowly so it is in flight.
+    let mut c = connect(p);
+    c.write_all(b"GET /bytes/209715200 HTTP/1.1\r\nHost: alpha\r\n\r\n").unwrap();
+    let mut first = vec![0u8; 65536];
+    let n = c.read(&mut first).unwrap();
+    assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"));
+    a.kill();
+    // Headers were already sent: the only honest signal is a close
+    // before the promised length.
+    let mut total = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    loop {
+        match c.read(&mut tmp) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+    assert!(total < 209_715_200, "download should be cut short, got {total}");
+    // beta keeps working, alpha answers 502 naming the host.
+    for _ in 0..20 {
+        let r = request(p, "GET /headers HTTP/1.1\r\nHost: beta\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+    let t = Instant::now();
+    loop {
+        let r = request(p, "GET / HTTP/1.1\r\nHost: alpha\r\n\r\n");
+        if r.status == 502 {
+            assert!(r.text().contains("alpha"), "{}", r.text());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "alpha still answers {}", r.status);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+});
+
+both_drivers!(slow_reader_100mib_memory_bounded_other_streams_flow, |d| {
+    let echo = echo(d, 0);
+    // One core, one uplink: the slow stream and the others share it.
+    let gw = gateway(d, &["--cores", "1"]);
+    let ag = agent(d, &gw, "demo", echo.addr("listen"), &["--cores", "1", "--uplinks", "1"]);
+    let p = gw.addr("public");
+    wait_routable(p, "demo");
+    let rss0 = (gw.peak_rss_kib(), ag.peak_rss_kib());
+    let n: usize = 100 * 1024 * 1024;
+    let mut c = connect(p);
+    // A small receive buffer makes the client a genuinely slow consumer.
+    c.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes()).unwrap();
+    let mut got = 0usize;
+    let mut tmp = vec![0u8; 1 << 20];
+    let mut head_skipped = false;
+    let mut sum: u64 = 0;
+    let mut read_some = |c: &mut std::net::TcpStream, limit: usize, got: &mut usize, sum: &mut u64, head_skipped: &mut bool| {
+        while *got < limit {
+            let k = c.read(&mut tmp).unwrap();
+            assert!(k > 0, "download ended early at {got}");
+            let mut data = &tmp[..k];
+            if !*head_skipped {
+                let p = data.windows(4).position(|w| w == b"\r\n\r\n").expect("head in first read") + 4;
+                data = &data[p..];
+                *head_skipped = true;
+            }
+            for (i, b) in data.iter().enumerate() {
+                let off = (*got + i) as u64;
+                if off % 4093 == 0 {
+                    assert_eq!(*b, ringtunnel::echo::pattern_byte(off), "byte {off}");
+                }
+            }
+            *sum += data.len() as u64;
+            *got += data.len();
+        }
+    };
+    read_some(&mut c, 4 << 20, &mut got, &mut sum, &mut head_skipped);
+    // Stall the reader. Everything upstream must stop at its window, and
+    // the shared uplink must keep serving other streams meanwhile.
+    let t = Instant::now();
+    for i in 0..20 {
+        let r = request(p, &format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-I: {i}\r\n\r\n"));
+        assert_eq!(r.status, 200);
+        let r = request(p, "GET /bytes/300000 HTTP/1.1\r\nHost: demo\r\n\r\n");
+        assert_eq!(r.body.len(), 300_000);
+    }
+    let side = t.elapsed();
+    std::thread::sleep(Duration::from_millis(1500));
+    let stalled = (gw.peak_rss_kib(), ag.peak_rss_kib());
+    read_some(&mut c, n, &mut got, &mut sum, &mut head_skipped);
+    assert_eq!(got, n);
+    let end = (gw.peak_rss_kib(), ag.peak_rss_kib());
+    eprintln!("peak RSS KiB gateway/agent: start {rss0:?}, stalled {stalled:?}, end {end:?}; side traffic took {side:?}");
+    // Bound: stream window (512 KiB) + uplink window (16 MiB) + buffers.
+    // Without flow control the stall alone would pull ~100 MiB in.
+    for (peak, base, who) in [(end.0, rss0.0, "gateway"), (end.1, rss0.1, "agent")] {
+        assert!(peak < base + 40 * 1024, "{who} peak RSS grew from {base} to {peak} KiB");
+    }
+    assert!(side < Duration::from_secs(10), "other streams were blocked behind the slow one: {side:?}");
+});
+
+fn hello(session: &str) -> Frame {
+    Frame::hello(&Hello {
+        version: proto::PROTOCOL_VERSION,
+        capabilities: 0,
+        agent_id: 7,
+        uplink_index: 0,
+        uplinks_total: 1,
+        token: String::new(),
+        session: session.into(),
+    })
+}
+
+fn read_frame(s: &mut std::net::TcpStream, buf: &mut BytesMut) -> Option<Frame> {
+    let mut dec = Decoder::new(proto::DEFAULT_MAX_FRAME);
+    loop {
+        if let Ok(Some(f)) = dec.decode(buf) {
+            return Some(f);
+        }
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+fn fake_uplink(tunnel: std::net::SocketAddr, session: &str) -> (std::net::TcpStream, BytesMut) {
+    let mut s = connect(tunnel);
+    let mut b = BytesMut::new();
+    proto::encode(&hello(session), &mut b);
+    s.write_all(&b).unwrap();
+    let mut buf = BytesMut::new();
+    let f = read_frame(&mut s, &mut buf).expect("ACCEPT");
+    assert_eq!(f.kind, FrameType::Accept);
+    (s, buf)
+}
+
+/// Waits until `host` is served by a (fake) agent: any answer but the
+/// gateway's own "no agent" 502.
+fn wait_routable_status(p: std::net::SocketAddr, host: &str) {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        let mut c = connect(p);
+        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        c.write_all(format!("GET /probe HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+        let mut tmp = [0u8; 512];
+        match c.read(&mut tmp) {
+            Ok(n) if n > 0 && String::from_utf8_lossy(&tmp[..n]).contains("no agent") => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // Timed out: the request reached the fake agent, which did not
+            // answer; the gateway routes it.
+            _ => return,
+        }
+    }
+    panic!("{host} never became routable");
+}
+
+/// After a GOAWAY (with `code`), the gateway closes the uplink.
+fn expect_goaway_then_close(s: &mut std::net::TcpStream, buf: &mut BytesMut, code: ErrorCode) {
+    loop {
+        let f = read_frame(s, buf).expect("GOAWAY before close");
+        if f.kind == FrameType::GoAway {
+            let (c, reason) = f.parse_goaway().unwrap();
+            assert_eq!(c, code, "reason: {reason}");
+            assert!(!reason.is_empty());
+            break;
+        }
+    }
+    assert!(read_frame(s, buf).is_none(), "uplink must be closed after GOAWAY");
+}
+
+both_drivers!(malformed_frames_close_only_that_uplink, |d| {
+    let s = Stack::start(d, 0);
+    let tunnel = s.gw.addr("tunnel");
+    let p = s.public();
+    // Unknown frame type.
+    let (mut up, mut buf) = fake_uplink(tunnel, "evil");
+    up.write_all(&[0, 0, 0, 0, 0x7f, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+    expect_goaway_then_close(&mut up, &mut buf, ErrorCode::ProtocolError);
+    // A frame announcing more than the maximum size.
+    let (mut up, mut buf) = fake_uplink(tunnel, "evil");
+    up.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x12, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+    expect_goaway_then_close(&mut up, &mut buf, ErrorCode::FrameTooLarge);
+    // DATA for a stream the gateway never opened.
+    let (mut up, mut buf) = fake_uplink(tunnel, "evil");
+    let mut b = BytesMut::new();
+    proto::encode(&Frame::data(99, bytes::Bytes::from_static(b"x")), &mut b);
+    up.write_all(&b).unwrap();
+    expect_goaway_then_close(&mut up, &mut buf, ErrorCode::ProtocolError);
+    // DATA beyond the granted credit: a public client that does not read
+    // its response cannot have granted 32 MiB.
+    let (mut up, mut buf) = fake_uplink(tunnel, "evil");
+    wait_routable_status(p, "evil");
+    let mut client = connect(p);
+    client.write_all(b"GET /big HTTP/1.1\r\nHost: evil\r\n\r\n").unwrap();
+    let open = loop {
+        let f = read_frame(&mut up, &mut buf).expect("OPEN");
+        if f.kind == FrameType::Open && f.payload.starts_with(b"GET /big ") {
+            break f;
+        }
+    };
+    let mut b = BytesMut::new();
+    proto::encode(&Frame::response(open.stream, bytes::Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 33554432\r\n\r\n")), &mut b);
+    for _ in 0..128 {
+        proto::encode(&Frame::data(open.stream, bytes::Bytes::from(vec![0u8; 256 * 1024])), &mut b);
+    }
+    let w = {
+        let mut up2 = up.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = up2.write_all(&b);
+        })
+    };
+    expect_goaway_then_close(&mut up, &mut buf, ErrorCode::FlowControlError);
+    w.join().unwrap();
+    drop(client);
+    // The real session never noticed.
+    for _ in 0..20 {
+        let r = request(p, "GET / HTTP/1.1\r\nHost: demo\r\n\r\n");
+        assert_eq!(r.status, 200);
+    }
+    let m = metrics(s.admin());
+    assert!(metric_sum(&m, "ringtunnel_errors_total", "kind=\"protocol\"") >= 3, "{m}");
+});
+
+#[test]
+fn bad_token_and_bad_hello_are_refused() {
+    let gw = gateway("uring", &["--token", "secret"]);
+    let tunnel = gw.addr("tunnel");
+    let mut s = connect(tunnel);
+    let mut b = BytesMut::new();
+    proto::encode(&hello("app"), &mut b);
+    s.write_all(&b).unwrap();
+    let mut buf = BytesMut::new();
+    let f = read_frame(&mut s, &mut buf).expect("REFUSE");
+    assert_eq!(f.kind, FrameType::Refuse);
+    let (code, reason) = f.parse_refuse().unwrap();
+    assert_eq!(code, ErrorCode::AuthFailed, "{reason}");
+    // Garbage instead of a HELLO: the gateway just drops it.
+    let mut s = connect(tunnel);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut buf = BytesMut::new();
+    assert!(read_frame(&mut s, &mut buf).map(|f| f.kind != FrameType::Accept).unwrap_or(true));
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests() {
+    let s = Stack::start("uring", 0);
+    let p = s.public();
+    let t = std::thread::spawn(move || request(p, "GET /delay/800 HTTP/1.1\r\nHost: demo\r\n\r\n"));
+    std::thread::sleep(Duration::from_millis(200));
+    let Stack { echo: _e, mut gw, agent: _a } = s;
+    assert!(gw.terminate(Duration::from_secs(15)), "gateway did not exit after SIGTERM");
+    let r = t.join().unwrap();
+    assert_eq!(r.status, 200, "in-flight request must complete during shutdown");
+    assert!(std::net::TcpStream::connect(p).is_err(), "public listener must be closed");
+}

@@ -216,6 +216,10 @@ fn run(cli: Cli) -> Result<(), String> {
             let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
             let mut announced = false;
             while !ringtunnel::signals::terminated() {
+                if let Some(e) = agent.fatal_error() {
+                    agent.stop();
+                    return Err(format!("gateway refused this agent: {e}"));
+                }
                 let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
                 if !announced && total > 0 && up >= total {
                     // Scripts and tests wait for this line.
@@ -245,14 +249,21 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Servers log their start-up (driver, pinned core) by default; the
+    // one-shot tools print tables and stay quiet unless RUST_LOG asks.
+    let default_level = match cli.cmd {
+        Cmd::Bench(_) | Cmd::Demo(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringtunnel: {e}");

@@ -20,7 +20,8 @@ both_drivers!(agent_killed_mid_stream_other_sessions_unaffected, |d| {
     wait_routable(p, "beta");
     // A large download through alpha, read slowly so it is in flight.
     let mut c = connect(p);
-    c.write_all(b"GET /bytes/209715200 HTTP/1.1\r\nHost: alpha\r\n\r\n").unwrap();
+    c.write_all(b"GET /bytes/209715200 HTTP/1.1\r\nHost: alpha\r\n\r\n")
+        .unwrap();
     let mut first = vec![0u8; 65536];
     let n = c.read(&mut first).unwrap();
     assert!(n > 0 && first.starts_with(b"HTTP/1.1 200"));
@@ -35,7 +36,10 @@ both_drivers!(agent_killed_mid_stream_other_sessions_unaffected, |d| {
             Ok(n) => total += n,
         }
     }
-    assert!(total < 209_715_200, "download should be cut short, got {total}");
+    assert!(
+        total < 209_715_200,
+        "download should be cut short, got {total}"
+    );
     // beta keeps working, alpha answers 502 naming the host.
     for _ in 0..20 {
         let r = request(p, "GET /headers HTTP/1.1\r\nHost: beta\r\n\r\n");
@@ -48,7 +52,11 @@ both_drivers!(agent_killed_mid_stream_other_sessions_unaffected, |d| {
             assert!(r.text().contains("alpha"), "{}", r.text());
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "alpha still answers {}", r.status);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "alpha still answers {}",
+            r.status
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 });
@@ -57,25 +65,40 @@ both_drivers!(slow_reader_100mib_memory_bounded_other_streams_flow, |d| {
     let echo = echo(d, 0);
     // One core, one uplink: the slow stream and the others share it.
     let gw = gateway(d, &["--cores", "1"]);
-    let ag = agent(d, &gw, "demo", echo.addr("listen"), &["--cores", "1", "--uplinks", "1"]);
+    let ag = agent(
+        d,
+        &gw,
+        "demo",
+        echo.addr("listen"),
+        &["--cores", "1", "--uplinks", "1"],
+    );
     let p = gw.addr("public");
     wait_routable(p, "demo");
     let rss0 = (gw.peak_rss_kib(), ag.peak_rss_kib());
     let n: usize = 100 * 1024 * 1024;
     let mut c = connect(p);
     // A small receive buffer makes the client a genuinely slow consumer.
-    c.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes()).unwrap();
+    c.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nHost: demo\r\n\r\n").as_bytes())
+        .unwrap();
     let mut got = 0usize;
     let mut tmp = vec![0u8; 1 << 20];
     let mut head_skipped = false;
     let mut sum: u64 = 0;
-    let mut read_some = |c: &mut std::net::TcpStream, limit: usize, got: &mut usize, sum: &mut u64, head_skipped: &mut bool| {
+    let mut read_some = |c: &mut std::net::TcpStream,
+                         limit: usize,
+                         got: &mut usize,
+                         sum: &mut u64,
+                         head_skipped: &mut bool| {
         while *got < limit {
             let k = c.read(&mut tmp).unwrap();
             assert!(k > 0, "download ended early at {got}");
             let mut data = &tmp[..k];
             if !*head_skipped {
-                let p = data.windows(4).position(|w| w == b"\r\n\r\n").expect("head in first read") + 4;
+                let p = data
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .expect("head in first read")
+                    + 4;
                 data = &data[p..];
                 *head_skipped = true;
             }
@@ -94,7 +117,10 @@ both_drivers!(slow_reader_100mib_memory_bounded_other_streams_flow, |d| {
     // the shared uplink must keep serving other streams meanwhile.
     let t = Instant::now();
     for i in 0..20 {
-        let r = request(p, &format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-I: {i}\r\n\r\n"));
+        let r = request(
+            p,
+            &format!("GET /headers HTTP/1.1\r\nHost: demo\r\nX-I: {i}\r\n\r\n"),
+        );
         assert_eq!(r.status, 200);
         let r = request(p, "GET /bytes/300000 HTTP/1.1\r\nHost: demo\r\n\r\n");
         assert_eq!(r.body.len(), 300_000);
@@ -109,9 +135,15 @@ both_drivers!(slow_reader_100mib_memory_bounded_other_streams_flow, |d| {
     // Bound: stream window (512 KiB) + uplink window (16 MiB) + buffers.
     // Without flow control the stall alone would pull ~100 MiB in.
     for (peak, base, who) in [(end.0, rss0.0, "gateway"), (end.1, rss0.1, "agent")] {
-        assert!(peak < base + 40 * 1024, "{who} peak RSS grew from {base} to {peak} KiB");
+        assert!(
+            peak < base + 40 * 1024,
+            "{who} peak RSS grew from {base} to {peak} KiB"
+        );
     }
-    assert!(side < Duration::from_secs(10), "other streams were blocked behind the slow one: {side:?}");
+    assert!(
+        side < Duration::from_secs(10),
+        "other streams were blocked behind the slow one: {side:?}"
+    );
 });
 
 fn hello(session: &str) -> Frame {
@@ -158,8 +190,10 @@ fn wait_routable_status(p: std::net::SocketAddr, host: &str) {
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
         let mut c = connect(p);
-        c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
-        c.write_all(format!("GET /probe HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        c.write_all(format!("GET /probe HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .unwrap();
         let mut tmp = [0u8; 512];
         match c.read(&mut tmp) {
             Ok(n) if n > 0 && String::from_utf8_lossy(&tmp[..n]).contains("no agent") => {
@@ -184,7 +218,10 @@ fn expect_goaway_then_close(s: &mut std::net::TcpStream, buf: &mut BytesMut, cod
             break;
         }
     }
-    assert!(read_frame(s, buf).is_none(), "uplink must be closed after GOAWAY");
+    assert!(
+        read_frame(s, buf).is_none(),
+        "uplink must be closed after GOAWAY"
+    );
 }
 
 both_drivers!(malformed_frames_close_only_that_uplink, |d| {
@@ -193,11 +230,13 @@ both_drivers!(malformed_frames_close_only_that_uplink, |d| {
     let p = s.public();
     // Unknown frame type.
     let (mut up, mut buf) = fake_uplink(tunnel, "evil");
-    up.write_all(&[0, 0, 0, 0, 0x7f, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+    up.write_all(&[0, 0, 0, 0, 0x7f, 0, 0, 0, 0, 0, 0, 1])
+        .unwrap();
     expect_goaway_then_close(&mut up, &mut buf, ErrorCode::ProtocolError);
     // A frame announcing more than the maximum size.
     let (mut up, mut buf) = fake_uplink(tunnel, "evil");
-    up.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x12, 0, 0, 0, 0, 0, 0, 1]).unwrap();
+    up.write_all(&[0x7f, 0xff, 0xff, 0xff, 0x12, 0, 0, 0, 0, 0, 0, 1])
+        .unwrap();
     expect_goaway_then_close(&mut up, &mut buf, ErrorCode::FrameTooLarge);
     // DATA for a stream the gateway never opened.
     let (mut up, mut buf) = fake_uplink(tunnel, "evil");
@@ -210,7 +249,9 @@ both_drivers!(malformed_frames_close_only_that_uplink, |d| {
     let (mut up, mut buf) = fake_uplink(tunnel, "evil");
     wait_routable_status(p, "evil");
     let mut client = connect(p);
-    client.write_all(b"GET /big HTTP/1.1\r\nHost: evil\r\n\r\n").unwrap();
+    client
+        .write_all(b"GET /big HTTP/1.1\r\nHost: evil\r\n\r\n")
+        .unwrap();
     let open = loop {
         let f = read_frame(&mut up, &mut buf).expect("OPEN");
         if f.kind == FrameType::Open && f.payload.starts_with(b"GET /big ") {
@@ -218,9 +259,18 @@ both_drivers!(malformed_frames_close_only_that_uplink, |d| {
         }
     };
     let mut b = BytesMut::new();
-    proto::encode(&Frame::response(open.stream, bytes::Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 33554432\r\n\r\n")), &mut b);
+    proto::encode(
+        &Frame::response(
+            open.stream,
+            bytes::Bytes::from_static(b"HTTP/1.1 200 OK\r\nContent-Length: 33554432\r\n\r\n"),
+        ),
+        &mut b,
+    );
     for _ in 0..128 {
-        proto::encode(&Frame::data(open.stream, bytes::Bytes::from(vec![0u8; 256 * 1024])), &mut b);
+        proto::encode(
+            &Frame::data(open.stream, bytes::Bytes::from(vec![0u8; 256 * 1024])),
+            &mut b,
+        );
     }
     let w = {
         let mut up2 = up.try_clone().unwrap();
@@ -237,7 +287,10 @@ both_drivers!(malformed_frames_close_only_that_uplink, |d| {
         assert_eq!(r.status, 200);
     }
     let m = metrics(s.admin());
-    assert!(metric_sum(&m, "ringtunnel_errors_total", "kind=\"protocol\"") >= 3, "{m}");
+    assert!(
+        metric_sum(&m, "ringtunnel_errors_total", "kind=\"protocol\"") >= 3,
+        "{m}"
+    );
 });
 
 #[test]
@@ -257,7 +310,9 @@ fn bad_token_and_bad_hello_are_refused() {
     let mut s = connect(tunnel);
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     let mut buf = BytesMut::new();
-    assert!(read_frame(&mut s, &mut buf).map(|f| f.kind != FrameType::Accept).unwrap_or(true));
+    assert!(read_frame(&mut s, &mut buf)
+        .map(|f| f.kind != FrameType::Accept)
+        .unwrap_or(true));
 }
 
 #[test]
@@ -266,9 +321,22 @@ fn sigterm_finishes_in_flight_requests() {
     let p = s.public();
     let t = std::thread::spawn(move || request(p, "GET /delay/800 HTTP/1.1\r\nHost: demo\r\n\r\n"));
     std::thread::sleep(Duration::from_millis(200));
-    let Stack { echo: _e, mut gw, agent: _a } = s;
-    assert!(gw.terminate(Duration::from_secs(15)), "gateway did not exit after SIGTERM");
+    let Stack {
+        echo: _e,
+        mut gw,
+        agent: _a,
+    } = s;
+    assert!(
+        gw.terminate(Duration::from_secs(15)),
+        "gateway did not exit after SIGTERM"
+    );
     let r = t.join().unwrap();
-    assert_eq!(r.status, 200, "in-flight request must complete during shutdown");
-    assert!(std::net::TcpStream::connect(p).is_err(), "public listener must be closed");
+    assert_eq!(
+        r.status, 200,
+        "in-flight request must complete during shutdown"
+    );
+    assert!(
+        std::net::TcpStream::connect(p).is_err(),
+        "public listener must be closed"
+    );
 }

@@ -124,9 +124,10 @@ fn uplinks_spread_over_both_cores(d: &str) {
     wait_routable(gw.addr("public"), "four");
 }
 
-both_drivers!(uplinks_spread_over_both_cores, |d| {
-    super::uplinks_spread_over_both_cores(d)
-});
+both_drivers!(
+    uplinks_spread_over_both_cores,
+    super::uplinks_spread_over_both_cores
+);
 
 // ---------------------------------------------------------------------
 // 2. Requests accepted on either core, no handoff with K >= cores
@@ -163,9 +164,10 @@ fn requests_on_either_core_with_few_handoffs(d: &str) {
     );
 }
 
-both_drivers!(requests_on_either_core_with_few_handoffs, |d| {
-    super::requests_on_either_core_with_few_handoffs(d)
-});
+both_drivers!(
+    requests_on_either_core_with_few_handoffs,
+    super::requests_on_either_core_with_few_handoffs
+);
 
 // ---------------------------------------------------------------------
 // 3. Handoff path
@@ -222,11 +224,57 @@ fn handoff_with_one_uplink(d: &str) {
     // Every request is counted once, on the core that served it.
     let reqs: u64 = (0..2).map(|i| after[i].0 - before[i].0).sum();
     assert_eq!(reqs, n as u64);
+
+    // Pipelined requests and a body larger than the first read: what was
+    // read before the move and what is still in the socket both arrive,
+    // in order. Fresh connections, so about half of them are handed off.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let bytes_sum = checksum(&pattern(70_000));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let big = big.clone();
+            std::thread::spawn(move || {
+                let mut c = connect(public);
+                let mut batch = format!(
+                    "GET /headers HTTP/1.1\r\nHost: solo\r\nX-Seq: {t}\r\n\r\n\
+                     POST /echo HTTP/1.1\r\nHost: solo\r\nContent-Length: {}\r\n\r\n",
+                    big.len()
+                )
+                .into_bytes();
+                batch.extend_from_slice(&big);
+                batch.extend_from_slice(b"GET /bytes/70000 HTTP/1.1\r\nHost: solo\r\n\r\n");
+                let mut w = c.try_clone().unwrap();
+                let writer = std::thread::spawn(move || w.write_all(&batch).unwrap());
+                let mut buf = Vec::new();
+                let r = read_response(&mut c, &mut buf, false).expect("first answer");
+                assert!(r.text().contains(&format!("X-Seq: {t}\n")), "{}", r.text());
+                let r = read_response(&mut c, &mut buf, false).expect("second answer");
+                assert_eq!((r.status, checksum(&r.body)), (200, checksum(&big)));
+                let r = read_response(&mut c, &mut buf, false).expect("third answer");
+                assert_eq!((r.status, checksum(&r.body)), (200, bytes_sum));
+                writer.join().unwrap();
+                // Expect: 100-continue: the 100 comes from whichever core
+                // ends up serving the connection.
+                let mut c = connect(public);
+                c.write_all(
+                    b"POST /echo HTTP/1.1\r\nHost: solo\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+                )
+                .unwrap();
+                let mut buf = Vec::new();
+                let r = read_response(&mut c, &mut buf, false).expect("100");
+                assert_eq!(r.status, 100);
+                c.write_all(b"hello").unwrap();
+                let r = read_response(&mut c, &mut buf, false).expect("200");
+                assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
 }
 
-both_drivers!(handoff_with_one_uplink, |d| super::handoff_with_one_uplink(
-    d
-));
+both_drivers!(handoff_with_one_uplink, super::handoff_with_one_uplink);
 
 /// One keep-alive connection alternating between two sessions, each with
 /// a single uplink; the sessions are placed on different cores, so the
@@ -270,7 +318,8 @@ fn keep_alive_connection_alternating_sessions_on_different_cores(d: &str) {
         assert_eq!(
             r.status,
             200,
-            "request {i} (Host {host}) on one keep-alive connection: {}",
+            "request {i} (Host {host}) on one keep-alive connection alternating between \
+             sessions held by different cores (a {pa:?}, b the other): {}",
             r.text()
         );
         let t = r.text();
@@ -282,7 +331,7 @@ fn keep_alive_connection_alternating_sessions_on_different_cores(d: &str) {
 
 both_drivers!(
     keep_alive_connection_alternating_sessions_on_different_cores,
-    |d| super::keep_alive_connection_alternating_sessions_on_different_cores(d)
+    super::keep_alive_connection_alternating_sessions_on_different_cores
 );
 
 // ---------------------------------------------------------------------
@@ -508,9 +557,10 @@ fn losing_one_of_two_uplinks_fails_only_its_streams(d: &str) {
     drop(up1);
 }
 
-both_drivers!(losing_one_of_two_uplinks_fails_only_its_streams, |d| {
-    super::losing_one_of_two_uplinks_fails_only_its_streams(d)
-});
+both_drivers!(
+    losing_one_of_two_uplinks_fails_only_its_streams,
+    super::losing_one_of_two_uplinks_fails_only_its_streams
+);
 
 // ---------------------------------------------------------------------
 // 5. Many sessions, mixed traffic
@@ -606,9 +656,10 @@ fn twenty_sessions_two_uplinks_each_mixed_traffic(d: &str) {
     drop(agents);
 }
 
-both_drivers!(twenty_sessions_two_uplinks_each_mixed_traffic, |d| {
-    super::twenty_sessions_two_uplinks_each_mixed_traffic(d)
-});
+both_drivers!(
+    twenty_sessions_two_uplinks_each_mixed_traffic,
+    super::twenty_sessions_two_uplinks_each_mixed_traffic
+);
 
 // ---------------------------------------------------------------------
 // 6. Claims: same name with another token, wrong gateway token
@@ -694,9 +745,10 @@ fn same_name_with_another_token_is_refused(d: &str) {
     wait_routable(gw2.addr("public"), "locked");
 }
 
-both_drivers!(same_name_with_another_token_is_refused, |d| {
-    super::same_name_with_another_token_is_refused(d)
-});
+both_drivers!(
+    same_name_with_another_token_is_refused,
+    super::same_name_with_another_token_is_refused
+);
 
 // ---------------------------------------------------------------------
 // 7. A session is released when its last agent goes
@@ -749,6 +801,7 @@ fn session_released_when_its_agent_dies(d: &str) {
     );
 }
 
-both_drivers!(session_released_when_its_agent_dies, |d| {
-    super::session_released_when_its_agent_dies(d)
-});
+both_drivers!(
+    session_released_when_its_agent_dies,
+    super::session_released_when_its_agent_dies
+);

@@ -33,6 +33,8 @@ pub(crate) struct AgentShared {
     stats: Vec<Arc<CoreStats>>,
     stop: AtomicBool,
     connected: AtomicUsize,
+    /// Set when the gateway refused us for a reason retrying cannot fix.
+    fatal: std::sync::Mutex<Option<String>>,
 }
 
 impl crate::admin::StatsSource for AgentShared {
@@ -72,6 +74,11 @@ impl Agent {
     /// Uplinks currently accepted by the gateway.
     pub fn connected_uplinks(&self) -> usize {
         self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Why the agent gave up (bad token, bad session name, version), if it did.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.shared.fatal.lock().ok().and_then(|g| g.clone())
     }
 
     pub fn total_uplinks(&self) -> usize {
@@ -130,6 +137,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
         stop: AtomicBool::new(false),
         connected: AtomicUsize::new(0),
+        fatal: std::sync::Mutex::new(None),
     });
     if let Some(a) = &cfg.admin_listen {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
@@ -221,9 +229,25 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 core.shared.connected.fetch_sub(1, Ordering::SeqCst);
                 tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
             }
-            Err(Fatal(e)) => {
+            Err(Fatal(e, code)) => {
                 tracing::error!(uplink = k, "gateway refused the uplink: {e}");
                 eprintln!("ringtunnel agent: gateway refused the uplink: {e}");
+                // A wrong token, an invalid name or another protocol
+                // version will not fix itself: stop instead of hammering
+                // the gateway. A taken name or a busy gateway might.
+                if matches!(
+                    code,
+                    ErrorCode::AuthFailed
+                        | ErrorCode::BadSession
+                        | ErrorCode::UnsupportedVersion
+                        | ErrorCode::ProtocolError
+                ) {
+                    if let Ok(mut g) = core.shared.fatal.lock() {
+                        g.get_or_insert(e);
+                    }
+                    core.shared.stop.store(true, Ordering::SeqCst);
+                    return;
+                }
             }
             Err(Retry(e)) => tracing::warn!(uplink = k, "cannot reach gateway: {e}"),
         }
@@ -247,7 +271,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
 
 enum ConnectError {
     Retry(String),
-    Fatal(String),
+    Fatal(String, ErrorCode),
 }
 use ConnectError::{Fatal, Retry};
 
@@ -283,7 +307,7 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         FrameType::Accept => {}
         FrameType::Refuse => {
             let (code, reason) = f.parse_refuse().map_err(|e| Retry(e.to_string()))?;
-            return Err(Fatal(format!("{reason} ({code:?})")));
+            return Err(Fatal(format!("{reason} ({code:?})"), code));
         }
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }

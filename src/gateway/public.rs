@@ -129,6 +129,7 @@ impl Drop for ConnGuard {
 }
 
 async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAddr, hops: u8) {
+    let mut hops = hops;
     CoreStats::inc(&core.stats.public_conns);
     CoreStats::inc(&core.stats.public_conns_total);
     let _guard = ConnGuard(core.clone());
@@ -257,6 +258,8 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         };
         core.inflight.set(core.inflight.get() + 1);
         let keep = exchange(&core, &mut rh, &mut wh, &mut buf, fd, &head, stream).await;
+        // The hop limit is per request: the next one may move again.
+        hops = 0;
         core.inflight.set(core.inflight.get() - 1);
         if core.inflight.get() == 0 {
             core.idle.notify();

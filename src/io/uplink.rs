@@ -246,7 +246,8 @@ impl Uplink {
             if u.state.get() == State::Failing {
                 // Let the writer put GOAWAY(reason) on the wire first, but
                 // do not wait forever on a peer that stopped reading.
-                let _ = monoio::time::timeout(std::time::Duration::from_secs(1), u.wait_closed()).await;
+                let _ =
+                    monoio::time::timeout(std::time::Duration::from_secs(1), u.wait_closed()).await;
             }
             u.close_now("connection closed");
         });
@@ -480,7 +481,10 @@ impl Uplink {
                     // Gateway side: ids are allocated in order, so an id we
                     // never handed out is the peer inventing streams.
                     None if self.on_open.borrow().is_none() && f.stream >= self.next_id.get() => {
-                        return Err(proto_err(&format!("DATA for stream {} that was never opened", f.stream)));
+                        return Err(proto_err(&format!(
+                            "DATA for stream {} that was never opened",
+                            f.stream
+                        )));
                     }
                     // A stream we already reset: nobody will consume it,
                     // but the uplink credit must come back.

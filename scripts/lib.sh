@@ -7,6 +7,7 @@
 #                         and RT_BENCH (the bench command prefix)
 #   rt_start NAME CMD..   starts CMD in the background, logs in the temp dir,
 #                         remembers its PID (RT_LAST_PID) for cleanup
+#   rt_stop PID           ends one of those processes early (TERM, then KILL)
 #   rt_wait_ready NAME PREFIX [SECS]
 #                         polls NAME's stdout for a line starting with PREFIX,
 #                         sets RT_READY to it; fails if NAME dies or times out
@@ -100,6 +101,25 @@ rt_cleanup() {
     fi
   fi
   exit "$rc"
+}
+
+# Ends one process we started (SIGTERM, 5 s grace, SIGKILL) and forgets it.
+rt_stop() {
+  local pid=$1 keep=() p
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    rt_log "pid $pid ignored SIGTERM for 5 s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+  for p in "${RT_PIDS[@]}"; do
+    [[ $p == "$pid" ]] || keep+=("$p")
+  done
+  RT_PIDS=("${keep[@]}")
 }
 
 rt_bin() {
@@ -301,14 +321,14 @@ for c in json.load(sys.stdin)["cores"]:
 }
 
 # Rows of a bench --json file as tab-separated fields:
-#   label requests rps p50 p90 p99 p99.9 max errors_total
+#   label requests rps p50 p90 p99 p99.9 max errors_total mean
 # SECTION is "rows" (the URL) or "compare" (the --compare URL).
 rt_json_rows() {
   local file=$1 section=${2:-rows}
   if command -v jq >/dev/null; then
     jq -r --arg s "$section" '(.[$s] // [])[] | [.label, .requests, .rps,
       .latency_ms.p50, .latency_ms.p90, .latency_ms.p99, .latency_ms.p99_9,
-      .latency_ms.max, .errors.total] | @tsv' "$file"
+      .latency_ms.max, .errors.total, .latency_ms.mean] | @tsv' "$file"
   elif command -v python3 >/dev/null; then
     python3 - "$file" "$section" <<'PY'
 import json, sys
@@ -316,7 +336,7 @@ d = json.load(open(sys.argv[1]))
 for r in d.get(sys.argv[2]) or []:
     l = r["latency_ms"]
     print("\t".join(str(x) for x in [r["label"], r["requests"], r["rps"], l["p50"],
-        l["p90"], l["p99"], l["p99_9"], l["max"], r["errors"]["total"]]))
+        l["p90"], l["p99"], l["p99_9"], l["max"], r["errors"]["total"], l["mean"]]))
 PY
   else
     rt_die "need jq or python3 to read $file"

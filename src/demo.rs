@@ -11,7 +11,7 @@ use crate::runtime::DriverKind;
 #[derive(clap::Args, Clone, Debug)]
 pub struct DemoArgs {
     /// Concurrency levels for the 35 ms backend rows.
-    #[arg(long, value_delimiter = ',', default_value = "1,10,100,1000")]
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50,100,1000")]
     pub sweep: Vec<usize>,
     /// Measured seconds per row and target.
     #[arg(long, default_value_t = 2.0)]

@@ -373,3 +373,55 @@ fn wait_ready_status(p: std::net::SocketAddr, host: &str, want: u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn admin_counters_move_with_traffic() {
+    let s = Stack::start("uring", 0);
+    let before = metrics(s.admin());
+    let names = [
+        "ringtunnel_gateway_requests_total",
+        "ringtunnel_uplink_frames_total",
+        "ringtunnel_uplink_writev_total",
+        "ringtunnel_uplink_bytes_total",
+        "ringtunnel_uplink_frames_per_writev_count",
+    ];
+    for _ in 0..50 {
+        assert_eq!(
+            request(
+                s.public(),
+                "POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Length: 5\r\n\r\nhello"
+            )
+            .status,
+            200
+        );
+    }
+    let _ = request(s.public(), "GET / HTTP/1.1\r\nHost: unknown-host\r\n\r\n");
+    let after = metrics(s.admin());
+    for n in names {
+        let (a, b) = (
+            metric_sum(&before, n, "core="),
+            metric_sum(&after, n, "core="),
+        );
+        assert!(b > a, "{n} did not move: {a} -> {b}\n{after}");
+    }
+    assert!(metric_sum(&after, "ringtunnel_gateway_requests_total", "core=") >= 51);
+    assert!(metric_sum(&after, "ringtunnel_errors_total", "kind=\"no_session\"") >= 1);
+    for n in [
+        "ringtunnel_gateway_handoffs_total",
+        "ringtunnel_uplink_queue_depth",
+        "ringtunnel_active_streams",
+    ] {
+        assert!(after.contains(&format!("{n}{{core=\"0\"}}")), "missing {n}");
+    }
+    assert!(after.contains("ringtunnel_uplink_frames_per_writev_bucket{core=\"0\",le=\"+Inf\"}"));
+    let json = stats_json(s.admin());
+    for key in [
+        "\"frames_per_writev\"",
+        "\"writev_calls\"",
+        "\"queue_depth_max\"",
+        "\"handoffs_out\"",
+        "\"uplinks_per_core\":[1,1]",
+    ] {
+        assert!(json.contains(key), "{key} missing in {json}");
+    }
+}

@@ -23,7 +23,6 @@
 //! are written with one write per batch of requests, large bodies are sent
 //! from a static table or straight from the received buffers.
 
-mod catch;
 mod conn;
 pub mod route;
 pub mod ws;
@@ -34,7 +33,6 @@ use std::time::Duration;
 
 use monoio::net::{TcpListener, TcpStream};
 
-pub use catch::{panic_message, CatchUnwind};
 pub use route::Route;
 
 /// Settings of one echo server.
@@ -97,14 +95,7 @@ pub async fn serve(listener: TcpListener, cfg: Rc<EchoConfig>) {
         match listener.accept().await {
             Ok((stream, _peer)) => {
                 let cfg = cfg.clone();
-                monoio::spawn(async move {
-                    if let Err(payload) = CatchUnwind::new(serve_conn(stream, cfg)).await {
-                        tracing::error!(
-                            panic = panic_message(payload.as_ref()),
-                            "echo connection panicked; connection closed"
-                        );
-                    }
-                });
+                crate::runtime::spawn_isolated("echo-conn", serve_conn(stream, cfg));
             }
             Err(e) if accept_error_is_transient(&e) => {
                 tracing::warn!(error = %e, "echo accept failed; retrying");

@@ -12,15 +12,16 @@
 //! - a listener address that is already in use is a start-up error, even
 //!   though monoio binds with SO_REUSEPORT (which would silently share it).
 
+pub mod catch;
 pub mod mailbox;
 pub mod notify;
+
+pub use catch::{panic_message, CatchUnwind};
 
 use std::future::Future;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
 /// Which monoio driver a worker runs.
@@ -191,44 +192,19 @@ pub fn task_panics() -> u64 {
     TASK_PANICS.load(Ordering::Relaxed)
 }
 
-/// Spawns a task on the current core whose panic ends only that task.
+/// Spawns a task on the current core whose panic ends only that task
+/// (logged and counted in [`task_panics`]).
 pub fn spawn_isolated<F: Future<Output = ()> + 'static>(what: &'static str, fut: F) {
-    monoio::spawn(CatchUnwind { what, fut });
-}
-
-/// Polls the inner future inside `catch_unwind`: a bug in one connection's
-/// handling must not unwind through monoio's scheduler and end the core.
-pub struct CatchUnwind<F> {
-    what: &'static str,
-    fut: F,
-}
-
-impl<F> CatchUnwind<F> {
-    pub fn new(what: &'static str, fut: F) -> Self {
-        CatchUnwind { what, fut }
-    }
-}
-
-impl<F: Future<Output = ()>> Future for CatchUnwind<F> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // SAFETY: `fut` is structurally pinned; we never move it.
-        let this = unsafe { self.get_unchecked_mut() };
-        let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fut.poll(cx))) {
-            Ok(p) => p,
-            Err(payload) => {
-                TASK_PANICS.fetch_add(1, Ordering::Relaxed);
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic".into());
-                tracing::error!(task = this.what, panic = %msg, "task panicked; it alone was ended");
-                Poll::Ready(())
-            }
+    monoio::spawn(async move {
+        if let Err(payload) = CatchUnwind::new(fut).await {
+            TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                task = what,
+                panic = panic_message(payload.as_ref()),
+                "task panicked; it alone was ended"
+            );
         }
-    }
+    });
 }
 
 /// Resolves `addr` once (blocking lookups must never run on a core) and

@@ -1,6 +1,6 @@
-//! A panic in any monoio task unwinds out of `block_on` and takes the whole
-//! core down (MONOIO-NOTES trap 5). Wrapping each connection's future turns
-//! its panic into a value, so only that connection ends.
+//! Panic isolation for tasks. A panic in any monoio task unwinds out of
+//! `block_on` and takes the whole core down; wrapping each task's future
+//! turns its panic into a value, so only that task ends.
 
 use std::any::Any;
 use std::future::Future;

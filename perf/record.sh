@@ -103,9 +103,9 @@ rt_log "folding stacks (perf script | inferno-collapse-perf)"
 perf script -i "$RT_TMP/perf.data" 2>/dev/null | inferno-collapse-perf >"$base.folded"
 [[ -s $base.folded ]] || rt_die "no samples folded (is $target busy? see $RT_TMP)"
 inferno-flamegraph --title "ringtunnel $target, c=$conns, ${secs}s" <"$base.folded" >"$base.svg"
-samples=$(awk '{ s += $NF } END { print s + 0 }' "$base.folded")
-rt_log "wrote $base.svg ($samples samples) and $base.folded"
+samples=$(sed -n 's/.*(\([0-9]*\) samples).*/\1/p' "$RT_TMP/perf-record.err")
+rt_log "wrote $base.svg (${samples:-?} samples) and $base.folded"
 echo
-echo "top 15 leaf functions by samples:"
+echo "top 15 leaf functions (share of sampled time):"
 awk '{ n = $NF; $NF = ""; k = split($0, f, ";"); leaf = f[k]; sub(/ +$/, "", leaf); s[leaf] += n; t += n }
   END { for (l in s) printf "%6.2f%%  %s\n", 100 * s[l] / t, l }' "$base.folded" | sort -rn | head -15

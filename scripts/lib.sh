@@ -40,6 +40,7 @@ RT_BIN=""
 RT_BENCH=()
 RT_READY=""
 RT_LAST_PID=""
+RT_LOADAVG=""
 
 rt_log() { printf '[%s] %s\n' "$RT_NAME" "$*" >&2; }
 rt_die() {
@@ -54,6 +55,12 @@ rt_init() {
   trap rt_cleanup EXIT
   trap 'rt_log "interrupted"; exit 130' INT
   trap 'rt_log "terminated"; exit 143' TERM
+  RT_LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
+  local busy
+  busy=$(awk -v n="$(nproc)" '{ print ($1 > n / 2) ? 1 : 0 }' /proc/loadavg)
+  if ((busy)); then
+    rt_log "warning: load average $RT_LOADAVG on $(nproc) cores: other work is running; results will be noisy"
+  fi
   # c=1000 with --compare needs ~4k descriptors in the backend alone.
   local soft hard
   soft=$(ulimit -Sn)
@@ -298,6 +305,7 @@ rt_machine_facts() {
   echo "- cpu: ${cpu:-unknown}"
   echo "- kernel: $(uname -sr)"
   echo "- memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  echo "- load average before the run: $RT_LOADAVG (1/5/15 min; anything well above 0 means other work shared the cores)"
   echo "- rustc: $(rustc --version 2>/dev/null || echo unknown)"
   echo "- ringtunnel: $(cd "$RT_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$RT_ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ uncommitted changes in src/)')"
 }

@@ -340,3 +340,121 @@ fn sigterm_finishes_in_flight_requests() {
         "public listener must be closed"
     );
 }
+
+/// Sends `n` requests at once on separate connections; returns statuses
+/// and Retry-After values.
+fn concurrent(p: std::net::SocketAddr, n: usize, raw: &'static str) -> Vec<(u16, Option<String>)> {
+    let ts: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let r = request(p, raw);
+                (r.status, r.header("retry-after").map(str::to_string))
+            })
+        })
+        .collect();
+    ts.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn stream_limit_and_agent_queue_answer_503_with_retry_after() {
+    let echo = echo("uring", 0);
+    // Gateway side: 2 streams per uplink, one uplink.
+    let gw = gateway("uring", &["--cores", "1", "--max-streams", "2"]);
+    let _a = agent(
+        "uring",
+        &gw,
+        "tight",
+        echo.addr("listen"),
+        &["--cores", "1"],
+    );
+    let p = gw.addr("public");
+    wait_routable(p, "tight");
+    let res = concurrent(p, 4, "GET /delay/600 HTTP/1.1\r\nHost: tight\r\n\r\n");
+    let ok = res.iter().filter(|r| r.0 == 200).count();
+    let busy: Vec<_> = res.iter().filter(|r| r.0 == 503).collect();
+    assert_eq!(ok, 2, "{res:?}");
+    assert_eq!(busy.len(), 2, "{res:?}");
+    assert!(busy.iter().all(|r| r.1.as_deref() == Some("1")), "{res:?}");
+
+    // Agent side: one backend request at a time, one waiting, the rest 503.
+    let gw2 = gateway("uring", &["--cores", "1"]);
+    let _b = agent(
+        "uring",
+        &gw2,
+        "queue",
+        echo.addr("listen"),
+        &[
+            "--cores",
+            "1",
+            "--backend-concurrency",
+            "1",
+            "--backend-queue",
+            "1",
+        ],
+    );
+    let p2 = gw2.addr("public");
+    wait_routable(p2, "queue");
+    let res = concurrent(p2, 4, "GET /delay/400 HTTP/1.1\r\nHost: queue\r\n\r\n");
+    let ok = res.iter().filter(|r| r.0 == 200).count();
+    let busy = res.iter().filter(|r| r.0 == 503 && r.1.is_some()).count();
+    assert_eq!((ok, busy), (2, 2), "{res:?}");
+}
+
+#[test]
+fn agent_reconnects_after_gateway_restart() {
+    let echo = echo("uring", 0);
+    let free = |_: ()| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string()
+    };
+    let (pub_addr, tun_addr) = (free(()), free(()));
+    let args = |extra: &'static str| {
+        vec![
+            "--listen".to_string(),
+            pub_addr.clone(),
+            "--tunnel-listen".into(),
+            tun_addr.clone(),
+            extra.to_string(),
+        ]
+    };
+    let start_gw = || {
+        let a = args("--no-pin");
+        let v: Vec<&str> = a.iter().map(String::as_str).collect();
+        let mut full = vec![
+            "gateway",
+            "--admin-listen",
+            "off",
+            "--cores",
+            "2",
+            "--driver",
+            "uring",
+        ];
+        full.extend(v);
+        spawn("gateway", &full, "ringtunnel gateway ready")
+    };
+    let mut gw = start_gw();
+    let _a = agent("uring", &gw, "phoenix", echo.addr("listen"), &[]);
+    let p: std::net::SocketAddr = pub_addr.parse().unwrap();
+    wait_routable(p, "phoenix");
+    gw.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let _gw2 = start_gw();
+    // The agent notices, backs off (100 ms doubling, jittered) and comes back.
+    let t = Instant::now();
+    loop {
+        let r = request(p, "GET / HTTP/1.1\r\nHost: phoenix\r\n\r\n");
+        if r.status == 200 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "agent did not come back: {} {}",
+            r.status,
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

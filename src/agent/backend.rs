@@ -33,7 +33,7 @@ const POOL_MAX: usize = 512;
 /// A backend connection with its deadline watchdog.
 pub(crate) struct BackendConn {
     stream: TcpStream,
-    wd: Rc<Watchdog>,
+    wd: Watchdog,
 }
 
 struct SlotGuard<'a>(&'a AgentCore);

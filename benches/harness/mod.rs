@@ -1,4 +1,6 @@
 //! A small timing harness for `harness = false` benches: no dependencies.
+//! Lives in `benches/harness/mod.rs` (not `benches/harness.rs`) because
+//! cargo makes every `benches/*.rs` a bench target; use it with `mod harness;`.
 //!
 //! Each case is calibrated so that one sample takes about `SAMPLE_TARGET`,
 //! warmed up, then timed over several samples; the table shows the median

@@ -1,0 +1,187 @@
+//! Micro benchmarks of the sans-IO hot path: frame encode/decode, batch
+//! building for one writev, HTTP head parsing and chunked body decoding.
+//!
+//! Run: `cargo bench --bench codec` (add a name filter, or `-- --quick`).
+//! Rows marked "baseline" time only the setup copy that the row below them
+//! repeats per op (refilling a read buffer), so it can be subtracted.
+
+// benches/harness/mod.rs: a directory module, so cargo does not take it
+// for a bench target of its own (benches/*.rs are discovered as targets).
+mod harness;
+
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use harness::{Bench, Unit};
+use ringtunnel::http::{parse_request, BodyDecoder, BodyKind, DEFAULT_MAX_HEAD};
+use ringtunnel::io::batch::Batch;
+use ringtunnel::proto::{encode, Decoder, Frame, HEADER_LEN};
+
+/// A typical browser-ish request head, about 200 bytes.
+const REQUEST_HEAD: &[u8] = b"GET /api/v1/items?page=2 HTTP/1.1\r\n\
+Host: demo.example.com\r\n\
+User-Agent: curl/8.5.0\r\n\
+Accept: application/json\r\n\
+Accept-Encoding: gzip\r\n\
+X-Request-Id: 4f1c2a9e\r\n\
+Connection: keep-alive\r\n\r\n";
+
+fn payload(len: usize, seed: u8) -> Bytes {
+    Bytes::from(
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn main() {
+    let mut b = Bench::from_args();
+    b.print_header();
+
+    // --- frame encode ----------------------------------------------------
+    for len in [64usize, 16 * 1024] {
+        let f = Frame::data(7, payload(len, 1));
+        let mut out = BytesMut::with_capacity(HEADER_LEN + len);
+        let name = format!("encode DATA {} (header + payload copy)", size_name(len));
+        b.run(&name, Unit::Bytes((HEADER_LEN + len) as u64), || {
+            out.clear();
+            encode(black_box(&f), &mut out);
+            out.len()
+        });
+    }
+    let f = Frame::data(7, payload(64, 1));
+    b.run(
+        "encode header only (Frame::header_bytes)",
+        Unit::Items(1, "frames"),
+        || black_box(&f).header_bytes(),
+    );
+
+    // --- frame decode ----------------------------------------------------
+    let mut wire = BytesMut::new();
+    for i in 0..64u32 {
+        encode(&Frame::data(i * 2 + 1, payload(40, i as u8)), &mut wire);
+    }
+    let wire = wire.freeze();
+    let mut buf = BytesMut::with_capacity(wire.len());
+    b.run(
+        "baseline: refill 64-frame buffer",
+        Unit::Bytes(wire.len() as u64),
+        || {
+            buf.clear();
+            buf.extend_from_slice(&wire);
+            buf.len()
+        },
+    );
+    let mut dec = Decoder::default();
+    let mut buf = BytesMut::with_capacity(wire.len());
+    b.run(
+        "decode 64 x DATA 40 B (refill + decode)",
+        Unit::Items(64, "frames"),
+        || {
+            buf.clear();
+            buf.extend_from_slice(&wire);
+            let mut n = 0usize;
+            while let Some(fr) = dec.decode(&mut buf).expect("valid frames") {
+                n += fr.payload.len();
+            }
+            assert!(buf.is_empty());
+            n
+        },
+    );
+
+    // --- batch building for one writev ------------------------------------
+    let small: Vec<Frame> = (0..64u32)
+        .map(|i| Frame::data(i + 1, payload(40, i as u8)))
+        .collect();
+    let small_bytes: usize = small.iter().map(Frame::encoded_len).sum();
+    let mut batch = Batch::new();
+    b.run(
+        "batch 64 x DATA 40 B copied: push + seal",
+        Unit::Bytes(small_bytes as u64),
+        || {
+            batch.clear();
+            for f in &small {
+                batch.push(f);
+            }
+            batch.seal();
+            batch.segments()
+        },
+    );
+    let large: Vec<Frame> = (0..64u32)
+        .map(|i| Frame::data(i + 1, payload(16 * 1024, i as u8)))
+        .collect();
+    let large_bytes: usize = large.iter().map(Frame::encoded_len).sum();
+    let mut batch = Batch::new();
+    b.run(
+        "batch 64 x DATA 16 KiB as iovecs: push + seal",
+        Unit::Bytes(large_bytes as u64),
+        || {
+            batch.clear();
+            for f in &large {
+                batch.push(f);
+            }
+            batch.seal();
+            batch.segments()
+        },
+    );
+
+    // --- HTTP head parse ----------------------------------------------------
+    assert!(
+        parse_request(REQUEST_HEAD, DEFAULT_MAX_HEAD)
+            .expect("valid head")
+            .is_some(),
+        "the benchmark head must parse"
+    );
+    let name = format!("parse_request ({} B head)", REQUEST_HEAD.len());
+    b.run(&name, Unit::Items(1, "heads"), || {
+        parse_request(black_box(REQUEST_HEAD), DEFAULT_MAX_HEAD)
+            .expect("valid head")
+            .map(|h| h.head_len)
+    });
+
+    // --- chunked body decode ------------------------------------------------
+    let mut chunked = BytesMut::new();
+    for i in 0..64u8 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&payload(1024, i));
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let chunked = chunked.freeze();
+    let mut buf = BytesMut::with_capacity(chunked.len());
+    b.run(
+        "baseline: refill 64 KiB chunked buffer",
+        Unit::Bytes(chunked.len() as u64),
+        || {
+            buf.clear();
+            buf.extend_from_slice(&chunked);
+            buf.len()
+        },
+    );
+    let mut buf = BytesMut::with_capacity(chunked.len());
+    b.run(
+        "chunked decode 64 x 1 KiB (refill + decode)",
+        Unit::Bytes(64 * 1024),
+        || {
+            buf.clear();
+            buf.extend_from_slice(&chunked);
+            let mut d = BodyDecoder::new(BodyKind::Chunked);
+            let mut n = 0usize;
+            while let Some(piece) = d.decode(&mut buf, 64 * 1024).expect("valid body") {
+                n += piece.len();
+            }
+            assert!(d.is_done() && n == 64 * 1024);
+            n
+        },
+    );
+
+    b.finish();
+}
+
+fn size_name(len: usize) -> String {
+    if len >= 1024 && len % 1024 == 0 {
+        format!("{} KiB", len / 1024)
+    } else {
+        format!("{len} B")
+    }
+}

@@ -425,3 +425,88 @@ fn admin_counters_move_with_traffic() {
         assert!(json.contains(key), "{key} missing in {json}");
     }
 }
+
+both_drivers!(http10_clients_and_routing_by_domain_and_default, |d| {
+    let echo = echo(d, 0);
+    let gw = gateway(
+        d,
+        &["--domain", "t.example.com", "--default-session", "fallback"],
+    );
+    let _a = agent(d, &gw, "named", echo.addr("listen"), &[]);
+    let _b = agent(d, &gw, "fallback", tag_backend("fallback"), &[]);
+    let p = gw.addr("public");
+    wait_routable(p, "fallback");
+    // Until "named" connects, its Host falls back too: wait for the echo.
+    let t = std::time::Instant::now();
+    while !request(p, "GET / HTTP/1.1\r\nHost: named\r\n\r\n")
+        .text()
+        .starts_with("ringtunnel echo")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "named never routable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // NAME.<domain>, with a port, routes to NAME.
+    let r = request(
+        p,
+        "GET /headers HTTP/1.1\r\nHost: named.t.example.com:8080\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        r.text()
+            .contains("X-Forwarded-Host: named.t.example.com:8080"),
+        "{}",
+        r.text()
+    );
+    // Anything else goes to the default session.
+    for host in [
+        "other.example.org",
+        "127.0.0.1",
+        "nosuch",
+        "x.t.example.com",
+    ] {
+        let r = request(p, &format!("GET /headers HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+        assert_eq!(r.status, 200, "{host}");
+        assert!(
+            r.text().starts_with("backend=fallback"),
+            "{host}: {}",
+            r.text()
+        );
+        assert!(
+            r.text().contains(&format!("X-Forwarded-Host: {host}")),
+            "{}",
+            r.text()
+        );
+    }
+    // HTTP/1.0: a chunked backend answer reaches the client close-delimited.
+    let mut c = connect(p);
+    c.write_all(b"GET /stream/3 HTTP/1.0\r\nHost: named\r\n\r\n")
+        .unwrap();
+    let mut all = Vec::new();
+    c.read_to_end(&mut all).unwrap();
+    let text = String::from_utf8_lossy(&all);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(
+        !text.to_ascii_lowercase().contains("transfer-encoding"),
+        "{text}"
+    );
+    assert_eq!(
+        text.split("\r\n\r\n").nth(1).unwrap().lines().count(),
+        3,
+        "{text}"
+    );
+    // HTTP/1.0 with keep-alive and a length-framed answer keeps the connection.
+    let mut c = connect(p);
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        c.write_all(b"GET / HTTP/1.0\r\nHost: named\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap();
+        let r = read_response(&mut c, &mut buf, false).unwrap();
+        assert_eq!(r.body, b"ringtunnel echo\n");
+    }
+});

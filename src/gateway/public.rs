@@ -538,6 +538,8 @@ async fn stream_to_client(
     let (framing, keep_cl) = match resp.body {
         BodyKind::Empty => (BodyKind::Empty, true),
         BodyKind::Eof if req.version >= 1 => (BodyKind::Chunked, false),
+        // HTTP/1.0 has no chunked coding: end the body by closing.
+        BodyKind::Chunked if req.version == 0 => (BodyKind::Eof, false),
         other => (other, false),
     };
     let keep_alive = req.keep_alive

@@ -269,7 +269,7 @@ async fn backend_to_stream(
     upgrade: &Cell<Upgrade>,
     decided: &Notify,
 ) -> Resp {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut buf = crate::io::carve(16 * 1024);
     let max_head = crate::http::DEFAULT_MAX_HEAD;
     let resp = loop {
         match http::parse_response(&buf, max_head, req.is_head()) {
@@ -290,7 +290,7 @@ async fn backend_to_stream(
                 return Resp::Closed;
             }
         }
-        let (res, b) = read_append(rh, buf, 16 * 1024).await;
+        let (res, b) = read_append(rh, buf, 4096, 16 * 1024).await;
         buf = b;
         if !matches!(res, Ok(n) if n > 0) {
             if aborted.get() {
@@ -318,7 +318,7 @@ async fn backend_to_stream(
             if !buf.is_empty() && stream.send_data(buf.split().freeze()).await.is_err() {
                 return Resp::Closed;
             }
-            let (res, b) = read_append(rh, buf, 64 * 1024).await;
+            let (res, b) = read_append(rh, buf, 16 * 1024, 64 * 1024).await;
             buf = b;
             if !matches!(res, Ok(n) if n > 0) {
                 stream.send_end();
@@ -347,7 +347,7 @@ async fn backend_to_stream(
                 };
             }
             Ok(None) => {
-                let (res, b) = read_append(rh, buf, 64 * 1024).await;
+                let (res, b) = read_append(rh, buf, 16 * 1024, 64 * 1024).await;
                 buf = b;
                 if !matches!(res, Ok(n) if n > 0) {
                     if dec.on_eof().is_ok() && !aborted.get() {

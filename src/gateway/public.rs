@@ -48,7 +48,7 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
                 let _ = stream.set_nodelay(true);
                 let c = core.clone();
                 crate::runtime::spawn_isolated("public-conn", async move {
-                    serve(c, stream, BytesMut::with_capacity(8192), peer, 0).await;
+                    serve(c, stream, crate::io::carve(8192), peer, 0).await;
                 });
             }
             Err(e) => {
@@ -99,7 +99,7 @@ async fn read_head(
                 Err(e) => return HeadRead::Bad(e),
             }
         }
-        let (res, b) = read_append(rh, std::mem::take(buf), 8192).await;
+        let (res, b) = read_append(rh, std::mem::take(buf), 2048, 8192).await;
         *buf = b;
         match res {
             Ok(0) | Err(_) if wd.fired() => return HeadRead::Timeout,
@@ -390,7 +390,7 @@ async fn body_to_stream(
                 return true;
             }
             Ok(None) => {
-                let (res, b) = read_append(rh, std::mem::take(buf), 64 * 1024).await;
+                let (res, b) = read_append(rh, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
                 *buf = b;
                 if !matches!(res, Ok(n) if n > 0) {
                     stream.reset(ErrorCode::Cancel);
@@ -415,7 +415,7 @@ async fn raw_to_stream(rh: &mut TcpOwnedReadHalf, buf: &mut BytesMut, stream: &S
                 return false;
             }
         }
-        let (res, b) = read_append(rh, std::mem::take(buf), 64 * 1024).await;
+        let (res, b) = read_append(rh, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
         *buf = b;
         if !matches!(res, Ok(n) if n > 0) {
             stream.send_end();

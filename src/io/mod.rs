@@ -17,15 +17,19 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent};
 /// Reads at least one byte and appends it to `buf`. Returns 0 on EOF.
 ///
 /// monoio reads write from the start of the buffer they are given, so we
-/// lend it the spare capacity as a slice and take the buffer back.
+/// lend it the spare capacity as a slice and take the buffer back. When
+/// fewer than `min_spare` bytes are free, `chunk` more are reserved: big
+/// chunks serve many reads, so a reader whose earlier bytes were split off
+/// (and are still referenced) does not allocate and copy on every read.
 pub async fn read_append<R: AsyncReadRent>(
     r: &mut R,
     buf: BytesMut,
     min_spare: usize,
+    chunk: usize,
 ) -> (std::io::Result<usize>, BytesMut) {
     let mut buf = buf;
     if buf.capacity() - buf.len() < min_spare {
-        buf.reserve(min_spare);
+        buf.reserve(chunk.max(min_spare));
     }
     let len = buf.len();
     let cap = buf.capacity();
@@ -50,4 +54,26 @@ pub fn shutdown_fd(fd: std::os::fd::RawFd, how: libc::c_int) {
     unsafe {
         libc::shutdown(fd, how);
     }
+}
+
+thread_local! {
+    static CARVE: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// Chunk from which [`carve`] cuts buffers.
+const CARVE_CHUNK: usize = 256 * 1024;
+
+/// An empty buffer with `size` bytes of capacity, cut from a per-core
+/// 256 KiB chunk: one allocation serves many requests or connections
+/// instead of one malloc (and later free) each. The chunk is freed when
+/// the last buffer cut from it (and every `Bytes` split off one) is gone.
+pub fn carve(size: usize) -> BytesMut {
+    CARVE.with(|c| {
+        let mut spare = c.borrow_mut();
+        if spare.capacity() < size {
+            *spare = BytesMut::with_capacity(CARVE_CHUNK.max(size));
+        }
+        let rest = spare.split_off(size);
+        std::mem::replace(&mut *spare, rest)
+    })
 }

@@ -463,7 +463,7 @@ impl Uplink {
             if self.state.get() == State::Closed {
                 return;
             }
-            let (res, b) = super::read_append(&mut rh, buf, 64 * 1024).await;
+            let (res, b) = super::read_append(&mut rh, buf, 16 * 1024, 256 * 1024).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => return,
@@ -870,7 +870,7 @@ pub async fn read_handshake_frame(
             Ok(None) => {}
             Err(e) => return (Err(format!("malformed handshake: {e}")), buf),
         }
-        let (res, b) = super::read_append(s, buf, 4096).await;
+        let (res, b) = super::read_append(s, buf, 4096, 4096).await;
         buf = b;
         match res {
             Ok(0) => return (Err("connection closed during handshake".into()), buf),

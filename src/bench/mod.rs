@@ -27,6 +27,7 @@ mod report;
 pub mod response;
 mod svg;
 pub mod target;
+pub mod writer_probe;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -205,6 +206,10 @@ pub struct BenchArgs {
     /// Stop after N requests instead of after the duration.
     #[arg(long)]
     pub requests: Option<u64>,
+    /// Gateway admin address (host:port): report its uplink frames per
+    /// writev for each row of URL.
+    #[arg(long)]
+    pub admin: Option<String>,
 }
 
 /// `--ramp START:END:STEP_EVERY[:STEP]`: open-loop rates from START to END.
@@ -309,12 +314,28 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     let progress = stderr_is_tty();
     let mut a_reports = Vec::with_capacity(rows.len());
     let mut b_reports = Vec::with_capacity(rows.len());
+    let mut writer_lines = Vec::new();
+    // Samples the gateway's writer counters around the tunnel (URL) runs.
+    let probe = |label: &str,
+                 f: &mut dyn FnMut() -> Result<LoadReport, String>,
+                 lines: &mut Vec<String>| {
+        let before = args.admin.as_deref().and_then(writer_probe::sample);
+        let r = f()?;
+        if let (Some(b), Some(a)) = (before, args.admin.as_deref().and_then(writer_probe::sample)) {
+            lines.push(format!("{label}: {}", writer_probe::describe(&b, &a)));
+        }
+        Ok::<_, String>(r)
+    };
     for (i, row) in rows.iter().enumerate() {
         let label = row_label(&row.spec);
         match &args.compare {
             None => {
                 eprintln!("[bench] {label} -> {}", row.spec.url);
-                a_reports.push(run_row(&row.spec, &label, progress)?);
+                a_reports.push(probe(
+                    &label,
+                    &mut || run_row(&row.spec, &label, progress),
+                    &mut writer_lines,
+                )?);
             }
             Some(url2) => {
                 let mut b_spec = row.spec.clone();
@@ -325,10 +346,18 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
                 if b_first {
                     eprintln!("[bench] {label} -> {url2}, then {}", row.spec.url);
                     b_reports.push(run_row(&b_spec, &label, progress)?);
-                    a_reports.push(run_row(&row.spec, &label, progress)?);
+                    a_reports.push(probe(
+                        &label,
+                        &mut || run_row(&row.spec, &label, progress),
+                        &mut writer_lines,
+                    )?);
                 } else {
                     eprintln!("[bench] {label} -> {}, then {url2}", row.spec.url);
-                    a_reports.push(run_row(&row.spec, &label, progress)?);
+                    a_reports.push(probe(
+                        &label,
+                        &mut || run_row(&row.spec, &label, progress),
+                        &mut writer_lines,
+                    )?);
                     b_reports.push(run_row(&b_spec, &label, progress)?);
                 }
             }
@@ -347,6 +376,15 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             .zip(b_reports.iter().cloned())
             .collect();
         print!("{}", format_comparison(&pairs, &args.url, url2));
+    }
+    if !writer_lines.is_empty() {
+        println!(
+            "\ngateway uplink writer ({}):",
+            args.admin.as_deref().unwrap_or("")
+        );
+        for l in &writer_lines {
+            println!("  {l}");
+        }
     }
 
     let compare = args.compare.as_ref().map(|_| b_reports.as_slice());

@@ -58,8 +58,13 @@ impl ErrorKind {
     }
 }
 
-/// Power-of-two buckets: `le` 1, 2, 4, ... 1024, then +Inf.
-pub const HIST_BUCKETS: usize = 12;
+/// Bucket upper bounds (`le`), then +Inf. Fine steps up to 16 because the
+/// interesting question ("does the writer batch at least 8 frames?") sits
+/// there; coarse above.
+pub const HIST_BOUNDS: [u64; 20] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024,
+];
+pub const HIST_BUCKETS: usize = HIST_BOUNDS.len() + 1;
 
 #[derive(Default)]
 pub struct Hist {
@@ -71,16 +76,16 @@ pub struct Hist {
 
 impl Hist {
     pub fn bucket_bound(i: usize) -> Option<u64> {
-        (i + 1 < HIST_BUCKETS).then(|| 1u64 << i)
+        HIST_BOUNDS.get(i).copied()
+    }
+
+    /// Index of the bucket holding `v`.
+    pub fn bucket_of(v: u64) -> usize {
+        HIST_BOUNDS.partition_point(|b| *b < v)
     }
 
     pub fn record(&self, v: u64) {
-        let i = if v <= 1 {
-            0
-        } else {
-            (64 - (v - 1).leading_zeros()) as usize
-        };
-        self.buckets[i.min(HIST_BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.buckets[Self::bucket_of(v)].fetch_add(1, Relaxed);
         self.sum.fetch_add(v, Relaxed);
         self.count.fetch_add(1, Relaxed);
         self.max.fetch_max(v, Relaxed);
@@ -216,14 +221,14 @@ mod tests {
         }
         let s = h.snapshot();
         assert_eq!(s.count, 8);
-        assert_eq!(s.buckets[0], 1); // 1
-        assert_eq!(s.buckets[1], 1); // 2
-        assert_eq!(s.buckets[2], 2); // 3, 4
-        assert_eq!(s.buckets[3], 1); // 8
-        assert_eq!(s.buckets[4], 2); // 9, 16
-        assert_eq!(s.buckets[HIST_BUCKETS - 1], 1); // 2000
+        assert_eq!(s.buckets[Hist::bucket_of(1)], 1);
+        assert_eq!(Hist::bucket_of(8), 7);
+        assert_eq!(Hist::bucket_of(9), 8); // le=10
+        assert_eq!(s.buckets[8], 1);
+        assert_eq!(s.buckets[HIST_BUCKETS - 1], 1); // 2000 -> +Inf
         assert_eq!(s.max, 2000);
         assert_eq!(s.quantile(0.5), 4);
+        assert_eq!(s.quantile(0.75), 10);
         assert_eq!(s.quantile(1.0), 2000);
     }
 }

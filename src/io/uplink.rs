@@ -636,6 +636,9 @@ impl Uplink {
                     _ => {}
                 }
                 self.writer_wake.notified().await;
+                // Let the other tasks woken in this tick enqueue their
+                // frames first: one more poll buys a bigger writev.
+                crate::runtime::notify::yield_now().await;
                 continue;
             }
             let frames = batch.frames();

@@ -91,3 +91,18 @@ pub async fn wait_until(list: &WaitList, mut cond: impl FnMut() -> bool) {
     })
     .await
 }
+
+/// Gives the other ready tasks of this core a turn before continuing.
+pub async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}

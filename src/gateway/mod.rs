@@ -455,6 +455,12 @@ async fn core_main(
     // accept loops end and drop (close) their listeners.
     crate::io::shutdown_fd(public_fd, libc::SHUT_RDWR);
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
+    // GOAWAY first: agents learn at once that no new streams will come,
+    // while the streams in flight on these uplinks finish within the grace
+    // period.
+    for up in core.all_uplinks() {
+        up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
+    }
     let grace = shared.cfg.shutdown_grace;
     let deadline = std::time::Instant::now() + grace;
     while core.inflight.get() > 0 && std::time::Instant::now() < deadline {
@@ -465,10 +471,7 @@ async fn core_main(
         )
         .await;
     }
-    for up in core.all_uplinks() {
-        up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
-    }
-    // Give writers a moment to put GOAWAY on the wire before the core ends.
+    // Give writers a moment to flush the last frames before the core ends.
     monoio::time::sleep(std::time::Duration::from_millis(50)).await;
     for up in core.all_uplinks() {
         up.close_now("gateway shut down");

@@ -1,6 +1,35 @@
 //! ringtunnel: a thread-per-core HTTP tunnel gateway on io_uring (monoio).
 //!
-//! (module map written below once modules land)
+//! Public HTTP requests reach the gateway, are routed by Host to a session
+//! (an agent next to a private backend), travel as frames over one of the
+//! agent's uplinks, and the response streams back the same way.
+//!
+//! ```text
+//!  client --HTTP/1.1--> gateway core k --frames (uplink)--> agent core j --HTTP/1.1--> backend
+//!                       gateway/public.rs  io/uplink.rs      agent/backend.rs
+//! ```
+//!
+//! # Layout
+//!
+//! - [`runtime`]: the only place that creates threads: one monoio runtime
+//!   per core, pinning, io_uring/epoll choice, panic isolation per task,
+//!   cross-core mailboxes, single-core wake-ups.
+//! - [`proto`], [`http`], [`route`]: sans-IO. The frame codec and handshake
+//!   payloads; HTTP/1.x heads, body decoders and forwarding encoders;
+//!   Host -> session. Bytes in, values out; no sockets, no clocks.
+//! - [`io`]: socket loops. An [`io::uplink::Uplink`] owns one connection's
+//!   reader, its single batched writer ([`io::batch`]), its stream table
+//!   and flow-control credit; [`io::watchdog`] enforces deadlines by
+//!   shutting sockets down; [`io::stats`] holds per-core counters.
+//! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
+//! - [`admin`]: `/metrics` and `/stats`; [`config`]: validated settings;
+//!   [`signals`]: SIGTERM/SIGINT as a flag.
+//!
+//! Invariants: no lock or async lock on the frame path (each uplink's
+//! state is owned by one core); a panic ends one task, never a core; a
+//! malformed frame closes one uplink; memory per uplink is bounded by the
+//! flow-control windows. docs/ARCHITECTURE.md follows one request through
+//! these files; docs/PROTOCOL.md specifies the wire format.
 
 pub mod admin;
 pub mod agent;

@@ -179,7 +179,7 @@ pub struct BenchArgs {
     /// One closed-loop run per concurrency, e.g. 1,10,50,100,1000.
     #[arg(long, value_delimiter = ',', conflicts_with = "ramp")]
     pub sweep: Vec<usize>,
-    /// Open-loop rate steps START:END:STEP_EVERY[:STEP], e.g. 100:2000:5s
+    /// Open-loop rate steps START:END:STEP_EVERY or START:END:STEP_EVERY:STEP, e.g. 100:2000:5s
     /// (default step (END-START)/10).
     #[arg(long, value_parser = parse_ramp, conflicts_with = "rate")]
     pub ramp: Option<Ramp>,
@@ -270,7 +270,7 @@ pub fn parse_header(s: &str) -> Result<(String, String), String> {
     Ok((k, v))
 }
 
-/// Parses START:END:STEP_EVERY[:STEP].
+/// Parses START:END:STEP_EVERY or START:END:STEP_EVERY:STEP.
 pub fn parse_ramp(s: &str) -> Result<Ramp, String> {
     let parts: Vec<&str> = s.split(':').collect();
     if !(3..=4).contains(&parts.len()) {

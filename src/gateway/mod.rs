@@ -1,7 +1,7 @@
 //! The gateway: public HTTP listener, uplink listener, per-core session
 //! tables and the session directory.
 //!
-//! Every core runs the same [`core_main`]: its own SO_REUSEPORT listeners
+//! Every core runs the same `core_main`: its own SO_REUSEPORT listeners
 //! (public and tunnel), its mailbox, and the uplinks placed on it. A
 //! session's uplinks on this core live in `Core::sessions` (plain
 //! `RefCell`); which *other* cores hold the session is a per-core replica

@@ -5,7 +5,7 @@
 //! frame reader (the only reader of the socket), the writer (the only
 //! writer: it drains the outbound queue into one vectored write per
 //! syscall) and a heartbeat ticker. Streams never touch the socket: they
-//! push frames into [`OutQueue`] and wake the writer.
+//! push frames into `OutQueue` and wake the writer.
 //!
 //! Flow control (docs/PROTOCOL.md): a DATA frame needs credit on its
 //! stream and on the uplink; credit comes back as WINDOW frames when the

@@ -510,3 +510,22 @@ both_drivers!(http10_clients_and_routing_by_domain_and_default, |d| {
         assert_eq!(r.body, b"ringtunnel echo\n");
     }
 });
+
+both_drivers!(upgrade_refused_by_backend_keeps_connection_usable, |d| {
+    let s = Stack::start(d, 0);
+    let mut c = connect(s.public());
+    let mut buf = Vec::new();
+    // The backend answers an upgrade request to /headers normally: no 101,
+    // so the stream stays HTTP and the connection carries the next request.
+    c.write_all(
+        b"GET /headers HTTP/1.1\r\nHost: demo\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().contains("Upgrade: websocket"), "{}", r.text());
+    c.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.body, b"ringtunnel echo\n");
+});

@@ -359,8 +359,11 @@ async fn exchange(
             decided.notify();
         }
         // The response is complete (or failed) while the client is still
-        // sending: stop reading it; the connection cannot be reused.
-        if !req_done.get() {
+        // sending: stop reading it; the connection cannot be reused. A
+        // request without a body has nothing left to read, even if its
+        // pump (which only sends END) has not run yet: on epoll the
+        // response write can finish before join! polls it again.
+        if !req_done.get() && req.body != BodyKind::Empty {
             shutdown_fd(fd, libc::SHUT_RD);
             return false;
         }

@@ -458,3 +458,121 @@ fn agent_reconnects_after_gateway_restart() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A backend that answers every connection with `reply` and closes.
+fn scripted_backend(reply: &'static [u8]) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut tmp = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut tmp) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&tmp[..n]),
+                    }
+                }
+                let _ = c.write_all(reply);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn broken_backends_fail_only_their_request() {
+    let gw = gateway("uring", &[]);
+    let p = gw.addr("public");
+    // Garbage instead of a response head: 502 naming the problem.
+    let _a = agent(
+        "uring",
+        &gw,
+        "garbage",
+        scripted_backend(b"SMTP ready\r\n\r\n"),
+        &[],
+    );
+    // Headers promise 1000 bytes, 10 arrive, then the backend hangs up.
+    let _b = agent(
+        "uring",
+        &gw,
+        "short",
+        scripted_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789"),
+        &[],
+    );
+    let echo = echo("uring", 0);
+    let _c = agent("uring", &gw, "good", echo.addr("listen"), &[]);
+    wait_routable(p, "good");
+    let t = Instant::now();
+    let r = loop {
+        let r = request(p, "GET / HTTP/1.1\r\nHost: garbage\r\n\r\n");
+        if !r.text().contains("no agent") || t.elapsed() > Duration::from_secs(10) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("backend"), "{}", r.text());
+    // Headers already sent: the client sees the connection end short.
+    let t = Instant::now();
+    let all = loop {
+        let mut c = connect(p);
+        c.write_all(b"GET / HTTP/1.1\r\nHost: short\r\n\r\n")
+            .unwrap();
+        let mut all = Vec::new();
+        let _ = c.read_to_end(&mut all);
+        if !String::from_utf8_lossy(&all).contains("no agent")
+            || t.elapsed() > Duration::from_secs(10)
+        {
+            break all;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0123456789"), "{text}");
+    assert!(
+        all.len() < 1000,
+        "the body cannot be complete: {} bytes",
+        all.len()
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            request(p, "GET / HTTP/1.1\r\nHost: good\r\n\r\n").status,
+            200
+        );
+    }
+}
+
+#[test]
+fn client_abort_mid_download_frees_the_stream() {
+    let s = Stack::start("uring", 0);
+    let p = s.public();
+    for _ in 0..5 {
+        let mut c = connect(p);
+        c.write_all(b"GET /bytes/104857600 HTTP/1.1\r\nHost: demo\r\n\r\n")
+            .unwrap();
+        let mut tmp = vec![0u8; 65536];
+        let _ = c.read(&mut tmp).unwrap();
+        drop(c);
+    }
+    // Every aborted stream is reset and forgotten; the session serves on.
+    let t = Instant::now();
+    loop {
+        let m = metrics(s.admin());
+        if metric_sum(&m, "ringtunnel_active_streams", "core=") == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "streams still active:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..20 {
+        let r = request(p, "GET /bytes/100000 HTTP/1.1\r\nHost: demo\r\n\r\n");
+        assert_eq!(r.body.len(), 100_000);
+    }
+}

@@ -156,7 +156,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
-    let headers = collect_headers(req.headers);
+    let headers = collect_headers(raw, req.headers);
     let facts = HeaderFacts::scan(&headers)?;
 
     // RFC 9112 6.1: HTTP/1.0 has no chunked coding, so a TE on a 1.0
@@ -260,7 +260,7 @@ pub fn parse_response(
         return Err(HeadError::Malformed("incomplete status line"));
     };
     let reason = resp.reason.unwrap_or("").to_owned();
-    let headers = collect_headers(resp.headers);
+    let headers = collect_headers(raw, resp.headers);
     let facts = HeaderFacts::scan(&headers)?;
 
     let body = if req_method_head || (100..200).contains(&status) || status == 204 || status == 304
@@ -389,9 +389,24 @@ fn looks_like_http_version(tok: &[u8]) -> bool {
     }
 }
 
-fn collect_headers(raw: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
+/// Owned headers. The values are slices of ONE copy of the head rather
+/// than one allocation each: heads are parsed on every hop of every
+/// request, so this is a hot path.
+fn collect_headers(head: &[u8], raw: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
+    let shared = Bytes::copy_from_slice(head);
+    let base = head.as_ptr() as usize;
     raw.iter()
-        .map(|h| (h.name.to_owned(), Bytes::copy_from_slice(h.value)))
+        .map(|h| {
+            // httparse hands out sub-slices of `head`; fall back to a copy
+            // should that ever not hold.
+            let off = (h.value.as_ptr() as usize).wrapping_sub(base);
+            let value = if off <= head.len() && off + h.value.len() <= head.len() {
+                shared.slice(off..off + h.value.len())
+            } else {
+                Bytes::copy_from_slice(h.value)
+            };
+            (h.name.to_owned(), value)
+        })
         .collect()
 }
 

@@ -48,7 +48,7 @@ while (($#)); do
 done
 case $target in gateway | agent | echo) ;; *) echo "--target must be gateway, agent or echo" >&2; exit 2 ;; esac
 case $callgraph in
-  dwarf) cg=(--call-graph dwarf,16384) ;;
+  dwarf) cg=(--call-graph "dwarf,16384") ;;
   fp) cg=(-g) ;;
   lbr) cg=(--call-graph lbr) ;;
   *) echo "--call-graph must be dwarf, fp or lbr" >&2; exit 2 ;;
@@ -83,7 +83,9 @@ RT_PIDS+=("$bench_pid")
 sleep 1.5
 
 event=(-e cpu-clock)
-if perf stat -e cycles true 2>&1 | grep -q 'not supported'; then
+# Capture first: `| grep -q` under pipefail races with perf's SIGPIPE.
+probe=$(perf stat -e cycles true 2>&1 || true)
+if [[ $probe == *"not supported"* || $probe == *"not counted"* ]]; then
   rt_log "hardware cycles not available (VM?): sampling the cpu-clock software event"
 else
   event=(-e cycles)

@@ -91,8 +91,8 @@ for mode in keepalive close; do
   ha1=$(rt_metric_sum "$a_admin" ringtunnel_gateway_handoffs_total)
   hb1=$(rt_metric_sum "$b_admin" ringtunnel_gateway_handoffs_total)
 
-  IFS=$'\t' read -r _ _ _ a50 a90 a99 _ _ aerr amean < <(rt_json_rows "$json" rows)
-  IFS=$'\t' read -r _ _ _ b50 b90 b99 _ _ berr bmean < <(rt_json_rows "$json" compare)
+  IFS=$'\t' read -r _ _ _ a50 _ a99 _ _ aerr amean < <(rt_json_rows "$json" rows)
+  IFS=$'\t' read -r _ _ _ b50 _ b99 _ _ berr bmean < <(rt_json_rows "$json" compare)
   report+=$(awk -v m="$mode" -v r="$r" -v a50="$a50" -v a99="$a99" -v am="$amean" \
     -v b50="$b50" -v b99="$b99" -v bm="$bmean" -v ha=$((ha1 - ha0)) -v hb=$((hb1 - hb0)) \
     -v ra=$((ra1 - ra0)) -v ae="$aerr" -v be="$berr" 'BEGIN {

@@ -1,4 +1,5 @@
 # shellcheck shell=bash
+# shellcheck disable=SC2034 # RT_* results are read by the sourcing scripts
 # Shared helpers for scripts/*.sh and perf/*.sh. Source it, do not run it.
 #
 # What it gives:
@@ -29,6 +30,8 @@
 # Environment:
 #   RINGTUNNEL_BIN   use this binary instead of target/release/ringtunnel
 #   RT_BUILD=1       run `cargo build --release` even if the binary exists
+#   RT_WAIT_QUIET=S  wait up to S seconds for the cores to be >= 90% idle
+#                    before starting (shared machines)
 #   RT_KEEP_TMP=1    keep the temp dir with every role's stdout/stderr
 #   RUST_LOG         log filter for the roles (default: info; bench: warn)
 
@@ -55,6 +58,7 @@ rt_init() {
   trap rt_cleanup EXIT
   trap 'rt_log "interrupted"; exit 130' INT
   trap 'rt_log "terminated"; exit 143' TERM
+  if [[ -n ${RT_WAIT_QUIET:-} ]]; then rt_wait_quiet "$RT_WAIT_QUIET"; fi
   RT_LOADAVG=$(cut -d' ' -f1-3 /proc/loadavg)
   local busy
   busy=$(awk -v n="$(nproc)" '{ print ($1 > n / 2) ? 1 : 0 }' /proc/loadavg)
@@ -73,6 +77,33 @@ rt_init() {
       rt_log "warning: open files limited to $hard; c=1000 runs may fail to connect"
     fi
   fi
+}
+
+# Percent of CPU time idle over the next 2 seconds, all cores.
+rt_idle_pct() {
+  local a b
+  a=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+  sleep 2
+  b=$(awk '/^cpu / { print $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat)
+  awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+    t = y[2] - x[2]; printf "%d\n", (t > 0 ? 100 * (y[1] - x[1]) / t : 100) }'
+}
+
+# Waits up to SECS for the cores to be >= 90% idle (other people's builds
+# and benchmarks skew results); goes ahead with a warning after that.
+rt_wait_quiet() {
+  local secs=$1 deadline idle
+  deadline=$((SECONDS + secs))
+  while :; do
+    idle=$(rt_idle_pct)
+    ((idle >= 90)) && return 0
+    if ((SECONDS >= deadline)); then
+      rt_log "warning: machine still busy (${idle}% idle) after ${secs}s; going ahead"
+      return 0
+    fi
+    rt_log "machine busy (${idle}% idle); waiting for it to quieten (RT_WAIT_QUIET=$secs)"
+    sleep 8
+  done
 }
 
 # Ends every process we started, newest first: SIGTERM, up to 5 s grace,
@@ -307,7 +338,13 @@ rt_machine_facts() {
   echo "- memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   echo "- load average before the run: $RT_LOADAVG (1/5/15 min; anything well above 0 means other work shared the cores)"
   echo "- rustc: $(rustc --version 2>/dev/null || echo unknown)"
-  echo "- ringtunnel: $(cd "$RT_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$RT_ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ uncommitted changes in src/)')"
+  local rev
+  rev=$(cd "$RT_ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [[ -n ${RINGTUNNEL_BIN:-} ]]; then
+    echo "- ringtunnel: a given binary (RINGTUNNEL_BIN, $(basename "$RINGTUNNEL_BIN")); the repo is at $rev"
+  else
+    echo "- ringtunnel: $rev$(cd "$RT_ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (+ uncommitted changes in src/)')"
+  fi
 }
 
 # Frames per writev per gateway core, from /stats.

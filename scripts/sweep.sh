@@ -66,6 +66,11 @@ bench=(bench "http://$RT_GW_PUBLIC/" --host demo --sweep "$sweep"
   -d "$duration" --warmup "$warmup" --compare "http://$RT_ECHO_ADDR/"
   --json "$base.json" --svg "$base.svg" --driver "$driver")
 [[ -n $bench_cores ]] && bench+=(--cores "$bench_cores")
+# Newer binaries report the gateway writer's frames per writev per row.
+bench_help=$("$RT_BIN" bench --help 2>/dev/null || true)
+if [[ $bench_help == *--admin* ]]; then
+  bench+=(--admin "$RT_GW_ADMIN")
+fi
 
 rows=$(rt_count_list "$sweep")
 per_run=$(($(rt_secs "$duration") + $(rt_secs "$warmup")))

@@ -101,7 +101,7 @@ impl Bench {
 
     pub fn print_header(&self) {
         println!(
-            "{:<44} {:>12} {:>12} {:>12} {:>16}",
+            "{:<52} {:>10} {:>10} {:>10} {:>16}",
             "name", "ns/op", "min", "max", "throughput"
         );
     }
@@ -119,7 +119,7 @@ impl Bench {
 
 pub fn format_row(r: &Row) -> String {
     format!(
-        "{:<44} {:>12} {:>12} {:>12} {:>16}",
+        "{:<52} {:>10} {:>10} {:>10} {:>16}",
         r.name,
         fmt_ns(r.median_ns),
         fmt_ns(r.min_ns),

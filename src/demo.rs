@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::bench::{format_comparison, run_load, LoadReport, LoadSpec};
+use crate::bench::{format_comparison, run_load, writer_probe, LoadReport, LoadSpec};
 use crate::config::{AgentConfig, Cores, EchoServerConfig, GatewayConfig};
 use crate::runtime::DriverKind;
 
@@ -86,20 +86,32 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         s.driver = a.driver;
         s
     };
+    let admin = gw.admin_addr().map(|x| x.to_string()).unwrap_or_default();
     let mut rows = Vec::new();
+    let mut writer_lines = Vec::new();
+    // Runs the tunnel side of a row, sampling the gateway's uplink writer
+    // counters around it.
+    let mut tunnel_row = |label: &str, path: &str, c: usize| -> Result<LoadReport, String> {
+        let before = writer_probe::sample(&admin);
+        let r = run_load(&spec(&tunnel, path, c, Some("demo"))).map_err(|e| e.to_string())?;
+        if let (Some(b), Some(after)) = (before, writer_probe::sample(&admin)) {
+            writer_lines.push(format!("{label}: {}", writer_probe::describe(&b, &after)));
+        }
+        Ok(r)
+    };
     let delay_path = format!("/delay/{}", a.delay_ms);
     for (i, &c) in a.sweep.iter().enumerate() {
         let label = format!("{} ms backend c={c}", a.delay_ms);
         eprintln!("running {label} ...");
-        let t =
-            || run_load(&spec(&tunnel, &delay_path, c, Some("demo"))).map_err(|e| e.to_string());
-        let d = || run_load(&spec(&direct, &delay_path, c, None)).map_err(|e| e.to_string());
+        let direct_row =
+            || run_load(&spec(&direct, &delay_path, c, None)).map_err(|e| e.to_string());
         // Alternate the order so neither target always runs on a warmer machine.
         let (rt, rd) = if i % 2 == 0 {
-            (t()?, d()?)
+            let t = tunnel_row(&label, &delay_path, c)?;
+            (t, direct_row()?)
         } else {
-            let d = d()?;
-            (t()?, d)
+            let d = direct_row()?;
+            (tunnel_row(&label, &delay_path, c)?, d)
         };
         rows.push((row(label.clone(), rt), row(label, rd)));
     }
@@ -107,7 +119,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let label = format!("0 ms backend c={c}");
     eprintln!("running {label} ...");
     let rd = run_load(&spec(&direct, "/", c, None)).map_err(|e| e.to_string())?;
-    let rt = run_load(&spec(&tunnel, "/", c, Some("demo"))).map_err(|e| e.to_string())?;
+    let rt = tunnel_row(&label, "/", c)?;
     rows.push((row(label.clone(), rt), row(label, rd)));
     println!(
         "{}",
@@ -117,22 +129,10 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             &format!("direct  {direct}")
         )
     );
-    let fpw: Vec<String> = gw
-        .stats()
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let h = s.frames_per_writev.snapshot();
-            format!(
-                "core {i}: p50 {} p99 {} max {} (mean {:.1})",
-                h.quantile(0.5),
-                h.quantile(0.99),
-                h.max,
-                h.mean()
-            )
-        })
-        .collect();
-    println!("gateway uplink frames per writev: {}", fpw.join("; "));
+    println!("gateway uplink writer, per tunnel row (warmup included):");
+    for l in &writer_lines {
+        println!("  {l}");
+    }
     if a.serve {
         println!("serving; Ctrl-C to stop");
         crate::signals::wait_for_termination();

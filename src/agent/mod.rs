@@ -227,6 +227,10 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         monoio::time::timeout(Duration::from_millis(100), up.wait_closed()).await;
                 }
                 core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+                if core.shared.stop.load(Ordering::SeqCst) {
+                    tracing::debug!(uplink = k, "uplink closed: agent stopping");
+                    return;
+                }
                 tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
             }
             Err(Fatal(e, code)) => {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ringtunnel::config::{AgentConfig, Cores, EchoServerConfig, GatewayConfig};
-use ringtunnel::io::uplink::Limits;
+use ringtunnel::io::uplink::{Heartbeat, Limits};
 use ringtunnel::runtime::DriverKind;
 
 #[derive(Parser)]
@@ -104,6 +104,10 @@ struct GatewayArgs {
     /// Concurrent streams per uplink.
     #[arg(long, default_value_t = 4096)]
     max_streams: u32,
+    /// Seconds between PINGs on each uplink; an uplink silent for three
+    /// intervals is closed.
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_interval: f64,
 }
 
 #[derive(Args)]
@@ -137,6 +141,10 @@ struct AgentArgs {
     /// Admin endpoint (/metrics, /stats) [default: off].
     #[arg(long)]
     admin_listen: Option<String>,
+    /// Seconds between PINGs on each uplink; a gateway silent for three
+    /// intervals is treated as lost (reconnect).
+    #[arg(long, default_value_t = 15.0)]
+    heartbeat_interval: f64,
 }
 
 #[derive(Args)]
@@ -156,6 +164,14 @@ fn secs(s: f64, flag: &str) -> Result<Duration, String> {
     } else {
         Err(format!("--{flag} must be a positive number of seconds"))
     }
+}
+
+fn heartbeat(interval: f64) -> Result<Heartbeat, String> {
+    let interval = secs(interval, "heartbeat-interval")?;
+    Ok(Heartbeat {
+        interval,
+        dead_after: interval * 3,
+    })
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -187,6 +203,7 @@ fn run(cli: Cli) -> Result<(), String> {
                     conn_window: a.conn_window,
                     max_streams: a.max_streams,
                 },
+                heartbeat: heartbeat(a.heartbeat_interval)?,
                 ..GatewayConfig::default()
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
@@ -216,6 +233,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 backend_timeout: secs(a.backend_timeout, "backend-timeout")?,
                 token: a.token,
                 admin_listen: a.admin_listen,
+                heartbeat: heartbeat(a.heartbeat_interval)?,
                 ..AgentConfig::default()
             };
             ringtunnel::signals::install();

@@ -576,3 +576,78 @@ fn client_abort_mid_download_frees_the_stream() {
         assert_eq!(r.body.len(), 100_000);
     }
 }
+
+#[test]
+fn silent_peers_are_detected_by_heartbeat() {
+    // Gateway side: an agent that completes the handshake, then never
+    // sends another frame, is dropped after three heartbeat intervals.
+    let gw = gateway("uring", &["--heartbeat-interval", "0.2"]);
+    let (mut up, mut buf) = fake_uplink(gw.addr("tunnel"), "mute");
+    let t = Instant::now();
+    while read_frame(&mut up, &mut buf).is_some() {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "gateway kept a silent uplink"
+        );
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "closed too early: {:?}",
+        t.elapsed()
+    );
+
+    // Agent side: a "gateway" that accepts, answers ACCEPT and then goes
+    // silent is treated as lost, and the agent connects again.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().take(2) {
+            let mut c = c.unwrap();
+            let mut b = BytesMut::new();
+            let hello = read_frame(&mut c, &mut b).expect("HELLO");
+            assert_eq!(hello.kind, FrameType::Hello);
+            let mut out = BytesMut::new();
+            let accept = proto::Accept {
+                version: proto::PROTOCOL_VERSION,
+                gateway_cores: 1,
+                core: 0,
+                max_frame: proto::DEFAULT_MAX_FRAME,
+                stream_window: 512 * 1024,
+                conn_window: 16 * 1024 * 1024,
+                max_streams: 16,
+            };
+            proto::encode(&Frame::accept(&accept), &mut out);
+            c.write_all(&out).unwrap();
+            let _ = tx.send(Instant::now());
+            held.push(c); // keep it open, say nothing
+        }
+    });
+    let echo = echo("uring", 0);
+    let a = [
+        "agent",
+        "--gateway",
+        &addr.to_string(),
+        "--session",
+        "lonely",
+        "--to",
+        &echo.field("listen"),
+        "--cores",
+        "1",
+        "--no-pin",
+        "--heartbeat-interval",
+        "0.2",
+    ];
+    let _agent = spawn("agent", &a, "ringtunnel agent ready");
+    let first = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("first uplink");
+    let second = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the agent never reconnected after the gateway fell silent");
+    assert!(
+        second - first >= Duration::from_millis(400),
+        "reconnected before the heartbeat could have expired"
+    );
+}

@@ -204,7 +204,6 @@ fn run(cli: Cli) -> Result<(), String> {
                     max_streams: a.max_streams,
                 },
                 heartbeat: heartbeat(a.heartbeat_interval)?,
-                ..GatewayConfig::default()
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
             ringtunnel::signals::install();

@@ -276,10 +276,10 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
 /// encoder, X-Forwarded-* set by us (the client's own X-Forwarded-For is
 /// kept and extended, as proxies chain it).
 fn forward_head(head: &RequestHead, peer: SocketAddr) -> Bytes {
-    let mut h = head.clone();
+    const REPLACED: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
     let mut xff = String::new();
     let mut host_raw = None;
-    h.headers.retain(|(name, value)| {
+    for (name, value) in &head.headers {
         if name.eq_ignore_ascii_case("x-forwarded-for") {
             if let Ok(v) = std::str::from_utf8(value) {
                 if !xff.is_empty() {
@@ -287,22 +287,19 @@ fn forward_head(head: &RequestHead, peer: SocketAddr) -> Bytes {
                 }
                 xff.push_str(v.trim());
             }
-            return false;
-        }
-        if name.eq_ignore_ascii_case("host") {
+        } else if host_raw.is_none() && name.eq_ignore_ascii_case("host") {
             host_raw = Some(value.clone());
         }
-        !(name.eq_ignore_ascii_case("x-forwarded-proto")
-            || name.eq_ignore_ascii_case("x-forwarded-host"))
-    });
+    }
     if !xff.is_empty() {
         xff.push_str(", ");
     }
     xff.push_str(&peer.ip().to_string());
     let host_raw = host_raw.unwrap_or_else(|| Bytes::from(head.host.clone().unwrap_or_default()));
     let mut dst = BytesMut::with_capacity(head.head_len + 128);
-    http::encode_request_forward(
-        &h,
+    http::encode_request_forward_except(
+        head,
+        &REPLACED,
         &[
             ("X-Forwarded-For", xff.as_bytes()),
             ("X-Forwarded-Proto", b"http"),

@@ -44,6 +44,19 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// `head.host`, possibly empty) when an HTTP/1.0 request had none: the
 /// forwarded request is HTTP/1.1, which must carry one (RFC 9112 3.2).
 pub fn encode_request_forward(head: &RequestHead, extra: &[(&str, &[u8])], dst: &mut BytesMut) {
+    encode_request_forward_except(head, &[], extra, dst);
+}
+
+/// [`encode_request_forward`], also leaving out the headers named in
+/// `drop` (case-insensitive): a proxy replaces some headers (e.g.
+/// `X-Forwarded-Proto`) instead of passing the client's on, without
+/// cloning the head to do so.
+pub fn encode_request_forward_except(
+    head: &RequestHead,
+    drop: &[&str],
+    extra: &[(&str, &[u8])],
+    dst: &mut BytesMut,
+) {
     dst.reserve(head.head_len + 64);
     dst.put_slice(head.method.as_bytes());
     dst.put_u8(b' ');
@@ -56,6 +69,7 @@ pub fn encode_request_forward(head: &RequestHead, extra: &[(&str, &[u8])], dst: 
         let keep = name.eq_ignore_ascii_case("host")
             || !(is_hop_by_hop(name)
                 || name.eq_ignore_ascii_case("content-length")
+                || drop.iter().any(|d| name.eq_ignore_ascii_case(d))
                 || named_by_connection(&head.headers, name));
         if keep {
             put_header(dst, name, value);
@@ -287,6 +301,24 @@ fn named_by_connection(headers: &[(String, Bytes)], name: &str) -> bool {
 mod tests {
     use super::super::head::{parse_request, parse_response, DEFAULT_MAX_HEAD};
     use super::*;
+
+    #[test]
+    fn forward_except_drops_named_headers_only() {
+        let raw = b"GET /a HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nX-Keep: 1\r\nx-forwarded-host: evil\r\n\r\n";
+        let head = crate::http::parse_request(raw, 4096).unwrap().unwrap();
+        let mut dst = BytesMut::new();
+        encode_request_forward_except(
+            &head,
+            &["X-Forwarded-Proto", "x-forwarded-host"],
+            &[("X-Forwarded-Proto", b"http")],
+            &mut dst,
+        );
+        let text = String::from_utf8(dst.to_vec()).unwrap();
+        assert!(text.contains("X-Keep: 1\r\n"), "{text}");
+        assert!(text.contains("X-Forwarded-Proto: http\r\n"), "{text}");
+        assert!(!text.contains("https") && !text.contains("evil"), "{text}");
+        assert!(text.starts_with("GET /a HTTP/1.1\r\nHost: h\r\n"), "{text}");
+    }
 
     fn req(s: &str) -> RequestHead {
         parse_request(s.as_bytes(), DEFAULT_MAX_HEAD)

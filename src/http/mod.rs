@@ -20,8 +20,9 @@ pub mod head;
 
 pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use encode::{
-    encode_chunk_header, encode_request_forward, encode_response_forward, encode_response_head,
-    is_hop_by_hop, reason_phrase, simple_response, CHUNK_TRAILER, LAST_CHUNK,
+    encode_chunk_header, encode_request_forward, encode_request_forward_except,
+    encode_response_forward, encode_response_head, is_hop_by_hop, reason_phrase, simple_response,
+    CHUNK_TRAILER, LAST_CHUNK,
 };
 pub use head::{
     parse_request, parse_response, BodyKind, HeadError, RequestHead, ResponseHead,

@@ -369,7 +369,7 @@ fn stream_limit_and_agent_queue_answer_503_with_retry_after() {
     );
     let p = gw.addr("public");
     wait_routable(p, "tight");
-    let res = concurrent(p, 4, "GET /delay/600 HTTP/1.1\r\nHost: tight\r\n\r\n");
+    let res = concurrent(p, 4, "GET /delay/1500 HTTP/1.1\r\nHost: tight\r\n\r\n");
     let ok = res.iter().filter(|r| r.0 == 200).count();
     let busy: Vec<_> = res.iter().filter(|r| r.0 == 503).collect();
     assert_eq!(ok, 2, "{res:?}");
@@ -394,7 +394,7 @@ fn stream_limit_and_agent_queue_answer_503_with_retry_after() {
     );
     let p2 = gw2.addr("public");
     wait_routable(p2, "queue");
-    let res = concurrent(p2, 4, "GET /delay/400 HTTP/1.1\r\nHost: queue\r\n\r\n");
+    let res = concurrent(p2, 4, "GET /delay/1500 HTTP/1.1\r\nHost: queue\r\n\r\n");
     let ok = res.iter().filter(|r| r.0 == 200).count();
     let busy = res.iter().filter(|r| r.0 == 503 && r.1.is_some()).count();
     assert_eq!((ok, busy), (2, 2), "{res:?}");

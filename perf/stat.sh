@@ -200,14 +200,8 @@ reqs_a=$((ra1 - ra0))
 tck=$(rt_clk_tck)
 
 {
-  echo "# Gateway syscalls per request (c=$conns, backend delay ${delay} ms, driver $driver, $mode)"
-  echo
-  echo '```'
-  rt_rel "perf/stat.sh ${args[*]}"
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
+  rt_report_head "Gateway syscalls per request (c=$conns, backend delay ${delay} ms, driver $driver, $mode)" \
+    "perf/stat.sh ${args[*]}"
   echo "Load (whole run, the counting window is inside it):"
   echo
   echo '```'

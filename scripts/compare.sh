@@ -181,19 +181,9 @@ table=$(
 )
 
 {
-  echo "# Tunnel comparison: backend delay ${delay} ms"
-  echo
-  echo '```'
-  rt_rel "scripts/compare.sh ${args[*]}"
-  for c in "${cmds[@]}"; do echo "$c"; done
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
-  echo '```'
-  echo "$table"
-  echo '```'
-  echo
+  rt_report_head "Tunnel comparison: backend delay ${delay} ms" \
+    "scripts/compare.sh ${args[*]}" "${cmds[@]}"
+  rt_fenced <<<"$table"
   echo "Latencies in ms; rps/dir and p50-dir compare with the direct row of the same"
   echo "concurrency. Targets ran one after another (not interleaved). Raw: $(basename "$base").txt"
 } >"$base.md"

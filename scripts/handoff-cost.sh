@@ -105,14 +105,8 @@ done
 
 header=$(printf '%-10s %7s %9s %9s %9s %9s %9s %9s %9s %9s %9s %14s %11s %s' mode rate A_p50 B_p50 A_p99 B_p99 A_mean B_mean d_p50 d_p99 A_hoff/req est_ms/hoff "hoffs A/B" "errors A/B")
 {
-  echo "# Handoff cost: gateway --cores 2, agent --uplinks 1 (A) vs --uplinks 2 (B)"
-  echo
-  echo '```'
-  rt_rel "scripts/handoff-cost.sh ${args[*]}"
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
+  rt_report_head "Handoff cost: gateway --cores 2, agent --uplinks 1 (A) vs --uplinks 2 (B)" \
+    "scripts/handoff-cost.sh ${args[*]}"
   echo '```'
   echo "$header"
   printf '%s' "$report"

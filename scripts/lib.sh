@@ -397,3 +397,27 @@ rt_json_errors() {
 rt_need_arg() {
   [[ $# -ge 2 && -n $2 ]] || rt_die "$1 needs a value (see --help)"
 }
+
+# rt_report_head TITLE CMD...: the top of a results .md: the title, the
+# commands that produced it (machine paths made relative) in a code
+# block, then the machine facts.
+rt_report_head() {
+  local title=$1 c
+  shift
+  echo "# $title"
+  echo
+  echo '```'
+  for c in "$@"; do rt_rel "$c"; done
+  echo '```'
+  echo
+  rt_machine_facts
+  echo
+}
+
+# rt_fenced: standard input as a code block, then a blank line.
+rt_fenced() {
+  echo '```'
+  cat
+  echo '```'
+  echo
+}

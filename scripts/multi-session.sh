@@ -87,19 +87,9 @@ handoffs=$(rt_metric_sum "$RT_GW_ADMIN" ringtunnel_gateway_handoffs_total)
 per_session=$(rt_get "$RT_GW_ADMIN" /stats | jq -c '.sessions' 2>/dev/null || echo n/a)
 
 {
-  echo "# Multi-session: $sessions sessions, $rate req/s open loop, backend delay ${delay} ms"
-  echo
-  echo '```'
-  rt_rel "scripts/multi-session.sh ${args[*]}"
-  rt_rel "ringtunnel ${bench[*]}"
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
-  echo '```'
-  cat "$base.txt"
-  echo '```'
-  echo
+  rt_report_head "Multi-session: $sessions sessions, $rate req/s open loop, backend delay ${delay} ms" \
+    "scripts/multi-session.sh ${args[*]}" "ringtunnel ${bench[*]}"
+  rt_fenced <"$base.txt"
   echo "- errors: $errors; p99: $p99 ms; achieved: $achieved req/s of $rate offered"
   echo "- gateway error counters: $gw_errors; handoffs: $handoffs"
   echo "- uplinks per core by session: $per_session"

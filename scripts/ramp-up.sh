@@ -102,19 +102,9 @@ summary=$(rt_json_rows "$base.json" rows | awk -F'\t' '
   }')
 
 {
-  echo "# Ramp-up through the tunnel (backend delay ${delay} ms)"
-  echo
-  echo '```'
-  rt_rel "scripts/ramp-up.sh ${args[*]}"
-  rt_rel "ringtunnel ${bench[*]}"
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
-  echo '```'
-  cat "$base.txt"
-  echo '```'
-  echo
+  rt_report_head "Ramp-up through the tunnel (backend delay ${delay} ms)" \
+    "scripts/ramp-up.sh ${args[*]}" "ringtunnel ${bench[*]}"
+  rt_fenced <"$base.txt"
   echo "- failed requests (bench): $errors; gateway error counters: $gw_errors"
   echo "$summary" | sed 's/^/- /'
 } >"$base.md"

@@ -112,18 +112,9 @@ for cs in "${cases[@]}"; do
 done
 
 {
-  echo "# Gateway scaling: fast backend, c=$conns$( ((keepalive)) || echo ', no keep-alive')"
-  echo
-  echo '```'
-  rt_rel "scripts/scaling.sh ${args[*]}"
-  echo '```'
-  echo
-  rt_machine_facts
-  echo
-  echo '```'
-  echo "$table"
-  echo '```'
-  echo
+  rt_report_head "Gateway scaling: fast backend, c=$conns$( ((keepalive)) || echo ', no keep-alive')" \
+    "scripts/scaling.sh ${args[*]}"
+  rt_fenced <<<"$table"
   echo "gw_cpu_s/100k: gateway utime+stime per 100k gateway requests (warmup included)."
   echo "handoff/req: handoffs_total / requests_total; a handoff moves a connection."
   echo "handoff/c: handoffs per client connection (c=$conns; with keep-alive each connection is handed off at most once)."

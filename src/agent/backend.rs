@@ -12,13 +12,14 @@ use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use monoio::io::Splitable;
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
 use super::AgentCore;
 use crate::http::{self, BodyDecoder, BodyKind, RequestHead};
+use crate::io::batch::{write_parts, Parts};
 use crate::io::read_append;
 use crate::io::shutdown_fd;
 use crate::io::stats::{CoreStats, ErrorKind};
@@ -223,11 +224,9 @@ async fn stream_to_backend(wh: &mut TcpOwnedWriteHalf, stream: &Stream, chunked:
             Inbound::Data(d) => {
                 let n = d.len();
                 let res = if chunked {
-                    let mut b = BytesMut::with_capacity(n + 16);
-                    http::encode_chunk_header(n, &mut b);
-                    b.extend_from_slice(&d);
-                    b.extend_from_slice(http::CHUNK_TRAILER);
-                    crate::io::write_all(wh, b.freeze()).await.map(|_| ())
+                    let mut parts = Parts::new();
+                    parts.push_chunk(d);
+                    write_parts(wh, parts).await.0.map(|_| ())
                 } else {
                     crate::io::write_all(wh, d).await.map(|_| ())
                 };

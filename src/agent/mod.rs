@@ -176,7 +176,6 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
         total = shared.total.load(Ordering::SeqCst);
     }
     let live = Rc::new(Cell::new(0usize));
-    let mut started = 0usize;
     let mut next = index;
     loop {
         let total = shared.total.load(Ordering::SeqCst).max(1);
@@ -189,7 +188,6 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
                 keep_uplink(c, k).await;
                 l.set(l.get() - 1);
             });
-            started += 1;
             next += cores;
         }
         if shared.stop.load(Ordering::SeqCst) {
@@ -197,7 +195,6 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
         }
         monoio::time::sleep(Duration::from_millis(50)).await;
     }
-    let _ = started;
     // Own the tasks until they end (block_on would drop them otherwise).
     while live.get() > 0 {
         monoio::time::sleep(Duration::from_millis(20)).await;

@@ -120,6 +120,20 @@ async fn send_simple(
     crate::io::write_all(wh, resp).await.is_ok()
 }
 
+/// Answers a request the gateway itself refuses (no agent, stream limit).
+/// Its body, if any, was not read, so the connection can only continue
+/// for a bodyless keep-alive request. Returns whether it continues.
+async fn refuse_request(
+    wh: &mut TcpOwnedWriteHalf,
+    head: &RequestHead,
+    status: u16,
+    body: &str,
+    extra: &[(&str, &str)],
+) -> bool {
+    let close = head.body != BodyKind::Empty || !head.keep_alive;
+    send_simple(wh, status, body, close, extra).await && !close
+}
+
 struct ConnGuard(Rc<Core>);
 
 impl Drop for ConnGuard {
@@ -187,15 +201,15 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         let Some(session) = session else {
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
-            let msg = format!("no tunnel for host '{host_txt}'\n");
-            let close = head.body != BodyKind::Empty || !head.keep_alive;
             buf.advance(head.head_len);
-            if !send_simple(&mut wh, 502, &msg, close, &[]).await || close {
-                break;
+            let msg = format!("no tunnel for host '{host_txt}'\n");
+            if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
+                continue;
             }
-            continue;
+            break;
         };
-        if !core.has_local(&session) {
+        let up = core.pick_uplink(&session);
+        if up.is_none() && !core.has_local(&session) {
             if hops < MAX_HOPS {
                 if let Some(target) = core.remote_core_for(&session, peer.port() as usize) {
                     // The head stays in `buf`: the target core re-reads it.
@@ -224,36 +238,22 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
             }
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
-            let msg = format!("no agent connected for host '{host_txt}' (session '{session}')\n");
-            let close = head.body != BodyKind::Empty || !head.keep_alive;
             buf.advance(head.head_len);
-            if !send_simple(&mut wh, 502, &msg, close, &[]).await || close {
-                break;
+            let msg = format!("no agent connected for host '{host_txt}' (session '{session}')\n");
+            if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
+                continue;
             }
-            continue;
+            break;
         }
         CoreStats::inc(&core.stats.requests);
         buf.advance(head.head_len);
-        let Some(up) = core.pick_uplink(&session) else {
+        // Present here but every local uplink is at its stream limit.
+        let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, peer))) else {
             core.stats.error(ErrorKind::Overloaded);
-            let close = head.body != BodyKind::Empty || !head.keep_alive;
             let msg = format!("session '{session}' is at its stream limit, retry shortly\n");
-            if !send_simple(&mut wh, 503, &msg, close, &[("Retry-After", "1")]).await || close {
-                break;
+            if refuse_request(&mut wh, &head, 503, &msg, &[("Retry-After", "1")]).await {
+                continue;
             }
-            continue;
-        };
-        let fwd = forward_head(&head, peer);
-        let Some(stream) = up.open_stream(fwd) else {
-            core.stats.error(ErrorKind::Overloaded);
-            send_simple(
-                &mut wh,
-                503,
-                "session busy, retry shortly\n",
-                true,
-                &[("Retry-After", "1")],
-            )
-            .await;
             break;
         };
         core.inflight.set(core.inflight.get() + 1);
@@ -577,11 +577,7 @@ async fn stream_to_client(
                     consumed += d.len();
                     body_bytes += d.len() as u64;
                     if chunked {
-                        let mut h = BytesMut::with_capacity(12);
-                        http::encode_chunk_header(d.len(), &mut h);
-                        parts.push(h.freeze());
-                        parts.push(d);
-                        parts.push(Bytes::from_static(http::CHUNK_TRAILER));
+                        parts.push_chunk(d);
                     } else {
                         parts.push(d);
                     }

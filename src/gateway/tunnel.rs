@@ -16,8 +16,9 @@ use bytes::{Bytes, BytesMut};
 use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, CoreMsg};
-use crate::io::stats::{CoreStats, ErrorKind};
+use crate::io::stats::ErrorKind;
 use crate::io::uplink::{read_handshake_frame, write_frame, Uplink};
+use crate::io::watchdog::Watchdog;
 use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
@@ -71,19 +72,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
     // A silent peer must not hold a task forever: the watchdog shuts the
     // socket down, which ends the read below.
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
-    let done = Rc::new(Cell::new(false));
-    let d = done.clone();
-    let timeout = core.cfg().header_timeout;
-    monoio::spawn(async move {
-        monoio::time::sleep(timeout).await;
-        if !d.get() {
-            crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
-        }
-    });
+    let wd = Watchdog::start(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_RDWR);
+    wd.arm(core.cfg().header_timeout);
     let (res, leftover) =
         read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), HANDSHAKE_MAX).await;
-    done.set(true);
+    // Stopped before the socket may move to another core.
+    drop(wd);
     let frame = match res {
         Ok(f) => f,
         Err(e) => {
@@ -210,5 +204,4 @@ async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello
         core.stats.clone(),
     );
     core.add_uplink(up);
-    let _ = CoreStats::get(&core.stats.uplinks);
 }

@@ -52,6 +52,16 @@ impl Parts {
         }
     }
 
+    /// Pushes `data` as one HTTP/1.1 chunk: size line, the data itself
+    /// (not copied), CRLF.
+    pub fn push_chunk(&mut self, data: Bytes) {
+        let mut h = BytesMut::with_capacity(12);
+        crate::http::encode_chunk_header(data.len(), &mut h);
+        self.push(h.freeze());
+        self.push(data);
+        self.push(Bytes::from_static(crate::http::CHUNK_TRAILER));
+    }
+
     pub fn len(&self) -> usize {
         self.segs.len()
     }
@@ -135,7 +145,6 @@ pub struct Batch {
     parts: Parts,
     small: BytesMut,
     frames: usize,
-    bytes: usize,
 }
 
 // SAFETY: delegates to `Parts`.
@@ -160,7 +169,6 @@ impl Batch {
             parts: Parts::default(),
             small: BytesMut::with_capacity(64 * 1024),
             frames: 0,
-            bytes: 0,
         }
     }
 
@@ -174,7 +182,8 @@ impl Batch {
 
     /// Bytes not yet written.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        // Copied runs not yet sealed into parts count too.
+        self.parts.bytes() + self.small.len()
     }
 
     /// Whether another frame of `payload_len` bytes may join this batch.
@@ -184,7 +193,8 @@ impl Batch {
         }
         // A frame can take two iovec slots (copied run + payload) plus the
         // run that follows it.
-        self.parts.len() + 3 <= IOV_MAX && self.bytes + HEADER_LEN + payload_len <= MAX_BATCH_BYTES
+        self.parts.len() + 3 <= IOV_MAX
+            && self.bytes() + HEADER_LEN + payload_len <= MAX_BATCH_BYTES
     }
 
     pub fn push(&mut self, frame: &Frame) {
@@ -197,7 +207,6 @@ impl Batch {
             self.parts.push(frame.payload.clone());
         }
         self.frames += 1;
-        self.bytes += HEADER_LEN + len;
     }
 
     fn flush_small(&mut self) {
@@ -214,7 +223,6 @@ impl Batch {
     }
 
     pub fn advance(&mut self, n: usize) {
-        self.bytes -= n.min(self.bytes);
         self.parts.advance(n);
     }
 
@@ -227,7 +235,6 @@ impl Batch {
         self.parts.clear();
         self.small.clear();
         self.frames = 0;
-        self.bytes = 0;
     }
 
     /// The unwritten bytes, concatenated (tests and diagnostics).

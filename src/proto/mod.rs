@@ -24,6 +24,8 @@
 pub mod control;
 pub mod error;
 pub mod frame;
+#[doc(hidden)]
+pub mod invariants;
 
 pub use control::{
     valid_session_name, Accept, Hello, DEAD_AFTER, DEFAULT_CONN_WINDOW, DEFAULT_MAX_STREAMS,

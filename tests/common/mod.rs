@@ -132,8 +132,26 @@ pub fn echo(driver: &str, delay_ms: u64) -> Proc {
     )
 }
 
+/// `base` plus what every role in these tests gets: no pinning (tests
+/// share the cores), the driver under test, and 2 cores unless `extra`
+/// chooses.
+fn role_args(base: &[&str], driver: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = base.iter().map(|s| s.to_string()).collect();
+    args.extend(["--no-pin", "--driver", driver].map(String::from));
+    if !extra.contains(&"--cores") {
+        args.extend(["--cores", "2"].map(String::from));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn spawn_args(name: &'static str, args: &[String], ready_prefix: &str) -> Proc {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn(name, &refs, ready_prefix)
+}
+
 pub fn gateway(driver: &str, extra: &[&str]) -> Proc {
-    let mut args = vec![
+    let base = [
         "gateway",
         "--listen",
         "127.0.0.1:0",
@@ -141,37 +159,17 @@ pub fn gateway(driver: &str, extra: &[&str]) -> Proc {
         "127.0.0.1:0",
         "--admin-listen",
         "127.0.0.1:0",
-        "--no-pin",
-        "--driver",
-        driver,
     ];
-    if !extra.contains(&"--cores") {
-        args.extend(["--cores", "2"]);
-    }
-    args.extend_from_slice(extra);
-    spawn("gateway", &args, "ringtunnel gateway ready")
+    spawn_args(
+        "gateway",
+        &role_args(&base, driver, extra),
+        "ringtunnel gateway ready",
+    )
 }
 
 pub fn agent(driver: &str, gw: &Proc, session: &str, backend: SocketAddr, extra: &[&str]) -> Proc {
-    let tunnel = gw.field("tunnel");
-    let backend = backend.to_string();
-    let mut args = vec![
-        "agent",
-        "--gateway",
-        &tunnel,
-        "--session",
-        session,
-        "--to",
-        &backend,
-        "--no-pin",
-        "--driver",
-        driver,
-    ];
-    if !extra.contains(&"--cores") {
-        args.extend(["--cores", "2"]);
-    }
-    args.extend_from_slice(extra);
-    spawn("agent", &args, "ringtunnel agent ready")
+    let args = agent_args(driver, gw, session, backend, extra);
+    spawn_args("agent", &args, "ringtunnel agent ready")
 }
 
 /// echo + gateway + agent for session "demo".
@@ -532,26 +530,17 @@ pub fn agent_args(
     backend: SocketAddr,
     extra: &[&str],
 ) -> Vec<String> {
-    let mut args: Vec<String> = [
+    let (tunnel, backend) = (gw.field("tunnel"), backend.to_string());
+    let base = [
         "agent",
         "--gateway",
-        &gw.field("tunnel"),
+        &tunnel,
         "--session",
         session,
         "--to",
-        &backend.to_string(),
-        "--no-pin",
-        "--driver",
-        driver,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if !extra.contains(&"--cores") {
-        args.extend(["--cores".to_string(), "2".to_string()]);
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+        &backend,
+    ];
+    role_args(&base, driver, extra)
 }
 
 /// Polls `GET /` for `host` until it answers `want`; returns that answer.

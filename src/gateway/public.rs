@@ -153,6 +153,8 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
     let mut buf = buf;
     let mut first = true;
     let max_head = core.cfg().max_head;
+    // Formatted once per connection, used in every X-Forwarded-For.
+    let peer_ip = peer.ip().to_string();
     loop {
         wd.arm(if first || !buf.is_empty() {
             core.cfg().header_timeout
@@ -248,7 +250,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         CoreStats::inc(&core.stats.requests);
         buf.advance(head.head_len);
         // Present here but every local uplink is at its stream limit.
-        let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, peer))) else {
+        let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, &peer_ip))) else {
             core.stats.error(ErrorKind::Overloaded);
             let msg = format!("session '{session}' is at its stream limit, retry shortly\n");
             if refuse_request(&mut wh, &head, 503, &msg, &[("Retry-After", "1")]).await {
@@ -275,7 +277,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
 /// The head as the backend gets it: hop-by-hop headers dropped by the
 /// encoder, X-Forwarded-* set by us (the client's own X-Forwarded-For is
 /// kept and extended, as proxies chain it).
-fn forward_head(head: &RequestHead, peer: SocketAddr) -> Bytes {
+fn forward_head(head: &RequestHead, peer_ip: &str) -> Bytes {
     const REPLACED: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
     let mut xff = String::new();
     let mut host_raw = None;
@@ -294,7 +296,7 @@ fn forward_head(head: &RequestHead, peer: SocketAddr) -> Bytes {
     if !xff.is_empty() {
         xff.push_str(", ");
     }
-    xff.push_str(&peer.ip().to_string());
+    xff.push_str(peer_ip);
     let host_raw = host_raw.unwrap_or_else(|| Bytes::from(head.host.clone().unwrap_or_default()));
     let mut dst = BytesMut::with_capacity(head.head_len + 128);
     http::encode_request_forward_except(

@@ -4,8 +4,35 @@
 
 use std::time::Duration;
 
-use crate::io::uplink::{Heartbeat, Limits};
+use crate::proto::{Heartbeat, Limits};
 use crate::runtime::DriverKind;
+
+/// The timeouts' defaults, shared by the CLI flags and `Default`.
+pub mod defaults {
+    use std::time::Duration;
+
+    pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+    /// Above the agent's backend timeout, so that the agent's 504 (which
+    /// names the backend) normally wins.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const SLOT_TIMEOUT: Duration = Duration::from_secs(10);
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// Worker cores are tracked in 64-bit masks (the session directory).
+pub const MAX_CORES: usize = 64;
+
+fn check_cores(c: &Cores) -> Result<(), String> {
+    if c.cores > MAX_CORES {
+        return Err(format!(
+            "--cores {}: at most {MAX_CORES} worker cores are supported",
+            c.cores
+        ));
+    }
+    Ok(())
+}
 
 /// Where and how a role's workers run.
 #[derive(Clone, Debug)]
@@ -52,6 +79,9 @@ pub struct GatewayConfig {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub body_idle_timeout: Duration,
+    pub write_stall_timeout: Duration,
+    pub response_timeout: Duration,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
 }
@@ -70,6 +100,9 @@ impl Default for GatewayConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            body_idle_timeout: defaults::BODY_IDLE_TIMEOUT,
+            write_stall_timeout: defaults::WRITE_STALL_TIMEOUT,
+            response_timeout: defaults::RESPONSE_TIMEOUT,
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
         }
@@ -78,6 +111,7 @@ impl Default for GatewayConfig {
 
 impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
+        check_cores(&self.cores)?;
         if let Some(d) = &self.domain {
             if d.is_empty() || d.starts_with('.') || d.contains(['/', ':', ' ']) {
                 return Err(format!(
@@ -115,6 +149,8 @@ pub struct AgentConfig {
     pub backend_concurrency: usize,
     pub backend_queue: usize,
     pub backend_timeout: Duration,
+    pub slot_timeout: Duration,
+    pub handshake_timeout: Duration,
     pub connect_timeout: Duration,
     pub token: String,
     pub admin_listen: Option<String>,
@@ -132,7 +168,9 @@ impl Default for AgentConfig {
             cores: Cores::new(None, true, DriverKind::Auto),
             backend_concurrency: 1024,
             backend_queue: 8192,
-            backend_timeout: Duration::from_secs(30),
+            backend_timeout: defaults::BACKEND_TIMEOUT,
+            slot_timeout: defaults::SLOT_TIMEOUT,
+            handshake_timeout: defaults::HANDSHAKE_TIMEOUT,
             connect_timeout: Duration::from_secs(5),
             token: String::new(),
             admin_listen: None,
@@ -144,6 +182,7 @@ impl Default for AgentConfig {
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
+        check_cores(&self.cores)?;
         if !crate::proto::valid_session_name(&self.session) {
             return Err(format!(
                 "--session {:?}: 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",

@@ -11,8 +11,9 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use ringtunnel::config::defaults as cfgdef;
 use ringtunnel::config::{AgentConfig, Cores, EchoServerConfig, GatewayConfig};
-use ringtunnel::io::uplink::{Heartbeat, Limits};
+use ringtunnel::proto::{Heartbeat, Limits};
 use ringtunnel::runtime::DriverKind;
 
 #[derive(Parser)]
@@ -95,18 +96,30 @@ struct GatewayArgs {
     /// Seconds in-flight requests get to finish on SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Seconds a request body may pause between bytes (then 408, or the
+    /// connection is closed if the response started).
+    #[arg(long, default_value_t = cfgdef::BODY_IDLE_TIMEOUT.as_secs_f64())]
+    body_idle_timeout: f64,
+    /// Seconds a write to a client may make no progress (a client that
+    /// stopped reading) before the connection is closed.
+    #[arg(long, default_value_t = cfgdef::WRITE_STALL_TIMEOUT.as_secs_f64())]
+    write_stall_timeout: f64,
+    /// Seconds the agent has to send a response head once the request was
+    /// fully sent (then 504).
+    #[arg(long, default_value_t = cfgdef::RESPONSE_TIMEOUT.as_secs_f64())]
+    response_timeout: f64,
     /// Initial per-stream credit in bytes.
-    #[arg(long, default_value_t = 512 * 1024)]
+    #[arg(long, default_value_t = ringtunnel::proto::DEFAULT_STREAM_WINDOW)]
     stream_window: u32,
     /// Initial per-uplink credit in bytes (the per-uplink memory budget).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, default_value_t = ringtunnel::proto::DEFAULT_CONN_WINDOW)]
     conn_window: u32,
     /// Concurrent streams per uplink.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = ringtunnel::proto::DEFAULT_MAX_STREAMS)]
     max_streams: u32,
     /// Seconds between PINGs on each uplink; an uplink silent for three
     /// intervals is closed.
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = ringtunnel::proto::PING_INTERVAL.as_secs_f64())]
     heartbeat_interval: f64,
 }
 
@@ -132,9 +145,16 @@ struct AgentArgs {
     /// Requests waiting for a backend slot per core before 503.
     #[arg(long, default_value_t = 8192)]
     backend_queue: usize,
-    /// Seconds the backend has to start answering (then 504).
-    #[arg(long, default_value_t = 30.0)]
+    /// Seconds the backend has to start answering once the request body
+    /// was sent, and longest pause inside its response (then 504).
+    #[arg(long, default_value_t = cfgdef::BACKEND_TIMEOUT.as_secs_f64())]
     backend_timeout: f64,
+    /// Seconds a request may wait for a backend slot (then 503).
+    #[arg(long, default_value_t = cfgdef::SLOT_TIMEOUT.as_secs_f64())]
+    slot_timeout: f64,
+    /// Seconds the gateway has to answer the agent's HELLO.
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_TIMEOUT.as_secs_f64())]
+    handshake_timeout: f64,
     /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
     #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
     token: String,
@@ -143,7 +163,7 @@ struct AgentArgs {
     admin_listen: Option<String>,
     /// Seconds between PINGs on each uplink; a gateway silent for three
     /// intervals is treated as lost (reconnect).
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = ringtunnel::proto::PING_INTERVAL.as_secs_f64())]
     heartbeat_interval: f64,
 }
 
@@ -167,11 +187,10 @@ fn secs(s: f64, flag: &str) -> Result<Duration, String> {
 }
 
 fn heartbeat(interval: f64) -> Result<Heartbeat, String> {
-    let interval = secs(interval, "heartbeat-interval")?;
-    Ok(Heartbeat {
+    Ok(Heartbeat::from_interval(secs(
         interval,
-        dead_after: interval * 3,
-    })
+        "heartbeat-interval",
+    )?))
 }
 
 fn run(cli: Cli) -> Result<(), String> {
@@ -197,6 +216,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 header_timeout: secs(a.header_timeout, "header-timeout")?,
                 idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
                 shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+                body_idle_timeout: secs(a.body_idle_timeout, "body-idle-timeout")?,
+                write_stall_timeout: secs(a.write_stall_timeout, "write-stall-timeout")?,
+                response_timeout: secs(a.response_timeout, "response-timeout")?,
                 limits: Limits {
                     max_frame: ringtunnel::proto::DEFAULT_MAX_FRAME,
                     stream_window: a.stream_window,
@@ -230,6 +252,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 backend_concurrency: a.backend_concurrency,
                 backend_queue: a.backend_queue,
                 backend_timeout: secs(a.backend_timeout, "backend-timeout")?,
+                slot_timeout: secs(a.slot_timeout, "slot-timeout")?,
+                handshake_timeout: secs(a.handshake_timeout, "handshake-timeout")?,
                 token: a.token,
                 admin_listen: a.admin_listen,
                 heartbeat: heartbeat(a.heartbeat_interval)?,

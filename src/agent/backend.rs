@@ -2,31 +2,42 @@
 //! backend per OPEN, over a per-core keep-alive pool.
 //!
 //! Concurrency is limited per core (`--backend-concurrency`); requests
-//! beyond it wait in a bounded queue, and beyond that are refused with
-//! OVERLOADED (the gateway answers 503 + Retry-After). Backend failures
-//! end only their stream: connect errors and resets become BACKEND_*
-//! RESETs (502), a missing response head within `--backend-timeout`
-//! becomes BACKEND_TIMEOUT (504).
+//! beyond it wait in a bounded queue for at most `--slot-timeout`, and
+//! beyond that are refused with OVERLOADED (the gateway answers 503 +
+//! Retry-After). A request reset while it waits never reaches the backend.
+//! Backend failures end only their stream: connect errors and resets become
+//! BACKEND_* RESETs (502); `--backend-timeout` counts from the moment the
+//! request body was fully written (so slow uploads are not cut) and bounds
+//! the response head and every pause inside the response body (504).
+//!
+//! A backend connection goes back to the pool only when exactly the
+//! declared request body was written and the whole response was read, so
+//! a connection can never carry half of someone else's exchange. A request
+//! is replayed on a fresh connection only when it is idempotent, had no
+//! body, and no byte of its response was forwarded.
 
 use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use monoio::io::Splitable;
-use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
+use monoio::net::tcp::TcpOwnedReadHalf;
 use monoio::net::TcpStream;
 
 use super::AgentCore;
-use crate::http::{self, BodyDecoder, BodyKind, RequestHead};
-use crate::io::batch::{write_parts, Parts};
+use crate::http::{self, BodyKind, RequestHead};
 use crate::io::read_append;
+use crate::io::relay::{
+    body_to_stream, raw_to_stream, stream_to_raw, stream_to_writer, Deadlines, OutFraming,
+    PumpError, Upgrade, UpgradeGate,
+};
 use crate::io::shutdown_fd;
 use crate::io::stats::{CoreStats, ErrorKind};
-use crate::io::uplink::{Inbound, Stream, DATA_CHUNK};
+use crate::io::uplink::Stream;
 use crate::io::watchdog::Watchdog;
 use crate::proto::ErrorCode;
-use crate::runtime::notify::{wait_until, Notify};
 
 /// Idle backend connections kept per core.
 const POOL_MAX: usize = 512;
@@ -42,8 +53,41 @@ struct SlotGuard<'a>(&'a AgentCore);
 impl Drop for SlotGuard<'_> {
     fn drop(&mut self) {
         self.0.running.set(self.0.running.get() - 1);
-        self.0.slot_free.wake_all();
+        self.0.slot_free.wake_one();
     }
+}
+
+/// How waiting for a backend slot ended.
+enum SlotWait {
+    Got,
+    /// The stream was reset (client gone) while queued.
+    Aborted,
+    TimedOut,
+}
+
+async fn wait_slot(core: &AgentCore, stream: &Stream, limit: usize) -> SlotWait {
+    let got = std::future::poll_fn(|cx| {
+        if stream.poll_aborted(cx).is_ready() {
+            return Poll::Ready(SlotWait::Aborted);
+        }
+        if core.running.get() < limit {
+            return Poll::Ready(SlotWait::Got);
+        }
+        core.slot_free.register(cx.waker());
+        Poll::Pending
+    });
+    monoio::select! {
+        r = got => r,
+        _ = monoio::time::sleep(core.cfg().slot_timeout) => SlotWait::TimedOut,
+    }
+}
+
+/// RFC 9110 §9.2.2: methods whose repetition has the same effect.
+fn idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
 }
 
 pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Bytes) {
@@ -56,6 +100,12 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
             return;
         }
     };
+    if req.upgrade.is_some() && req.body != BodyKind::Empty {
+        // The gateway refuses these; never let one near a pooled connection.
+        core.stats.error(ErrorKind::Protocol);
+        stream.reset(ErrorCode::ProtocolError);
+        return;
+    }
     let limit = core.cfg().backend_concurrency;
     if core.running.get() >= limit {
         if core.waiting.get() >= core.cfg().backend_queue {
@@ -64,14 +114,27 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
             return;
         }
         core.waiting.set(core.waiting.get() + 1);
-        wait_until(&core.slot_free, || core.running.get() < limit).await;
+        let r = wait_slot(&core, &stream, limit).await;
         core.waiting.set(core.waiting.get() - 1);
+        match r {
+            SlotWait::Got => {}
+            SlotWait::Aborted | SlotWait::TimedOut => {
+                // A slot freed for us goes to the next waiter instead.
+                if core.running.get() < limit {
+                    core.slot_free.wake_one();
+                }
+                if let SlotWait::TimedOut = r {
+                    core.stats.error(ErrorKind::Overloaded);
+                    stream.reset(ErrorCode::Overloaded);
+                }
+                return;
+            }
+        }
     }
     core.running.set(core.running.get() + 1);
     let _slot = SlotGuard(&core);
 
-    // A pooled connection may have been closed by the backend meanwhile;
-    // a request without a body is safe to send again on a fresh one.
+    // A pooled connection may have been closed by the backend meanwhile.
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -88,8 +151,11 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
                 }
             },
         };
-        let retry_ok =
-            was_pooled && attempts == 1 && req.body == BodyKind::Empty && req.upgrade.is_none();
+        let retry_ok = was_pooled
+            && attempts == 1
+            && req.body == BodyKind::Empty
+            && req.upgrade.is_none()
+            && idempotent(&req.method);
         match exchange(&core, conn, &stream, &head, &req, retry_ok).await {
             Outcome::Done(Some(conn)) => {
                 let mut pool = core.pool.borrow_mut();
@@ -132,13 +198,6 @@ enum Outcome {
     RetryFresh,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Upgrade {
-    Pending,
-    Yes,
-    No,
-}
-
 async fn exchange(
     core: &AgentCore,
     conn: BackendConn,
@@ -150,7 +209,11 @@ async fn exchange(
     let BackendConn { stream: bs, wd } = conn;
     let fd = bs.as_raw_fd();
     let (mut rh, mut wh) = bs.into_split();
-    if crate::io::write_all(&mut wh, head.clone()).await.is_err() {
+    let bt = core.cfg().backend_timeout;
+    wd.arm_write(bt);
+    let head_ok = crate::io::write_all(&mut wh, head.clone()).await.is_ok();
+    wd.disarm_write();
+    if !head_ok {
         wd.stop();
         if retry_ok {
             return Outcome::RetryFresh;
@@ -159,48 +222,50 @@ async fn exchange(
         stream.reset(ErrorCode::BackendReset);
         return Outcome::Done(None);
     }
-    wd.arm(core.cfg().backend_timeout);
-    let req_done = Cell::new(false);
-    let upgrade = Cell::new(Upgrade::Pending);
-    let decided = Notify::new();
+    let gate = UpgradeGate::default();
     let aborted = Cell::new(false);
     let pump_req = async {
-        if req.upgrade.is_some() {
-            while upgrade.get() == Upgrade::Pending {
-                decided.notified().await;
+        let t = Deadlines {
+            wd: &wd,
+            read_idle: None,
+            write_stall: Some(bt),
+        };
+        let r = if req.upgrade.is_some() {
+            if gate.wait().await == Upgrade::Accepted {
+                // END on an upgraded stream is the client's half-close.
+                let r = stream_to_raw(&mut wh, stream, t).await;
+                return r.is_ok();
+            }
+            stream_to_writer(&mut wh, stream, OutFraming::Empty, None, t).await
+        } else {
+            stream_to_writer(&mut wh, stream, OutFraming::of(req.body), None, t).await
+        };
+        match r {
+            Ok(_) => {
+                // The backend's time to answer starts now, not while a
+                // slow client was still uploading.
+                if gate.get() != Upgrade::Accepted {
+                    wd.arm(bt);
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "request body to the backend failed");
+                aborted.set(true);
+                shutdown_fd(fd, libc::SHUT_RDWR);
+                false
             }
         }
-        let ok = stream_to_backend(
-            &mut wh,
-            stream,
-            req.body == BodyKind::Chunked && upgrade.get() != Upgrade::Yes,
-        )
-        .await;
-        if !ok {
-            aborted.set(true);
-            shutdown_fd(fd, libc::SHUT_RDWR);
-        } else if upgrade.get() == Upgrade::Yes {
-            // END on an upgraded stream is the client's half-close.
-            shutdown_fd(fd, libc::SHUT_WR);
-        }
-        req_done.set(ok);
-        ok
     };
     let pump_resp = async {
-        let r = backend_to_stream(
-            core, &mut rh, stream, req, &wd, retry_ok, &aborted, &upgrade, &decided,
-        )
-        .await;
-        if upgrade.get() == Upgrade::Pending {
-            upgrade.set(Upgrade::No);
-            decided.notify();
-        }
+        let r = backend_to_stream(core, &mut rh, stream, req, &wd, retry_ok, &aborted, &gate).await;
+        gate.decide(Upgrade::Refused);
         r
     };
     let (req_ok, resp) = monoio::join!(pump_req, pump_resp);
     wd.disarm();
     match resp {
-        Resp::Reusable if req_ok && upgrade.get() != Upgrade::Yes => match rh.reunite(wh) {
+        Resp::Reusable if req_ok && gate.get() != Upgrade::Accepted => match rh.reunite(wh) {
             Ok(stream) => Outcome::Done(Some(BackendConn { stream, wd })),
             Err(_) => Outcome::Done(None),
         },
@@ -211,41 +276,6 @@ async fn exchange(
         _ => {
             wd.stop();
             Outcome::Done(None)
-        }
-    }
-}
-
-/// DATA frames -> backend, re-framed as chunks when the request was
-/// chunked. Credit goes back to the gateway only once the backend took
-/// the bytes. Returns false if the stream was aborted.
-async fn stream_to_backend(wh: &mut TcpOwnedWriteHalf, stream: &Stream, chunked: bool) -> bool {
-    loop {
-        match stream.recv().await {
-            Inbound::Data(d) => {
-                let n = d.len();
-                let res = if chunked {
-                    let mut parts = Parts::new();
-                    parts.push_chunk(d);
-                    write_parts(wh, parts).await.0.map(|_| ())
-                } else {
-                    crate::io::write_all(wh, d).await.map(|_| ())
-                };
-                if res.is_err() {
-                    return false;
-                }
-                stream.consumed(n);
-            }
-            Inbound::End => {
-                if chunked
-                    && crate::io::write_all(wh, Bytes::from_static(http::LAST_CHUNK))
-                        .await
-                        .is_err()
-                {
-                    return false;
-                }
-                return true;
-            }
-            Inbound::Head(_) | Inbound::Reset(_) | Inbound::Gone => return false,
         }
     }
 }
@@ -265,20 +295,20 @@ async fn backend_to_stream(
     wd: &Watchdog,
     retry_ok: bool,
     aborted: &Cell<bool>,
-    upgrade: &Cell<Upgrade>,
-    decided: &Notify,
+    gate: &UpgradeGate,
 ) -> Resp {
     let mut buf = crate::io::carve(16 * 1024);
     let max_head = crate::http::DEFAULT_MAX_HEAD;
+    let mut forwarded = false;
     let resp = loop {
         match http::parse_response(&buf, max_head, req.is_head()) {
             Ok(Some(h)) => {
                 let raw = buf.split_to(h.head_len).freeze();
+                stream.send_head(raw);
+                forwarded = true;
                 if (100..200).contains(&h.status) && h.status != 101 {
-                    stream.send_head(raw);
                     continue;
                 }
-                stream.send_head(raw);
                 break h;
             }
             Ok(None) => {}
@@ -300,7 +330,7 @@ async fn backend_to_stream(
                 stream.reset(ErrorCode::BackendTimeout);
                 return Resp::Closed;
             }
-            if retry_ok && buf.is_empty() {
+            if retry_ok && buf.is_empty() && !forwarded {
                 return Resp::Stale;
             }
             core.stats.error(ErrorKind::BackendReset);
@@ -310,59 +340,32 @@ async fn backend_to_stream(
     };
     wd.disarm();
     if resp.status == 101 && req.upgrade.is_some() {
-        upgrade.set(Upgrade::Yes);
-        decided.notify();
+        gate.decide(Upgrade::Accepted);
         // Raw relay: backend bytes -> DATA until EOF, then END.
-        loop {
-            if !buf.is_empty() && stream.send_data(buf.split().freeze()).await.is_err() {
-                return Resp::Closed;
-            }
-            let (res, b) = read_append(rh, buf, 16 * 1024, 64 * 1024).await;
-            buf = b;
-            if !matches!(res, Ok(n) if n > 0) {
-                stream.send_end();
-                return Resp::Closed;
-            }
-        }
+        let _ = raw_to_stream(rh, &mut buf, stream).await;
+        return Resp::Closed;
     }
-    if req.upgrade.is_some() {
-        upgrade.set(Upgrade::No);
-        decided.notify();
-    }
-    let mut dec = BodyDecoder::new(resp.body);
-    loop {
-        match dec.decode(&mut buf, DATA_CHUNK) {
-            Ok(Some(piece)) => {
-                if stream.send_data(piece).await.is_err() {
-                    return Resp::Closed;
-                }
-            }
-            Ok(None) if dec.is_done() => {
-                stream.send_end();
-                return if resp.keep_alive && resp.body != BodyKind::Eof {
-                    Resp::Reusable
-                } else {
-                    Resp::Closed
-                };
-            }
-            Ok(None) => {
-                let (res, b) = read_append(rh, buf, 16 * 1024, 64 * 1024).await;
-                buf = b;
-                if !matches!(res, Ok(n) if n > 0) {
-                    if dec.on_eof().is_ok() && !aborted.get() {
-                        stream.send_end();
-                    } else if !aborted.get() {
-                        core.stats.error(ErrorKind::BackendReset);
-                        stream.reset(ErrorCode::BackendReset);
-                    }
-                    return Resp::Closed;
-                }
-            }
-            Err(_) => {
-                core.stats.error(ErrorKind::BackendReset);
-                stream.reset(ErrorCode::BackendReset);
-                return Resp::Closed;
-            }
+    gate.decide(Upgrade::Refused);
+    let t = Deadlines {
+        wd,
+        read_idle: Some(core.cfg().backend_timeout),
+        write_stall: None,
+    };
+    match body_to_stream(rh, &mut buf, stream, resp.body, t).await {
+        // Bytes after the response are not ours to forward: such a
+        // connection is not reused.
+        Ok(_) if resp.keep_alive && resp.body != BodyKind::Eof && buf.is_empty() => Resp::Reusable,
+        Ok(_) => Resp::Closed,
+        Err(PumpError::TimedOut(_)) => {
+            core.stats.error(ErrorKind::BackendTimeout);
+            stream.reset(ErrorCode::BackendTimeout);
+            Resp::Closed
         }
+        Err(PumpError::Closed | PumpError::BadBody(_)) if !aborted.get() => {
+            core.stats.error(ErrorKind::BackendReset);
+            stream.reset(ErrorCode::BackendReset);
+            Resp::Closed
+        }
+        Err(_) => Resp::Closed,
     }
 }

@@ -20,6 +20,7 @@ use monoio::net::TcpStream;
 use crate::config::AgentConfig;
 use crate::io::stats::CoreStats;
 use crate::io::uplink::{read_handshake_frame, write_frame, Limits, Uplink};
+use crate::io::watchdog::Watchdog;
 use crate::proto::{ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
 use crate::runtime::notify::WaitList;
 
@@ -298,11 +299,24 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         token: cfg.token.clone(),
         session: cfg.session.clone(),
     };
-    write_frame(&mut stream, &Frame::hello(&hello))
-        .await
-        .map_err(|e| Retry(e.to_string()))?;
-    let (res, leftover) =
-        read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await;
+    // A gateway that accepts the connection and never answers must not
+    // hold this uplink: the watchdog shuts the socket down at the deadline.
+    let wd = Watchdog::start(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_RDWR);
+    wd.arm(cfg.handshake_timeout);
+    wd.arm_write(cfg.handshake_timeout);
+    let sent = write_frame(&mut stream, &Frame::hello(&hello)).await;
+    let (res, leftover) = match sent {
+        Ok(()) => read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await,
+        Err(e) => (Err(e.to_string()), BytesMut::new()),
+    };
+    let timed_out = wd.fired();
+    drop(wd);
+    if timed_out {
+        return Err(Retry(format!(
+            "no handshake answer within {} s",
+            cfg.handshake_timeout.as_secs_f64()
+        )));
+    }
     let f = res.map_err(Retry)?;
     match f.kind {
         FrameType::Accept => {}
@@ -339,6 +353,7 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         k as u64,
         core.index,
         cfg.session.clone(),
+        crate::proto::Role::Agent,
         limits,
         cfg.heartbeat,
         core.stats.clone(),

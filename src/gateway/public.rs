@@ -10,33 +10,33 @@
 //! stream handle, so a backend that answers before reading the whole body
 //! works, and neither direction waits for the other.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::io::{AsyncWriteRent, Splitable};
+use monoio::io::{AsyncWriteRent, Canceller, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, CoreMsg};
-use crate::http::{self, BodyDecoder, BodyKind, HeadError, RequestHead, ResponseHead};
-use crate::io::batch::{write_parts, Parts};
+use crate::http::{self, BodyKind, HeadError, RequestHead, ResponseHead};
+use crate::io::relay::{
+    body_to_stream, raw_to_stream, stream_to_raw, stream_to_writer, watch_for_close, Deadlines,
+    OutFraming, PumpError, Upgrade, UpgradeGate, Watched,
+};
 use crate::io::stats::{CoreStats, ErrorKind};
-use crate::io::uplink::{Inbound, Stream, DATA_CHUNK};
+use crate::io::uplink::{Inbound, Stream};
 use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
 use crate::proto::ErrorCode;
-use crate::runtime::notify::Notify;
 
 /// A connection moves between cores at most this often per request, so a
 /// session flapping between cores cannot bounce a client forever.
 const MAX_HOPS: u8 = 2;
-/// How much response body we gather before one write to the client.
-const COALESCE: usize = 256 * 1024;
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
     loop {
@@ -193,6 +193,20 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         };
         first = false;
         let cfg = core.cfg();
+        if head.upgrade.is_some() && head.body != BodyKind::Empty {
+            // A body on an upgrade request would be smuggled into a pooled
+            // backend connection if the upgrade is refused.
+            core.stats.error(ErrorKind::BadRequest);
+            send_simple(
+                &mut wh,
+                400,
+                "an Upgrade request must not carry a body\n",
+                true,
+                &[],
+            )
+            .await;
+            break;
+        }
         let session = crate::route::route(
             head.host.as_deref(),
             cfg.domain.as_deref(),
@@ -259,7 +273,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
             break;
         };
         core.inflight.set(core.inflight.get() + 1);
-        let keep = exchange(&core, &mut rh, &mut wh, &mut buf, fd, &head, stream).await;
+        let keep = exchange(&core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream).await;
         // The hop limit is per request: the next one may move again.
         hops = 0;
         core.inflight.set(core.inflight.get() - 1);
@@ -312,57 +326,72 @@ fn forward_head(head: &RequestHead, peer_ip: &str) -> Bytes {
     dst.freeze()
 }
 
-/// What the response side decided about an `Upgrade` request.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum UpgradeDecision {
-    Pending,
-    Upgraded,
-    Refused,
-}
-
-/// Serves one request over `stream`. Returns whether the connection may
-/// carry another request.
+/// Serves one request over `stream`: the request side (body, then a watch
+/// for the client going away) and the response side run side by side.
+/// Returns whether the connection may carry another request.
+#[allow(clippy::too_many_arguments)]
 async fn exchange(
     core: &Core,
     rh: &mut TcpOwnedReadHalf,
     wh: &mut TcpOwnedWriteHalf,
     buf: &mut BytesMut,
     fd: RawFd,
+    wd: &Watchdog,
     req: &RequestHead,
     stream: Stream,
 ) -> bool {
-    let req_done = Cell::new(false);
-    let upgrade = Cell::new(UpgradeDecision::Pending);
-    let decided = Notify::new();
+    let cfg = core.cfg();
+    let gate = UpgradeGate::default();
+    let side = ReqSide::default();
+    let canceller = RefCell::new(Some(Canceller::new()));
+    let watch = canceller.borrow().as_ref().map(|c| c.handle());
+    let resp_done = Cell::new(false);
+    let max_watch = cfg.max_head;
     let pump_req = async {
-        let ok = if req.upgrade.is_some() {
-            while upgrade.get() == UpgradeDecision::Pending {
-                decided.notified().await;
+        if req.upgrade.is_some() {
+            // Upgrade requests carry no body (one with a body got 400).
+            if gate.wait().await == Upgrade::Accepted {
+                let _ = raw_to_stream(rh, buf, &stream).await;
+                return false;
             }
-            if upgrade.get() == UpgradeDecision::Upgraded {
-                raw_to_stream(rh, buf, &stream).await
-            } else {
-                stream.send_end();
-                true
-            }
-        } else {
-            body_to_stream(rh, buf, &stream, req.body).await
+            stream.send_end();
+            side.done(Instant::now());
+            return true;
+        }
+        let t = Deadlines {
+            wd,
+            read_idle: Some(cfg.body_idle_timeout),
+            write_stall: None,
         };
-        req_done.set(true);
-        ok
+        if let Err(e) = body_to_stream(rh, buf, &stream, req.body, t).await {
+            tracing::debug!(error = %e, "request body failed");
+            *side.failed.borrow_mut() = Some(e);
+            stream.reset(ErrorCode::Cancel);
+            return false;
+        }
+        side.done(Instant::now());
+        // Nothing left to read for this request: watch the client, so one
+        // that goes away cancels its stream at once.
+        if let (false, Some(h)) = (resp_done.get(), watch) {
+            if watch_for_close(rh, buf, max_watch, h).await == Watched::Closed {
+                *side.failed.borrow_mut() = Some(PumpError::Closed);
+                stream.reset(ErrorCode::Cancel);
+                return false;
+            }
+        }
+        true
     };
     let pump_resp = async {
-        let keep = stream_to_client(core, wh, &stream, req, &upgrade, &decided).await;
-        if upgrade.get() == UpgradeDecision::Pending {
-            upgrade.set(UpgradeDecision::Refused);
-            decided.notify();
+        let keep = respond(core, wh, wd, &stream, req, &gate, &side).await;
+        resp_done.set(true);
+        gate.decide(Upgrade::Refused);
+        if let Some(c) = canceller.borrow_mut().take() {
+            c.cancel();
         }
         // The response is complete (or failed) while the client is still
-        // sending: stop reading it; the connection cannot be reused. A
-        // request without a body has nothing left to read, even if its
-        // pump (which only sends END) has not run yet: on epoll the
-        // response write can finish before join! polls it again.
-        if !req_done.get() && req.body != BodyKind::Empty {
+        // sending its body: stop reading it; the connection cannot be
+        // reused.
+        if side.done_at.get().is_none() && req.body != BodyKind::Empty {
             shutdown_fd(fd, libc::SHUT_RD);
             return false;
         }
@@ -372,57 +401,20 @@ async fn exchange(
     keep && req_ok
 }
 
-/// Client request body -> DATA frames, de-framed (length or chunked).
-async fn body_to_stream(
-    rh: &mut TcpOwnedReadHalf,
-    buf: &mut BytesMut,
-    stream: &Stream,
-    kind: BodyKind,
-) -> bool {
-    let mut dec = BodyDecoder::new(kind);
-    loop {
-        match dec.decode(buf, DATA_CHUNK) {
-            Ok(Some(piece)) => {
-                if stream.send_data(piece).await.is_err() {
-                    return false;
-                }
-            }
-            Ok(None) if dec.is_done() => {
-                stream.send_end();
-                return true;
-            }
-            Ok(None) => {
-                let (res, b) = read_append(rh, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
-                *buf = b;
-                if !matches!(res, Ok(n) if n > 0) {
-                    stream.reset(ErrorCode::Cancel);
-                    return false;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = ?e, "bad request body");
-                stream.reset(ErrorCode::Cancel);
-                return false;
-            }
-        }
-    }
+/// What the request side tells the response side.
+#[derive(Default)]
+struct ReqSide {
+    /// When the request (head and body) was fully sent on the stream: the
+    /// response-head timeout counts from here.
+    done_at: Cell<Option<Instant>>,
+    /// Why the request side failed, which decides the answer (400, 408 or
+    /// none for a client that left).
+    failed: RefCell<Option<PumpError>>,
 }
 
-/// After a 101: raw client bytes -> DATA until the client half-closes.
-async fn raw_to_stream(rh: &mut TcpOwnedReadHalf, buf: &mut BytesMut, stream: &Stream) -> bool {
-    loop {
-        if !buf.is_empty() {
-            let data = buf.split().freeze();
-            if stream.send_data(data).await.is_err() {
-                return false;
-            }
-        }
-        let (res, b) = read_append(rh, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
-        *buf = b;
-        if !matches!(res, Ok(n) if n > 0) {
-            stream.send_end();
-            return false;
-        }
+impl ReqSide {
+    fn done(&self, now: Instant) {
+        self.done_at.set(Some(now));
     }
 }
 
@@ -453,19 +445,57 @@ fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
     }
 }
 
+/// Waits for the next event of a stream whose response head has not come,
+/// up to `--response-timeout` after the request was fully sent. `None`:
+/// timed out. Racing `recv` against a timer loses nothing: an event not
+/// taken stays queued in the connection.
+async fn recv_head_event(stream: &Stream, timeout: Duration, side: &ReqSide) -> Option<Inbound> {
+    loop {
+        let wait = match side.done_at.get() {
+            Some(t0) => {
+                let left = (t0 + timeout).saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return None;
+                }
+                left
+            }
+            // The body is still on its way; its own idle deadline bounds it.
+            None => timeout,
+        };
+        monoio::select! {
+            ev = stream.recv() => return Some(ev),
+            _ = monoio::time::sleep(wait) => {}
+        }
+    }
+}
+
 /// Frames -> client: 1xx heads, the final head, then the body in the
 /// backend's framing (close-delimited bodies become chunked for 1.1
-/// clients so the connection survives). Returns keep-alive.
-async fn stream_to_client(
+/// clients so the connection survives), with the agent's framing enforced.
+/// Returns keep-alive.
+async fn respond(
     core: &Core,
     wh: &mut TcpOwnedWriteHalf,
+    wd: &Watchdog,
     stream: &Stream,
     req: &RequestHead,
-    upgrade: &Cell<UpgradeDecision>,
-    decided: &Notify,
+    gate: &UpgradeGate,
+    side: &ReqSide,
 ) -> bool {
+    let cfg = core.cfg();
+    let host = req.host.as_deref().unwrap_or("");
     let resp: ResponseHead = loop {
-        match stream.recv().await {
+        let Some(ev) = recv_head_event(stream, cfg.response_timeout, side).await else {
+            stream.reset(ErrorCode::Cancel);
+            core.stats.error(ErrorKind::BackendTimeout);
+            let msg = format!(
+                "the agent for host '{host}' did not answer within {} s\n",
+                cfg.response_timeout.as_secs_f64()
+            );
+            send_simple(wh, 504, &msg, true, &[]).await;
+            return false;
+        };
+        match ev {
             Inbound::Head(raw) => match http::parse_response(&raw, raw.len(), req.is_head()) {
                 Ok(Some(h)) if (100..200).contains(&h.status) && h.status != 101 => {
                     if req.version >= 1 {
@@ -479,12 +509,14 @@ async fn stream_to_client(
                             &mut d,
                         );
                         if crate::io::write_all(wh, d.freeze()).await.is_err() {
+                            stream.reset(ErrorCode::Cancel);
                             return false;
                         }
                     }
                 }
                 Ok(Some(h)) => break h,
                 _ => {
+                    stream.reset(ErrorCode::ProtocolError);
                     core.stats.error(ErrorKind::BackendReset);
                     send_simple(
                         wh,
@@ -498,44 +530,77 @@ async fn stream_to_client(
                 }
             },
             Inbound::Reset(code) => {
-                let (status, kind, why) = error_status(code);
-                core.stats.error(kind);
-                let extra: &[(&str, &str)] = if status == 503 {
-                    &[("Retry-After", "1")]
-                } else {
-                    &[]
+                // Our own reset after a failed request body decides the
+                // answer: the agent never saw a valid request.
+                let failed = side.failed.borrow().clone();
+                return match failed {
+                    Some(PumpError::BadBody(e)) => {
+                        core.stats.error(ErrorKind::BadRequest);
+                        let msg = format!("bad request body: {e:?}\n");
+                        send_simple(wh, 400, &msg, true, &[]).await;
+                        false
+                    }
+                    Some(PumpError::TimedOut(_)) => {
+                        core.stats.error(ErrorKind::HeaderTimeout);
+                        send_simple(wh, 408, "request body not received in time\n", true, &[])
+                            .await;
+                        false
+                    }
+                    Some(_) => false,
+                    None => {
+                        let (status, kind, why) = error_status(code);
+                        core.stats.error(kind);
+                        let extra: &[(&str, &str)] = if status == 503 {
+                            &[("Retry-After", "1")]
+                        } else {
+                            &[]
+                        };
+                        let msg = format!("{why} (host '{host}')\n");
+                        send_simple(wh, status, &msg, !req.keep_alive, extra).await
+                            && req.keep_alive
+                    }
                 };
-                let msg = format!("{why} (host '{}')\n", req.host.as_deref().unwrap_or(""));
-                return send_simple(wh, status, &msg, !req.keep_alive, extra).await
-                    && req.keep_alive;
             }
             Inbound::Gone | Inbound::End | Inbound::Data(_) => {
+                if side.failed.borrow().is_some() {
+                    return false;
+                }
                 core.stats.error(ErrorKind::AgentGone);
-                let msg = format!(
-                    "the agent for host '{}' disconnected before answering\n",
-                    req.host.as_deref().unwrap_or("")
-                );
+                let msg = format!("the agent for host '{host}' disconnected before answering\n");
                 send_simple(wh, 502, &msg, true, &[]).await;
                 return false;
             }
         }
     };
 
-    if resp.status == 101 && req.upgrade.is_some() {
+    let t = Deadlines {
+        wd,
+        read_idle: None,
+        write_stall: Some(cfg.write_stall_timeout),
+    };
+    if resp.status == 101 {
+        if req.upgrade.is_none() {
+            // A switch nobody asked for would hand the client a raw byte
+            // stream it cannot frame.
+            stream.reset(ErrorCode::ProtocolError);
+            core.stats.error(ErrorKind::BackendReset);
+            let msg = format!("the backend for host '{host}' switched protocols unasked\n");
+            send_simple(wh, 502, &msg, true, &[]).await;
+            return false;
+        }
         let mut d = BytesMut::new();
         http::encode_response_forward(&resp, BodyKind::Empty, false, req.version, true, &mut d);
         if crate::io::write_all(wh, d.freeze()).await.is_err() {
+            stream.reset(ErrorCode::Cancel);
             return false;
         }
-        upgrade.set(UpgradeDecision::Upgraded);
-        decided.notify();
-        stream_to_raw(wh, stream).await;
+        gate.decide(Upgrade::Accepted);
+        if stream_to_raw(wh, stream, t).await.is_err() {
+            stream.reset(ErrorCode::Cancel);
+        }
         return false;
     }
-    if req.upgrade.is_some() {
-        upgrade.set(UpgradeDecision::Refused);
-        decided.notify();
-    }
+    gate.decide(Upgrade::Refused);
 
     let (framing, keep_cl) = match resp.body {
         BodyKind::Empty => (BodyKind::Empty, true),
@@ -549,96 +614,31 @@ async fn stream_to_client(
         && !core.shared.shutting_down.load(Ordering::Relaxed);
     let mut head = BytesMut::with_capacity(resp.head_len + 64);
     http::encode_response_forward(&resp, framing, keep_cl, req.version, keep_alive, &mut head);
-    let chunked = framing == BodyKind::Chunked;
-
-    let mut pending = Some(head.freeze());
-    let mut body_bytes = 0u64;
-    loop {
-        let mut parts = Parts::new();
-        if let Some(h) = pending.take() {
-            parts.push(h);
-        }
-        let mut consumed = 0usize;
-        let mut finished = false;
-        let mut failed = false;
-        // Gather what has already arrived (at least one event) into one
-        // write: fewer syscalls when the tunnel runs ahead of the client.
-        let mut first_ev = true;
-        while parts.bytes() < COALESCE {
-            let ev = if first_ev {
-                first_ev = false;
-                stream.recv().await
-            } else {
-                match stream.try_recv() {
-                    Some(ev) => ev,
-                    None => break,
-                }
-            };
-            match ev {
-                Inbound::Data(d) => {
-                    consumed += d.len();
-                    body_bytes += d.len() as u64;
-                    if chunked {
-                        parts.push_chunk(d);
-                    } else {
-                        parts.push(d);
-                    }
-                }
-                Inbound::End => {
-                    if chunked {
-                        parts.push(Bytes::from_static(http::LAST_CHUNK));
-                    }
-                    finished = true;
-                    break;
-                }
-                Inbound::Head(_) | Inbound::Reset(_) | Inbound::Gone => {
-                    failed = true;
-                    break;
-                }
-            }
-        }
-        if !parts.is_empty() {
-            let (res, _) = write_parts(wh, parts).await;
-            if res.is_err() {
-                core.stats.error(ErrorKind::ClientIo);
-                stream.reset(ErrorCode::Cancel);
-                return false;
-            }
-        }
-        stream.consumed(consumed);
-        if failed {
+    // The agent's DATA must fit what its head declared: a Content-Length
+    // is a ceiling and a floor, HEAD/204/304 carry nothing.
+    let out = match resp.body {
+        BodyKind::Length(n) => OutFraming::Length(n),
+        BodyKind::Empty => OutFraming::Empty,
+        _ => OutFraming::of(framing),
+    };
+    match stream_to_writer(wh, stream, out, Some(head.freeze()), t).await {
+        Ok(_) => keep_alive,
+        Err(PumpError::Framing(why)) => {
             // Headers are out: the only honest signal left is to close.
+            tracing::debug!(host, why, "agent broke the response framing");
+            core.stats.error(ErrorKind::Protocol);
+            stream.reset(ErrorCode::ProtocolError);
+            false
+        }
+        Err(e @ (PumpError::Closed | PumpError::TimedOut(_))) => {
+            tracing::debug!(host, error = %e, "client write failed");
+            core.stats.error(ErrorKind::ClientIo);
+            stream.reset(ErrorCode::Cancel);
+            false
+        }
+        Err(_) => {
             core.stats.error(ErrorKind::AgentGone);
-            return false;
-        }
-        if finished {
-            if let BodyKind::Length(n) = framing {
-                if n != body_bytes {
-                    return false;
-                }
-            }
-            return keep_alive;
-        }
-    }
-}
-
-/// After a 101: DATA -> raw client bytes until END (then half-close).
-async fn stream_to_raw(wh: &mut TcpOwnedWriteHalf, stream: &Stream) {
-    loop {
-        match stream.recv().await {
-            Inbound::Data(d) => {
-                let n = d.len();
-                if crate::io::write_all(wh, d).await.is_err() {
-                    stream.reset(ErrorCode::Cancel);
-                    return;
-                }
-                stream.consumed(n);
-            }
-            Inbound::End => {
-                let _ = wh.shutdown().await;
-                return;
-            }
-            _ => return,
+            false
         }
     }
 }

@@ -199,6 +199,7 @@ async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello
         id,
         core.index,
         hello.session.clone(),
+        crate::proto::Role::Gateway,
         limits,
         core.cfg().heartbeat,
         core.stats.clone(),

@@ -6,6 +6,7 @@
 //! (`proto/`, `http/`).
 
 pub mod batch;
+pub mod relay;
 pub mod stats;
 pub mod uplink;
 pub mod watchdog;

@@ -1,25 +1,25 @@
-//! One uplink: a TCP connection between gateway and agent carrying many
-//! streams as frames.
+//! The driver of one uplink: moves bytes between its socket and the
+//! sans-IO [`Connection`] (proto/conn.rs), and wakes exactly the streams
+//! the connection names in its events.
 //!
-//! Owned by exactly one core. Three tasks share it through `Rc`: the
-//! frame reader (the only reader of the socket), the writer (the only
-//! writer: it drains the outbound queue into one vectored write per
-//! syscall) and a heartbeat ticker. Streams never touch the socket: they
-//! push frames into `OutQueue` and wake the writer.
+//! Owned by one core. Three tasks share it through `Rc`: the reader (the
+//! only reader of the socket: decode, `handle_frame`), the writer (the only
+//! writer: `poll_transmit` into one vectored write per syscall) and a timer
+//! (heartbeat and writer-stall deadlines through `handle_timeout`). Every
+//! task closes the uplink when it ends for any reason, a panic included,
+//! so a broken uplink is always unregistered at once.
 //!
-//! Flow control (docs/PROTOCOL.md): a DATA frame needs credit on its
-//! stream and on the uplink; credit comes back as WINDOW frames when the
-//! consumer on the far side has taken the bytes. So per uplink, inbound
-//! memory is bounded by `conn_window` and outbound by the credit the peer
-//! granted, however fast either side produces.
+//! Streams never touch the socket: a [`Stream`] handle calls the connection
+//! by id and sleeps on its own waker until an event names it. Received
+//! DATA comes out as a [`Chunk`] that returns its credit when dropped, so
+//! every byte is credited back whether it was delivered or discarded.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::task::{Poll, Waker};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::{AsyncWriteRent, Splitable};
@@ -27,173 +27,76 @@ use monoio::net::TcpStream;
 
 use super::batch::Batch;
 use super::stats::{CoreStats, ErrorKind};
-use crate::proto::{Decoder, ErrorCode, Frame, FrameType, ProtoError};
-use crate::runtime::notify::{Notify, WaitList};
+use crate::proto::conn::{CloseReason, Connection, Event, IdMap, Transmit};
+use crate::proto::{Decoder, ErrorCode, Frame, FrameType, StreamError};
 
-/// Negotiated limits of one uplink (the gateway's ACCEPT).
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_frame: u32,
-    pub stream_window: u32,
-    pub conn_window: u32,
-    pub max_streams: u32,
-}
+pub use crate::proto::{Heartbeat, Limits, Role, DATA_CHUNK};
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_frame: crate::proto::DEFAULT_MAX_FRAME,
-            stream_window: 512 * 1024,
-            conn_window: 16 * 1024 * 1024,
-            max_streams: 4096,
-        }
+/// Read buffers are carved in chunks this big; payloads smaller than a
+/// quarter of it are copied out, so a held payload pins at most four times
+/// its own size of read buffer (see docs/ARCHITECTURE.md, memory bounds).
+const READ_CHUNK: usize = 256 * 1024;
+const DETACH_BELOW: usize = READ_CHUNK / 4;
+
+impl Transmit for Batch {
+    fn has_room(&self, payload_len: usize) -> bool {
+        Batch::has_room(self, payload_len)
+    }
+    fn push(&mut self, frame: &Frame) {
+        Batch::push(self, frame)
     }
 }
-
-/// Heartbeat timing; tests shorten it.
-#[derive(Clone, Copy, Debug)]
-pub struct Heartbeat {
-    pub interval: Duration,
-    pub dead_after: Duration,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Heartbeat {
-            interval: Duration::from_secs(15),
-            dead_after: Duration::from_secs(45),
-        }
-    }
-}
-
-/// Largest DATA payload we produce: big enough to amortise headers,
-/// small enough to interleave streams finely.
-pub const DATA_CHUNK: usize = 64 * 1024;
 
 /// What a stream receives from the far side.
 #[derive(Debug)]
 pub enum Inbound {
     Head(Bytes),
-    Data(Bytes),
+    Data(Chunk),
     End,
     Reset(ErrorCode),
     /// The uplink closed under the stream.
     Gone,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Open,
-    /// GOAWAY sent or received: no new streams; existing ones finish.
-    Draining,
-    /// A fatal error was queued as GOAWAY; close once it is written.
-    Failing,
-    Closed,
+/// Received body bytes. Dropping the chunk returns its credit to the
+/// sender: keep it until the bytes were written on, drop it to discard.
+pub struct Chunk {
+    bytes: Bytes,
+    up: Rc<Uplink>,
+    id: u32,
 }
 
-struct StreamShared {
-    id: u32,
-    inbound: RefCell<VecDeque<Inbound>>,
-    readable: Notify,
-    send_credit: Cell<i64>,
-    writable: Notify,
-    recv_window: Cell<i64>,
-    recv_unacked: Cell<u32>,
-    sent_end: Cell<bool>,
-    got_end: Cell<bool>,
-    reset: Cell<bool>,
+impl Chunk {
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Chunk({} bytes)", self.bytes.len())
+    }
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.up.consumed(self.id, self.bytes.len());
+    }
 }
 
 #[derive(Default)]
-struct OutQueue {
-    control: VecDeque<Frame>,
-    per_stream: IdMap<VecDeque<Frame>>,
-    ready: VecDeque<u32>,
-    frames: usize,
+struct Wakers {
+    read: Option<Waker>,
+    write: Option<Waker>,
 }
-
-impl OutQueue {
-    fn push(&mut self, f: Frame) {
-        self.frames += 1;
-        if f.kind.is_control() {
-            self.control.push_back(f);
-            return;
-        }
-        let q = self.per_stream.entry(f.stream).or_default();
-        if q.is_empty() {
-            self.ready.push_back(f.stream);
-        }
-        q.push_back(f);
-    }
-
-    /// Removes frames not yet written for a stream that was reset; returns
-    /// the DATA bytes dropped so their uplink credit can be refunded.
-    fn purge(&mut self, stream: u32) -> usize {
-        let Some(q) = self.per_stream.remove(&stream) else {
-            return 0;
-        };
-        self.ready.retain(|s| *s != stream);
-        self.frames -= q.len();
-        q.iter()
-            .filter(|f| f.kind == FrameType::Data)
-            .map(|f| f.payload.len())
-            .sum()
-    }
-
-    /// Control frames first, then one frame per stream in turn, so a bulk
-    /// body never delays a heartbeat or another stream's small response.
-    fn fill(&mut self, batch: &mut Batch) {
-        while let Some(f) = self.control.front() {
-            if !batch.has_room(f.payload.len()) {
-                return;
-            }
-            batch.push(f);
-            self.control.pop_front();
-            self.frames -= 1;
-        }
-        while let Some(id) = self.ready.pop_front() {
-            let q = self
-                .per_stream
-                .get_mut(&id)
-                .expect("ready stream has a queue");
-            let f = q.front().expect("ready queue is non-empty");
-            if !batch.has_room(f.payload.len()) {
-                self.ready.push_front(id);
-                return;
-            }
-            batch.push(f);
-            q.pop_front();
-            self.frames -= 1;
-            if q.is_empty() {
-                self.per_stream.remove(&id);
-            } else {
-                self.ready.push_back(id);
-            }
-        }
-    }
-}
-
-/// Stream ids are small sequential integers chosen by us (or checked by
-/// us), so SipHash's DoS resistance buys nothing on this per-frame path.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0 << 8 | *b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u32(&mut self, v: u32) {
-        // Fibonacci hashing spreads sequential ids over the table.
-        self.0 = (v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
-type IdMap<V> = HashMap<u32, V, std::hash::BuildHasherDefault<IdHasher>>;
 
 type OpenHandler = Box<dyn Fn(Stream, Bytes)>;
 type CloseHandler = Box<dyn FnOnce()>;
@@ -204,26 +107,37 @@ pub struct Uplink {
     pub core: usize,
     pub session: String,
     fd: RawFd,
-    limits: Limits,
     stats: Arc<CoreStats>,
-    state: Cell<State>,
-    out: RefCell<OutQueue>,
-    writer_wake: Notify,
-    streams: RefCell<IdMap<Rc<StreamShared>>>,
-    next_id: Cell<u32>,
-    conn_credit: Cell<i64>,
-    conn_waiters: WaitList,
-    conn_recv_window: Cell<i64>,
-    conn_unacked: Cell<u32>,
-    last_rx: Cell<Instant>,
+    conn: RefCell<Connection>,
+    wakers: RefCell<IdMap<Wakers>>,
+    writer_wake: crate::runtime::notify::Notify,
+    timer_wake: crate::runtime::notify::Notify,
+    closed: crate::runtime::notify::Notify,
+    /// Frames counted in the core's queue-depth gauge for this uplink.
+    counted_queue: Cell<usize>,
+    close_done: Cell<bool>,
     on_open: RefCell<Option<OpenHandler>>,
     on_close: RefCell<Option<CloseHandler>>,
-    closed: Notify,
-    close_reason: RefCell<Option<String>>,
+}
+
+/// Closes the uplink when the task holding it ends, however it ends: a
+/// panicking task drops its future, and with it this guard.
+struct CloseOnDrop(Rc<Uplink>, &'static str);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let up = &self.0;
+        let why = self.1;
+        // A panic here would escape the task's isolation: contain it.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| up.close_now(why)));
+        if r.is_err() {
+            crate::io::shutdown_fd(up.fd, libc::SHUT_RDWR);
+        }
+    }
 }
 
 impl Uplink {
-    /// Starts reader, writer and heartbeat tasks on the current core.
+    /// Starts reader, writer and timer tasks on the current core.
     /// `leftover` holds bytes read past the handshake.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
@@ -232,6 +146,7 @@ impl Uplink {
         id: u64,
         core: usize,
         session: String,
+        role: Role,
         limits: Limits,
         heartbeat: Heartbeat,
         stats: Arc<CoreStats>,
@@ -243,44 +158,40 @@ impl Uplink {
             core,
             session,
             fd,
-            limits,
             stats: stats.clone(),
-            state: Cell::new(State::Open),
-            out: RefCell::new(OutQueue::default()),
-            writer_wake: Notify::new(),
-            streams: RefCell::new(IdMap::default()),
-            next_id: Cell::new(1),
-            conn_credit: Cell::new(limits.conn_window as i64),
-            conn_waiters: WaitList::new(),
-            conn_recv_window: Cell::new(limits.conn_window as i64),
-            conn_unacked: Cell::new(0),
-            last_rx: Cell::new(Instant::now()),
+            conn: RefCell::new(Connection::new(role, limits, heartbeat, Instant::now())),
+            wakers: RefCell::new(IdMap::default()),
+            writer_wake: Default::default(),
+            timer_wake: Default::default(),
+            closed: Default::default(),
+            counted_queue: Cell::new(0),
+            close_done: Cell::new(false),
             on_open: RefCell::new(None),
             on_close: RefCell::new(None),
-            closed: Notify::new(),
-            close_reason: RefCell::new(None),
         });
         CoreStats::inc(&stats.uplinks);
         let (rh, wh) = stream.into_split();
-        let u = up.clone();
+        let g = CloseOnDrop(up.clone(), "connection closed");
         crate::runtime::spawn_isolated("uplink-reader", async move {
-            u.clone().read_loop(rh, leftover).await;
-            if u.state.get() == State::Failing {
+            let up = g.0.clone();
+            up.clone().read_loop(rh, leftover).await;
+            if up.conn.borrow().is_failing() {
                 // Let the writer put GOAWAY(reason) on the wire first, but
-                // do not wait forever on a peer that stopped reading.
-                let _ =
-                    monoio::time::timeout(std::time::Duration::from_secs(1), u.wait_closed()).await;
+                // do not wait long for a peer that stopped reading.
+                let _ = monoio::time::timeout(std::time::Duration::from_secs(1), up.wait_closed())
+                    .await;
             }
-            u.close_now("connection closed");
+            drop(g);
         });
-        let u = up.clone();
+        let g = CloseOnDrop(up.clone(), "write failed");
         crate::runtime::spawn_isolated("uplink-writer", async move {
-            u.clone().write_loop(wh).await;
-            u.close_now("write failed");
+            g.0.clone().write_loop(wh).await;
+            drop(g);
         });
-        let u = up.clone();
-        crate::runtime::spawn_isolated("uplink-heartbeat", async move {
-            u.heartbeat(heartbeat).await;
+        let g = CloseOnDrop(up.clone(), "uplink timer ended");
+        crate::runtime::spawn_isolated("uplink-timer", async move {
+            g.0.clone().timer_loop().await;
+            drop(g);
         });
         up
     }
@@ -292,7 +203,7 @@ impl Uplink {
 
     /// Called once when the uplink has closed.
     pub fn set_close_handler(&self, f: impl FnOnce() + 'static) {
-        if self.state.get() == State::Closed {
+        if self.close_done.get() {
             f();
             return;
         }
@@ -300,138 +211,148 @@ impl Uplink {
     }
 
     pub fn is_open(&self) -> bool {
-        self.state.get() == State::Open
+        self.conn.borrow().is_open()
     }
 
     pub fn is_closed(&self) -> bool {
-        self.state.get() == State::Closed
+        self.conn.borrow().is_closed()
     }
 
     pub fn active_streams(&self) -> usize {
-        self.streams.borrow().len()
+        self.conn.borrow().active_streams()
     }
 
     pub fn has_capacity(&self) -> bool {
-        self.is_open() && self.streams.borrow().len() < self.limits.max_streams as usize
+        self.conn.borrow().has_capacity()
+    }
+
+    /// Draining and no stream left.
+    pub fn is_idle(&self) -> bool {
+        self.conn.borrow().is_idle()
     }
 
     pub fn close_reason(&self) -> Option<String> {
-        self.close_reason.borrow().clone()
+        self.conn.borrow().close_reason().map(|r| r.to_string())
     }
 
     /// Resolves once the uplink has closed.
     pub async fn wait_closed(&self) {
-        while self.state.get() != State::Closed {
+        while !self.close_done.get() {
             self.closed.notified().await;
         }
     }
 
-    fn enqueue(&self, f: Frame) {
-        // After a fatal GOAWAY nothing else may follow it on the wire.
-        if matches!(self.state.get(), State::Closed | State::Failing) {
+    /// Applies what the connection decided: wakes the streams its events
+    /// name, hands new streams to the open handler, and wakes the writer
+    /// when frames wait. Called after every change to the connection.
+    fn pump(self: &Rc<Self>) {
+        loop {
+            let ev = self.conn.borrow_mut().poll_event();
+            let Some(ev) = ev else { break };
+            match ev {
+                Event::Readable(id) => self.wake(id, true),
+                Event::Writable(id) => self.wake(id, false),
+                Event::Opened { id, head } => {
+                    let s = Stream::new(self.clone(), id);
+                    let handler = self.on_open.borrow();
+                    match handler.as_ref() {
+                        Some(h) => h(s, head),
+                        None => drop(s),
+                    }
+                }
+                Event::Closed => self.finish_close(),
+            }
+        }
+        let (queued, wants) = {
+            let c = self.conn.borrow();
+            (c.queued_frames(), c.wants_transmit() || c.is_failing())
+        };
+        let before = self.counted_queue.replace(queued);
+        if queued > before {
+            self.stats.queue_add((queued - before) as u64);
+        } else if before > queued {
+            self.stats.queue_sub((before - queued) as u64);
+        }
+        if wants {
+            self.writer_wake.notify();
+        }
+    }
+
+    fn wake(&self, id: u32, read: bool) {
+        let w = {
+            let mut wakers = self.wakers.borrow_mut();
+            wakers
+                .get_mut(&id)
+                .and_then(|w| if read { w.read.take() } else { w.write.take() })
+        };
+        if let Some(w) = w {
+            w.wake();
+        }
+    }
+
+    fn finish_close(self: &Rc<Self>) {
+        if self.close_done.replace(true) {
             return;
         }
-        self.out.borrow_mut().push(f);
-        self.stats.queue_add(1);
+        crate::io::shutdown_fd(self.fd, libc::SHUT_RDWR);
+        let reason = self.close_reason().unwrap_or_default();
+        tracing::debug!(uplink = self.id, session = %self.session, %reason, "uplink closed");
+        // Every stream was reset by the connection; their wakers run now.
+        let wakers: Vec<Wakers> = self.wakers.borrow_mut().drain().map(|(_, w)| w).collect();
+        for w in wakers {
+            w.read.into_iter().chain(w.write).for_each(Waker::wake);
+        }
+        let counted = self.counted_queue.replace(0);
+        self.stats.queue_sub(counted as u64);
         self.writer_wake.notify();
+        self.timer_wake.notify();
+        self.closed.notify();
+        CoreStats::dec(&self.stats.uplinks);
+        let handler = self.on_close.borrow_mut().take();
+        if let Some(f) = handler {
+            f();
+        }
     }
 
     /// Opens a new stream carrying `head` (gateway side). `None` when the
     /// uplink is draining, closed or at its stream limit.
     pub fn open_stream(self: &Rc<Self>, head: Bytes) -> Option<Stream> {
-        if !self.has_capacity() {
-            return None;
-        }
-        let mut id = self.next_id.get();
-        {
-            let streams = self.streams.borrow();
-            while id == 0 || streams.contains_key(&id) {
-                id = id.wrapping_add(1);
-            }
-        }
-        self.next_id.set(id.wrapping_add(1));
-        let s = self.new_stream(id);
-        self.enqueue(Frame::open(id, head));
+        let id = self.conn.borrow_mut().open(head).ok()?;
+        let s = Stream::new(self.clone(), id);
+        self.pump();
         Some(s)
-    }
-
-    fn new_stream(self: &Rc<Self>, id: u32) -> Stream {
-        let sh = Rc::new(StreamShared {
-            id,
-            inbound: RefCell::new(VecDeque::new()),
-            readable: Notify::new(),
-            send_credit: Cell::new(self.limits.stream_window as i64),
-            writable: Notify::new(),
-            recv_window: Cell::new(self.limits.stream_window as i64),
-            recv_unacked: Cell::new(0),
-            sent_end: Cell::new(false),
-            got_end: Cell::new(false),
-            reset: Cell::new(false),
-        });
-        self.streams.borrow_mut().insert(id, sh.clone());
-        CoreStats::inc(&self.stats.active_streams);
-        Stream {
-            up: self.clone(),
-            sh,
-            released: Cell::new(false),
-        }
     }
 
     /// Sends GOAWAY(reason) and stops taking new streams; in-flight
     /// streams finish. Used on graceful shutdown.
-    pub fn go_away(&self, code: ErrorCode, reason: &str) {
-        if self.state.get() == State::Open {
-            self.state.set(State::Draining);
-            self.enqueue(Frame::goaway(code, reason));
-        }
+    pub fn go_away(self: &Rc<Self>, code: ErrorCode, reason: &str) {
+        self.conn.borrow_mut().go_away(code, reason);
+        self.pump();
     }
 
     /// Queues GOAWAY(code, reason); the writer closes the uplink once it
     /// is on the wire. Only this uplink is affected.
-    pub fn fail(&self, code: ErrorCode, reason: &str) {
-        if matches!(self.state.get(), State::Failing | State::Closed) {
-            return;
-        }
+    pub fn fail(self: &Rc<Self>, code: ErrorCode, reason: &str) {
         tracing::warn!(uplink = self.id, session = %self.session, %reason, "closing uplink");
-        *self.close_reason.borrow_mut() = Some(reason.to_string());
-        self.enqueue(Frame::goaway(code, reason));
-        self.state.set(State::Failing);
-        self.writer_wake.notify();
+        self.conn.borrow_mut().fail(code, reason);
+        self.pump();
     }
 
     /// Closes at once: every stream sees `Gone`, the socket is shut down
     /// (which ends a read pending in the reader task).
-    pub fn close_now(&self, why: &str) {
-        if self.state.get() == State::Closed {
+    pub fn close_now(self: &Rc<Self>, why: &str) {
+        self.conn
+            .borrow_mut()
+            .close(CloseReason::Local(why.to_string()));
+        self.pump();
+    }
+
+    fn consumed(self: &Rc<Self>, id: u32, n: usize) {
+        if n == 0 {
             return;
         }
-        self.state.set(State::Closed);
-        if self.close_reason.borrow().is_none() {
-            *self.close_reason.borrow_mut() = Some(why.to_string());
-        }
-        tracing::debug!(uplink = self.id, session = %self.session, %why, "uplink closed");
-        crate::io::shutdown_fd(self.fd, libc::SHUT_RDWR);
-        let streams: Vec<_> = self.streams.borrow_mut().drain().map(|(_, s)| s).collect();
-        for s in streams {
-            s.reset.set(true);
-            s.inbound.borrow_mut().push_back(Inbound::Gone);
-            s.readable.notify();
-            s.writable.notify();
-        }
-        let dropped = {
-            let mut out = self.out.borrow_mut();
-            let n = out.frames;
-            *out = OutQueue::default();
-            n
-        };
-        self.stats.queue_sub(dropped as u64);
-        self.conn_waiters.wake_all();
-        self.writer_wake.notify();
-        self.closed.notify();
-        CoreStats::dec(&self.stats.uplinks);
-        if let Some(f) = self.on_close.borrow_mut().take() {
-            f();
-        }
+        self.conn.borrow_mut().consumed(id, n);
+        self.pump();
     }
 
     async fn read_loop(
@@ -439,18 +360,19 @@ impl Uplink {
         mut rh: monoio::net::tcp::TcpOwnedReadHalf,
         leftover: BytesMut,
     ) {
-        let mut dec = Decoder::new(self.limits.max_frame);
+        let max_frame = self.conn.borrow().limits().max_frame;
+        let mut dec = Decoder::new(max_frame);
         let mut buf = leftover;
         loop {
+            let now = Instant::now();
             loop {
                 match dec.decode(&mut buf) {
                     Ok(Some(f)) => {
                         CoreStats::inc(&self.stats.frames_in);
-                        if let Err((code, why)) = self.dispatch(f) {
-                            self.stats.error(ErrorKind::Protocol);
-                            self.fail(code, &why);
-                            return;
-                        }
+                        #[cfg(debug_assertions)]
+                        fault::maybe_panic(self.id, &f);
+                        let f = detach(f);
+                        self.conn.borrow_mut().handle_frame(f, now);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -460,17 +382,25 @@ impl Uplink {
                     }
                 }
             }
-            if self.state.get() == State::Closed {
-                return;
+            self.pump();
+            {
+                let c = self.conn.borrow();
+                if c.is_failing() {
+                    drop(c);
+                    self.stats.error(ErrorKind::Protocol);
+                    let why = self.close_reason().unwrap_or_default();
+                    tracing::warn!(uplink = self.id, session = %self.session, reason = %why, "closing uplink");
+                    return;
+                }
+                if c.is_closed() {
+                    return;
+                }
             }
-            let (res, b) = super::read_append(&mut rh, buf, 16 * 1024, 256 * 1024).await;
+            let (res, b) = super::read_append(&mut rh, buf, 16 * 1024, READ_CHUNK).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    // Liveness is per read, not per frame: one clock read
-                    // for a whole batch.
-                    self.last_rx.set(Instant::now());
                     self.stats
                         .bytes_in
                         .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
@@ -479,170 +409,33 @@ impl Uplink {
         }
     }
 
-    fn stream_of(&self, id: u32) -> Option<Rc<StreamShared>> {
-        self.streams.borrow().get(&id).cloned()
-    }
-
-    fn dispatch(self: &Rc<Self>, f: Frame) -> Result<(), (ErrorCode, String)> {
-        match f.kind {
-            FrameType::Data => {
-                let n = f.payload.len() as i64;
-                let cw = self.conn_recv_window.get() - n;
-                if cw < 0 {
-                    return Err(flow("DATA beyond uplink credit"));
-                }
-                self.conn_recv_window.set(cw);
-                match self.stream_of(f.stream) {
-                    Some(s) if !s.got_end.get() => {
-                        let sw = s.recv_window.get() - n;
-                        if sw < 0 {
-                            return Err(flow("DATA beyond stream credit"));
-                        }
-                        s.recv_window.set(sw);
-                        s.inbound.borrow_mut().push_back(Inbound::Data(f.payload));
-                        s.readable.notify();
-                    }
-                    // Gateway side: ids are allocated in order, so an id we
-                    // never handed out is the peer inventing streams.
-                    None if self.on_open.borrow().is_none() && f.stream >= self.next_id.get() => {
-                        return Err(proto_err(&format!(
-                            "DATA for stream {} that was never opened",
-                            f.stream
-                        )));
-                    }
-                    // A stream we already reset: nobody will consume it,
-                    // but the uplink credit must come back.
-                    _ => self.grant_conn(n as u32),
-                }
-            }
-            FrameType::Open => {
-                if self.stream_of(f.stream).is_some() {
-                    return Err(proto_err("OPEN for a stream id in use"));
-                }
-                if self.state.get() != State::Open
-                    || self.streams.borrow().len() >= self.limits.max_streams as usize
-                {
-                    self.enqueue(Frame::reset(f.stream, ErrorCode::RefusedStream));
-                    return Ok(());
-                }
-                let handler = self.on_open.borrow();
-                let Some(h) = handler.as_ref() else {
-                    return Err(proto_err("OPEN sent to the gateway"));
-                };
-                let s = self.new_stream(f.stream);
-                h(s, f.payload);
-            }
-            FrameType::Response => {
-                if let Some(s) = self.stream_of(f.stream) {
-                    s.inbound.borrow_mut().push_back(Inbound::Head(f.payload));
-                    s.readable.notify();
-                }
-            }
-            FrameType::End => {
-                if let Some(s) = self.stream_of(f.stream) {
-                    s.got_end.set(true);
-                    s.inbound.borrow_mut().push_back(Inbound::End);
-                    s.readable.notify();
-                    self.maybe_retire(&s);
-                }
-            }
-            FrameType::Reset => {
-                let code = f.reset_code().map_err(pe)?;
-                if let Some(s) = self.streams.borrow_mut().remove(&f.stream) {
-                    s.reset.set(true);
-                    s.inbound.borrow_mut().push_back(Inbound::Reset(code));
-                    s.readable.notify();
-                    s.writable.notify();
-                    let refund = self.out.borrow_mut().purge(f.stream);
-                    self.refund_send(refund);
-                }
-            }
-            FrameType::Window => {
-                let inc = f.window_increment().map_err(pe)? as i64;
-                if f.stream == 0 {
-                    let c = self.conn_credit.get() + inc;
-                    if c > u32::MAX as i64 {
-                        return Err(flow("uplink window above 2^32-1"));
-                    }
-                    self.conn_credit.set(c);
-                    self.conn_waiters.wake_all();
-                } else if let Some(s) = self.stream_of(f.stream) {
-                    let c = s.send_credit.get() + inc;
-                    if c > u32::MAX as i64 {
-                        return Err(flow("stream window above 2^32-1"));
-                    }
-                    s.send_credit.set(c);
-                    s.writable.notify();
-                }
-            }
-            FrameType::Ping => self.enqueue(Frame::pong(f.ping_payload().map_err(pe)?)),
-            FrameType::Pong => {}
-            FrameType::GoAway => {
-                let (code, reason) = f.parse_goaway().map_err(pe)?;
-                tracing::info!(uplink = self.id, ?code, %reason, "peer sent GOAWAY");
-                if code == ErrorCode::NoError || code == ErrorCode::Shutdown {
-                    if self.state.get() == State::Open {
-                        self.state.set(State::Draining);
-                    }
-                } else {
-                    *self.close_reason.borrow_mut() = Some(format!("peer: {reason}"));
-                    self.close_now("peer sent GOAWAY with an error");
-                }
-            }
-            FrameType::Hello | FrameType::Accept | FrameType::Refuse => {
-                return Err(proto_err("handshake frame after the handshake"));
-            }
-        }
-        Ok(())
-    }
-
-    fn refund_send(&self, n: usize) {
-        if n > 0 {
-            self.conn_credit.set(self.conn_credit.get() + n as i64);
-            self.conn_waiters.wake_all();
-        }
-    }
-
-    fn grant_conn(&self, n: u32) {
-        let u = self.conn_unacked.get() + n;
-        if u >= self.limits.conn_window / 4 {
-            self.conn_unacked.set(0);
-            self.conn_recv_window
-                .set(self.conn_recv_window.get() + u as i64);
-            self.enqueue(Frame::window(0, u));
-        } else {
-            self.conn_unacked.set(u);
-        }
-    }
-
-    fn maybe_retire(&self, s: &StreamShared) {
-        if s.sent_end.get() && s.got_end.get() {
-            self.streams.borrow_mut().remove(&s.id);
-        }
-    }
-
     async fn write_loop(self: Rc<Self>, mut wh: monoio::net::tcp::TcpOwnedWriteHalf) {
         let mut batch = Batch::new();
         loop {
-            self.out.borrow_mut().fill(&mut batch);
-            if batch.is_empty() {
-                match self.state.get() {
-                    State::Closed => return,
-                    State::Failing => {
-                        let _ = wh.shutdown().await;
-                        self.close_now("protocol error");
-                        return;
-                    }
-                    _ => {}
+            let frames = self
+                .conn
+                .borrow_mut()
+                .poll_transmit(&mut batch, Instant::now());
+            if frames == 0 {
+                let (closed, failing) = {
+                    let c = self.conn.borrow();
+                    (c.is_closed(), c.is_failing())
+                };
+                if closed {
+                    return;
+                }
+                if failing {
+                    // The GOAWAY is on the wire: close.
+                    let _ = wh.shutdown().await;
+                    return;
                 }
                 self.writer_wake.notified().await;
-                // Let the other tasks woken in this tick enqueue their
-                // frames first: one more poll buys a bigger writev.
+                // Let the other tasks woken in this tick queue their frames
+                // first: one more poll buys a bigger writev.
                 crate::runtime::notify::yield_now().await;
                 continue;
             }
-            let frames = batch.frames();
-            self.stats.queue_sub(frames as u64);
+            self.pump();
             batch.seal();
             let bytes = batch.bytes();
             let mut calls = 0usize;
@@ -652,212 +445,205 @@ impl Uplink {
                 calls += 1;
                 match res {
                     Ok(0) | Err(_) => return,
-                    Ok(n) => batch.advance(n),
+                    Ok(n) => {
+                        batch.advance(n);
+                        self.conn
+                            .borrow_mut()
+                            .on_written(batch.is_written(), Instant::now());
+                    }
                 }
             }
             // Short writes make a batch take several syscalls; count each
             // so that frames-per-writev is per syscall.
             self.stats.record_writev(frames.div_ceil(calls), bytes);
             for _ in 1..calls {
-                crate::io::stats::CoreStats::inc(&self.stats.writevs);
+                CoreStats::inc(&self.stats.writevs);
             }
             batch.clear();
         }
     }
 
-    async fn heartbeat(self: Rc<Self>, hb: Heartbeat) {
+    async fn timer_loop(self: Rc<Self>) {
         loop {
-            monoio::time::sleep(hb.interval).await;
-            if self.state.get() == State::Closed {
-                return;
+            let next = self.conn.borrow().poll_timeout();
+            let Some(next) = next else { return };
+            let now = Instant::now();
+            if now >= next {
+                self.conn.borrow_mut().handle_timeout(now);
+                self.pump();
+                continue;
             }
-            if self.last_rx.get().elapsed() > hb.dead_after {
-                *self.close_reason.borrow_mut() = Some("peer silent (heartbeat timeout)".into());
-                self.close_now("heartbeat timeout");
-                return;
+            // Racing a timer is fine here: no socket operation is dropped.
+            monoio::select! {
+                _ = monoio::time::sleep(next - now) => {}
+                _ = self.timer_wake.notified() => {}
             }
-            self.enqueue(Frame::ping([0; 8]));
         }
     }
 }
 
-fn pe(e: ProtoError) -> (ErrorCode, String) {
-    (e.code(), e.to_string())
+/// Copies small payloads out of the read chunk so that a stream holding a
+/// few bytes does not pin a whole chunk.
+fn detach(mut f: Frame) -> Frame {
+    if !f.payload.is_empty() && f.payload.len() < DETACH_BELOW {
+        f.payload = Bytes::copy_from_slice(&f.payload);
+    }
+    f
 }
 
-fn proto_err(why: &str) -> (ErrorCode, String) {
-    (ErrorCode::ProtocolError, why.to_string())
-}
-
-fn flow(why: &str) -> (ErrorCode, String) {
-    (ErrorCode::FlowControlError, why.to_string())
-}
-
-/// One stream's handle. Dropping it before both directions ended resets
-/// the stream (CANCEL) so the far side stops working for nobody.
+/// One stream's handle. Dropping it releases the stream: reset (CANCEL)
+/// unless both directions ended, buffered bytes credited back.
 pub struct Stream {
     up: Rc<Uplink>,
-    sh: Rc<StreamShared>,
-    released: Cell<bool>,
+    id: u32,
 }
 
 impl Stream {
+    fn new(up: Rc<Uplink>, id: u32) -> Stream {
+        up.wakers.borrow_mut().insert(id, Wakers::default());
+        CoreStats::inc(&up.stats.active_streams);
+        Stream { up, id }
+    }
+
     pub fn id(&self) -> u32 {
-        self.sh.id
+        self.id
     }
 
     pub fn uplink(&self) -> &Rc<Uplink> {
         &self.up
     }
 
+    fn wrap(&self, ev: crate::proto::Inbound) -> Inbound {
+        match ev {
+            crate::proto::Inbound::Head(h) => Inbound::Head(h),
+            crate::proto::Inbound::Data(bytes) => Inbound::Data(Chunk {
+                bytes,
+                up: self.up.clone(),
+                id: self.id,
+            }),
+            crate::proto::Inbound::End => Inbound::End,
+            crate::proto::Inbound::Reset(c) => Inbound::Reset(c),
+            crate::proto::Inbound::Gone => Inbound::Gone,
+        }
+    }
+
     /// Next event from the far side.
     pub async fn recv(&self) -> Inbound {
-        loop {
-            if let Some(ev) = self.sh.inbound.borrow_mut().pop_front() {
-                return ev;
+        std::future::poll_fn(|cx| {
+            if let Some(ev) = self.try_recv() {
+                return Poll::Ready(ev);
             }
-            if self.up.is_closed() {
-                return Inbound::Gone;
+            if let Some(w) = self.up.wakers.borrow_mut().get_mut(&self.id) {
+                w.read = Some(cx.waker().clone());
+            } else {
+                return Poll::Ready(Inbound::Gone);
             }
-            self.sh.readable.notified().await;
-        }
+            Poll::Pending
+        })
+        .await
     }
 
     /// An event that has already arrived, without waiting.
     pub fn try_recv(&self) -> Option<Inbound> {
-        self.sh.inbound.borrow_mut().pop_front()
+        let ev = self.up.conn.borrow_mut().recv(self.id);
+        // recv can grant credit (never here) but keep the habit: pump after
+        // every change.
+        ev.map(|e| self.wrap(e))
     }
 
     /// Response or 1xx head (agent side).
     pub fn send_head(&self, head: Bytes) {
-        if !self.sh.reset.get() {
-            self.up.enqueue(Frame::response(self.sh.id, head));
-        }
+        let _ = self.up.conn.borrow_mut().send_head(self.id, head);
+        self.up.pump();
     }
 
     /// Sends body bytes, waiting for stream and uplink credit. Fails when
     /// the stream was reset or the uplink closed.
-    pub async fn send_data(&self, mut data: Bytes) -> Result<(), ()> {
-        let max = (self.up.limits.max_frame as usize).min(DATA_CHUNK);
-        while !data.is_empty() {
-            let n = std::future::poll_fn(|cx| {
-                if self.sh.reset.get() || self.sh.sent_end.get() || self.up.is_closed() {
-                    return Poll::Ready(None);
-                }
-                let avail = self.sh.send_credit.get().min(self.up.conn_credit.get());
-                if avail > 0 {
-                    return Poll::Ready(Some((avail as usize).min(max).min(data.len())));
-                }
-                // Register with both: whichever credit is short wakes us.
-                self.up.conn_waiters.register(cx.waker());
-                match std::pin::pin!(self.sh.writable.notified()).poll(cx) {
-                    Poll::Ready(()) => {
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
+    pub async fn send_data(&self, data: Bytes) -> Result<(), StreamError> {
+        let mut data = data;
+        std::future::poll_fn(|cx| {
+            let r = self.up.conn.borrow_mut().send_data(self.id, &mut data);
+            self.up.pump();
+            match r {
+                Err(e) => Poll::Ready(Err(e)),
+                Ok(_) if data.is_empty() => Poll::Ready(Ok(())),
+                Ok(_) => {
+                    match self.up.wakers.borrow_mut().get_mut(&self.id) {
+                        Some(w) => w.write = Some(cx.waker().clone()),
+                        None => return Poll::Ready(Err(StreamError::Gone)),
                     }
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending
                 }
-            })
-            .await
-            .ok_or(())?;
-            let piece = data.split_to(n);
-            self.sh
-                .send_credit
-                .set(self.sh.send_credit.get() - n as i64);
-            self.up
-                .conn_credit
-                .set(self.up.conn_credit.get() - n as i64);
-            self.up.enqueue(Frame::data(self.sh.id, piece));
-        }
-        Ok(())
+            }
+        })
+        .await
     }
 
     /// Half-closes our direction.
     pub fn send_end(&self) {
-        if self.sh.sent_end.replace(true) || self.sh.reset.get() {
-            return;
-        }
-        self.up.enqueue(Frame::end(self.sh.id));
-        self.up.maybe_retire(&self.sh);
+        let _ = self.up.conn.borrow_mut().finish(self.id);
+        self.up.pump();
     }
 
     /// Aborts the stream both ways.
     pub fn reset(&self, code: ErrorCode) {
-        if self.sh.reset.replace(true) {
-            return;
-        }
-        self.sh.sent_end.set(true);
-        if self.up.streams.borrow_mut().remove(&self.sh.id).is_some() || !self.sh.got_end.get() {
-            let refund = self.up.out.borrow_mut().purge(self.sh.id);
-            self.up.refund_send(refund);
-            self.up.enqueue(Frame::reset(self.sh.id, code));
-        }
-        self.give_back_buffered();
+        self.up.conn.borrow_mut().reset(self.id, code);
+        self.up.pump();
     }
 
-    /// The consumer took `n` body bytes: return credit to the sender.
-    pub fn consumed(&self, n: usize) {
-        if n == 0 {
-            return;
+    /// Ready once the stream was reset or its uplink closed; registers for
+    /// a wake-up otherwise. Only for a stream nobody `recv`s on (it shares
+    /// the read waker).
+    pub fn poll_aborted(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        use crate::proto::StreamState as S;
+        let state = self.up.conn.borrow().stream_state(self.id);
+        if matches!(state, None | Some(S::Reset(..))) || self.up.is_closed() {
+            return Poll::Ready(());
         }
-        let n = n as u32;
-        self.up.grant_conn(n);
-        if self.sh.got_end.get() || self.sh.reset.get() {
-            return;
+        if let Some(w) = self.up.wakers.borrow_mut().get_mut(&self.id) {
+            w.read = Some(cx.waker().clone());
         }
-        let u = self.sh.recv_unacked.get() + n;
-        if u >= self.up.limits.stream_window / 2 {
-            self.sh.recv_unacked.set(0);
-            self.sh
-                .recv_window
-                .set(self.sh.recv_window.get() + u as i64);
-            self.up.enqueue(Frame::window(self.sh.id, u));
-        } else {
-            self.sh.recv_unacked.set(u);
-        }
+        Poll::Pending
     }
 
     /// Whether the peer ended or reset its direction.
     pub fn remote_done(&self) -> bool {
-        self.sh.got_end.get() || self.sh.reset.get()
-    }
-
-    fn give_back_buffered(&self) {
-        let n: usize = self
-            .sh
-            .inbound
-            .borrow_mut()
-            .drain(..)
-            .map(|e| match e {
-                Inbound::Data(b) => b.len(),
-                _ => 0,
-            })
-            .sum();
-        if n > 0 && !self.up.is_closed() {
-            self.up.grant_conn(n as u32);
-        }
+        use crate::proto::StreamState as S;
+        matches!(
+            self.up.conn.borrow().stream_state(self.id),
+            None | Some(S::RemoteEnded | S::Closed | S::Reset(..))
+        )
     }
 }
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if self.released.replace(true) {
-            return;
-        }
         CoreStats::dec(&self.up.stats.active_streams);
-        if self.up.is_closed() {
-            return;
-        }
-        if !(self.sh.reset.get() || self.sh.sent_end.get() && self.sh.got_end.get()) {
-            self.reset(ErrorCode::Cancel);
-        } else {
-            self.up.streams.borrow_mut().remove(&self.sh.id);
-            self.give_back_buffered();
-        }
+        self.up.wakers.borrow_mut().remove(&self.id);
+        self.up.conn.borrow_mut().release(self.id);
+        self.up.pump();
     }
 }
 
-use std::future::Future;
+/// Fault injection for tests, compiled into debug builds only: the gateway
+/// uplink whose id is in `RINGTUNNEL_FAULT_PANIC_UPLINK` panics in its
+/// reader task on its first RESPONSE frame.
+#[cfg(debug_assertions)]
+mod fault {
+    use std::sync::OnceLock;
+
+    pub(super) fn maybe_panic(uplink: u64, f: &super::Frame) {
+        static TARGET: OnceLock<Option<u64>> = OnceLock::new();
+        let target = TARGET.get_or_init(|| {
+            std::env::var("RINGTUNNEL_FAULT_PANIC_UPLINK")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if *target == Some(uplink) && f.kind == super::FrameType::Response {
+            panic!("fault injection: uplink {uplink} panics on RESPONSE");
+        }
+    }
+}
 
 /// Reads one frame during the handshake, before the uplink tasks exist.
 pub async fn read_handshake_frame(

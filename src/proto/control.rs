@@ -8,8 +8,6 @@
 //! after the fields this version knows are ignored, so a later version can
 //! append fields without breaking older peers.
 
-use std::time::Duration;
-
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::{ErrorCode, ProtoError};
@@ -27,18 +25,6 @@ pub const MAX_SESSION_NAME: usize = 63;
 /// and response heads travel in one OPEN or RESPONSE frame, so this must
 /// cover the HTTP head limit (64 KiB by default).
 pub const MIN_MAX_FRAME: u32 = 64 * 1024;
-
-/// Default initial credit per stream, in each direction.
-pub const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
-/// Default initial credit per uplink, in each direction.
-pub const DEFAULT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
-/// Default limit on concurrent streams per uplink.
-pub const DEFAULT_MAX_STREAMS: u32 = 4096;
-
-/// How often the gateway pings an idle-or-not uplink.
-pub const PING_INTERVAL: Duration = Duration::from_secs(15);
-/// An uplink that delivered no frame at all for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(45);
 
 /// GOAWAY and REFUSE reasons are cut to this many bytes (at a character
 /// boundary) when encoded, so that a verbose error message can never make a
@@ -378,6 +364,7 @@ mod tests {
     use super::*;
     use crate::proto::frame::{encode, Decoder};
     use crate::proto::test_rng::XorShift;
+    use crate::proto::{DEFAULT_CONN_WINDOW, DEFAULT_MAX_STREAMS, DEFAULT_STREAM_WINDOW};
 
     fn hello() -> Hello {
         Hello {

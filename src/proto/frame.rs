@@ -27,7 +27,7 @@ pub const FLAG_NONE: u8 = 0;
 const KNOWN_FLAGS: u8 = FLAG_NONE;
 
 /// Default limit on a frame's payload (the header is not counted).
-pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;
+pub use super::limits::DEFAULT_MAX_FRAME;
 
 /// No decoder accepts payloads above this, whatever it is configured with.
 pub const MAX_FRAME_CEILING: u32 = 16 * 1024 * 1024;

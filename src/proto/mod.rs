@@ -7,7 +7,11 @@
 //! - `control`: typed payloads of the handshake (HELLO, ACCEPT, REFUSE) and
 //!   of GOAWAY, plus the protocol's constants and defaults;
 //! - `error`: `ErrorCode` (on the wire) and `ProtoError` (why a frame was
-//!   rejected).
+//!   rejected);
+//! - `limits`: `Limits`, `Heartbeat` and the one set of defaults;
+//! - `conn`: the uplink connection as a state machine (stream table, stream
+//!   states, credit both ways, out-queue scheduling, deadlines, limits),
+//!   driven by frames in, stream operations and `now`.
 //!
 //! No sockets, clocks or runtime here. The connection that owns a read
 //! buffer calls `Decoder::decode` until it returns `Ok(None)`; the uplink
@@ -21,21 +25,27 @@
 //!   bytes arrive, so a peer cannot make us buffer an oversized frame;
 //! - no input makes the decoder or a typed payload parser panic.
 
+pub mod conn;
 pub mod control;
 pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod invariants;
+pub mod limits;
 
+pub use conn::{Connection, Event, Inbound, OpenError, Role, StreamError, StreamState};
 pub use control::{
-    valid_session_name, Accept, Hello, DEAD_AFTER, DEFAULT_CONN_WINDOW, DEFAULT_MAX_STREAMS,
-    DEFAULT_STREAM_WINDOW, MAGIC, MAX_REASON_LEN, MAX_SESSION_NAME, MIN_MAX_FRAME, PING_INTERVAL,
+    valid_session_name, Accept, Hello, MAGIC, MAX_REASON_LEN, MAX_SESSION_NAME, MIN_MAX_FRAME,
     PROTOCOL_VERSION,
 };
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{
     encode, Decoder, Frame, FrameType, Header, StreamRule, DEFAULT_MAX_FRAME, FLAG_NONE,
     HEADER_LEN, MAX_FRAME_CEILING,
+};
+pub use limits::{
+    Heartbeat, Limits, DATA_CHUNK, DEAD_AFTER, DEFAULT_CONN_WINDOW, DEFAULT_MAX_STREAMS,
+    DEFAULT_STREAM_WINDOW, PING_INTERVAL,
 };
 
 /// A tiny deterministic PRNG for the randomised tests, so they need no extra

@@ -52,11 +52,13 @@ impl Future for Notified<'_> {
     }
 }
 
-/// Many waiters woken together (e.g. every stream waiting for uplink
-/// credit). Waiters re-check their condition after waking.
+/// Waiters in arrival order (e.g. requests waiting for a backend slot).
+/// Waiters re-check their condition after waking. Registering is O(1): a
+/// waiter polled again while listed may appear twice, which only costs a
+/// spurious wake-up; the list is emptied by every wake.
 #[derive(Default)]
 pub struct WaitList {
-    wakers: RefCell<Vec<Waker>>,
+    wakers: RefCell<std::collections::VecDeque<Waker>>,
 }
 
 impl WaitList {
@@ -66,8 +68,20 @@ impl WaitList {
 
     pub fn register(&self, w: &Waker) {
         let mut v = self.wakers.borrow_mut();
-        if !v.iter().any(|x| x.will_wake(w)) {
-            v.push(w.clone());
+        // Cheap guard against the common repeat: the same waiter twice in
+        // a row.
+        if v.back().is_some_and(|x| x.will_wake(w)) {
+            return;
+        }
+        v.push_back(w.clone());
+    }
+
+    /// Wakes the longest waiter. A waiter that gives up after being woken
+    /// must pass the wake-up on (see the agent's slot wait).
+    pub fn wake_one(&self) {
+        let w = self.wakers.borrow_mut().pop_front();
+        if let Some(w) = w {
+            w.wake();
         }
     }
 

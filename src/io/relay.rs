@@ -1,0 +1,407 @@
+//! The pumps between an HTTP/1 socket and a stream, shared by both edges:
+//! the gateway runs them between a public client and its stream, the agent
+//! between the stream and a backend connection. They mirror each other:
+//!
+//! - [`body_to_stream`]: a body read from the socket, de-framed (length,
+//!   chunked, close-delimited) -> DATA, then END;
+//! - [`stream_to_writer`]: DATA -> the socket, re-framed for the reader and
+//!   with the declared framing enforced (no byte past a Content-Length, no
+//!   body on a bodyless message, empty DATA ignored);
+//! - [`raw_to_stream`] / [`stream_to_raw`]: the byte relay after a 101;
+//! - [`UpgradeGate`]: where the response side tells the request side
+//!   whether the upgrade happened;
+//! - [`watch_for_close`]: reads a client socket while a request is served
+//!   without a body to read, so a client that goes away cancels its stream.
+//!
+//! Every socket wait is bounded by the connection's [`Watchdog`]: an idle
+//! deadline around each read and a stall deadline around each write, each
+//! enforced by shutting the socket down (never by dropping a read). DATA
+//! taken from the stream is held as [`Chunk`]s until written, then dropped,
+//! which returns its credit; a failed write drops them too, so credit comes
+//! back whatever happens.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, CancelHandle, CancelableAsyncReadRent};
+
+use super::batch::{write_parts, Parts};
+use super::read_append;
+use super::uplink::{Chunk, Inbound, Stream, DATA_CHUNK};
+use super::watchdog::{Fired, Watchdog};
+use crate::http::{self, BodyDecoder, BodyError, BodyKind};
+use crate::proto::{ErrorCode, StreamError};
+use crate::runtime::notify::Notify;
+
+/// How much body we gather before one write to the socket.
+const COALESCE: usize = 256 * 1024;
+
+/// Why a pump stopped before its body ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PumpError {
+    /// The socket reached EOF or failed.
+    Closed,
+    /// A deadline of the socket's watchdog fired.
+    TimedOut(Fired),
+    /// The body on the socket broke HTTP framing.
+    BadBody(BodyError),
+    /// The stream was reset (by either side).
+    Reset(ErrorCode),
+    /// The uplink closed under the stream.
+    Gone,
+    /// The far side's DATA broke the framing its head declared.
+    Framing(&'static str),
+}
+
+impl From<StreamError> for PumpError {
+    fn from(e: StreamError) -> Self {
+        match e {
+            StreamError::Reset(c) => PumpError::Reset(c),
+            StreamError::Finished => PumpError::Framing("stream already ended"),
+            StreamError::Unknown | StreamError::Gone => PumpError::Gone,
+        }
+    }
+}
+
+impl std::fmt::Display for PumpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PumpError::Closed => f.write_str("connection closed"),
+            PumpError::TimedOut(Fired::Read) => f.write_str("read timed out"),
+            PumpError::TimedOut(Fired::Write) => f.write_str("peer stopped reading"),
+            PumpError::BadBody(e) => write!(f, "bad body: {e:?}"),
+            PumpError::Reset(c) => write!(f, "stream reset ({c})"),
+            PumpError::Gone => f.write_str("uplink closed"),
+            PumpError::Framing(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The deadlines a pump applies to its socket.
+#[derive(Clone, Copy)]
+pub struct Deadlines<'a> {
+    pub wd: &'a Watchdog,
+    /// Longest wait for the next byte from the socket.
+    pub read_idle: Option<Duration>,
+    /// Longest a write may make no progress.
+    pub write_stall: Option<Duration>,
+}
+
+impl Deadlines<'_> {
+    fn io_error(&self) -> PumpError {
+        match self.wd.which() {
+            Some(w) => PumpError::TimedOut(w),
+            None => PumpError::Closed,
+        }
+    }
+
+    async fn read<R: AsyncReadRent>(&self, r: &mut R, buf: &mut BytesMut) -> bool {
+        if let Some(t) = self.read_idle {
+            self.wd.arm(t);
+        }
+        let (res, b) = read_append(r, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
+        *buf = b;
+        if self.read_idle.is_some() {
+            self.wd.disarm();
+        }
+        matches!(res, Ok(n) if n > 0)
+    }
+
+    async fn write<W: AsyncWriteRent>(&self, w: &mut W, parts: Parts) -> bool {
+        if let Some(t) = self.write_stall {
+            self.wd.arm_write(t);
+        }
+        let (res, _) = write_parts(w, parts).await;
+        if self.write_stall.is_some() {
+            self.wd.disarm_write();
+        }
+        res.is_ok()
+    }
+}
+
+/// A body read from the socket -> DATA frames, then END. `buf` holds bytes
+/// already read; bytes after the body stay in it (pipelining).
+pub async fn body_to_stream<R: AsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    stream: &Stream,
+    kind: BodyKind,
+    t: Deadlines<'_>,
+) -> Result<u64, PumpError> {
+    let mut dec = BodyDecoder::new(kind);
+    let mut total = 0u64;
+    loop {
+        match dec.decode(buf, DATA_CHUNK) {
+            Ok(Some(piece)) => {
+                total += piece.len() as u64;
+                stream.send_data(piece).await?;
+            }
+            Ok(None) if dec.is_done() => {
+                stream.send_end();
+                return Ok(total);
+            }
+            Ok(None) => {
+                if !t.read(r, buf).await {
+                    if t.wd.fired() {
+                        return Err(t.io_error());
+                    }
+                    // Close-delimited bodies end here; others are cut short.
+                    return match dec.on_eof() {
+                        Ok(()) => {
+                            stream.send_end();
+                            Ok(total)
+                        }
+                        Err(_) => Err(PumpError::Closed),
+                    };
+                }
+            }
+            Err(e) => return Err(PumpError::BadBody(e)),
+        }
+    }
+}
+
+/// How DATA is framed on the way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutFraming {
+    /// No body may follow (HEAD, 204, 304, body-less requests).
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// HTTP/1.1 chunked coding.
+    Chunked,
+    /// Raw bytes, ended by closing the connection.
+    Eof,
+}
+
+impl OutFraming {
+    pub fn of(kind: BodyKind) -> OutFraming {
+        match kind {
+            BodyKind::Empty => OutFraming::Empty,
+            BodyKind::Length(n) => OutFraming::Length(n),
+            BodyKind::Chunked => OutFraming::Chunked,
+            BodyKind::Eof => OutFraming::Eof,
+        }
+    }
+}
+
+/// DATA -> the socket in `framing`, until END. `prefix` (a head) goes out
+/// in the first write. Returns the body bytes written. Bytes the framing
+/// does not allow are never written: the pump stops with `Framing`.
+pub async fn stream_to_writer<W: AsyncWriteRent>(
+    w: &mut W,
+    stream: &Stream,
+    framing: OutFraming,
+    prefix: Option<Bytes>,
+    t: Deadlines<'_>,
+) -> Result<u64, PumpError> {
+    let mut total = 0u64;
+    let mut prefix = prefix;
+    loop {
+        let mut parts = Parts::new();
+        if let Some(h) = prefix.take() {
+            parts.push(h);
+        }
+        // Held until written: dropping a chunk returns its credit.
+        let mut held: Vec<Chunk> = Vec::new();
+        let mut finished = false;
+        let mut fail = None;
+        while parts.bytes() < COALESCE {
+            // Wait for the first event only when there is nothing to write;
+            // then gather what has already arrived into the same write.
+            let ev = if parts.is_empty() {
+                stream.recv().await
+            } else {
+                match stream.try_recv() {
+                    Some(ev) => ev,
+                    None => break,
+                }
+            };
+            match ev {
+                Inbound::Data(c) => {
+                    let n = c.len() as u64;
+                    let over = match framing {
+                        OutFraming::Empty => Some("body data on a message without a body"),
+                        OutFraming::Length(l) if total + n > l => {
+                            Some("body longer than its Content-Length")
+                        }
+                        _ => None,
+                    };
+                    if let Some(why) = over {
+                        fail = Some(PumpError::Framing(why));
+                        break;
+                    }
+                    total += n;
+                    if framing == OutFraming::Chunked {
+                        parts.push_chunk(c.bytes().clone());
+                    } else {
+                        parts.push(c.bytes().clone());
+                    }
+                    held.push(c);
+                }
+                Inbound::End => {
+                    match framing {
+                        OutFraming::Length(l) if total != l => {
+                            fail = Some(PumpError::Framing("body shorter than its Content-Length"));
+                        }
+                        OutFraming::Chunked => {
+                            parts.push(Bytes::from_static(http::LAST_CHUNK));
+                            finished = true;
+                        }
+                        _ => finished = true,
+                    }
+                    break;
+                }
+                Inbound::Head(_) => {
+                    fail = Some(PumpError::Framing("a second head inside a body"));
+                    break;
+                }
+                Inbound::Reset(c) => {
+                    fail = Some(PumpError::Reset(c));
+                    break;
+                }
+                Inbound::Gone => {
+                    fail = Some(PumpError::Gone);
+                    break;
+                }
+            }
+        }
+        if !parts.is_empty() && !t.write(w, parts).await {
+            return Err(t.io_error());
+        }
+        drop(held);
+        if let Some(f) = fail {
+            return Err(f);
+        }
+        if finished {
+            return Ok(total);
+        }
+    }
+}
+
+/// After a 101: raw bytes from the socket -> DATA until the socket's EOF,
+/// which becomes END (a half-close crosses the tunnel).
+pub async fn raw_to_stream<R: AsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    stream: &Stream,
+) -> Result<(), PumpError> {
+    loop {
+        if !buf.is_empty() {
+            stream.send_data(buf.split().freeze()).await?;
+        }
+        let (res, b) = read_append(r, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
+        *buf = b;
+        if !matches!(res, Ok(n) if n > 0) {
+            stream.send_end();
+            return Ok(());
+        }
+    }
+}
+
+/// After a 101: DATA -> raw socket bytes until END, which half-closes the
+/// socket's write side.
+pub async fn stream_to_raw<W: AsyncWriteRent>(
+    w: &mut W,
+    stream: &Stream,
+    t: Deadlines<'_>,
+) -> Result<(), PumpError> {
+    match stream_to_writer(w, stream, OutFraming::Eof, None, t).await {
+        Ok(_) => {
+            let _ = w.shutdown().await;
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What the response side decided about an `Upgrade` request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Upgrade {
+    Pending,
+    Accepted,
+    Refused,
+}
+
+/// The response side decides, the request side waits: after a 101 the
+/// request side relays raw bytes, otherwise it just ends its direction.
+pub struct UpgradeGate {
+    state: Cell<Upgrade>,
+    decided: Notify,
+}
+
+impl Default for UpgradeGate {
+    fn default() -> Self {
+        UpgradeGate {
+            state: Cell::new(Upgrade::Pending),
+            decided: Notify::new(),
+        }
+    }
+}
+
+impl UpgradeGate {
+    pub fn decide(&self, d: Upgrade) {
+        if self.state.get() == Upgrade::Pending {
+            self.state.set(d);
+            self.decided.notify();
+        }
+    }
+
+    pub fn get(&self) -> Upgrade {
+        self.state.get()
+    }
+
+    pub async fn wait(&self) -> Upgrade {
+        while self.state.get() == Upgrade::Pending {
+            self.decided.notified().await;
+        }
+        self.state.get()
+    }
+}
+
+/// What [`watch_for_close`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Watched {
+    /// The client closed (or reset) its connection.
+    Closed,
+    /// The watch was cancelled: the exchange finished first.
+    Cancelled,
+    /// `max` bytes of pipelined requests are buffered: stop reading.
+    Full,
+}
+
+/// Reads from the client while its request is being answered and there is
+/// no body left to read, so that a client that goes away is noticed at
+/// once. Pipelined bytes are appended to `buf` (never lost): the read is
+/// cancelled through `cancel`, never dropped.
+pub async fn watch_for_close<R: CancelableAsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+    cancel: CancelHandle,
+) -> Watched {
+    loop {
+        if buf.len() >= max {
+            return Watched::Full;
+        }
+        if buf.capacity() - buf.len() < 2048 {
+            buf.reserve(8192);
+        }
+        let b = std::mem::take(buf);
+        let len = b.len();
+        let cap = b.capacity();
+        let (res, slice) = r
+            .cancelable_read(
+                monoio::buf::IoBufMut::slice_mut(b, len..cap),
+                cancel.clone(),
+            )
+            .await;
+        *buf = slice.into_inner();
+        match res {
+            Ok(0) => return Watched::Closed,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => return Watched::Cancelled,
+            Err(_) => return Watched::Closed,
+        }
+    }
+}

@@ -96,11 +96,20 @@ impl ResponseHead {
 /// Why a head was rejected. Each maps to one status via [`HeadError::status`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeadError {
+    /// No end of head within the limit: 431.
     TooLarge,
+    /// Not HTTP/1.x syntax, or a field we must understand is invalid: 400.
     Malformed(&'static str),
+    /// More than [`MAX_HEADERS`] fields: 431.
     TooManyHeaders,
+    /// Framing two parsers could read differently (CL with TE, conflicting
+    /// CLs, a TE whose final coding is not chunked, ...): 400.
     Smuggling(&'static str),
+    /// A request TE ending in chunked with another coding before it, which
+    /// we do not implement (RFC 9112 6.1): 501. The body length is still
+    /// unambiguous, so this is not a framing error.
     UnsupportedTransferEncoding,
+    /// A well-formed HTTP version other than 1.0 and 1.1: 505.
     VersionNotSupported,
 }
 
@@ -170,10 +179,22 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
         ));
     }
     let body = if facts.has_te {
+        // Framing errors (400) before the 501: RFC 9112 6.3 says a request
+        // whose final coding is not chunked has no reliable length at all.
         match facts.te_final {
-            TeFinal::Chunked if facts.te_only_chunked => BodyKind::Chunked,
             TeFinal::Empty => return Err(HeadError::Malformed("empty transfer-encoding")),
-            _ => return Err(HeadError::UnsupportedTransferEncoding),
+            TeFinal::Other => {
+                return Err(HeadError::Smuggling(
+                    "transfer-encoding does not end in chunked",
+                ))
+            }
+            TeFinal::Chunked if facts.te_chunked_count > 1 => {
+                return Err(HeadError::Smuggling("chunked applied more than once"));
+            }
+            TeFinal::Chunked if !facts.te_only_chunked => {
+                return Err(HeadError::UnsupportedTransferEncoding)
+            }
+            TeFinal::Chunked => BodyKind::Chunked,
         }
     } else {
         match facts.content_length {
@@ -181,9 +202,6 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
             None => BodyKind::Empty,
         }
     };
-    if facts.te_chunked_count > 1 {
-        return Err(HeadError::Smuggling("chunked applied more than once"));
-    }
 
     if facts.host_count > 1 {
         return Err(HeadError::Malformed("several Host headers"));
@@ -834,28 +852,33 @@ mod tests {
         };
         assert_eq!(ok_te("chunked"), BodyKind::Chunked);
         assert_eq!(ok_te("Chunked"), BodyKind::Chunked);
-        assert_eq!(err_te("gzip"), HeadError::UnsupportedTransferEncoding);
+        assert_eq!(ok_te(", chunked ,"), BodyKind::Chunked);
+        // RFC 9112 6.3: the final coding is not chunked, so no length: 400.
+        let not_final = HeadError::Smuggling("transfer-encoding does not end in chunked");
+        for v in [
+            "gzip",
+            "chunked, gzip",
+            "chunked;x=1",
+            "xchunked",
+            "identity",
+        ] {
+            assert_eq!(err_te(v), not_final, "{v:?}");
+            assert_eq!(err_te(v).status(), 400, "{v:?}");
+        }
+        // RFC 9112 6.1: ends in chunked, but with a coding we lack: 501.
         assert_eq!(
             err_te("gzip, chunked"),
             HeadError::UnsupportedTransferEncoding
         );
-        assert_eq!(
-            err_te("chunked, gzip"),
-            HeadError::UnsupportedTransferEncoding
-        );
-        assert_eq!(
-            err_te("chunked;x=1"),
-            HeadError::UnsupportedTransferEncoding
-        );
-        assert_eq!(err_te("xchunked"), HeadError::UnsupportedTransferEncoding);
-        assert_eq!(err_te("gzip").status(), 501);
-        assert!(matches!(
-            err_te("chunked, chunked"),
-            HeadError::Smuggling(_)
-        ));
-        assert!(matches!(err_te(""), HeadError::Malformed(_)));
+        assert_eq!(err_te("gzip, chunked").status(), 501);
         let e = err("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(e, HeadError::UnsupportedTransferEncoding);
+        // Chunked twice is a framing error even with another coding.
+        for v in ["chunked, chunked", "chunked, gzip, chunked"] {
+            assert!(matches!(err_te(v), HeadError::Smuggling(_)), "{v:?}");
+        }
+        assert!(matches!(err_te(""), HeadError::Malformed(_)));
+        assert_eq!(err_te("").status(), 400);
     }
 
     #[test]

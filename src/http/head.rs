@@ -621,7 +621,10 @@ fn is_reg_name_byte(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use bytes::{Buf, BytesMut};
+
     use super::*;
+    use crate::http::body::{BodyDecoder, BodyError};
 
     fn req(s: &str) -> Result<Option<RequestHead>, HeadError> {
         parse_request(s.as_bytes(), DEFAULT_MAX_HEAD)
@@ -879,6 +882,238 @@ mod tests {
         }
         assert!(matches!(err_te(""), HeadError::Malformed(_)));
         assert_eq!(err_te("").status(), 400);
+    }
+
+    /// What the edge makes of one request: its head refused with a status,
+    /// its body refused, or exactly one body with the rest left alone.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Framed {
+        Refused(u16),
+        BadBody(BodyError),
+        Body(Vec<u8>, Vec<u8>),
+    }
+
+    /// Parse a head, then decode its body, feeding `input` in `step`-byte
+    /// reads the way the gateway does.
+    fn frame(input: &[u8], step: usize) -> Framed {
+        let mut reads = input.chunks(step);
+        let mut buf = BytesMut::new();
+        let head = loop {
+            match parse_request(&buf, DEFAULT_MAX_HEAD) {
+                Ok(Some(h)) => break h,
+                Err(e) => return Framed::Refused(e.status()),
+                Ok(None) => match reads.next() {
+                    Some(r) => buf.extend_from_slice(r),
+                    None => panic!("head never complete"),
+                },
+            }
+        };
+        buf.advance(head.head_len);
+        let mut dec = BodyDecoder::new(head.body);
+        let mut body = Vec::new();
+        loop {
+            match dec.decode(&mut buf, 7) {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                Ok(None) if dec.is_done() => break,
+                Ok(None) => match reads.next() {
+                    Some(r) => buf.extend_from_slice(r),
+                    None => panic!("body never complete"),
+                },
+                Err(e) => return Framed::BadBody(e),
+            }
+        }
+        buf.extend(reads.flatten());
+        Framed::Body(body, buf.to_vec())
+    }
+
+    #[test]
+    fn smuggling_payloads() {
+        use Framed::*;
+        const NEXT: &str = "GET /admin HTTP/1.1\r\nHost: h\r\n\r\n";
+        let body = |b: &str, rest: &str| Body(b.into(), rest.into());
+        let cases: Vec<(String, Framed)> = vec![
+            // CL.TE and TE.CL: both framings present.
+            (
+                "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n"
+                    .into(),
+                Refused(400),
+            ),
+            (
+                "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: xchunked\r\nContent-Length: 4\r\n\r\n".into(),
+                Refused(400),
+            ),
+            // TE only: exactly one chunked body; what follows is untouched.
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{NEXT}"),
+                body("", NEXT),
+            ),
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"),
+                body("hello", NEXT),
+            ),
+            // CL only: exactly Content-Length bytes, even if they look like chunks.
+            (
+                format!("Content-Length: 4\r\n\r\n5c\r\n{NEXT}"),
+                body("5c\r\n", NEXT),
+            ),
+            // TE.TE: obfuscated Transfer-Encoding.
+            ("Transfer-Encoding: xchunked\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding : chunked\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding\t: chunked\r\n\r\n".into(), Refused(400)),
+            (
+                "Transfer-Encoding: chunked, identity\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: identity, chunked\r\n\r\n".into(),
+                Refused(501),
+            ),
+            (
+                "Transfer-Encoding: gzip, chunked\r\n\r\n".into(),
+                Refused(501),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked, chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: \"chunked\"\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Transfer-Encoding: chunk\r\n\r\n".into(), Refused(400)),
+            (
+                "Transfer-Encoding: chunked;q=1\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: \x0bchunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Transfer-Encoding: chunked\0\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding:\r\n\r\n".into(), Refused(400)),
+            (" Transfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            (
+                "X: y\r\n Transfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding:\r\n chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\nX: y\r\n\r\n".into(),
+                Refused(400),
+            ),
+            // Tabs and case are legal OWS / case-insensitive: one reading.
+            (
+                "Transfer-Encoding:\tchunked\t\r\n\r\n3\r\nabc\r\n0\r\n\r\n".into(),
+                body("abc", ""),
+            ),
+            (
+                "transfer-encoding: CHUNKED\r\n\r\n3\r\nabc\r\n0\r\n\r\n".into(),
+                body("abc", ""),
+            ),
+            // Content-Length obfuscations.
+            ("Content-Length: +5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: -5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5, 6\r\n\r\nhello!".into(), Refused(400)),
+            (
+                "Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
+                Refused(400),
+            ),
+            ("Content-Length: 0x5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5 5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5e0\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length : 5\r\n\r\nhello".into(), Refused(400)),
+            (
+                "Content-Length: 99999999999999999999\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Content-Length:\r\n\r\n".into(), Refused(400)),
+            ("Content-Length: 5\rX: y\r\n\r\nhello".into(), Refused(400)),
+            (
+                format!("Content-Length: 5, 5\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            (
+                format!("Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            (
+                format!("Content-Length:\t5\t\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            // Chunked bodies that two parsers could cut differently.
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n0\r\n{NEXT}"),
+                BadBody(BodyError::BadTrailer),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkTerminator),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5;a=\"\r\n\"\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkExtension),
+            ),
+        ];
+        for (rest, want) in &cases {
+            let req = format!("POST / HTTP/1.1\r\nHost: h\r\n{rest}");
+            for step in [req.len(), 1, 2, 5] {
+                assert_eq!(
+                    frame(req.as_bytes(), step),
+                    *want,
+                    "{rest:?} in {step}-byte reads"
+                );
+            }
+            if let BadBody(e) = want {
+                assert_eq!(e.status(), Some(400));
+            }
+        }
+        assert!(cases.len() >= 30);
+        // TE on HTTP/1.0 is refused whatever follows (RFC 9112 6.1).
+        let req = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(frame(req.as_bytes(), 1), Refused(400));
     }
 
     #[test]

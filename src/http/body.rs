@@ -819,37 +819,4 @@ mod tests {
         assert_eq!(d.remaining_hint(), None);
         assert_eq!(d.on_eof(), Err(BodyError::UnexpectedEof));
     }
-
-    #[test]
-    fn chunked_pseudo_random_round_trip() {
-        let mut seed = 7u32;
-        let mut next = move || {
-            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
-            seed >> 16
-        };
-        for _ in 0..50 {
-            let mut want = Vec::new();
-            let mut wire = Vec::new();
-            for _ in 0..(next() % 6) {
-                let len = (next() % 40 + 1) as usize;
-                let chunk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-                wire.extend_from_slice(format!("{len:x}\r\n").as_bytes());
-                wire.extend_from_slice(&chunk);
-                wire.extend_from_slice(b"\r\n");
-                want.extend_from_slice(&chunk);
-            }
-            wire.extend_from_slice(b"0\r\n\r\n");
-            let max = (next() % 7 + 1) as usize;
-            assert_eq!(
-                bytewise(BodyKind::Chunked, &wire, max),
-                Ok((want.clone(), true, vec![]))
-            );
-            let step = (next() % 9 + 1) as usize;
-            let pieces: Vec<&[u8]> = wire.chunks(step).collect();
-            assert_eq!(
-                run(BodyKind::Chunked, &pieces, max),
-                Ok((want, true, vec![]))
-            );
-        }
-    }
 }

@@ -33,7 +33,7 @@ pub enum BodyKind {
 }
 
 /// A validated request head.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: String,
     pub target: String,
@@ -70,7 +70,7 @@ impl RequestHead {
 }
 
 /// A parsed response head.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseHead {
     /// Minor version: 0 = HTTP/1.0, 1 = HTTP/1.1.
     pub version: u8,

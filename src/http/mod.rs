@@ -17,6 +17,8 @@
 pub mod body;
 pub mod encode;
 pub mod head;
+#[doc(hidden)]
+pub mod invariants;
 
 pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use encode::{

@@ -33,7 +33,7 @@ pub enum BodyKind {
 }
 
 /// A validated request head.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
     pub method: String,
     pub target: String,
@@ -70,7 +70,7 @@ impl RequestHead {
 }
 
 /// A parsed response head.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResponseHead {
     /// Minor version: 0 = HTTP/1.0, 1 = HTTP/1.1.
     pub version: u8,
@@ -96,11 +96,20 @@ impl ResponseHead {
 /// Why a head was rejected. Each maps to one status via [`HeadError::status`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HeadError {
+    /// No end of head within the limit: 431.
     TooLarge,
+    /// Not HTTP/1.x syntax, or a field we must understand is invalid: 400.
     Malformed(&'static str),
+    /// More than [`MAX_HEADERS`] fields: 431.
     TooManyHeaders,
+    /// Framing two parsers could read differently (CL with TE, conflicting
+    /// CLs, a TE whose final coding is not chunked, ...): 400.
     Smuggling(&'static str),
+    /// A request TE ending in chunked with another coding before it, which
+    /// we do not implement (RFC 9112 6.1): 501. The body length is still
+    /// unambiguous, so this is not a framing error.
     UnsupportedTransferEncoding,
+    /// A well-formed HTTP version other than 1.0 and 1.1: 505.
     VersionNotSupported,
 }
 
@@ -170,10 +179,22 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
         ));
     }
     let body = if facts.has_te {
+        // Framing errors (400) before the 501: RFC 9112 6.3 says a request
+        // whose final coding is not chunked has no reliable length at all.
         match facts.te_final {
-            TeFinal::Chunked if facts.te_only_chunked => BodyKind::Chunked,
             TeFinal::Empty => return Err(HeadError::Malformed("empty transfer-encoding")),
-            _ => return Err(HeadError::UnsupportedTransferEncoding),
+            TeFinal::Other => {
+                return Err(HeadError::Smuggling(
+                    "transfer-encoding does not end in chunked",
+                ))
+            }
+            TeFinal::Chunked if facts.te_chunked_count > 1 => {
+                return Err(HeadError::Smuggling("chunked applied more than once"));
+            }
+            TeFinal::Chunked if !facts.te_only_chunked => {
+                return Err(HeadError::UnsupportedTransferEncoding)
+            }
+            TeFinal::Chunked => BodyKind::Chunked,
         }
     } else {
         match facts.content_length {
@@ -181,9 +202,6 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
             None => BodyKind::Empty,
         }
     };
-    if facts.te_chunked_count > 1 {
-        return Err(HeadError::Smuggling("chunked applied more than once"));
-    }
 
     if facts.host_count > 1 {
         return Err(HeadError::Malformed("several Host headers"));
@@ -603,7 +621,10 @@ fn is_reg_name_byte(b: u8) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use bytes::{Buf, BytesMut};
+
     use super::*;
+    use crate::http::body::{BodyDecoder, BodyError};
 
     fn req(s: &str) -> Result<Option<RequestHead>, HeadError> {
         parse_request(s.as_bytes(), DEFAULT_MAX_HEAD)
@@ -834,28 +855,265 @@ mod tests {
         };
         assert_eq!(ok_te("chunked"), BodyKind::Chunked);
         assert_eq!(ok_te("Chunked"), BodyKind::Chunked);
-        assert_eq!(err_te("gzip"), HeadError::UnsupportedTransferEncoding);
+        assert_eq!(ok_te(", chunked ,"), BodyKind::Chunked);
+        // RFC 9112 6.3: the final coding is not chunked, so no length: 400.
+        let not_final = HeadError::Smuggling("transfer-encoding does not end in chunked");
+        for v in [
+            "gzip",
+            "chunked, gzip",
+            "chunked;x=1",
+            "xchunked",
+            "identity",
+        ] {
+            assert_eq!(err_te(v), not_final, "{v:?}");
+            assert_eq!(err_te(v).status(), 400, "{v:?}");
+        }
+        // RFC 9112 6.1: ends in chunked, but with a coding we lack: 501.
         assert_eq!(
             err_te("gzip, chunked"),
             HeadError::UnsupportedTransferEncoding
         );
-        assert_eq!(
-            err_te("chunked, gzip"),
-            HeadError::UnsupportedTransferEncoding
-        );
-        assert_eq!(
-            err_te("chunked;x=1"),
-            HeadError::UnsupportedTransferEncoding
-        );
-        assert_eq!(err_te("xchunked"), HeadError::UnsupportedTransferEncoding);
-        assert_eq!(err_te("gzip").status(), 501);
-        assert!(matches!(
-            err_te("chunked, chunked"),
-            HeadError::Smuggling(_)
-        ));
-        assert!(matches!(err_te(""), HeadError::Malformed(_)));
+        assert_eq!(err_te("gzip, chunked").status(), 501);
         let e = err("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(e, HeadError::UnsupportedTransferEncoding);
+        // Chunked twice is a framing error even with another coding.
+        for v in ["chunked, chunked", "chunked, gzip, chunked"] {
+            assert!(matches!(err_te(v), HeadError::Smuggling(_)), "{v:?}");
+        }
+        assert!(matches!(err_te(""), HeadError::Malformed(_)));
+        assert_eq!(err_te("").status(), 400);
+    }
+
+    /// What the edge makes of one request: its head refused with a status,
+    /// its body refused, or exactly one body with the rest left alone.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Framed {
+        Refused(u16),
+        BadBody(BodyError),
+        Body(Vec<u8>, Vec<u8>),
+    }
+
+    /// Parse a head, then decode its body, feeding `input` in `step`-byte
+    /// reads the way the gateway does.
+    fn frame(input: &[u8], step: usize) -> Framed {
+        let mut reads = input.chunks(step);
+        let mut buf = BytesMut::new();
+        let head = loop {
+            match parse_request(&buf, DEFAULT_MAX_HEAD) {
+                Ok(Some(h)) => break h,
+                Err(e) => return Framed::Refused(e.status()),
+                Ok(None) => match reads.next() {
+                    Some(r) => buf.extend_from_slice(r),
+                    None => panic!("head never complete"),
+                },
+            }
+        };
+        buf.advance(head.head_len);
+        let mut dec = BodyDecoder::new(head.body);
+        let mut body = Vec::new();
+        loop {
+            match dec.decode(&mut buf, 7) {
+                Ok(Some(piece)) => body.extend_from_slice(&piece),
+                Ok(None) if dec.is_done() => break,
+                Ok(None) => match reads.next() {
+                    Some(r) => buf.extend_from_slice(r),
+                    None => panic!("body never complete"),
+                },
+                Err(e) => return Framed::BadBody(e),
+            }
+        }
+        buf.extend(reads.flatten());
+        Framed::Body(body, buf.to_vec())
+    }
+
+    #[test]
+    fn smuggling_payloads() {
+        use Framed::*;
+        const NEXT: &str = "GET /admin HTTP/1.1\r\nHost: h\r\n\r\n";
+        let body = |b: &str, rest: &str| Body(b.into(), rest.into());
+        let cases: Vec<(String, Framed)> = vec![
+            // CL.TE and TE.CL: both framings present.
+            (
+                "Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n"
+                    .into(),
+                Refused(400),
+            ),
+            (
+                "Content-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: xchunked\r\nContent-Length: 4\r\n\r\n".into(),
+                Refused(400),
+            ),
+            // TE only: exactly one chunked body; what follows is untouched.
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{NEXT}"),
+                body("", NEXT),
+            ),
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n{NEXT}"),
+                body("hello", NEXT),
+            ),
+            // CL only: exactly Content-Length bytes, even if they look like chunks.
+            (
+                format!("Content-Length: 4\r\n\r\n5c\r\n{NEXT}"),
+                body("5c\r\n", NEXT),
+            ),
+            // TE.TE: obfuscated Transfer-Encoding.
+            ("Transfer-Encoding: xchunked\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding : chunked\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding\t: chunked\r\n\r\n".into(), Refused(400)),
+            (
+                "Transfer-Encoding: chunked, identity\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: identity, chunked\r\n\r\n".into(),
+                Refused(501),
+            ),
+            (
+                "Transfer-Encoding: gzip, chunked\r\n\r\n".into(),
+                Refused(501),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked, chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: \"chunked\"\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Transfer-Encoding: chunk\r\n\r\n".into(), Refused(400)),
+            (
+                "Transfer-Encoding: chunked;q=1\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: \x0bchunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Transfer-Encoding: chunked\0\r\n\r\n".into(), Refused(400)),
+            ("Transfer-Encoding:\r\n\r\n".into(), Refused(400)),
+            (" Transfer-Encoding: chunked\r\n\r\n".into(), Refused(400)),
+            (
+                "X: y\r\n Transfer-Encoding: chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding:\r\n chunked\r\n\r\n".into(),
+                Refused(400),
+            ),
+            (
+                "Transfer-Encoding: chunked\nX: y\r\n\r\n".into(),
+                Refused(400),
+            ),
+            // Tabs and case are legal OWS / case-insensitive: one reading.
+            (
+                "Transfer-Encoding:\tchunked\t\r\n\r\n3\r\nabc\r\n0\r\n\r\n".into(),
+                body("abc", ""),
+            ),
+            (
+                "transfer-encoding: CHUNKED\r\n\r\n3\r\nabc\r\n0\r\n\r\n".into(),
+                body("abc", ""),
+            ),
+            // Content-Length obfuscations.
+            ("Content-Length: +5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: -5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5, 6\r\n\r\nhello!".into(), Refused(400)),
+            (
+                "Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!".into(),
+                Refused(400),
+            ),
+            ("Content-Length: 0x5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5 5\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length: 5e0\r\n\r\nhello".into(), Refused(400)),
+            ("Content-Length : 5\r\n\r\nhello".into(), Refused(400)),
+            (
+                "Content-Length: 99999999999999999999\r\n\r\n".into(),
+                Refused(400),
+            ),
+            ("Content-Length:\r\n\r\n".into(), Refused(400)),
+            ("Content-Length: 5\rX: y\r\n\r\nhello".into(), Refused(400)),
+            (
+                format!("Content-Length: 5, 5\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            (
+                format!("Content-Length: 5\r\nContent-Length: 5\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            (
+                format!("Content-Length:\t5\t\r\n\r\nhello{NEXT}"),
+                body("hello", NEXT),
+            ),
+            // Chunked bodies that two parsers could cut differently.
+            (
+                format!("Transfer-Encoding: chunked\r\n\r\n0\r\n{NEXT}"),
+                BadBody(BodyError::BadTrailer),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n 5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5\nhello\n0\n\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkSize),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkTerminator),
+            ),
+            (
+                "Transfer-Encoding: chunked\r\n\r\n5;a=\"\r\n\"\r\nhello\r\n0\r\n\r\n".into(),
+                BadBody(BodyError::BadChunkExtension),
+            ),
+        ];
+        for (rest, want) in &cases {
+            let req = format!("POST / HTTP/1.1\r\nHost: h\r\n{rest}");
+            for step in [req.len(), 1, 2, 5] {
+                assert_eq!(
+                    frame(req.as_bytes(), step),
+                    *want,
+                    "{rest:?} in {step}-byte reads"
+                );
+            }
+            if let BadBody(e) = want {
+                assert_eq!(e.status(), Some(400));
+            }
+        }
+        assert!(cases.len() >= 30);
+        // TE on HTTP/1.0 is refused whatever follows (RFC 9112 6.1).
+        let req = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(frame(req.as_bytes(), 1), Refused(400));
     }
 
     #[test]

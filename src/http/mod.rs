@@ -8,15 +8,23 @@
 //!   framing and yields the body zero-copy, in bounded pieces.
 //! - [`encode`]: heads as they are forwarded (hop-by-hop headers dropped,
 //!   framing restated), chunk framing, small error responses.
+//! - `invariants` (hidden): the checks shared by the randomised tests and
+//!   the fuzz targets in `fuzz/`.
 //!
 //! Invariants the IO layer relies on: `parse_*` never consume input (the
-//! caller advances by `head_len`); `Ok(None)` always means "read more"; a
-//! decoder never touches the bytes after the end of its body, so pipelined
-//! requests stay in the buffer.
+//! caller advances by `head_len`); `Ok(None)` always means "read more", and
+//! malformed framing is an error as soon as the byte that breaks it
+//! arrives, so no peer can keep a connection waiting on bytes that cannot
+//! help; a decoder never touches the bytes after the end of its body, so
+//! pipelined requests stay in the buffer. Every [`HeadError`] has a status
+//! ([`HeadError::status`]), every [`BodyError`] but `UnexpectedEof` is 400
+//! ([`BodyError::status`]).
 
 pub mod body;
 pub mod encode;
 pub mod head;
+#[doc(hidden)]
+pub mod invariants;
 
 pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use encode::{

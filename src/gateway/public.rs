@@ -536,7 +536,7 @@ async fn respond(
                 return match failed {
                     Some(PumpError::BadBody(e)) => {
                         core.stats.error(ErrorKind::BadRequest);
-                        let msg = format!("bad request body: {e:?}\n");
+                        let msg = format!("bad request body: {e}\n");
                         send_simple(wh, 400, &msg, true, &[]).await;
                         false
                     }

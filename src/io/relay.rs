@@ -70,7 +70,7 @@ impl std::fmt::Display for PumpError {
             PumpError::Closed => f.write_str("connection closed"),
             PumpError::TimedOut(Fired::Read) => f.write_str("read timed out"),
             PumpError::TimedOut(Fired::Write) => f.write_str("peer stopped reading"),
-            PumpError::BadBody(e) => write!(f, "bad body: {e:?}"),
+            PumpError::BadBody(e) => write!(f, "bad body: {e}"),
             PumpError::Reset(c) => write!(f, "stream reset ({c})"),
             PumpError::Gone => f.write_str("uplink closed"),
             PumpError::Framing(why) => f.write_str(why),

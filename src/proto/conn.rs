@@ -1307,6 +1307,12 @@ fn ping_opaque(now: Instant) -> [u8; 8] {
     [0; 8]
 }
 
+/// Model-based random tests: two connections back to back with a virtual
+/// clock, driven by random peer frames, local operations and time steps.
+#[cfg(test)]
+#[path = "conn_model.rs"]
+mod model;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1 @@
+//! Placeholder: the model-based tests of `Connection` land here.

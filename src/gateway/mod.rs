@@ -426,7 +426,11 @@ async fn core_main(
     // The worker's main future is the mailbox loop: it owns the lifetime
     // of every task on this core (block_on drops unfinished tasks).
     while let Some(msg) = rx.recv().await {
-        match msg {
+        if matches!(msg, CoreMsg::Shutdown) {
+            break;
+        }
+        let core = &core;
+        crate::runtime::run_isolated("mailbox", move || match msg {
             CoreMsg::Public {
                 fd,
                 buf,
@@ -447,8 +451,8 @@ async fn core_main(
                 core: c,
                 present,
             } => core.apply_directory(session, c, present),
-            CoreMsg::Shutdown => break,
-        }
+            CoreMsg::Shutdown => {}
+        });
     }
     stop.set(true);
     // shutdown(2) on a listening socket fails its pending accept, so the

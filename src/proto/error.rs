@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use super::frame::{FrameType, StreamRule};
+use super::kind::{FrameType, StreamRule};
 
 /// A u32 error code on the wire.
 ///

@@ -3,7 +3,9 @@
 //! this module is its reference implementation.
 //!
 //! Owns:
-//! - `frame`: the 12-byte header, `FrameType`, `Frame`, `Decoder`, `encode`;
+//! - `kind`: `FrameType` and its header rules (a leaf: `error` and `frame`
+//!   both use it, so the modules form no import circle);
+//! - `frame`: the 12-byte header, `Frame`, `Decoder`, `encode`;
 //! - `control`: typed payloads of the handshake (HELLO, ACCEPT, REFUSE) and
 //!   of GOAWAY, plus the protocol's constants and defaults;
 //! - `error`: `ErrorCode` (on the wire) and `ProtoError` (why a frame was
@@ -31,6 +33,7 @@ pub mod error;
 pub mod frame;
 #[doc(hidden)]
 pub mod invariants;
+pub mod kind;
 pub mod limits;
 
 pub use conn::{Connection, Event, Inbound, OpenError, Role, StreamError, StreamState};

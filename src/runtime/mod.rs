@@ -207,6 +207,20 @@ pub fn spawn_isolated<F: Future<Output = ()> + 'static>(what: &'static str, fut:
     });
 }
 
+/// Runs `f` with the same isolation as [`spawn_isolated`], for work done
+/// inline by a long-lived loop (a core's mailbox): a panic in handling one
+/// message is logged and counted, and the loop goes on with the next.
+pub fn run_isolated(what: &'static str, f: impl FnOnce()) {
+    if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            task = what,
+            panic = panic_message(payload.as_ref()),
+            "panic while handling a message; the loop goes on"
+        );
+    }
+}
+
 /// Resolves `addr` once (blocking lookups must never run on a core) and
 /// checks that nobody listens there yet. Port 0 is resolved to a concrete
 /// free port so that every core's SO_REUSEPORT listener shares it.

@@ -7,7 +7,12 @@
 use std::time::Duration;
 
 /// Default initial credit per stream, in each direction.
-pub const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
+///
+/// Sized with the uplink window: a stream whose reader stalls ties up at
+/// most this much of the uplink's credit, so `conn / stream` (64 with the
+/// defaults) streams can stall at once before the uplink stops flowing
+/// (stalled ones are closed after `--write-stall-timeout`).
+pub const DEFAULT_STREAM_WINDOW: u32 = 256 * 1024;
 /// Default initial credit per uplink, in each direction.
 pub const DEFAULT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
 /// Default limit on concurrent streams per uplink.

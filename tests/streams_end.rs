@@ -1019,7 +1019,8 @@ fn upgrade_with_a_body_is_refused_without_desync() {
 #[test]
 fn ping_flood_and_huge_window_close_the_uplink() {
     let gw = gateway("uring", &[]);
-    let tunnel = gw.addr("tunnel");
+    let (tunnel, admin) = (gw.addr("tunnel"), gw.addr("admin"));
+    let base = baseline(&gw, admin);
     let rss0 = gw.rss_kib();
     // Never reads: the PONGs pile up toward it.
     let mut up = Uplink::handshake(connect_small_rcvbuf(tunnel, 4096), "flood");
@@ -1102,6 +1103,8 @@ fn ping_flood_and_huge_window_close_the_uplink() {
         ),
         "uplink still open after WINDOW(0, 0x7fffffff)"
     );
+    drop(up);
+    wait_baseline(&gw, admin, base, Duration::from_secs(2));
 }
 
 // ---------------------------------------------------------------------

@@ -650,3 +650,201 @@ pub fn tag_backend(tag: &str) -> SocketAddr {
     });
     addr
 }
+
+// ---------------------------------------------------------------------
+// Helpers added for tests/streams_end.rs (streams that always end).
+// ---------------------------------------------------------------------
+
+impl Proc {
+    /// Open file descriptors of the process (`/proc/PID/fd` entries).
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Current resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Like `spawn`, with extra environment variables for the child.
+pub fn spawn_env(
+    name: &'static str,
+    args: &[&str],
+    ready_prefix: &str,
+    envs: &[(&str, &str)],
+) -> Proc {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(if std::env::var("RT_TEST_LOG").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("spawn ringtunnel");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let prefix = ready_prefix.to_string();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.starts_with(&prefix) {
+                let _ = tx.send(line);
+                sent = true;
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(ready) => Proc { child, ready, name },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("{name} did not become ready: {args:?}");
+        }
+    }
+}
+
+/// `gateway`, with extra environment variables.
+pub fn gateway_env(driver: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+    let base = [
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--tunnel-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let args = role_args(&base, driver, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_env("gateway", &refs, "ringtunnel gateway ready", envs)
+}
+
+/// What a gateway holds when it is idle: streams, public connections,
+/// open fds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Baseline {
+    pub streams: u64,
+    pub conns: u64,
+    pub fds: usize,
+}
+
+pub fn gateway_load(gw: &Proc, admin: SocketAddr) -> Baseline {
+    let m = metrics(admin);
+    Baseline {
+        streams: metric_sum(&m, "ringtunnel_active_streams", "core="),
+        conns: metric_sum(&m, "ringtunnel_gateway_connections", "core="),
+        fds: gw.fd_count(),
+    }
+}
+
+/// The idle state to come back to: waits (up to 2 s) for the streams and
+/// public connections of earlier set-up traffic to go, then measures.
+pub fn baseline(gw: &Proc, admin: SocketAddr) -> Baseline {
+    let t = Instant::now();
+    loop {
+        let b = gateway_load(gw, admin);
+        if (b.streams == 0 && b.conns == 0) || t.elapsed() > Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(50));
+            return gateway_load(gw, admin);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Polls until the gateway's streams and public connections are back at
+/// `base` and its fd count is within `base + 2`; panics with all three
+/// numbers after `limit`. Returns how long it took.
+pub fn wait_baseline(gw: &Proc, admin: SocketAddr, base: Baseline, limit: Duration) -> Duration {
+    let t = Instant::now();
+    loop {
+        let now = gateway_load(gw, admin);
+        if now.streams <= base.streams && now.conns <= base.conns && now.fds <= base.fds + 2 {
+            return t.elapsed();
+        }
+        if t.elapsed() > limit {
+            panic!(
+                "gateway not back at its baseline after {limit:?}: \
+                 active streams {} (baseline {}), public connections {} (baseline {}), \
+                 open fds {} (baseline {}, tolerance +2)",
+                now.streams, base.streams, now.conns, base.conns, now.fds, base.fds
+            );
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Closes with SO_LINGER 0: the peer gets a RST, not a FIN.
+pub fn abort(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &l as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+/// Connects with a small receive buffer set before the handshake, so the
+/// peer sees a genuinely slow (or stalled) reader at once.
+pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        panic!("IPv4 only: {addr}")
+    };
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &rcvbuf as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            &sa as *const libc::sockaddr_in as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        let s = TcpStream::from_raw_fd(fd);
+        assert!(
+            r == 0,
+            "connect {addr}: {}",
+            std::io::Error::last_os_error()
+        );
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    }
+}

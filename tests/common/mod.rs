@@ -77,40 +77,7 @@ impl Drop for Proc {
 /// Starts `ringtunnel ARGS` and waits for a stdout line starting with
 /// `ready_prefix`.
 pub fn spawn(name: &'static str, args: &[&str], ready_prefix: &str) -> Proc {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .stderr(if std::env::var("RT_TEST_LOG").is_ok() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("spawn ringtunnel");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let prefix = ready_prefix.to_string();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.starts_with(&prefix) {
-                let _ = tx.send(line);
-                sent = true;
-            }
-        }
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(ready) => Proc { child, ready, name },
-        Err(_) => {
-            let _ = child.kill();
-            panic!("{name} did not become ready: {args:?}");
-        }
-    }
+    spawn_env(name, args, ready_prefix, &[])
 }
 
 pub fn echo(driver: &str, delay_ms: u64) -> Proc {

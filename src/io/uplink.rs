@@ -38,6 +38,9 @@ pub use crate::proto::{Heartbeat, Limits, Role, DATA_CHUNK};
 const READ_CHUNK: usize = 256 * 1024;
 const DETACH_BELOW: usize = READ_CHUNK / 4;
 
+/// How long a failing uplink waits for its GOAWAY to be written.
+const FAIL_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Transmit for Batch {
     fn has_room(&self, payload_len: usize) -> bool {
         Batch::has_room(self, payload_len)
@@ -176,10 +179,9 @@ impl Uplink {
             let up = g.0.clone();
             up.clone().read_loop(rh, leftover).await;
             if up.conn.borrow().is_failing() {
-                // Let the writer put GOAWAY(reason) on the wire first, but
-                // do not wait long for a peer that stopped reading.
-                let _ = monoio::time::timeout(std::time::Duration::from_secs(1), up.wait_closed())
-                    .await;
+                // Let the writer put GOAWAY(reason) on the wire first; the
+                // timer task bounds the wait (FAIL_FLUSH).
+                up.wait_closed().await;
             }
             drop(g);
         });
@@ -275,6 +277,10 @@ impl Uplink {
         }
         if wants {
             self.writer_wake.notify();
+        }
+        if self.conn.borrow().is_failing() {
+            // The timer bounds how long the GOAWAY may take to go out.
+            self.timer_wake.notify();
         }
     }
 
@@ -465,6 +471,14 @@ impl Uplink {
 
     async fn timer_loop(self: Rc<Self>) {
         loop {
+            if self.conn.borrow().is_failing() {
+                // A fatal GOAWAY is queued, wherever the error was found:
+                // give the writer a second to put it on the wire, not the
+                // 45 s stall deadline a peer that stopped reading would get.
+                monoio::time::sleep(FAIL_FLUSH).await;
+                self.close_now("GOAWAY not written in time");
+                return;
+            }
             let next = self.conn.borrow().poll_timeout();
             let Some(next) = next else { return };
             let now = Instant::now();

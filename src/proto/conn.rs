@@ -695,7 +695,9 @@ impl Connection {
         let Some(s) = self.streams.get(&id) else {
             return;
         };
-        if matches!(s.state, StreamState::Reset(..)) {
+        // After both ENDs the stream is complete: a late RESET must not
+        // throw away what was received.
+        if s.state.is_terminal() {
             return;
         }
         self.abort(id, code, ResetBy::Peer);
@@ -1204,15 +1206,19 @@ impl Connection {
         }
     }
 
-    /// Grants uplink credit back in batches of a quarter window, or all of
-    /// it once no stream is open, so an idle uplink shows the peer its whole
-    /// window.
+    /// Grants uplink credit back in batches of a quarter window; at once
+    /// while the peer runs low (under a quarter window left, e.g. because
+    /// stalled streams hold the rest: batching then would leave the active
+    /// streams without credit); and all of it once no stream is open, so an
+    /// idle uplink shows the peer its whole window.
     fn maybe_grant_conn(&mut self) {
         if matches!(self.state, ConnState::Closed | ConnState::Failing) || self.recv_unacked == 0 {
             return;
         }
+        let quarter = (self.limits.conn_window / 4) as u64;
+        let low = self.recv_window <= quarter as i64;
         let idle = self.streams.is_empty();
-        if self.recv_unacked >= (self.limits.conn_window / 4) as u64 || idle {
+        if self.recv_unacked >= quarter || low || idle {
             let u = self.recv_unacked.min(u32::MAX as u64) as u32;
             self.recv_unacked -= u as u64;
             self.recv_window += u as i64;

@@ -382,7 +382,7 @@ mod tests {
             gateway_cores: 4,
             core: 2,
             max_frame: 256 * 1024,
-            stream_window: 512 * 1024,
+            stream_window: 256 * 1024,
             conn_window: 16 * 1024 * 1024,
             max_streams: 4096,
         }
@@ -507,7 +507,7 @@ mod tests {
             0, 2,        // core
             0, 0,        // reserved
             0, 4, 0, 0,  // max_frame 256 KiB
-            0, 8, 0, 0,  // stream_window 512 KiB
+            0, 4, 0, 0,  // stream_window 256 KiB (the default)
             1, 0, 0, 0,  // conn_window 16 MiB
             0, 0, 16, 0, // max_streams 4096
         ];

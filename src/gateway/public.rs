@@ -32,7 +32,14 @@ use crate::io::stats::{CoreStats, ErrorKind};
 use crate::io::uplink::{Inbound, Stream};
 use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
+use crate::runtime::notify::Notify;
 use crate::proto::ErrorCode;
+
+/// How long an answer may take before the gateway starts watching the
+/// client for a close (see `exchange`): short enough that an abandoned
+/// request frees its stream almost at once, long enough that fast answers
+/// never pay for the watch.
+const WATCH_AFTER: Duration = Duration::from_millis(50);
 
 /// A connection moves between cores at most this often per request, so a
 /// session flapping between cores cannot bounce a client forever.
@@ -346,6 +353,7 @@ async fn exchange(
     let canceller = RefCell::new(Some(Canceller::new()));
     let watch = canceller.borrow().as_ref().map(|c| c.handle());
     let resp_done = Cell::new(false);
+    let resp_done_wake = Notify::new();
     let max_watch = cfg.max_head;
     let pump_req = async {
         if req.upgrade.is_some() {
@@ -371,7 +379,15 @@ async fn exchange(
         }
         side.done(Instant::now());
         // Nothing left to read for this request: watch the client, so one
-        // that goes away cancels its stream at once.
+        // that goes away cancels its stream. Most answers come quickly, and
+        // a watch costs a read plus its cancellation; so it starts only
+        // once the answer has taken WATCH_AFTER.
+        if !resp_done.get() {
+            monoio::select! {
+                _ = monoio::time::sleep(WATCH_AFTER) => {}
+                _ = resp_done_wake.notified() => {}
+            }
+        }
         if let (false, Some(h)) = (resp_done.get(), watch) {
             if watch_for_close(rh, buf, max_watch, h).await == Watched::Closed {
                 *side.failed.borrow_mut() = Some(PumpError::Closed);
@@ -384,6 +400,7 @@ async fn exchange(
     let pump_resp = async {
         let keep = respond(core, wh, wd, &stream, req, &gate, &side).await;
         resp_done.set(true);
+        resp_done_wake.notify();
         gate.decide(Upgrade::Refused);
         if let Some(c) = canceller.borrow_mut().take() {
             c.cancel();

@@ -28,7 +28,7 @@ use monoio::net::TcpStream;
 use super::batch::Batch;
 use super::stats::{CoreStats, ErrorKind};
 use crate::proto::conn::{CloseReason, Connection, Event, IdMap, Transmit};
-use crate::proto::{Decoder, ErrorCode, Frame, FrameType, StreamError};
+use crate::proto::{Decoder, ErrorCode, Frame, StreamError};
 
 pub use crate::proto::{Heartbeat, Limits, Role, DATA_CHUNK};
 
@@ -653,7 +653,7 @@ mod fault {
                 .ok()
                 .and_then(|v| v.parse().ok())
         });
-        if *target == Some(uplink) && f.kind == super::FrameType::Response {
+        if *target == Some(uplink) && f.kind == crate::proto::FrameType::Response {
             panic!("fault injection: uplink {uplink} panics on RESPONSE");
         }
     }

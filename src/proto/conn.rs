@@ -946,7 +946,16 @@ impl Connection {
         if !s.state.is_terminal() {
             self.reset(id, ErrorCode::Cancel);
         }
-        let s = self.streams.remove(&id).expect("present");
+        let mut s = self.streams.remove(&id).expect("present");
+        // A cleanly closed stream is not reset above, so DATA its consumer
+        // never read is still buffered: credit it back like any discarded
+        // DATA (a reset stream already did so in `abort`).
+        if s.buffered > 0 {
+            self.buffered -= s.buffered;
+            self.recv_unacked += s.buffered;
+            s.buffered = 0;
+            s.inbound.clear();
+        }
         // Frames of a cleanly ended stream may still be queued; they go
         // out (the peer needs its END), only the table entry goes.
         if !s.outq.is_empty() {

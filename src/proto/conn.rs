@@ -432,7 +432,13 @@ impl Connection {
 
     /// DATA bytes queued for sending (credit taken, not yet transmitted).
     pub fn queued_data(&self) -> u64 {
-        self.streams.values().map(|s| s.queued).sum()
+        // Released streams that ended cleanly still send what they queued
+        // (`orphans`): their DATA holds credit too.
+        self.streams
+            .values()
+            .chain(self.orphans.values())
+            .map(|s| s.queued)
+            .sum()
     }
 
     /// DATA bytes received and not yet credited back: buffered in stream

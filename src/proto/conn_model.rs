@@ -167,6 +167,10 @@ struct Pair {
     /// frames injected) only the connection's own invariants.
     strict: bool,
     requests: u32,
+    /// Body bytes delivered to either app.
+    body_bytes: u64,
+    /// `send_data` calls cut short by credit.
+    blocked_sends: usize,
 }
 
 impl Pair {
@@ -186,6 +190,8 @@ impl Pair {
             codec,
             strict,
             requests: 0,
+            body_bytes: 0,
+            blocked_sends: 0,
         }
     }
 
@@ -325,6 +331,15 @@ impl Pair {
 
     /// Sends up to `len` body bytes; returns how many were taken.
     fn send(&mut self, side: Side, id: u32, len: usize) -> usize {
+        let taken = self.send_inner(side, id, len);
+        if taken.is_some_and(|n| n < len) {
+            self.blocked_sends += 1;
+        }
+        taken.unwrap_or(0)
+    }
+
+    /// `None`: the stream cannot send any more.
+    fn send_inner(&mut self, side: Side, id: u32, len: usize) -> Option<usize> {
         let strict = self.strict;
         let (c, app, _) = self.parts(side);
         let st = app.streams.get_mut(&id).expect("app owns the stream");
@@ -342,7 +357,7 @@ impl Pair {
                         "not registered for a wake-up"
                     );
                 }
-                n
+                Some(n)
             }
             Err(e) => {
                 if strict {
@@ -352,7 +367,7 @@ impl Pair {
                     );
                 }
                 st.aborted = true;
-                0
+                None
             }
         }
     }
@@ -414,6 +429,7 @@ impl Pair {
         let peer_finished = self.app(side.peer()).finished_len.get(&id).copied();
         let (c, app, _) = self.parts(side);
         let st = app.streams.get_mut(&id).expect("app owns it");
+        let mut bytes = 0;
         for _ in 0..max {
             match c.recv(id) {
                 None => break,
@@ -440,6 +456,7 @@ impl Pair {
                         }
                     }
                     st.received += d.len() as u64;
+                    bytes += d.len() as u64;
                     if hold {
                         st.held.push_back(d.len());
                     } else {
@@ -459,6 +476,7 @@ impl Pair {
                 }
             }
         }
+        self.body_bytes += bytes;
     }
 
     fn consume_held(&mut self, side: Side, id: u32, chunks: usize) {
@@ -595,9 +613,10 @@ fn credit(sender: &Connection, fwd: &Wire, receiver: &Connection, back: &Wire) -
 
 fn credit_parts(sender: &Connection, fwd: &Wire, receiver: &Connection, back: &Wire) -> String {
     format!(
-        "send_credit {} + queued {} + on wire {} + outstanding {} + grants queued {} + on wire {}",
+        "send_credit {} + queued {} (orphans {}) + on wire {} + outstanding {} + grants queued {} + on wire {}",
         sender.send_credit(),
         sender.queued_data(),
+        sender.orphans.values().map(|s| s.queued).sum::<u64>(),
         fwd.data,
         receiver.recv_outstanding(),
         queued_grants(receiver),
@@ -870,16 +889,23 @@ fn window_above_the_window_is_a_flow_control_error() {
     let mut p = directed_pair();
     let id = p.open().unwrap();
     p.send(Side::Gw, id, 1000);
+    p.transmit(Side::Gw);
     let t = p.now();
-    // Back to exactly full is fine, both levels.
+    // Back to exactly full once the DATA left is fine, both levels.
     p.gw.handle_frame(Frame::window(0, 1000), t);
     p.gw.handle_frame(Frame::window(id, 1000), t);
     assert!(p.gw.is_open());
     assert_eq!(p.gw.send_credit(), p.limits.conn_window as i64);
-    for f in [Frame::window(0, 1), Frame::window(id, 1)] {
+    // One byte over; or credit for DATA still queued here, which a reset
+    // would refund on top of it.
+    for (queued, f) in [
+        (0, Frame::window(0, 1)),
+        (0, Frame::window(id, 1)),
+        (1000, Frame::window(0, 1000)),
+    ] {
         let mut p = directed_pair();
-        let id2 = p.open().unwrap();
-        assert_eq!(id2, id);
+        assert_eq!(p.open(), Some(id));
+        p.send(Side::Gw, id, queued);
         p.gw.handle_frame(f, t);
         assert!(p.gw.is_failing());
         let mut out = Vec::new();
@@ -893,6 +919,7 @@ fn window_above_the_window_is_a_flow_control_error() {
             p.gw.stream_state(id),
             Some(StreamState::Reset(ErrorCode::Cancel, ResetBy::Connection))
         );
+        assert_eq!(p.gw.send_credit(), p.limits.conn_window as i64);
     }
 }
 
@@ -1054,24 +1081,51 @@ const STEPS_PER_SEQUENCE: usize = 500;
 #[test]
 fn random_benign_sequences() {
     let mut steps = 0;
+    let mut total = Stats::default();
     for seed in 1..=BENIGN_SEEDS {
-        steps += run_sequence(seed, true, STEPS_PER_SEQUENCE);
+        let (n, stats) = run_sequence(seed, true, STEPS_PER_SEQUENCE);
+        steps += n;
+        total.add(&stats);
     }
-    eprintln!("conn model: {steps} benign steps over {BENIGN_SEEDS} seeds");
+    eprintln!("conn model: {steps} benign steps over {BENIGN_SEEDS} seeds; {total:?}");
+    // The sequences must reach the states worth checking.
+    assert!(total.closed_clean > 300 && total.reset_by_release > 500);
+    assert!(total.body_bytes > 2 * 1024 * 1024 && total.blocked_sends > 1000);
 }
 
-/// 200 seeds x up to 500 steps with hostile frames injected into either
-/// side: no panic, invariants hold until the uplink fails.
+/// 2000 seeds with hostile frames injected into either side, each until a
+/// few steps after the uplink failed (about 100,000 steps): no panic, and
+/// the invariants hold throughout.
 #[test]
 fn random_hostile_sequences() {
     let mut steps = 0;
-    for seed in 1..=200 {
-        steps += run_sequence(seed, false, STEPS_PER_SEQUENCE);
+    for seed in 1..=2000 {
+        steps += run_sequence(seed, false, STEPS_PER_SEQUENCE).0;
     }
-    eprintln!("conn model: {steps} hostile steps");
+    eprintln!("conn model: {steps} hostile steps over 2000 seeds");
 }
 
-fn run_sequence(seed: u64, strict: bool, max_steps: usize) -> usize {
+/// What a benign sequence got through, so the test can insist it explored.
+#[derive(Default, Debug)]
+struct Stats {
+    opened: usize,
+    closed_clean: usize,
+    reset_by_release: usize,
+    body_bytes: u64,
+    blocked_sends: usize,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.opened += o.opened;
+        self.closed_clean += o.closed_clean;
+        self.reset_by_release += o.reset_by_release;
+        self.body_bytes += o.body_bytes;
+        self.blocked_sends += o.blocked_sends;
+    }
+}
+
+fn run_sequence(seed: u64, strict: bool, max_steps: usize) -> (usize, Stats) {
     let mut rng = XorShift::new(seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let codec = rng.chance(2);
     let mut p = Pair::new(small_limits(), fast_heartbeat(), codec, strict);
@@ -1094,7 +1148,26 @@ fn run_sequence(seed: u64, strict: bool, max_steps: usize) -> usize {
         steps
     }));
     match result {
-        Ok(steps) => steps,
+        Ok(steps) => {
+            let stats = Stats {
+                opened: p.gw_app.ever.len(),
+                closed_clean: p
+                    .gw_app
+                    .outcomes
+                    .values()
+                    .filter(|o| **o == Outcome::Ended(StreamState::Closed))
+                    .count(),
+                reset_by_release: p
+                    .gw_app
+                    .outcomes
+                    .values()
+                    .filter(|o| **o == Outcome::ResetByRelease)
+                    .count(),
+                body_bytes: p.body_bytes,
+                blocked_sends: p.blocked_sends,
+            };
+            (steps, stats)
+        }
         Err(e) => {
             eprintln!("conn model: seed {seed} (strict {strict}, codec {codec}) failed");
             std::panic::resume_unwind(e)
@@ -1291,10 +1364,14 @@ fn hostile(p: &mut Pair, to: Side, rng: &mut XorShift) {
             rng.noise(max).into()
         }
         FrameType::Window => {
-            let inc = match rng.below(4) {
+            // The nastiest grant fits exactly under the window as `to`
+            // counts its credit.
+            let room = p.limits.conn_window as i64 - p.conn(to).send_credit();
+            let inc = match rng.below(5) {
                 0 => u32::MAX,
                 1 => rng.next_u32(),
                 2 => 0,
+                3 if stream == 0 => room.max(1) as u32,
                 _ => 1 + rng.below(5000) as u32,
             };
             Bytes::copy_from_slice(&inc.to_be_bytes())
@@ -1324,9 +1401,13 @@ fn hostile(p: &mut Pair, to: Side, rng: &mut XorShift) {
     } else {
         payload
     };
+    let f = Frame::new(kind, stream, payload);
+    if f.validate(p.limits.max_frame).is_err() {
+        // The decoder stops these before they reach a Connection.
+        return;
+    }
     let t = p.now();
-    p.conn(to)
-        .handle_frame(Frame::new(kind, stream, payload), t);
+    p.conn(to).handle_frame(f, t);
     p.events(to);
 }
 

@@ -711,7 +711,11 @@ impl Connection {
         let inc = inc as i64;
         if id == 0 {
             let c = self.send_credit + inc;
-            if c > self.limits.conn_window as i64 {
+            // Credit taken by queued DATA comes back when its stream is
+            // reset or the uplink closes, so it counts too: a peer granting
+            // credit for bytes it never received would otherwise push that
+            // refund past the window. (O(streams), once per quarter window.)
+            if c + self.queued_data() as i64 > self.limits.conn_window as i64 {
                 return Err(flow("uplink credit above the negotiated window"));
             }
             self.send_credit = c;

@@ -1136,7 +1136,8 @@ fn run_sequence(seed: u64, strict: bool, max_steps: usize) -> (usize, Stats) {
             step(&mut p, &mut rng);
             steps += 1;
             p.check();
-            if !strict && !(p.gw.is_open() && p.ag.is_open()) {
+            let broken = !(p.gw.is_open() && p.ag.is_open());
+            if !strict && broken {
                 // A few more steps on the broken uplink, then stop.
                 after_failure += 1;
                 if after_failure > 20 {
@@ -1391,7 +1392,7 @@ fn hostile(p: &mut Pair, to: Side, rng: &mut XorShift) {
                 b"GET / HTTP/1.1\r\n\r\n",
                 b"HTTP/1.1 1",
             ];
-            Bytes::from_static(*rng.pick(&heads))
+            Bytes::from_static(heads[rng.below(heads.len())])
         }
         FrameType::End => Bytes::new(),
         FrameType::Hello | FrameType::Accept | FrameType::Refuse => rng.noise(40).into(),

@@ -56,6 +56,9 @@ struct Wire {
     grants: u64,
     /// Stream WINDOW frames that ever went through.
     stream_windows: usize,
+    /// Per stream: credit on the wire (DATA bytes one way, WINDOW
+    /// increments the other).
+    stream_credit: BTreeMap<(u32, bool), u64>,
 }
 
 fn data_len(f: &Frame) -> u64 {
@@ -81,6 +84,11 @@ impl Wire {
         if f.kind == FrameType::Window && f.stream != 0 {
             self.stream_windows += 1;
         }
+        let n = stream_credit(&f);
+        if n > 0 {
+            let key = (f.stream, f.kind == FrameType::Window);
+            *self.stream_credit.entry(key).or_default() += n;
+        }
         self.frames.push_back(f);
     }
 
@@ -88,8 +96,67 @@ impl Wire {
         let f = self.frames.pop_front()?;
         self.data -= data_len(&f);
         self.grants -= conn_grant(&f);
+        let n = stream_credit(&f);
+        if n > 0 {
+            let key = (f.stream, f.kind == FrameType::Window);
+            let left = self.stream_credit.get_mut(&key).expect("counted");
+            *left -= n;
+            if *left == 0 {
+                self.stream_credit.remove(&key);
+            }
+        }
         Some(f)
     }
+
+    /// DATA bytes (`grants` false) or stream WINDOW increments on the
+    /// wire for `id`.
+    fn stream_credit(&self, id: u32, grants: bool) -> i64 {
+        self.stream_credit.get(&(id, grants)).copied().unwrap_or(0) as i64
+    }
+}
+
+/// Stream credit a frame carries: DATA bytes, or a stream WINDOW.
+fn stream_credit(f: &Frame) -> u64 {
+    match f.kind {
+        FrameType::Window if f.stream != 0 => f.window_increment().map_or(0, u64::from),
+        _ => data_len(f),
+    }
+}
+
+/// Stream WINDOW increments for `id` queued at `c`.
+fn queued_stream_grants(c: &Connection, id: u32) -> i64 {
+    c.control
+        .iter()
+        .filter(|f| f.stream == id && f.kind == FrameType::Window)
+        .map(stream_credit)
+        .sum::<u64>() as i64
+}
+
+/// Stream credit of one direction of `id`, while that direction is live at
+/// both ends: the sender's credit, its queued DATA, DATA on the wire and
+/// grants queued or on the wire back add up to the receiver's window.
+fn check_stream_credit(id: u32, tx: &Connection, fwd: &Wire, rx: &Connection, back: &Wire) {
+    let (Some(s), Some(r)) = (tx.streams.get(&id), rx.streams.get(&id)) else {
+        return;
+    };
+    if !(s.state.can_send() && r.state.can_recv()) {
+        return;
+    }
+    let total = s.send_credit
+        + s.queued as i64
+        + fwd.stream_credit(id, false)
+        + queued_stream_grants(rx, id)
+        + back.stream_credit(id, true);
+    assert_eq!(
+        total,
+        r.recv_window,
+        "stream {id} credit: send {} + queued {} + wire {} + grants queued {} + wire {}",
+        s.send_credit,
+        s.queued,
+        fwd.stream_credit(id, false),
+        queued_stream_grants(rx, id),
+        back.stream_credit(id, true)
+    );
 }
 
 /// What one side's application knows about one of its streams.
@@ -566,6 +633,10 @@ impl Pair {
             "credit agent -> gateway: {}",
             credit_parts(&self.ag, &self.to_gw, &self.gw, &self.to_ag)
         );
+        for id in self.gw.streams.keys() {
+            check_stream_credit(*id, &self.gw, &self.to_ag, &self.ag, &self.to_gw);
+            check_stream_credit(*id, &self.ag, &self.to_gw, &self.gw, &self.to_ag);
+        }
         let table = |c: &Connection| {
             let mut ids: Vec<u32> = c.streams.keys().copied().collect();
             ids.sort_unstable();

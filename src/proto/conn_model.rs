@@ -176,6 +176,9 @@ struct AppStream {
     held: VecDeque<usize>,
     /// The consumer does not read (a slow client).
     stalled: bool,
+    /// `send_data` took less than offered: the app waits for `Writable`
+    /// and then sends again.
+    waiting: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -341,7 +344,37 @@ impl Pair {
                         self.conn(side).close_reason()
                     );
                 }
-                Event::Readable(_) | Event::Writable(_) => {}
+                Event::Writable(id) => {
+                    let waiting = self
+                        .app(side)
+                        .streams
+                        .get_mut(&id)
+                        .filter(|st| !st.finished && !st.aborted)
+                        .map(|st| std::mem::take(&mut st.waiting));
+                    if waiting == Some(true) {
+                        // What a stream's driver does: it had more to send.
+                        self.send(side, id, 700);
+                    }
+                }
+                Event::Readable(_) => {}
+            }
+        }
+    }
+
+    /// After `pump`: a stream still waiting for `Writable` really has no
+    /// credit (a wake-up was not lost).
+    fn check_no_lost_wakeups(&self) {
+        for (c, app) in [(&self.gw, &self.gw_app), (&self.ag, &self.ag_app)] {
+            for (id, st) in &app.streams {
+                let s = &c.streams[id];
+                if st.waiting && s.state.can_send() {
+                    let credit = s.send_credit.min(c.send_credit);
+                    assert!(
+                        credit <= 0,
+                        "{:?} stream {id} waits with credit {credit}",
+                        c.role
+                    );
+                }
             }
         }
     }
@@ -401,6 +434,7 @@ impl Pair {
         let taken = self.send_inner(side, id, len);
         if taken.is_some_and(|n| n < len) {
             self.blocked_sends += 1;
+            self.app(side).streams.get_mut(&id).unwrap().waiting = true;
         }
         taken.unwrap_or(0)
     }
@@ -1490,6 +1524,7 @@ fn finish_sequence(p: &mut Pair, rng: &mut XorShift) {
         p.pump();
         p.check();
         p.check_quiescent_states();
+        p.check_no_lost_wakeups();
     }
     for side in [Side::Gw, Side::Ag] {
         let ids: Vec<u32> = p.app(side).streams.keys().copied().collect();

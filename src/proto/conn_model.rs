@@ -1199,7 +1199,7 @@ fn random_benign_sequences() {
 }
 
 /// 2000 seeds with hostile frames injected into either side, each until a
-/// few steps after the uplink failed (about 100,000 steps): no panic, and
+/// few steps after the uplink failed (137,351 steps): no panic, and
 /// the invariants hold throughout.
 #[test]
 fn random_hostile_sequences() {

@@ -432,7 +432,13 @@ impl Connection {
 
     /// DATA bytes queued for sending (credit taken, not yet transmitted).
     pub fn queued_data(&self) -> u64 {
-        self.streams.values().map(|s| s.queued).sum()
+        // Released streams that ended cleanly still send what they queued
+        // (`orphans`): their DATA holds credit too.
+        self.streams
+            .values()
+            .chain(self.orphans.values())
+            .map(|s| s.queued)
+            .sum()
     }
 
     /// DATA bytes received and not yet credited back: buffered in stream
@@ -707,7 +713,11 @@ impl Connection {
         let inc = inc as i64;
         if id == 0 {
             let c = self.send_credit + inc;
-            if c > self.limits.conn_window as i64 {
+            // Credit taken by queued DATA comes back when its stream is
+            // reset or the uplink closes, so it counts too: a peer granting
+            // credit for bytes it never received would otherwise push that
+            // refund past the window. (O(streams), once per quarter window.)
+            if c + self.queued_data() as i64 > self.limits.conn_window as i64 {
                 return Err(flow("uplink credit above the negotiated window"));
             }
             self.send_credit = c;
@@ -948,7 +958,16 @@ impl Connection {
         if !s.state.is_terminal() {
             self.reset(id, ErrorCode::Cancel);
         }
-        let s = self.streams.remove(&id).expect("present");
+        let mut s = self.streams.remove(&id).expect("present");
+        // A cleanly closed stream is not reset above, so DATA its consumer
+        // never read is still buffered: credit it back like any discarded
+        // DATA (a reset stream already did so in `abort`).
+        if s.buffered > 0 {
+            self.buffered -= s.buffered;
+            self.recv_unacked += s.buffered;
+            s.buffered = 0;
+            s.inbound.clear();
+        }
         // Frames of a cleanly ended stream may still be queued; they go
         // out (the peer needs its END), only the table entry goes.
         if !s.outq.is_empty() {

@@ -28,6 +28,8 @@
 //! - no input makes the decoder or a typed payload parser panic.
 
 pub mod conn;
+#[doc(hidden)]
+pub mod conn_fuzz;
 pub mod control;
 pub mod error;
 pub mod frame;

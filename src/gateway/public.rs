@@ -32,8 +32,8 @@ use crate::io::stats::{CoreStats, ErrorKind};
 use crate::io::uplink::{Inbound, Stream};
 use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
-use crate::runtime::notify::Notify;
 use crate::proto::ErrorCode;
+use crate::runtime::notify::Notify;
 
 /// How long an answer may take before the gateway starts watching the
 /// client for a close (see `exchange`): short enough that an abandoned

@@ -296,6 +296,8 @@ pub struct Connection {
 
     // Sending.
     send_credit: i64,
+    /// DATA bytes in every stream's out-queue (orphans included).
+    queued_total: u64,
     /// Streams waiting for uplink credit, in the order they blocked.
     blocked: VecDeque<u32>,
     control: VecDeque<Frame>,
@@ -353,6 +355,7 @@ impl Connection {
             next_id: 1,
             ids_wrapped: false,
             send_credit: limits.conn_window as i64,
+            queued_total: 0,
             blocked: VecDeque::new(),
             control: VecDeque::new(),
             pending_pong: None,
@@ -430,15 +433,10 @@ impl Connection {
         self.send_credit
     }
 
-    /// DATA bytes queued for sending (credit taken, not yet transmitted).
+    /// DATA bytes queued for sending (credit taken, not yet transmitted),
+    /// released streams' leftovers (`orphans`) included.
     pub fn queued_data(&self) -> u64 {
-        // Released streams that ended cleanly still send what they queued
-        // (`orphans`): their DATA holds credit too.
-        self.streams
-            .values()
-            .chain(self.orphans.values())
-            .map(|s| s.queued)
-            .sum()
+        self.queued_total
     }
 
     /// DATA bytes received and not yet credited back: buffered in stream
@@ -716,8 +714,8 @@ impl Connection {
             // Credit taken by queued DATA comes back when its stream is
             // reset or the uplink closes, so it counts too: a peer granting
             // credit for bytes it never received would otherwise push that
-            // refund past the window. (O(streams), once per quarter window.)
-            if c + self.queued_data() as i64 > self.limits.conn_window as i64 {
+            // refund past the window.
+            if c + self.queued_total as i64 > self.limits.conn_window as i64 {
                 return Err(flow("uplink credit above the negotiated window"));
             }
             self.send_credit = c;
@@ -838,6 +836,7 @@ impl Connection {
             let piece = data.split_to(n);
             s.send_credit -= n as i64;
             s.queued += n as u64;
+            self.queued_total += n as u64;
             self.send_credit -= n as i64;
             taken += n;
             self.push_stream(id, Frame::data(id, piece));
@@ -883,6 +882,7 @@ impl Connection {
         s.state = StreamState::Reset(code, by);
         let dropped_frames = s.outq.len();
         let refund = s.queued;
+        self.queued_total -= refund;
         s.outq.clear();
         s.queued = 0;
         let buffered = s.buffered;
@@ -1071,6 +1071,7 @@ impl Connection {
             let f = s.outq.pop_front().expect("front exists");
             if f.kind == FrameType::Data {
                 s.queued -= f.payload.len() as u64;
+                self.queued_total -= f.payload.len() as u64;
             }
             self.queued_frames -= 1;
             n += 1;
@@ -1173,6 +1174,7 @@ impl Connection {
         self.control.clear();
         self.pending_pong = None;
         self.queued_frames = 0;
+        self.queued_total = 0;
     }
 
     // ---- wake-ups and grants -------------------------------------------
@@ -1269,6 +1271,18 @@ impl Connection {
             return Err(format!(
                 "send credit {} above window {window}",
                 self.send_credit
+            ));
+        }
+        let queued: u64 = self
+            .streams
+            .values()
+            .chain(self.orphans.values())
+            .map(|s| s.queued)
+            .sum();
+        if queued != self.queued_total {
+            return Err(format!(
+                "queued DATA total {} != sum over streams {queued}",
+                self.queued_total
             ));
         }
         let buffered: u64 = self.streams.values().map(|s| s.buffered).sum();

@@ -696,6 +696,10 @@ impl Pair {
                     | (RemoteEnded, LocalEnded)
                     | (Closed, Closed)
                     | (Reset(..), Reset(..))
+                    // A RESET that crossed the last END: the side that saw
+                    // both ENDs first keeps its complete exchange.
+                    | (Closed, Reset(_, ResetBy::Local))
+                    | (Reset(_, ResetBy::Local), Closed)
             );
             assert!(
                 ok,

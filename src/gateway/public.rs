@@ -350,10 +350,8 @@ async fn exchange(
     let cfg = core.cfg();
     let gate = UpgradeGate::default();
     let side = ReqSide::default();
-    let canceller = RefCell::new(Some(Canceller::new()));
-    let watch = canceller.borrow().as_ref().map(|c| c.handle());
-    let resp_done = Cell::new(false);
-    let resp_done_wake = Notify::new();
+    // Created only if a watch starts (most answers come first).
+    let canceller: RefCell<Option<Canceller>> = RefCell::new(None);
     let max_watch = cfg.max_head;
     let pump_req = async {
         if req.upgrade.is_some() {
@@ -380,15 +378,12 @@ async fn exchange(
         side.done(Instant::now());
         // Nothing left to read for this request: watch the client, so one
         // that goes away cancels its stream. Most answers come quickly, and
-        // a watch costs a read plus its cancellation; so it starts only
-        // once the answer has taken WATCH_AFTER.
-        if !resp_done.get() {
-            monoio::select! {
-                _ = monoio::time::sleep(WATCH_AFTER) => {}
-                _ = resp_done_wake.notified() => {}
-            }
-        }
-        if let (false, Some(h)) = (resp_done.get(), watch) {
+        // a watch costs a read plus its cancellation; so the response side
+        // starts it only once the head has taken WATCH_AFTER.
+        if side.wait_slow().await {
+            let c = Canceller::new();
+            let h = c.handle();
+            *canceller.borrow_mut() = Some(c);
             if watch_for_close(rh, buf, max_watch, h).await == Watched::Closed {
                 *side.failed.borrow_mut() = Some(PumpError::Closed);
                 stream.reset(ErrorCode::Cancel);
@@ -399,8 +394,7 @@ async fn exchange(
     };
     let pump_resp = async {
         let keep = respond(core, wh, wd, &stream, req, &gate, &side).await;
-        resp_done.set(true);
-        resp_done_wake.notify();
+        side.set_watch(Watch::Finished);
         gate.decide(Upgrade::Refused);
         if let Some(c) = canceller.borrow_mut().take() {
             c.cancel();
@@ -418,7 +412,18 @@ async fn exchange(
     keep && req_ok
 }
 
-/// What the request side tells the response side.
+/// Whether the request side should watch the client for a close.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+enum Watch {
+    #[default]
+    NotYet,
+    /// The head is slow: watch.
+    Start,
+    /// The response is over: do not.
+    Finished,
+}
+
+/// What the two sides of an exchange tell each other.
 #[derive(Default)]
 struct ReqSide {
     /// When the request (head and body) was fully sent on the stream: the
@@ -427,11 +432,32 @@ struct ReqSide {
     /// Why the request side failed, which decides the answer (400, 408 or
     /// none for a client that left).
     failed: RefCell<Option<PumpError>>,
+    watch: Cell<Watch>,
+    watch_wake: Notify,
 }
 
 impl ReqSide {
     fn done(&self, now: Instant) {
         self.done_at.set(Some(now));
+    }
+
+    fn set_watch(&self, w: Watch) {
+        if self.watch.get() != Watch::Finished {
+            self.watch.set(w);
+            self.watch_wake.notify();
+        }
+    }
+
+    /// Waits until the response side says the head is slow (`true`) or the
+    /// response is over (`false`).
+    async fn wait_slow(&self) -> bool {
+        loop {
+            match self.watch.get() {
+                Watch::NotYet => self.watch_wake.notified().await,
+                Watch::Start => return true,
+                Watch::Finished => return false,
+            }
+        }
     }
 }
 
@@ -464,9 +490,17 @@ fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
 
 /// Waits for the next event of a stream whose response head has not come,
 /// up to `--response-timeout` after the request was fully sent. `None`:
-/// timed out. Racing `recv` against a timer loses nothing: an event not
-/// taken stays queued in the connection.
+/// timed out. After `WATCH_AFTER` without an event it tells the request
+/// side to watch the client (one timer per request either way). Racing
+/// `recv` against a timer loses nothing: an event not taken stays queued in
+/// the connection.
 async fn recv_head_event(stream: &Stream, timeout: Duration, side: &ReqSide) -> Option<Inbound> {
+    if side.watch.get() == Watch::NotYet {
+        monoio::select! {
+            ev = stream.recv() => return Some(ev),
+            _ = monoio::time::sleep(WATCH_AFTER) => side.set_watch(Watch::Start),
+        }
+    }
     loop {
         let wait = match side.done_at.get() {
             Some(t0) => {

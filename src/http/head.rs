@@ -145,6 +145,11 @@ impl std::error::Error for HeadError {}
 /// `Ok(None)` means the head is incomplete; call again with more bytes.
 /// `Err(TooLarge)` once `max_head` bytes hold no end of head.
 pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>, HeadError> {
+    // Judged first, so a head decides the same whether it is complete, cut
+    // short or too large.
+    if bad_method_prefix(buf) {
+        return Err(HeadError::Malformed("not an HTTP request (bad method)"));
+    }
     let Some(end) = find_head_end(buf, max_head)? else {
         return Ok(None);
     };
@@ -619,6 +624,28 @@ fn is_reg_name_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b)
 }
 
+/// Longest method judged by [`bad_method_prefix`]; real ones are far
+/// shorter.
+const MAX_METHOD: usize = 32;
+
+/// Whether the start of an incomplete head already cannot be a request: the
+/// method is a token (RFC 9110 §9), so a first byte outside it (a TLS
+/// ClientHello on a plain port, binary noise) is refused at once instead of
+/// after `--header-timeout`. Empty lines before the request line are
+/// allowed (RFC 9112 §2.2).
+fn bad_method_prefix(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    let method_end = rest.iter().position(|&b| b == b' ').unwrap_or(rest.len());
+    method_end > MAX_METHOD
+        || !rest[..method_end]
+            .iter()
+            .all(|&b| crate::http::body::is_tchar(b))
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::{Buf, BytesMut};
@@ -636,6 +663,33 @@ mod tests {
 
     fn err(s: &str) -> HeadError {
         req(s).expect_err("expected an error")
+    }
+
+    #[test]
+    fn a_non_request_is_refused_before_its_head_ends() {
+        // A TLS ClientHello's first bytes, binary noise, a too-long method.
+        for bad in [
+            &b"\x16\x03\x01\x02\x00\x01"[..],
+            b"\x00\x01garbage",
+            b"GE\x7fT / HTTP/1.1",
+            &[b'A'; 40][..],
+        ] {
+            assert_eq!(
+                parse_request(bad, DEFAULT_MAX_HEAD),
+                Err(HeadError::Malformed("not an HTTP request (bad method)")),
+                "{bad:?}"
+            );
+        }
+        // Prefixes of real requests, with the empty lines RFC 9112 allows.
+        for fine in [
+            &b"GE"[..],
+            b"GET",
+            b"GET /x HTTP/1.1\r\nHo",
+            b"\r\nPOST ",
+            b"",
+        ] {
+            assert_eq!(parse_request(fine, DEFAULT_MAX_HEAD), Ok(None), "{fine:?}");
+        }
     }
 
     #[test]

@@ -108,15 +108,16 @@ impl Deadlines<'_> {
         matches!(res, Ok(n) if n > 0)
     }
 
-    async fn write<W: AsyncWriteRent>(&self, w: &mut W, parts: Parts) -> bool {
+    /// Writes all of `parts`; gives them back (emptied or not) for reuse.
+    async fn write<W: AsyncWriteRent>(&self, w: &mut W, parts: Parts) -> (bool, Parts) {
         if let Some(t) = self.write_stall {
             self.wd.arm_write(t);
         }
-        let (res, _) = write_parts(w, parts).await;
+        let (res, parts) = write_parts(w, parts).await;
         if self.write_stall.is_some() {
             self.wd.disarm_write();
         }
-        res.is_ok()
+        (res.is_ok(), parts)
     }
 }
 
@@ -197,15 +198,16 @@ pub async fn stream_to_writer<W: AsyncWriteRent>(
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     let mut prefix = prefix;
+    let mut parts = Parts::new();
+    // Held until written: dropping a chunk returns its credit.
+    let mut held: Vec<Chunk> = Vec::new();
     loop {
-        let mut parts = Parts::new();
         if let Some(h) = prefix.take() {
             parts.push(h);
         }
-        // Held until written: dropping a chunk returns its credit.
-        let mut held: Vec<Chunk> = Vec::new();
         let mut finished = false;
         let mut fail = None;
+        let mut yielded = false;
         while parts.bytes() < COALESCE {
             // Wait for the first event only when there is nothing to write;
             // then gather what has already arrived into the same write.
@@ -214,6 +216,15 @@ pub async fn stream_to_writer<W: AsyncWriteRent>(
             } else {
                 match stream.try_recv() {
                     Some(ev) => ev,
+                    None if !yielded => {
+                        // The rest of a response usually sits in the same
+                        // or the next uplink read: one turn of the other
+                        // tasks lets it join this write, without holding a
+                        // head back when the body really comes later.
+                        yielded = true;
+                        crate::runtime::notify::yield_now().await;
+                        continue;
+                    }
                     None => break,
                 }
             };
@@ -266,10 +277,15 @@ pub async fn stream_to_writer<W: AsyncWriteRent>(
                 }
             }
         }
-        if !parts.is_empty() && !t.write(w, parts).await {
-            return Err(t.io_error());
+        if !parts.is_empty() {
+            let (ok, p) = t.write(w, parts).await;
+            parts = p;
+            parts.clear();
+            if !ok {
+                return Err(t.io_error());
+            }
         }
-        drop(held);
+        held.clear();
         if let Some(f) = fail {
             return Err(f);
         }

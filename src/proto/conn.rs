@@ -227,9 +227,6 @@ struct Stream {
     /// `Connection::blocked` (woken by uplink credit).
     blocked_stream: bool,
     blocked_conn: bool,
-    /// An event is pending for it; avoids duplicate events per tick.
-    read_event: bool,
-    write_event: bool,
 }
 
 impl Stream {
@@ -249,8 +246,6 @@ impl Stream {
             got_final: role == Role::Agent,
             blocked_stream: false,
             blocked_conn: false,
-            read_event: false,
-            write_event: false,
         }
     }
 }
@@ -450,22 +445,11 @@ impl Connection {
         self.control.len() + usize::from(self.pending_pong.is_some())
     }
 
+    /// The next event. A stream may be named more than once between two
+    /// polls (waking a waker twice is harmless); the queue is drained after
+    /// every operation, so it never holds more than one operation's worth.
     pub fn poll_event(&mut self) -> Option<Event> {
-        let ev = self.events.pop_front()?;
-        match &ev {
-            Event::Readable(id) => {
-                if let Some(s) = self.streams.get_mut(id) {
-                    s.read_event = false;
-                }
-            }
-            Event::Writable(id) => {
-                if let Some(s) = self.streams.get_mut(id) {
-                    s.write_event = false;
-                }
-            }
-            _ => {}
-        }
-        Some(ev)
+        self.events.pop_front()
     }
 
     /// The next instant `handle_timeout` has work at.
@@ -885,9 +869,20 @@ impl Connection {
         self.queued_total -= refund;
         s.outq.clear();
         s.queued = 0;
-        let buffered = s.buffered;
-        s.buffered = 0;
-        s.inbound.clear();
+        // What already arrived stays readable when the peer (or the uplink
+        // closing) ended the stream: a response head and the body bytes
+        // before the abort are still worth delivering, and `recv` reports
+        // the reset after them. Our own reset means we want none of it: it
+        // is dropped and credited back at once (a kept remainder is
+        // credited when consumed or at `release`).
+        let buffered = if by == ResetBy::Local {
+            let b = s.buffered;
+            s.buffered = 0;
+            s.inbound.clear();
+            b
+        } else {
+            0
+        };
         self.queued_frames -= dropped_frames;
         self.send_credit += refund as i64;
         self.buffered -= buffered;
@@ -1180,21 +1175,11 @@ impl Connection {
     // ---- wake-ups and grants -------------------------------------------
 
     fn readable(&mut self, id: u32) {
-        if let Some(s) = self.streams.get_mut(&id) {
-            if !s.read_event {
-                s.read_event = true;
-                self.events.push_back(Event::Readable(id));
-            }
-        }
+        self.events.push_back(Event::Readable(id));
     }
 
     fn writable(&mut self, id: u32) {
-        if let Some(s) = self.streams.get_mut(&id) {
-            if !s.write_event {
-                s.write_event = true;
-                self.events.push_back(Event::Writable(id));
-            }
-        }
+        self.events.push_back(Event::Writable(id));
     }
 
     fn unblock(&mut self, id: u32) {

@@ -1348,3 +1348,174 @@ fn agent_handshake_timeout_reconnects() {
         bg.stderr()
     );
 }
+
+// ---------------------------------------------------------------------
+// 16. A request that waits too long for a backend slot gets 503
+// ---------------------------------------------------------------------
+
+#[test]
+fn slot_timeout_answers_503() {
+    // One slot, held 3 s by the first request; the second waits 1 s.
+    let (backend, seen) = counting_backend(Duration::from_secs(3));
+    let gw = gateway("uring", &[]);
+    let _a = agent(
+        "uring",
+        &gw,
+        "demo",
+        backend,
+        &[
+            "--cores",
+            "1",
+            "--backend-concurrency",
+            "1",
+            "--slot-timeout",
+            "1",
+        ],
+    );
+    let (p, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_routable(p, "demo");
+    let base = baseline(&gw, admin);
+    let mut first = connect(p);
+    first
+        .write_all(b"GET /delay/1 HTTP/1.1\r\nHost: demo\r\n\r\n")
+        .unwrap();
+    // Let the first take the slot.
+    let t = Instant::now();
+    while seen.load(Ordering::SeqCst) == 0 && t.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t = Instant::now();
+    let r = request_within(
+        p,
+        b"GET /delay/1 HTTP/1.1\r\nHost: demo\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let took = t.elapsed();
+    eprintln!("queued request answered {} after {took:?}", r.status);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.header("Retry-After").is_some(), "503 without Retry-After");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(2500),
+        "503 after {took:?}, not after the 1 s slot timeout"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the refused request reached the backend"
+    );
+    drop(first);
+    wait_baseline(&gw, admin, base, Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------------
+// 17. An agent that never answers: 504 after --response-timeout
+// ---------------------------------------------------------------------
+
+/// Answers the routability probe, nothing else.
+fn silent_script(head: &str) -> Vec<Frame> {
+    if head.starts_with("GET /probe ") {
+        framing_script(head)
+    } else {
+        Vec::new()
+    }
+}
+
+#[test]
+fn response_timeout_answers_504() {
+    let gw = gateway("uring", &["--response-timeout", "1"]);
+    let (p, admin) = (gw.addr("public"), gw.addr("admin"));
+    let (stop, agent_thread) = fake_agent(gw.addr("tunnel"), "mute", silent_script);
+    wait_fake_routable(p, "mute");
+    let base = baseline(&gw, admin);
+    let t = Instant::now();
+    let r = request_within(
+        p,
+        b"GET /x HTTP/1.1\r\nHost: mute\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    let took = t.elapsed();
+    eprintln!("silent agent: {} after {took:?}", r.status);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "504 after {took:?}, not after the 1 s response timeout"
+    );
+    wait_baseline(&gw, admin, base, Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    agent_thread.join().unwrap();
+}
+
+// ---------------------------------------------------------------------
+// 18. Only idempotent, body-less requests are replayed on a fresh
+//     backend connection
+// ---------------------------------------------------------------------
+
+/// A backend that answers one request per connection with a keep-alive
+/// 200 ("ok") and then closes: every connection the agent pools is dead
+/// by the next request. Counts the requests it saw, by method.
+fn one_shot_backend() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 4096];
+            while head_end(&buf).is_none() {
+                match c.read(&mut tmp) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            if head_end(&buf).is_none() {
+                continue;
+            }
+            let method = String::from_utf8_lossy(&buf)
+                .split(' ')
+                .next()
+                .unwrap_or("")
+                .to_string();
+            log.lock().unwrap().push(method);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            // Dropping `c` closes it: the agent's pooled copy is now dead.
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn only_idempotent_requests_are_replayed() {
+    let (backend, seen) = one_shot_backend();
+    let gw = gateway("uring", &[]);
+    let _a = agent("uring", &gw, "demo", backend, &["--cores", "1"]);
+    let p = gw.addr("public");
+    wait_routable(p, "demo");
+    seen.lock().unwrap().clear();
+    let ask = |raw: &[u8]| {
+        // Let the backend's close reach the agent's pooled connection.
+        std::thread::sleep(Duration::from_millis(200));
+        request_within(p, raw, Duration::from_secs(5)).status
+    };
+    let get = b"GET /x HTTP/1.1\r\nHost: demo\r\n\r\n";
+    // Leaves a pooled connection that the backend then closes.
+    assert_eq!(ask(get), 200);
+    // A body-less POST on it fails and must not be sent again.
+    assert_eq!(
+        ask(b"POST /x HTTP/1.1\r\nHost: demo\r\n\r\n"),
+        502,
+        "a POST was replayed"
+    );
+    // A fresh connection, pooled and closed again by the backend.
+    assert_eq!(ask(get), 200);
+    // A GET on the dead pooled connection is replayed on a fresh one.
+    assert_eq!(
+        ask(get),
+        200,
+        "a GET on a stale connection was not replayed"
+    );
+    let methods = seen.lock().unwrap().clone();
+    assert_eq!(methods, ["GET", "GET", "GET"], "backend saw {methods:?}");
+}

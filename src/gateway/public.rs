@@ -461,6 +461,16 @@ impl ReqSide {
     }
 }
 
+/// Counts a failed request side once, by its cause: a malformed body, a
+/// body that stopped arriving, or a client that went away.
+fn count_request_failure(core: &Core, e: &PumpError) {
+    core.stats.error(match e {
+        PumpError::BadBody(_) => ErrorKind::BadRequest,
+        PumpError::TimedOut(_) => ErrorKind::BodyTimeout,
+        _ => ErrorKind::ClientIo,
+    });
+}
+
 fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
     match code {
         ErrorCode::BackendConnect => (
@@ -586,18 +596,21 @@ async fn respond(
                 let failed = side.failed.borrow().clone();
                 return match failed {
                     Some(PumpError::BadBody(e)) => {
-                        core.stats.error(ErrorKind::BadRequest);
+                        count_request_failure(core, &PumpError::BadBody(e.clone()));
                         let msg = format!("bad request body: {e}\n");
                         send_simple(wh, 400, &msg, true, &[]).await;
                         false
                     }
-                    Some(PumpError::TimedOut(_)) => {
-                        core.stats.error(ErrorKind::HeaderTimeout);
+                    Some(e @ PumpError::TimedOut(_)) => {
+                        count_request_failure(core, &e);
                         send_simple(wh, 408, "request body not received in time\n", true, &[])
                             .await;
                         false
                     }
-                    Some(_) => false,
+                    Some(e) => {
+                        count_request_failure(core, &e);
+                        false
+                    }
                     None => {
                         let (status, kind, why) = error_status(code);
                         core.stats.error(kind);
@@ -683,12 +696,21 @@ async fn respond(
         }
         Err(e @ (PumpError::Closed | PumpError::TimedOut(_))) => {
             tracing::debug!(host, error = %e, "client write failed");
-            core.stats.error(ErrorKind::ClientIo);
+            core.stats.error(if matches!(e, PumpError::TimedOut(_)) {
+                ErrorKind::WriteStall
+            } else {
+                ErrorKind::ClientIo
+            });
             stream.reset(ErrorCode::Cancel);
             false
         }
         Err(_) => {
-            core.stats.error(ErrorKind::AgentGone);
+            // Our own reset after the request side failed (a client that
+            // left mid-upload) is the client's doing, not the agent's.
+            match side.failed.borrow().as_ref() {
+                Some(e) => count_request_failure(core, e),
+                None => core.stats.error(ErrorKind::AgentGone),
+            }
             false
         }
     }

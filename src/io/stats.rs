@@ -22,10 +22,14 @@ pub enum ErrorKind {
     Protocol,
     HandshakeRefused,
     ClientIo,
+    /// A request body paused past `--body-idle-timeout`.
+    BodyTimeout,
+    /// A client stopped reading past `--write-stall-timeout`.
+    WriteStall,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 14] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -38,6 +42,8 @@ impl ErrorKind {
         ErrorKind::Protocol,
         ErrorKind::HandshakeRefused,
         ErrorKind::ClientIo,
+        ErrorKind::BodyTimeout,
+        ErrorKind::WriteStall,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +60,8 @@ impl ErrorKind {
             ErrorKind::Protocol => "protocol",
             ErrorKind::HandshakeRefused => "handshake_refused",
             ErrorKind::ClientIo => "client_io",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::WriteStall => "write_stall",
         }
     }
 }
@@ -165,7 +173,7 @@ pub struct CoreStats {
     pub queue_depth_max: AtomicU64,
     pub frames_per_writev: Hist,
     pub kib_per_writev: Hist,
-    pub errors: [AtomicU64; 12],
+    pub errors: [AtomicU64; ErrorKind::ALL.len()],
 }
 
 impl CoreStats {

@@ -44,3 +44,4 @@ pub mod proto;
 pub mod route;
 pub mod runtime;
 pub mod signals;
+pub mod tls;

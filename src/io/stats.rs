@@ -22,10 +22,13 @@ pub enum ErrorKind {
     Protocol,
     HandshakeRefused,
     ClientIo,
+    /// A TLS handshake on the tunnel listener failed (a peer without TLS,
+    /// an untrusted or missing client certificate, a timeout).
+    TlsHandshake,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -38,6 +41,7 @@ impl ErrorKind {
         ErrorKind::Protocol,
         ErrorKind::HandshakeRefused,
         ErrorKind::ClientIo,
+        ErrorKind::TlsHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl ErrorKind {
             ErrorKind::Protocol => "protocol",
             ErrorKind::HandshakeRefused => "handshake_refused",
             ErrorKind::ClientIo => "client_io",
+            ErrorKind::TlsHandshake => "tls_handshake",
         }
     }
 }
@@ -165,7 +170,7 @@ pub struct CoreStats {
     pub queue_depth_max: AtomicU64,
     pub frames_per_writev: Hist,
     pub kib_per_writev: Hist,
-    pub errors: [AtomicU64; 12],
+    pub errors: [AtomicU64; ErrorKind::ALL.len()],
 }
 
 impl CoreStats {

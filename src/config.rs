@@ -84,6 +84,10 @@ pub struct GatewayConfig {
     pub response_timeout: Duration,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
+    /// TLS on the tunnel listener (`--tunnel-tls-cert/-key`, `--client-ca`).
+    pub tunnel_tls: Option<crate::tls::ServerTlsFiles>,
+    /// Allows a plaintext tunnel listener on a non-loopback address.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for GatewayConfig {
@@ -105,6 +109,8 @@ impl Default for GatewayConfig {
             response_timeout: defaults::RESPONSE_TIMEOUT,
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
+            tunnel_tls: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -112,6 +118,7 @@ impl Default for GatewayConfig {
 impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        self.check_plaintext_exposure()?;
         if let Some(d) = &self.domain {
             if d.is_empty() || d.starts_with('.') || d.contains(['/', ':', ' ']) {
                 return Err(format!(
@@ -136,6 +143,31 @@ impl GatewayConfig {
         }
         Ok(())
     }
+
+    /// A plaintext tunnel listener is only allowed on loopback (or when
+    /// the operator says the path is trusted): the uplink carries agent
+    /// tokens in HELLO and every tunnelled request and response.
+    fn check_plaintext_exposure(&self) -> Result<(), String> {
+        if self.tunnel_tls.is_some() || self.insecure_plaintext {
+            return Ok(());
+        }
+        use std::net::ToSocketAddrs;
+        // Unresolvable addresses fail later, when binding, with their own
+        // message.
+        let Ok(addrs) = self.tunnel_listen.to_socket_addrs() else {
+            return Ok(());
+        };
+        if addrs.into_iter().all(|a| a.ip().is_loopback()) {
+            return Ok(());
+        }
+        Err(format!(
+            "--tunnel-listen {} is not a loopback address and the uplink has no TLS: \
+             agent tokens and all tunnelled traffic would cross the network in clear. \
+             Give --tunnel-tls-cert FILE --tunnel-tls-key FILE, or --insecure-plaintext \
+             if the path to the agents is already protected (VPN, private link)",
+            self.tunnel_listen
+        ))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -156,6 +188,8 @@ pub struct AgentConfig {
     pub admin_listen: Option<String>,
     pub heartbeat: Heartbeat,
     pub reconnect_max: Duration,
+    /// TLS to the gateway (`--tls`, `--ca`, `--server-name`, `--cert/--key`).
+    pub tls: Option<crate::tls::ClientTlsFiles>,
 }
 
 impl Default for AgentConfig {
@@ -176,6 +210,7 @@ impl Default for AgentConfig {
             admin_listen: None,
             heartbeat: Heartbeat::default(),
             reconnect_max: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -195,6 +230,11 @@ impl AgentConfig {
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
         }
+        if let Some(t) = &self.tls {
+            if t.cert.is_some() != t.key.is_some() {
+                return Err("--cert and --key go together".into());
+            }
+        }
         Ok(())
     }
 }
@@ -204,4 +244,38 @@ pub struct EchoServerConfig {
     pub listen: String,
     pub cores: Cores,
     pub delay_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plaintext_tunnel_off_loopback_needs_tls_or_an_explicit_opt_out() {
+        let mut c = GatewayConfig {
+            tunnel_listen: "0.0.0.0:7000".into(),
+            ..GatewayConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.contains("in clear") && e.contains("--insecure-plaintext"),
+            "{e}"
+        );
+        c.insecure_plaintext = true;
+        assert!(c.validate().is_ok());
+        c.insecure_plaintext = false;
+        c.tunnel_tls = Some(crate::tls::ServerTlsFiles {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            client_ca: None,
+        });
+        assert!(c.validate().is_ok());
+        for local in ["127.0.0.1:0", "[::1]:0", "localhost:0"] {
+            let c = GatewayConfig {
+                tunnel_listen: local.into(),
+                ..GatewayConfig::default()
+            };
+            assert!(c.validate().is_ok(), "{local}");
+        }
+    }
 }

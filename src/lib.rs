@@ -19,8 +19,12 @@
 //!   Host -> session. Bytes in, values out; no sockets, no clocks.
 //! - [`io`]: socket loops. An [`io::uplink::Uplink`] owns one connection's
 //!   reader, its single batched writer ([`io::batch`]), its stream table
-//!   and flow-control credit; [`io::watchdog`] enforces deadlines by
-//!   shutting sockets down; [`io::stats`] holds per-core counters.
+//!   and flow-control credit; [`io::transport`] carries a connection
+//!   (plain TCP or TLS) through its handshake and splits it for the
+//!   uplink; [`io::watchdog`] enforces deadlines by shutting sockets down;
+//!   [`io::stats`] holds per-core counters.
+//! - [`tls`]: rustls settings of the uplink, loaded from PEM at start-up,
+//!   and what a failed TLS handshake means for an agent.
 //! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
 //! - [`admin`]: `/metrics` and `/stats`; [`config`]: validated settings;
 //!   [`signals`]: SIGTERM/SIGINT as a flag.
@@ -44,3 +48,4 @@ pub mod proto;
 pub mod route;
 pub mod runtime;
 pub mod signals;
+pub mod tls;

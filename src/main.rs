@@ -8,6 +8,7 @@ use std::process::ExitCode;
 // were allocated); mimalloc's per-thread free lists fit thread-per-core.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -121,6 +122,19 @@ struct GatewayArgs {
     /// intervals is closed.
     #[arg(long, default_value_t = ringtunnel::proto::PING_INTERVAL.as_secs_f64())]
     heartbeat_interval: f64,
+    /// Certificate chain (PEM) of the tunnel listener: uplinks use TLS.
+    #[arg(long, requires = "tunnel_tls_key")]
+    tunnel_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tunnel-tls-cert.
+    #[arg(long, requires = "tunnel_tls_cert")]
+    tunnel_tls_key: Option<PathBuf>,
+    /// CA (PEM) that agents' client certificates must chain to (mutual TLS).
+    #[arg(long, requires = "tunnel_tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Allow a plaintext tunnel listener on a non-loopback address (tokens
+    /// and traffic cross the network in clear).
+    #[arg(long, conflicts_with = "tunnel_tls_cert")]
+    insecure_plaintext: bool,
 }
 
 #[derive(Args)]
@@ -165,6 +179,22 @@ struct AgentArgs {
     /// intervals is treated as lost (reconnect).
     #[arg(long, default_value_t = ringtunnel::proto::PING_INTERVAL.as_secs_f64())]
     heartbeat_interval: f64,
+    /// TLS to the gateway, verified against the system's trusted roots.
+    #[arg(long)]
+    tls: bool,
+    /// TLS, trusting only this CA (PEM); implies --tls.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Name the gateway's certificate must carry [default: the host of
+    /// --gateway]; implies --tls.
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Client certificate (PEM) for mutual TLS; implies --tls.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -226,6 +256,15 @@ fn run(cli: Cli) -> Result<(), String> {
                     max_streams: a.max_streams,
                 },
                 heartbeat: heartbeat(a.heartbeat_interval)?,
+                tunnel_tls: match (a.tunnel_tls_cert, a.tunnel_tls_key) {
+                    (Some(cert), Some(key)) => Some(ringtunnel::tls::ServerTlsFiles {
+                        cert,
+                        key,
+                        client_ca: a.client_ca,
+                    }),
+                    _ => None,
+                },
+                insecure_plaintext: a.insecure_plaintext,
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
             ringtunnel::signals::install();
@@ -257,6 +296,15 @@ fn run(cli: Cli) -> Result<(), String> {
                 token: a.token,
                 admin_listen: a.admin_listen,
                 heartbeat: heartbeat(a.heartbeat_interval)?,
+                // Every TLS flag implies TLS: asking for a CA or a name and
+                // silently getting plaintext would be the worst outcome.
+                tls: (a.tls || a.ca.is_some() || a.server_name.is_some() || a.cert.is_some())
+                    .then_some(ringtunnel::tls::ClientTlsFiles {
+                        ca: a.ca,
+                        server_name: a.server_name,
+                        cert: a.cert,
+                        key: a.key,
+                    }),
                 ..AgentConfig::default()
             };
             ringtunnel::signals::install();
@@ -265,7 +313,9 @@ fn run(cli: Cli) -> Result<(), String> {
             while !ringtunnel::signals::terminated() {
                 if let Some(e) = agent.fatal_error() {
                     agent.stop();
-                    return Err(format!("gateway refused this agent: {e}"));
+                    // e says who refused whom: "gateway refused this
+                    // agent: ..." or "TLS with the gateway failed: ...".
+                    return Err(e);
                 }
                 let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
                 if !announced && total > 0 && up >= total {

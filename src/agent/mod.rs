@@ -16,10 +16,12 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
+use rustls::pki_types::ServerName;
 
 use crate::config::AgentConfig;
 use crate::io::stats::CoreStats;
-use crate::io::uplink::{read_handshake_frame, write_frame, Limits, Uplink};
+use crate::io::transport::{Transport, UplinkParams};
+use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
 use crate::proto::{ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
 use crate::runtime::notify::WaitList;
@@ -34,8 +36,11 @@ pub(crate) struct AgentShared {
     stats: Vec<Arc<CoreStats>>,
     stop: AtomicBool,
     connected: AtomicUsize,
-    /// Set when the gateway refused us for a reason retrying cannot fix.
+    /// Set when the gateway refused us, or TLS verification failed, for a
+    /// reason retrying cannot fix.
     fatal: std::sync::Mutex<Option<String>>,
+    /// TLS to the gateway, and the name its certificate must carry.
+    tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
 }
 
 impl crate::admin::StatsSource for AgentShared {
@@ -77,7 +82,9 @@ impl Agent {
         self.shared.connected.load(Ordering::SeqCst)
     }
 
-    /// Why the agent gave up (bad token, bad session name, version), if it did.
+    /// Why the agent gave up, as a sentence (the gateway refused it: bad
+    /// token, bad session name, version; or the gateway failed TLS
+    /// verification), if it did.
     pub fn fatal_error(&self) -> Option<String> {
         self.shared.fatal.lock().ok().and_then(|g| g.clone())
     }
@@ -128,6 +135,15 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
     crate::runtime::raise_nofile_limit();
     let gateway = crate::runtime::resolve(&cfg.gateway)?;
     let backend = crate::runtime::resolve(&cfg.to)?;
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let bad = |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+            let config = crate::tls::client_config(files).map_err(bad)?;
+            let name = crate::tls::server_name(files, &cfg.gateway).map_err(bad)?;
+            Some((monoio_rustls::TlsConnector::from(config), name))
+        }
+        None => None,
+    };
     let n = cfg.cores.cores;
     let shared = Arc::new(AgentShared {
         total: AtomicUsize::new(cfg.uplinks.unwrap_or(0)),
@@ -139,6 +155,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         stop: AtomicBool::new(false),
         connected: AtomicUsize::new(0),
         fatal: std::sync::Mutex::new(None),
+        tls,
     });
     if let Some(a) = &cfg.admin_listen {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
@@ -231,7 +248,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 }
                 tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
             }
-            Err(Fatal(e, code)) => {
+            Err(Refused(e, code)) => {
                 tracing::error!(uplink = k, "gateway refused the uplink: {e}");
                 eprintln!("ringtunnel agent: gateway refused the uplink: {e}");
                 // A wrong token, an invalid name or another protocol
@@ -244,12 +261,17 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         | ErrorCode::UnsupportedVersion
                         | ErrorCode::ProtocolError
                 ) {
-                    if let Ok(mut g) = core.shared.fatal.lock() {
-                        g.get_or_insert(e);
-                    }
-                    core.shared.stop.store(true, Ordering::SeqCst);
+                    give_up(&core, format!("gateway refused this agent: {e}"));
                     return;
                 }
+            }
+            Err(Fatal(e)) => {
+                // A certificate the agent does not trust (or the gateway's
+                // verdict on ours) stays so until someone changes files.
+                tracing::error!(uplink = k, "TLS with the gateway failed: {e}");
+                eprintln!("ringtunnel agent: TLS with the gateway failed: {e}");
+                give_up(&core, format!("TLS with the gateway failed: {e}"));
+                return;
             }
             Err(Retry(e)) => tracing::warn!(uplink = k, "cannot reach gateway: {e}"),
         }
@@ -271,15 +293,57 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
     }
 }
 
-enum ConnectError {
-    Retry(String),
-    Fatal(String, ErrorCode),
+/// Stops every uplink of this agent; `main` prints `why` and exits.
+fn give_up(core: &AgentCore, why: String) {
+    if let Ok(mut g) = core.shared.fatal.lock() {
+        g.get_or_insert(why);
+    }
+    core.shared.stop.store(true, Ordering::SeqCst);
 }
-use ConnectError::{Fatal, Retry};
+
+enum ConnectError {
+    /// Network trouble or a gateway that did not answer: retry.
+    Retry(String),
+    /// REFUSE from the gateway; its code decides whether to retry.
+    Refused(String, ErrorCode),
+    /// A verdict retrying cannot change (TLS verification, either way).
+    Fatal(String),
+}
+use ConnectError::{Fatal, Refused, Retry};
+
+/// The first bytes of a TLS record (an alert or a handshake message,
+/// versions 3.x), as a TLS gateway answers a plaintext HELLO.
+fn looks_like_tls(b: &[u8]) -> bool {
+    b.len() >= 3 && matches!(b[0], 0x15 | 0x16) && b[1] == 3
+}
+
+/// Sorts a failed handshake read: TLS verdicts and a TLS answer to a
+/// plaintext agent are fatal, the rest is retried.
+fn handshake_error(
+    core: &AgentCore,
+    conn_is_tls: bool,
+    e: std::io::Error,
+    got: &[u8],
+) -> ConnectError {
+    if conn_is_tls {
+        if let Some((_, name)) = &core.shared.tls {
+            if let Some(why) = crate::tls::agent_fatal(&e, name) {
+                return Fatal(why);
+            }
+        }
+    } else if looks_like_tls(got) {
+        return Fatal(
+            "the gateway answered with TLS; start the agent with --tls (system roots) \
+             or --ca FILE"
+                .into(),
+        );
+    }
+    Retry(e.to_string())
+}
 
 async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, ConnectError> {
     let cfg = core.cfg();
-    let mut stream = match monoio::time::timeout(
+    let stream = match monoio::time::timeout(
         cfg.connect_timeout,
         TcpStream::connect_addr(core.shared.gateway),
     )
@@ -301,28 +365,48 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     };
     // A gateway that accepts the connection and never answers must not
     // hold this uplink: the watchdog shuts the socket down at the deadline.
+    // One deadline covers TLS and HELLO/ACCEPT together.
     let wd = Watchdog::start(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_RDWR);
     wd.arm(cfg.handshake_timeout);
     wd.arm_write(cfg.handshake_timeout);
-    let sent = write_frame(&mut stream, &Frame::hello(&hello)).await;
-    let (res, leftover) = match sent {
-        Ok(()) => read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), 64 * 1024).await,
-        Err(e) => (Err(e.to_string()), BytesMut::new()),
-    };
-    let timed_out = wd.fired();
-    drop(wd);
-    if timed_out {
-        return Err(Retry(format!(
+    let timed_out = || {
+        Retry(format!(
             "no handshake answer within {} s",
             cfg.handshake_timeout.as_secs_f64()
-        )));
+        ))
+    };
+    let mut conn = match &core.shared.tls {
+        None => Transport::plain(stream),
+        Some((connector, name)) => {
+            match Transport::connect_tls(stream, connector, name.clone()).await {
+                Ok(t) => t,
+                Err(_) if wd.fired() => return Err(timed_out()),
+                Err(e) => return Err(handshake_error(core, true, e, &[])),
+            }
+        }
+    };
+    let sent = conn.write_frame(&Frame::hello(&hello)).await;
+    let (res, leftover) = match sent {
+        Ok(()) => {
+            conn.read_frame(BytesMut::with_capacity(4096), 64 * 1024)
+                .await
+        }
+        Err(e) => (Err(e), BytesMut::new()),
+    };
+    let fired = wd.fired();
+    drop(wd);
+    if fired {
+        return Err(timed_out());
     }
-    let f = res.map_err(Retry)?;
+    let f = match res {
+        Ok(f) => f,
+        Err(e) => return Err(handshake_error(core, conn.is_tls(), e, &leftover)),
+    };
     match f.kind {
         FrameType::Accept => {}
         FrameType::Refuse => {
             let (code, reason) = f.parse_refuse().map_err(|e| Retry(e.to_string()))?;
-            return Err(Fatal(format!("{reason} ({code:?})"), code));
+            return Err(Refused(format!("{reason} ({code:?})"), code));
         }
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }
@@ -339,6 +423,7 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         uplink = k,
         gateway_core = acc.core,
         session = %cfg.session,
+        tls = conn.is_tls(),
         "uplink accepted"
     );
     let limits = Limits {
@@ -347,16 +432,17 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         conn_window: acc.conn_window,
         max_streams: acc.max_streams,
     };
-    let up = Uplink::start(
-        stream,
+    let up = conn.start_uplink(
         leftover,
-        k as u64,
-        core.index,
-        cfg.session.clone(),
-        crate::proto::Role::Agent,
-        limits,
-        cfg.heartbeat,
-        core.stats.clone(),
+        UplinkParams {
+            id: k as u64,
+            core: core.index,
+            session: cfg.session.clone(),
+            role: crate::proto::Role::Agent,
+            limits,
+            heartbeat: cfg.heartbeat,
+            stats: core.stats.clone(),
+        },
     );
     let c = core.clone();
     up.set_open_handler(move |stream, head| {

@@ -73,12 +73,21 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) public_addr: SocketAddr,
     pub(crate) tunnel_addr: SocketAddr,
+    /// TLS on the tunnel listener; `None` = plaintext uplinks.
+    pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
 }
 
 impl Shared {
     /// Claims one more uplink of `session` for `token`; picks the core
-    /// holding the fewest uplinks of that session (ties: `here`).
-    fn claim(&self, session: &str, token: &str, here: usize) -> Result<usize, String> {
+    /// holding the fewest uplinks of that session (ties: `here`). An
+    /// uplink that cannot move (TLS) is counted where it is.
+    fn claim(
+        &self,
+        session: &str,
+        token: &str,
+        here: usize,
+        movable: bool,
+    ) -> Result<usize, String> {
         let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
         let cores = self.mailboxes.len();
         let c = claims.entry(session.to_string()).or_insert_with(|| Claim {
@@ -91,7 +100,7 @@ impl Shared {
             ));
         }
         let min = *c.per_core.iter().min().unwrap_or(&0);
-        let target = if c.per_core[here] == min {
+        let target = if !movable || c.per_core[here] == min {
             here
         } else {
             (0..cores).find(|&i| c.per_core[i] == min).unwrap_or(here)
@@ -324,6 +333,14 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     cfg.validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     crate::runtime::raise_nofile_limit();
+    // Certificates first: a bad file must stop start-up before any bind.
+    let tls = match &cfg.tunnel_tls {
+        Some(files) => Some(monoio_rustls::TlsAcceptor::from(
+            crate::tls::server_config(files)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        )),
+        None => None,
+    };
     let public_addr = crate::runtime::reserve_listen_addr(&cfg.listen)?;
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
@@ -343,6 +360,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         shutting_down: AtomicBool::new(false),
         public_addr,
         tunnel_addr,
+        tls,
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start(

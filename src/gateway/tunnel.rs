@@ -1,14 +1,24 @@
 //! Uplink side of the gateway: accept, handshake, placement.
 //!
 //! An agent's uplink lands on whichever core the kernel's SO_REUSEPORT
-//! hash picks. After HELLO, the claim registry chooses the core holding
-//! the fewest uplinks of that session; if that is another core, the socket
-//! (and any bytes read past HELLO) moves there through its mailbox, and
-//! that core sends ACCEPT. So a session with K >= cores uplinks ends up
-//! with one on every core and public requests rarely need a handoff.
+//! hash picks. With TLS configured, the TLS handshake runs there first.
+//! After HELLO, the claim registry chooses the core holding the fewest
+//! uplinks of that session; if that is another core, the socket (and any
+//! bytes read past HELLO) moves there through its mailbox, and that core
+//! sends ACCEPT. So a session with K >= cores uplinks ends up with one on
+//! every core and public requests rarely need a handoff.
+//!
+//! A TLS uplink never moves: its session state (keys, sequence numbers,
+//! buffered records) lives in this core's memory and cannot follow the fd.
+//! It is served by the core that accepted it, and counted there, so the
+//! registry still balances the plaintext uplinks around it
+//! (docs/ARCHITECTURE.md, "Uplink placement", has the trade-off).
+//!
+//! The header timeout bounds the whole handshake (TLS, then HELLO): one
+//! watchdog shuts the socket down when it passes.
 
 use std::cell::Cell;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 
@@ -17,7 +27,7 @@ use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
-use crate::io::uplink::{read_handshake_frame, write_frame, Uplink};
+use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
 use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
 
@@ -46,10 +56,10 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
     }
 }
 
-async fn refuse(stream: &mut TcpStream, core: &Core, code: ErrorCode, reason: &str) {
+async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
     tracing::warn!(core = core.index, %reason, "uplink refused");
-    let _ = write_frame(stream, &Frame::refuse(code, reason)).await;
+    let _ = conn.write_frame(&Frame::refuse(code, reason)).await;
 }
 
 fn token_ok(core: &Core, token: &str) -> bool {
@@ -69,47 +79,70 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
+async fn handshake(core: Rc<Core>, stream: TcpStream) {
     // A silent peer must not hold a task forever: the watchdog shuts the
-    // socket down, which ends the read below.
-    let wd = Watchdog::start(std::os::fd::AsRawFd::as_raw_fd(&stream), libc::SHUT_RDWR);
+    // socket down, which ends the TLS handshake or the read below.
+    let wd = Watchdog::start(stream.as_raw_fd(), libc::SHUT_RDWR);
     wd.arm(core.cfg().header_timeout);
-    let (res, leftover) =
-        read_handshake_frame(&mut stream, BytesMut::with_capacity(4096), HANDSHAKE_MAX).await;
+    let mut conn = match &core.shared.tls {
+        None => Transport::plain(stream),
+        Some(acceptor) => match Transport::accept_tls(stream, acceptor).await {
+            Ok(t) => t,
+            Err(e) => {
+                // A plaintext agent, an untrusted or missing client
+                // certificate, a scanner: this connection only.
+                core.stats.error(ErrorKind::TlsHandshake);
+                let why = if wd.fired() {
+                    "timed out".to_string()
+                } else {
+                    e.to_string()
+                };
+                tracing::info!(core = core.index, error = %why, "uplink TLS handshake failed");
+                return;
+            }
+        },
+    };
+    let (res, leftover) = conn
+        .read_frame(BytesMut::with_capacity(4096), HANDSHAKE_MAX)
+        .await;
     // Stopped before the socket may move to another core.
     drop(wd);
     let frame = match res {
         Ok(f) => f,
         Err(e) => {
             core.stats.error(ErrorKind::Protocol);
-            tracing::debug!(error = %e, "uplink handshake failed");
+            // The agent cannot tell this case from a dropped connection
+            // (it retries), so the hint is here.
+            if !conn.is_tls() && leftover.starts_with(&[0x16, 0x03]) {
+                tracing::warn!(
+                    core = core.index,
+                    "a TLS client connected to the plaintext tunnel listener: give the \
+                     gateway --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS"
+                );
+            } else {
+                tracing::debug!(error = %e, "uplink handshake failed");
+            }
             return;
         }
     };
     if frame.kind != FrameType::Hello {
-        refuse(
-            &mut stream,
-            &core,
-            ErrorCode::ProtocolError,
-            "expected HELLO",
-        )
-        .await;
+        refuse(&mut conn, &core, ErrorCode::ProtocolError, "expected HELLO").await;
         return;
     }
     let hello = match frame.parse_hello() {
         Ok(h) => h,
         Err(e) => {
-            refuse(&mut stream, &core, e.code(), &e.to_string()).await;
+            refuse(&mut conn, &core, e.code(), &e.to_string()).await;
             return;
         }
     };
     if !token_ok(&core, &hello.token) {
-        refuse(&mut stream, &core, ErrorCode::AuthFailed, "bad token").await;
+        refuse(&mut conn, &core, ErrorCode::AuthFailed, "bad token").await;
         return;
     }
     if core.shared.shutting_down.load(Ordering::Relaxed) {
         refuse(
-            &mut stream,
+            &mut conn,
             &core,
             ErrorCode::Shutdown,
             "gateway is shutting down",
@@ -117,18 +150,24 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) {
         .await;
         return;
     }
-    let target = match core.shared.claim(&hello.session, &hello.token, core.index) {
+    let movable = !conn.is_tls();
+    let claimed = core
+        .shared
+        .claim(&hello.session, &hello.token, core.index, movable);
+    let target = match claimed {
         Ok(t) => t,
         Err(reason) => {
-            refuse(&mut stream, &core, ErrorCode::SessionTaken, &reason).await;
+            refuse(&mut conn, &core, ErrorCode::SessionTaken, &reason).await;
             return;
         }
     };
     let id = core.shared.next_uplink.fetch_add(1, Ordering::Relaxed);
-    if target == core.index {
-        finish(core, stream, leftover, hello, id).await;
-        return;
-    }
+    let stream = match conn.into_plain() {
+        Ok(s) if target != core.index => s,
+        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id).await,
+        // The claim kept a TLS uplink here (target == core.index).
+        Err(tls) => return finish(core, tls, leftover, hello, id).await,
+    };
     // Move the socket to the chosen core. No op holds the fd now.
     let fd = stream.into_raw_fd();
     let msg = CoreMsg::Uplink {
@@ -166,11 +205,12 @@ pub(super) fn adopt(
         }
     };
     crate::runtime::spawn_isolated("uplink-adopt", async move {
-        finish(core, stream, BytesMut::from(&leftover[..]), hello, id).await;
+        let conn = Transport::plain(stream);
+        finish(core, conn, BytesMut::from(&leftover[..]), hello, id).await;
     });
 }
 
-async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello: Hello, id: u64) {
+async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: Hello, id: u64) {
     let limits = core.cfg().limits;
     let accept = Accept {
         version: PROTOCOL_VERSION,
@@ -181,7 +221,7 @@ async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
     };
-    if let Err(e) = write_frame(&mut stream, &Frame::accept(&accept)).await {
+    if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");
         core.shared.release(&hello.session, core.index);
         return;
@@ -191,18 +231,20 @@ async fn finish(core: Rc<Core>, mut stream: TcpStream, leftover: BytesMut, hello
         session = %hello.session,
         uplink = id,
         index = hello.uplink_index,
+        tls = conn.is_tls(),
         "uplink accepted"
     );
-    let up = Uplink::start(
-        stream,
+    let up = conn.start_uplink(
         leftover,
-        id,
-        core.index,
-        hello.session.clone(),
-        crate::proto::Role::Gateway,
-        limits,
-        core.cfg().heartbeat,
-        core.stats.clone(),
+        UplinkParams {
+            id,
+            core: core.index,
+            session: hello.session.clone(),
+            role: crate::proto::Role::Gateway,
+            limits,
+            heartbeat: core.cfg().heartbeat,
+            stats: core.stats.clone(),
+        },
     );
     core.add_uplink(up);
 }

@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod relay;
 pub mod stats;
+pub mod transport;
 pub mod uplink;
 pub mod watchdog;
 

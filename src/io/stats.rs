@@ -26,10 +26,13 @@ pub enum ErrorKind {
     BodyTimeout,
     /// A client stopped reading past `--write-stall-timeout`.
     WriteStall,
+    /// A TLS handshake on the tunnel listener failed (a peer without TLS,
+    /// an untrusted or missing client certificate, a timeout).
+    TlsHandshake,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 14] = [
+    pub const ALL: [ErrorKind; 15] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -44,6 +47,7 @@ impl ErrorKind {
         ErrorKind::ClientIo,
         ErrorKind::BodyTimeout,
         ErrorKind::WriteStall,
+        ErrorKind::TlsHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +66,7 @@ impl ErrorKind {
             ErrorKind::ClientIo => "client_io",
             ErrorKind::BodyTimeout => "body_timeout",
             ErrorKind::WriteStall => "write_stall",
+            ErrorKind::TlsHandshake => "tls_handshake",
         }
     }
 }

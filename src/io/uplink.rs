@@ -15,15 +15,14 @@
 //! every byte is credited back whether it was delivered or discarded.
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use monoio::io::{AsyncWriteRent, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncReadRent, AsyncWriteRent};
 
 use super::batch::Batch;
 use super::stats::{CoreStats, ErrorKind};
@@ -140,22 +139,30 @@ impl Drop for CloseOnDrop {
 }
 
 impl Uplink {
-    /// Starts reader, writer and timer tasks on the current core.
-    /// `leftover` holds bytes read past the handshake.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        stream: TcpStream,
+    /// Starts reader, writer and timer tasks on the current core over the
+    /// read and write halves of a plain or TLS stream (see
+    /// `io/transport.rs`, which calls this). `fd` is the socket under
+    /// them, shut down to end the tasks; `leftover` holds bytes read past
+    /// the handshake.
+    pub(crate) fn start<R, W>(
+        (rh, wh): (R, W),
+        fd: RawFd,
         leftover: BytesMut,
-        id: u64,
-        core: usize,
-        session: String,
-        role: Role,
-        limits: Limits,
-        heartbeat: Heartbeat,
-        stats: Arc<CoreStats>,
-    ) -> Rc<Uplink> {
-        let _ = stream.set_nodelay(true);
-        let fd = stream.as_raw_fd();
+        p: super::transport::UplinkParams,
+    ) -> Rc<Uplink>
+    where
+        R: AsyncReadRent + 'static,
+        W: AsyncWriteRent + 'static,
+    {
+        let super::transport::UplinkParams {
+            id,
+            core,
+            session,
+            role,
+            limits,
+            heartbeat,
+            stats,
+        } = p;
         let up = Rc::new(Uplink {
             id,
             core,
@@ -173,7 +180,6 @@ impl Uplink {
             on_close: RefCell::new(None),
         });
         CoreStats::inc(&stats.uplinks);
-        let (rh, wh) = stream.into_split();
         let g = CloseOnDrop(up.clone(), "connection closed");
         crate::runtime::spawn_isolated("uplink-reader", async move {
             let up = g.0.clone();
@@ -361,11 +367,7 @@ impl Uplink {
         self.pump();
     }
 
-    async fn read_loop(
-        self: Rc<Self>,
-        mut rh: monoio::net::tcp::TcpOwnedReadHalf,
-        leftover: BytesMut,
-    ) {
+    async fn read_loop<R: AsyncReadRent>(self: Rc<Self>, mut rh: R, leftover: BytesMut) {
         let max_frame = self.conn.borrow().limits().max_frame;
         let mut dec = Decoder::new(max_frame);
         let mut buf = leftover;
@@ -415,7 +417,7 @@ impl Uplink {
         }
     }
 
-    async fn write_loop(self: Rc<Self>, mut wh: monoio::net::tcp::TcpOwnedWriteHalf) {
+    async fn write_loop<W: AsyncWriteRent>(self: Rc<Self>, mut wh: W) {
         let mut batch = Batch::new();
         loop {
             let frames = self
@@ -660,31 +662,43 @@ mod fault {
 }
 
 /// Reads one frame during the handshake, before the uplink tasks exist.
-pub async fn read_handshake_frame(
-    s: &mut TcpStream,
+/// Errors keep their source (a TLS alert arrives here, for one): callers
+/// that must tell a refusal from a network error look inside.
+pub async fn read_handshake_frame<S: AsyncReadRent>(
+    s: &mut S,
     buf: BytesMut,
     max: u32,
-) -> (Result<Frame, String>, BytesMut) {
+) -> (std::io::Result<Frame>, BytesMut) {
+    use std::io::{Error, ErrorKind};
     let mut dec = Decoder::new(max);
     let mut buf = buf;
     loop {
         match dec.decode(&mut buf) {
             Ok(Some(f)) => return (Ok(f), buf),
             Ok(None) => {}
-            Err(e) => return (Err(format!("malformed handshake: {e}")), buf),
+            Err(e) => {
+                let e = Error::new(ErrorKind::InvalidData, format!("malformed handshake: {e}"));
+                return (Err(e), buf);
+            }
         }
         let (res, b) = super::read_append(s, buf, 4096, 4096).await;
         buf = b;
         match res {
-            Ok(0) => return (Err("connection closed during handshake".into()), buf),
-            Err(e) => return (Err(format!("handshake read failed: {e}")), buf),
+            Ok(0) => {
+                let e = Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "connection closed during handshake",
+                );
+                return (Err(e), buf);
+            }
+            Err(e) => return (Err(e), buf),
             Ok(_) => {}
         }
     }
 }
 
 /// Writes one frame during the handshake.
-pub async fn write_frame(s: &mut TcpStream, f: &Frame) -> std::io::Result<()> {
+pub async fn write_frame<S: AsyncWriteRent>(s: &mut S, f: &Frame) -> std::io::Result<()> {
     let mut b = BytesMut::with_capacity(f.encoded_len());
     crate::proto::encode(f, &mut b);
     super::write_all(s, b.freeze()).await.map(|_| ())

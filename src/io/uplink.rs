@@ -123,13 +123,34 @@ pub struct Uplink {
 }
 
 /// Closes the uplink when the task holding it ends, however it ends: a
-/// panicking task drops its future, and with it this guard.
-struct CloseOnDrop(Rc<Uplink>, &'static str);
+/// panicking task drops its future, and with it this guard. It owns the
+/// task's half of the socket (`io`) and closes the uplink *before* that
+/// half is dropped: closing shuts the socket down by fd, and once both
+/// halves are gone that fd number may already belong to a new connection.
+struct CloseOnDrop<T> {
+    up: Rc<Uplink>,
+    why: &'static str,
+    io: Option<T>,
+}
 
-impl Drop for CloseOnDrop {
+impl<T> CloseOnDrop<T> {
+    fn new(up: &Rc<Uplink>, why: &'static str, io: T) -> Self {
+        CloseOnDrop {
+            up: up.clone(),
+            why,
+            io: Some(io),
+        }
+    }
+
+    fn io(&mut self) -> &mut T {
+        self.io.as_mut().expect("present until drop")
+    }
+}
+
+impl<T> Drop for CloseOnDrop<T> {
     fn drop(&mut self) {
-        let up = &self.0;
-        let why = self.1;
+        let up = &self.up;
+        let why = self.why;
         // A panic here would escape the task's isolation: contain it.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| up.close_now(why)));
         if r.is_err() {
@@ -180,10 +201,10 @@ impl Uplink {
             on_close: RefCell::new(None),
         });
         CoreStats::inc(&stats.uplinks);
-        let g = CloseOnDrop(up.clone(), "connection closed");
+        let mut g = CloseOnDrop::new(&up, "connection closed", rh);
         crate::runtime::spawn_isolated("uplink-reader", async move {
-            let up = g.0.clone();
-            up.clone().read_loop(rh, leftover).await;
+            let up = g.up.clone();
+            up.clone().read_loop(g.io(), leftover).await;
             if up.conn.borrow().is_failing() {
                 // Let the writer put GOAWAY(reason) on the wire first; the
                 // timer task bounds the wait (FAIL_FLUSH).
@@ -191,14 +212,15 @@ impl Uplink {
             }
             drop(g);
         });
-        let g = CloseOnDrop(up.clone(), "write failed");
+        let mut g = CloseOnDrop::new(&up, "write failed", wh);
         crate::runtime::spawn_isolated("uplink-writer", async move {
-            g.0.clone().write_loop(wh).await;
+            let up = g.up.clone();
+            up.write_loop(g.io()).await;
             drop(g);
         });
-        let g = CloseOnDrop(up.clone(), "uplink timer ended");
+        let g = CloseOnDrop::new(&up, "uplink timer ended", ());
         crate::runtime::spawn_isolated("uplink-timer", async move {
-            g.0.clone().timer_loop().await;
+            g.up.clone().timer_loop().await;
             drop(g);
         });
         up
@@ -367,7 +389,7 @@ impl Uplink {
         self.pump();
     }
 
-    async fn read_loop<R: AsyncReadRent>(self: Rc<Self>, mut rh: R, leftover: BytesMut) {
+    async fn read_loop<R: AsyncReadRent>(self: Rc<Self>, rh: &mut R, leftover: BytesMut) {
         let max_frame = self.conn.borrow().limits().max_frame;
         let mut dec = Decoder::new(max_frame);
         let mut buf = leftover;
@@ -404,7 +426,7 @@ impl Uplink {
                     return;
                 }
             }
-            let (res, b) = super::read_append(&mut rh, buf, 16 * 1024, READ_CHUNK).await;
+            let (res, b) = super::read_append(rh, buf, 16 * 1024, READ_CHUNK).await;
             buf = b;
             match res {
                 Ok(0) | Err(_) => return,
@@ -417,7 +439,7 @@ impl Uplink {
         }
     }
 
-    async fn write_loop<W: AsyncWriteRent>(self: Rc<Self>, mut wh: W) {
+    async fn write_loop<W: AsyncWriteRent>(self: Rc<Self>, wh: &mut W) {
         let mut batch = Batch::new();
         loop {
             let frames = self

@@ -8,6 +8,8 @@
 //!   framing and yields the body zero-copy, in bounded pieces.
 //! - [`encode`]: heads as they are forwarded (hop-by-hop headers dropped,
 //!   framing restated), chunk framing, small error responses.
+//! - [`proxy`]: PROXY protocol v1/v2 headers a load balancer sends before
+//!   the first request, parsed to the client address they carry.
 //! - `invariants` (hidden): the checks shared by the randomised tests and
 //!   the fuzz targets in `fuzz/`.
 //!
@@ -25,6 +27,7 @@ pub mod encode;
 pub mod head;
 #[doc(hidden)]
 pub mod invariants;
+pub mod proxy;
 
 pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use encode::{

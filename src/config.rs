@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::proto::{Heartbeat, Limits};
 use crate::runtime::DriverKind;
+use crate::trust::TrustedProxies;
 
 /// The timeouts' defaults, shared by the CLI flags and `Default`.
 pub mod defaults {
@@ -84,6 +85,14 @@ pub struct GatewayConfig {
     pub response_timeout: Duration,
     pub limits: Limits,
     pub heartbeat: Heartbeat,
+    /// Peers whose X-Forwarded-For / Forwarded / X-Real-IP /
+    /// X-Forwarded-Proto are kept and extended; from anyone else they are
+    /// replaced. With `proxy_protocol`, also the only peers whose PROXY
+    /// header is accepted (when not empty).
+    pub trusted_proxies: TrustedProxies,
+    /// Every public connection starts with a PROXY protocol (v1 or v2)
+    /// header naming the client; a connection without one is closed.
+    pub proxy_protocol: bool,
 }
 
 impl Default for GatewayConfig {
@@ -105,6 +114,8 @@ impl Default for GatewayConfig {
             response_timeout: defaults::RESPONSE_TIMEOUT,
             limits: Limits::default(),
             heartbeat: Heartbeat::default(),
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }

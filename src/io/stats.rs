@@ -22,10 +22,13 @@ pub enum ErrorKind {
     Protocol,
     HandshakeRefused,
     ClientIo,
+    /// `--proxy-protocol`: a connection without a valid PROXY header, or
+    /// one from a peer outside `--trusted-proxies`; closed unanswered.
+    ProxyProtocol,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -38,6 +41,7 @@ impl ErrorKind {
         ErrorKind::Protocol,
         ErrorKind::HandshakeRefused,
         ErrorKind::ClientIo,
+        ErrorKind::ProxyProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +58,7 @@ impl ErrorKind {
             ErrorKind::Protocol => "protocol",
             ErrorKind::HandshakeRefused => "handshake_refused",
             ErrorKind::ClientIo => "client_io",
+            ErrorKind::ProxyProtocol => "proxy_protocol",
         }
     }
 }

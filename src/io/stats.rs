@@ -170,7 +170,7 @@ pub struct CoreStats {
     pub queue_depth_max: AtomicU64,
     pub frames_per_writev: Hist,
     pub kib_per_writev: Hist,
-    pub errors: [AtomicU64; 12],
+    pub errors: [AtomicU64; ErrorKind::ALL.len()],
 }
 
 impl CoreStats {
@@ -217,6 +217,19 @@ impl CoreStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_kind_has_its_own_counter() {
+        let c = CoreStats::default();
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            for _ in 0..=i {
+                c.error(k);
+            }
+        }
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(c.error_count(k), i as u64 + 1, "{}", k.as_str());
+        }
+    }
 
     #[test]
     fn hist_buckets_and_quantiles() {

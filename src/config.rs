@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::proto::{Heartbeat, Limits};
 use crate::runtime::DriverKind;
+use crate::trust::TrustedProxies;
 
 /// The timeouts' defaults, shared by the CLI flags and `Default`.
 pub mod defaults {
@@ -88,6 +89,14 @@ pub struct GatewayConfig {
     pub tunnel_tls: Option<crate::tls::ServerTlsFiles>,
     /// Allows a plaintext tunnel listener on a non-loopback address.
     pub insecure_plaintext: bool,
+    /// Peers whose X-Forwarded-For / Forwarded / X-Real-IP /
+    /// X-Forwarded-Proto are kept and extended; from anyone else they are
+    /// replaced. With `proxy_protocol`, also the only peers whose PROXY
+    /// header is accepted (when not empty).
+    pub trusted_proxies: TrustedProxies,
+    /// Every public connection starts with a PROXY protocol (v1 or v2)
+    /// header naming the client; a connection without one is closed.
+    pub proxy_protocol: bool,
 }
 
 impl Default for GatewayConfig {
@@ -111,6 +120,8 @@ impl Default for GatewayConfig {
             heartbeat: Heartbeat::default(),
             tunnel_tls: None,
             insecure_plaintext: false,
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }

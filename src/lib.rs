@@ -14,9 +14,10 @@
 //! - [`runtime`]: the only place that creates threads: one monoio runtime
 //!   per core, pinning, io_uring/epoll choice, panic isolation per task,
 //!   cross-core mailboxes, single-core wake-ups.
-//! - [`proto`], [`http`], [`route`]: sans-IO. The frame codec and handshake
-//!   payloads; HTTP/1.x heads, body decoders and forwarding encoders;
-//!   Host -> session. Bytes in, values out; no sockets, no clocks.
+//! - [`proto`], [`http`], [`route`], [`trust`]: sans-IO. The frame codec
+//!   and handshake payloads; HTTP/1.x heads, body decoders, forwarding
+//!   encoders and PROXY headers; Host -> session; which peers are trusted
+//!   proxies. Bytes in, values out; no sockets, no clocks.
 //! - [`io`]: socket loops. An [`io::uplink::Uplink`] owns one connection's
 //!   reader, its single batched writer ([`io::batch`]), its stream table
 //!   and flow-control credit; [`io::transport`] carries a connection
@@ -49,3 +50,4 @@ pub mod route;
 pub mod runtime;
 pub mod signals;
 pub mod tls;
+pub mod trust;

@@ -135,6 +135,15 @@ struct GatewayArgs {
     /// and traffic cross the network in clear).
     #[arg(long, conflicts_with = "tunnel_tls_cert")]
     insecure_plaintext: bool,
+    /// Proxies in front of the gateway, as CIDRs (e.g. 10.0.0.0/8,::1/128):
+    /// their X-Forwarded-For / Forwarded / X-Real-IP / X-Forwarded-Proto
+    /// are kept and extended; anyone else's are replaced [default: none].
+    #[arg(long)]
+    trusted_proxies: Option<String>,
+    /// Every public connection starts with a PROXY protocol v1/v2 header
+    /// (from a load balancer; only from --trusted-proxies when set).
+    #[arg(long)]
+    proxy_protocol: bool,
 }
 
 #[derive(Args)]
@@ -265,6 +274,11 @@ fn run(cli: Cli) -> Result<(), String> {
                     _ => None,
                 },
                 insecure_plaintext: a.insecure_plaintext,
+                trusted_proxies: ringtunnel::trust::TrustedProxies::parse_list(
+                    a.trusted_proxies.as_deref().unwrap_or(""),
+                )
+                .map_err(|e| format!("--trusted-proxies {e}"))?,
+                proxy_protocol: a.proxy_protocol,
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
             ringtunnel::signals::install();

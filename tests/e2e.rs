@@ -30,7 +30,9 @@ both_drivers!(get_post_put_round_trips, |d| {
     assert_eq!((st, body.as_slice()), (200, &b"hello put"[..]));
     let (st, body) = curl(p, "demo", "/status/418", &[]);
     assert_eq!(st, 418, "{}", String::from_utf8_lossy(&body));
-    // X-Forwarded-* are added; hop-by-hop headers do not cross.
+    // X-Forwarded-* are set by the gateway (a client's own X-Forwarded-For
+    // is not believed: no --trusted-proxies); hop-by-hop headers do not
+    // cross.
     let (st, body) = curl(
         p,
         "demo",
@@ -46,10 +48,8 @@ both_drivers!(get_post_put_round_trips, |d| {
     );
     let text = String::from_utf8_lossy(&body).to_lowercase();
     assert_eq!(st, 200);
-    assert!(
-        text.contains("x-forwarded-for: 10.9.9.9, 127.0.0.1"),
-        "{text}"
-    );
+    assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+    assert!(!text.contains("10.9.9.9"), "{text}");
     assert!(text.contains("x-forwarded-proto: http"), "{text}");
     assert!(text.contains("x-forwarded-host: demo"), "{text}");
     assert!(text.contains("x-custom: yes"), "{text}");

@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 
 use crate::config::GatewayConfig;
+use crate::http::Scheme;
 use crate::io::stats::CoreStats;
 use crate::io::uplink::Uplink;
 use crate::proto::Hello;
@@ -36,10 +37,15 @@ use crate::runtime::notify::Notify;
 pub(crate) enum CoreMsg {
     /// A public connection to serve here: its socket and the bytes already
     /// read from it (at least one request head).
+    ///
+    /// `client` is the client as the first core saw it: the PROXY header's
+    /// source under `--proxy-protocol` (consumed there, not in `buf`),
+    /// else the socket peer.
     Public {
         fd: RawFd,
         buf: Bytes,
-        peer: SocketAddr,
+        client: SocketAddr,
+        scheme: Scheme,
         hops: u8,
     },
     /// An uplink placed on this core after its handshake elsewhere.
@@ -393,6 +399,13 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         }
     }
     tracing::info!(%public_addr, %tunnel_addr, cores = n, "gateway listening");
+    if cfg.proxy_protocol || !cfg.trusted_proxies.is_empty() {
+        tracing::info!(
+            proxy_protocol = cfg.proxy_protocol,
+            trusted_proxies = %cfg.trusted_proxies,
+            "public edge: client addresses from PROXY headers / trusted proxies"
+        );
+    }
     Ok(Gateway {
         shared,
         workers: Some(workers),
@@ -433,7 +446,8 @@ async fn core_main(
     let c = core.clone();
     let s = stop.clone();
     crate::runtime::spawn_isolated("public-accept", async move {
-        public::accept_loop(c, public_l, s).await;
+        // Plain HTTP: a TLS listener would pass Scheme::Https.
+        public::accept_loop(c, public_l, Scheme::Http, s).await;
     });
     let c = core.clone();
     let s = stop.clone();
@@ -452,11 +466,12 @@ async fn core_main(
             CoreMsg::Public {
                 fd,
                 buf,
-                peer,
+                client,
+                scheme,
                 hops,
             } => {
                 CoreStats::inc(&core.stats.handoffs_in);
-                public::adopt(core.clone(), fd, buf, peer, hops);
+                public::adopt(core.clone(), fd, buf, client, scheme, hops);
             }
             CoreMsg::Uplink {
                 fd,

@@ -5,6 +5,13 @@
 //! either serve it here over a local uplink of the session, or hand the
 //! whole connection (socket + unread bytes) to a core that has one.
 //!
+//! Who the client is gets settled once per connection, before the first
+//! head: the socket peer, or under `--proxy-protocol` the source in the
+//! PROXY header (read and consumed first; a connection without a valid one
+//! is closed unanswered). That address, and whether it is a trusted proxy,
+//! decide the forwarding headers of every request (`http::forwarded`); a
+//! handoff carries the address, never the PROXY header.
+//!
 //! Serving a request runs two pumps side by side: client body -> DATA
 //! frames, and frames -> client response. They share nothing but the
 //! stream handle, so a backend that answers before reading the whole body
@@ -23,7 +30,8 @@ use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, CoreMsg};
-use crate::http::{self, BodyKind, HeadError, RequestHead, ResponseHead};
+use crate::http::proxy::{self, ProxyError};
+use crate::http::{self, BodyKind, HeadError, Origin, RequestHead, ResponseHead, Scheme};
 use crate::io::relay::{
     body_to_stream, raw_to_stream, stream_to_raw, stream_to_writer, watch_for_close, Deadlines,
     OutFraming, PumpError, Upgrade, UpgradeGate, Watched,
@@ -45,7 +53,12 @@ const WATCH_AFTER: Duration = Duration::from_millis(50);
 /// session flapping between cores cannot bounce a client forever.
 const MAX_HOPS: u8 = 2;
 
-pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
+pub(super) async fn accept_loop(
+    core: Rc<Core>,
+    listener: TcpListener,
+    scheme: Scheme,
+    stop: Rc<Cell<bool>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -55,7 +68,13 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
                 let _ = stream.set_nodelay(true);
                 let c = core.clone();
                 crate::runtime::spawn_isolated("public-conn", async move {
-                    serve(c, stream, crate::io::carve(8192), peer, 0).await;
+                    let conn = Conn {
+                        peer,
+                        scheme,
+                        proxy_due: c.cfg().proxy_protocol,
+                        hops: 0,
+                    };
+                    serve(c, stream, crate::io::carve(8192), conn).await;
                 });
             }
             Err(e) => {
@@ -71,17 +90,115 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
 }
 
 /// Serves a connection handed over by another core.
-pub(super) fn adopt(core: Rc<Core>, fd: RawFd, buf: Bytes, peer: SocketAddr, hops: u8) {
+pub(super) fn adopt(
+    core: Rc<Core>,
+    fd: RawFd,
+    buf: Bytes,
+    client: SocketAddr,
+    scheme: Scheme,
+    hops: u8,
+) {
     // SAFETY: the sending core gave up this fd when it sent it.
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
     let _ = std_stream.set_nonblocking(true);
     match TcpStream::from_std(std_stream) {
         Ok(stream) => {
             crate::runtime::spawn_isolated("public-conn", async move {
-                serve(core, stream, BytesMut::from(&buf[..]), peer, hops).await;
+                // The first core read the PROXY header, if any.
+                let conn = Conn {
+                    peer: client,
+                    scheme,
+                    proxy_due: false,
+                    hops,
+                };
+                serve(core, stream, BytesMut::from(&buf[..]), conn).await;
             });
         }
         Err(e) => tracing::warn!(error = %e, "cannot adopt public connection"),
+    }
+}
+
+/// How a public connection reached `serve`.
+struct Conn {
+    /// The socket's peer, or the client a previous core settled on.
+    peer: SocketAddr,
+    scheme: Scheme,
+    /// A PROXY header comes before the first head.
+    proxy_due: bool,
+    hops: u8,
+}
+
+enum ProxyRead {
+    /// The client (`None`: the header named none; the peer stands for it).
+    Client(Option<SocketAddr>),
+    Closed,
+    Timeout,
+    Bad(ProxyError),
+}
+
+/// Reads and consumes the PROXY header at the front of the connection.
+async fn read_proxy_header(
+    rh: &mut TcpOwnedReadHalf,
+    buf: &mut BytesMut,
+    wd: &Watchdog,
+) -> ProxyRead {
+    loop {
+        match proxy::parse(buf) {
+            Ok(Some((source, n))) => {
+                buf.advance(n);
+                return ProxyRead::Client(source.client());
+            }
+            Ok(None) => {}
+            Err(e) => return ProxyRead::Bad(e),
+        }
+        let (res, b) = read_append(rh, std::mem::take(buf), 512, 2048).await;
+        *buf = b;
+        match res {
+            Ok(0) | Err(_) if wd.fired() => return ProxyRead::Timeout,
+            Ok(0) | Err(_) => return ProxyRead::Closed,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Settles who the client is under `--proxy-protocol`. `None`: the
+/// connection must be closed without an answer (HAProxy's behaviour: an
+/// HTTP answer would be read by the load balancer, not the client).
+async fn settle_proxy_client(
+    core: &Core,
+    rh: &mut TcpOwnedReadHalf,
+    buf: &mut BytesMut,
+    wd: &Watchdog,
+    peer: SocketAddr,
+) -> Option<SocketAddr> {
+    let trusted = &core.cfg().trusted_proxies;
+    if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+        // Anyone else could name any client they like.
+        tracing::debug!(%peer, "PROXY header expected from a trusted proxy only: closed");
+        core.stats.error(ErrorKind::ProxyProtocol);
+        return None;
+    }
+    wd.arm(core.cfg().header_timeout);
+    let read = read_proxy_header(rh, buf, wd).await;
+    wd.disarm();
+    match read {
+        ProxyRead::Client(client) => Some(client.unwrap_or(peer)),
+        ProxyRead::Bad(e) => {
+            tracing::debug!(%peer, error = %e, "closed");
+            core.stats.error(ErrorKind::ProxyProtocol);
+            None
+        }
+        ProxyRead::Timeout => {
+            tracing::debug!(%peer, "no PROXY header in time: closed");
+            core.stats.error(ErrorKind::HeaderTimeout);
+            None
+        }
+        ProxyRead::Closed => {
+            if !buf.is_empty() {
+                core.stats.error(ErrorKind::ProxyProtocol);
+            }
+            None
+        }
     }
 }
 
@@ -149,8 +266,8 @@ impl Drop for ConnGuard {
     }
 }
 
-async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAddr, hops: u8) {
-    let mut hops = hops;
+async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
+    let mut hops = conn.hops;
     CoreStats::inc(&core.stats.public_conns);
     CoreStats::inc(&core.stats.public_conns_total);
     let _guard = ConnGuard(core.clone());
@@ -160,8 +277,24 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
     let mut buf = buf;
     let mut first = true;
     let max_head = core.cfg().max_head;
-    // Formatted once per connection, used in every X-Forwarded-For.
-    let peer_ip = peer.ip().to_string();
+    let client = if conn.proxy_due {
+        match settle_proxy_client(&core, &mut rh, &mut buf, &wd, conn.peer).await {
+            Some(c) => c,
+            None => {
+                wd.stop();
+                return;
+            }
+        }
+    } else {
+        conn.peer
+    };
+    // Formatted once per connection, used in every request's forwarding
+    // headers.
+    let origin = Origin::new(
+        client.ip(),
+        core.cfg().trusted_proxies.contains(client.ip()),
+        conn.scheme,
+    );
     loop {
         wd.arm(if first || !buf.is_empty() {
             core.cfg().header_timeout
@@ -188,6 +321,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
                 break;
             }
             HeadRead::Bad(e) => {
+                tracing::debug!(%client, error = %e, "bad request head");
                 core.stats.error(if e.status() == 431 {
                     ErrorKind::HeadTooLarge
                 } else {
@@ -234,7 +368,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         let up = core.pick_uplink(&session);
         if up.is_none() && !core.has_local(&session) {
             if hops < MAX_HOPS {
-                if let Some(target) = core.remote_core_for(&session, peer.port() as usize) {
+                if let Some(target) = core.remote_core_for(&session, client.port() as usize) {
                     // The head stays in `buf`: the target core re-reads it.
                     wd.stop();
                     match rh.reunite(wh) {
@@ -243,7 +377,8 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
                             let msg = CoreMsg::Public {
                                 fd,
                                 buf: buf.freeze(),
-                                peer,
+                                client,
+                                scheme: conn.scheme,
                                 hops: hops + 1,
                             };
                             CoreStats::inc(&core.stats.handoffs_out);
@@ -271,7 +406,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
         CoreStats::inc(&core.stats.requests);
         buf.advance(head.head_len);
         // Present here but every local uplink is at its stream limit.
-        let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, &peer_ip))) else {
+        let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, &origin))) else {
             core.stats.error(ErrorKind::Overloaded);
             let msg = format!("session '{session}' is at its stream limit, retry shortly\n");
             if refuse_request(&mut wh, &head, 503, &msg, &[("Retry-After", "1")]).await {
@@ -296,40 +431,10 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, peer: SocketAdd
 }
 
 /// The head as the backend gets it: hop-by-hop headers dropped by the
-/// encoder, X-Forwarded-* set by us (the client's own X-Forwarded-For is
-/// kept and extended, as proxies chain it).
-fn forward_head(head: &RequestHead, peer_ip: &str) -> Bytes {
-    const REPLACED: [&str; 3] = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"];
-    let mut xff = String::new();
-    let mut host_raw = None;
-    for (name, value) in &head.headers {
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            if let Ok(v) = std::str::from_utf8(value) {
-                if !xff.is_empty() {
-                    xff.push_str(", ");
-                }
-                xff.push_str(v.trim());
-            }
-        } else if host_raw.is_none() && name.eq_ignore_ascii_case("host") {
-            host_raw = Some(value.clone());
-        }
-    }
-    if !xff.is_empty() {
-        xff.push_str(", ");
-    }
-    xff.push_str(peer_ip);
-    let host_raw = host_raw.unwrap_or_else(|| Bytes::from(head.host.clone().unwrap_or_default()));
-    let mut dst = BytesMut::with_capacity(head.head_len + 128);
-    http::encode_request_forward_except(
-        head,
-        &REPLACED,
-        &[
-            ("X-Forwarded-For", xff.as_bytes()),
-            ("X-Forwarded-Proto", b"http"),
-            ("X-Forwarded-Host", &host_raw),
-        ],
-        &mut dst,
-    );
+/// encoder, forwarding headers by `http::forwarded`'s trust rules.
+fn forward_head(head: &RequestHead, origin: &Origin) -> Bytes {
+    let mut dst = BytesMut::with_capacity(head.head_len + 160);
+    http::encode_request_forwarded(head, origin, &mut dst);
     dst.freeze()
 }
 

@@ -214,12 +214,25 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
     if version == 1 && facts.host_count == 0 {
         return Err(HeadError::Malformed("missing Host"));
     }
+    let host_header = match facts.host {
+        Some(i) => host_of_authority(&headers[i].1)?,
+        None => None,
+    };
     let host = match authority_of(target) {
-        Some(auth) => host_of_authority(auth.as_bytes())?,
-        None => match facts.host {
-            Some(i) => host_of_authority(&headers[i].1)?,
-            None => None,
-        },
+        Some(auth) => {
+            let auth_host = host_of_authority(auth.as_bytes())?;
+            // RFC 9112 3.2.2 lets the target's authority win over Host, but
+            // a backend or a cache behind us may read Host instead: two
+            // names for one request is how routing gets bypassed. Port and
+            // case are not part of the comparison (neither is in `host`).
+            if facts.host.is_some() && auth_host != host_header {
+                return Err(HeadError::Malformed(
+                    "absolute-form target and Host name different hosts",
+                ));
+            }
+            auth_host
+        }
+        None => host_header,
     };
 
     let keep_alive = if version == 1 {
@@ -796,7 +809,7 @@ mod tests {
     #[test]
     fn host_forms() {
         assert_eq!(
-            ok("GET http://User@A.Example:81/p HTTP/1.1\r\nHost: other\r\n\r\n")
+            ok("GET http://User@A.Example:81/p HTTP/1.1\r\nHost: a.example\r\n\r\n")
                 .host
                 .as_deref(),
             Some("a.example")
@@ -829,6 +842,45 @@ mod tests {
         );
         assert_eq!(
             err("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+            HeadError::Malformed("invalid host")
+        );
+    }
+
+    #[test]
+    fn absolute_form_must_agree_with_host() {
+        const WHY: HeadError =
+            HeadError::Malformed("absolute-form target and Host name different hosts");
+        // Same host: case and port do not matter, userinfo is not the host.
+        for fine in [
+            "GET http://demo/p HTTP/1.1\r\nHost: demo\r\n\r\n",
+            "GET http://DEMO:80/p HTTP/1.1\r\nHost: demo:8080\r\n\r\n",
+            "GET https://u:p@demo.example/ HTTP/1.1\r\nHost: Demo.Example\r\n\r\n",
+            "GET http://[::1]:81/ HTTP/1.1\r\nHost: [::1]\r\n\r\n",
+            "OPTIONS http://demo HTTP/1.1\r\nHost: demo\r\n\r\n",
+            // HTTP/1.0 may leave Host out: the authority alone decides.
+            "GET http://demo/ HTTP/1.0\r\n\r\n",
+        ] {
+            assert!(ok(fine).host.is_some(), "{fine}");
+        }
+        assert_eq!(
+            ok("GET http://demo/ HTTP/1.0\r\n\r\n").host.as_deref(),
+            Some("demo")
+        );
+        for bad in [
+            "GET http://demo/p HTTP/1.1\r\nHost: other\r\n\r\n",
+            "GET http://demo/p HTTP/1.1\r\nHost: demo.other\r\n\r\n",
+            "GET http://other@demo/p HTTP/1.1\r\nHost: other\r\n\r\n",
+            "GET http://demo/p HTTP/1.1\r\nHost:\r\n\r\n",
+            "GET http:///p HTTP/1.1\r\nHost: demo\r\n\r\n",
+            "GET http://[::1]/ HTTP/1.1\r\nHost: [::2]\r\n\r\n",
+            "POST http://demo/p HTTP/1.0\r\nHost: other:80\r\nContent-Length: 1\r\n\r\n",
+        ] {
+            assert_eq!(err(bad), WHY, "{bad}");
+            assert_eq!(err(bad).status(), 400);
+        }
+        // Host is still validated when the target names the authority.
+        assert_eq!(
+            err("GET http://demo/ HTTP/1.1\r\nHost: de mo\r\n\r\n"),
             HeadError::Malformed("invalid host")
         );
     }

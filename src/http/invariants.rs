@@ -9,12 +9,17 @@
 //! - how the input is split into reads changes nothing: not the head, not
 //!   the body bytes, not the verdict, not where the body ends;
 //! - a body never yields more than its `Content-Length`, and never takes a
-//!   byte past its own end: the bytes it consumed, alone, decode the same.
+//!   byte past its own end: the bytes it consumed, alone, decode the same;
+//! - a PROXY header ([`check_proxy`], fuzz target `proxy_header`) is judged
+//!   the same whatever read it arrives in: every read short of it waits,
+//!   the header alone parses the same, an error once found stays the same
+//!   error, and waiting is bounded.
 
 use bytes::BytesMut;
 
 use super::body::{BodyDecoder, BodyError, MAX_TRAILERS};
 use super::head::{parse_request, BodyKind, HeadError, RequestHead};
+use super::proxy::{self, ProxyError, ProxySource, V2_MAX_BODY};
 
 /// How feeding an input to a body decoder ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,6 +163,33 @@ pub fn check_request(
             check_body(h.body, &input[h.head_len..], cuts, max);
         }
         Err(e) => assert!(matches!(e.status(), 400 | 431 | 501 | 505), "{e:?}"),
+    }
+    whole
+}
+
+/// Panics unless [`proxy::parse`] on `input` and on each of its prefixes
+/// obeys the module's invariants (quadratic in the input: keep it short).
+pub fn check_proxy(input: &[u8]) -> Result<Option<(ProxySource, usize)>, ProxyError> {
+    let whole = proxy::parse(input);
+    let decided = match &whole {
+        Ok(Some((_, n))) => {
+            assert!(*n <= input.len() && *n <= 16 + V2_MAX_BODY, "{n}");
+            assert_eq!(proxy::parse(&input[..*n]), whole, "the header alone");
+            *n
+        }
+        Ok(None) => {
+            assert!(input.len() < 16 + V2_MAX_BODY, "waits forever");
+            input.len() + 1
+        }
+        Err(_) => input.len() + 1,
+    };
+    let mut failed = None;
+    for i in 0..decided.min(input.len() + 1) {
+        match (proxy::parse(&input[..i]), failed) {
+            (Ok(None), None) => {}
+            (Err(e), _) if Err(e) == whole => failed = Some(i),
+            (other, _) => panic!("prefix {i}: {other:?}, whole input: {whole:?}"),
+        }
     }
     whole
 }
@@ -371,6 +403,59 @@ mod tests {
             "501",
             "505",
         ] {
+            assert!(outcomes.contains(o), "{o} never seen in {outcomes:?}");
+        }
+    }
+
+    /// A valid PROXY header of some kind, then HTTP bytes.
+    fn random_proxy(rng: &mut XorShift) -> Vec<u8> {
+        let mut v = match rng.below(6) {
+            0 => b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 443\r\n".to_vec(),
+            1 => b"PROXY TCP6 2001:db8::7 ::1 1 65535\r\n".to_vec(),
+            2 => b"PROXY UNKNOWN\r\n".to_vec(),
+            3 => proxy::v2_tcp(
+                "10.1.2.3:4".parse().unwrap(),
+                "10.0.0.1:80".parse().unwrap(),
+                &rng.noise(40),
+            ),
+            4 => proxy::v2_tcp(
+                "[2001:db8::1]:4".parse().unwrap(),
+                "[::1]:80".parse().unwrap(),
+                &[],
+            ),
+            _ => proxy::v2_header(0x20, rng.next_u32() as u8, &rng.noise(20)),
+        };
+        // Mutations: a flipped byte, a changed v2 length, a cut.
+        if rng.chance(2) {
+            let i = rng.below(v.len());
+            v[i] = *rng.pick(&[b' ', b'\r', b'\n', b'0', b'9', b':', 0x00, 0x11, 0x21, 0xff]);
+        }
+        if v.len() >= 16 && v[0] == b'\r' && rng.chance(4) {
+            v[14] = rng.next_u32() as u8 & 0x0f;
+            v[15] = rng.next_u32() as u8;
+        }
+        if rng.chance(4) {
+            v.truncate(rng.below(v.len() + 1));
+        }
+        v.extend_from_slice(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+        v
+    }
+
+    #[test]
+    fn twenty_thousand_random_proxy_headers() {
+        let mut rng = XorShift::new(0x9e0c_7a11);
+        let mut outcomes = HashSet::new();
+        for _ in 0..20_000 {
+            let input = random_proxy(&mut rng);
+            let outcome = match check_proxy(&input) {
+                Ok(Some((ProxySource::Client { .. }, _))) => "client",
+                Ok(Some((ProxySource::Local, _))) => "local",
+                Ok(None) => "incomplete",
+                Err(_) => "error",
+            };
+            outcomes.insert(outcome);
+        }
+        for o in ["client", "local", "incomplete", "error"] {
             assert!(outcomes.contains(o), "{o} never seen in {outcomes:?}");
         }
     }

@@ -8,6 +8,11 @@
 //!   framing and yields the body zero-copy, in bounded pieces.
 //! - [`encode`]: heads as they are forwarded (hop-by-hop headers dropped,
 //!   framing restated), chunk framing, small error responses.
+//! - [`forwarded`]: the X-Forwarded-* / Forwarded / X-Real-IP a request
+//!   carries to its backend, replaced or extended by whether the peer is a
+//!   trusted proxy.
+//! - [`proxy`]: PROXY protocol v1/v2 headers a load balancer sends before
+//!   the first request, parsed to the client address they carry.
 //! - `invariants` (hidden): the checks shared by the randomised tests and
 //!   the fuzz targets in `fuzz/`.
 //!
@@ -22,9 +27,11 @@
 
 pub mod body;
 pub mod encode;
+pub mod forwarded;
 pub mod head;
 #[doc(hidden)]
 pub mod invariants;
+pub mod proxy;
 
 pub use body::{BodyDecoder, BodyError, MAX_CHUNK_LINE, MAX_TRAILERS};
 pub use encode::{
@@ -32,6 +39,7 @@ pub use encode::{
     encode_response_forward, encode_response_head, is_hop_by_hop, reason_phrase, simple_response,
     CHUNK_TRAILER, LAST_CHUNK,
 };
+pub use forwarded::{encode_request_forwarded, Origin, Scheme};
 pub use head::{
     parse_request, parse_response, BodyKind, HeadError, RequestHead, ResponseHead,
     DEFAULT_MAX_HEAD, MAX_HEADERS,

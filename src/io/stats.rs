@@ -29,10 +29,13 @@ pub enum ErrorKind {
     /// A TLS handshake on the tunnel listener failed (a peer without TLS,
     /// an untrusted or missing client certificate, a timeout).
     TlsHandshake,
+    /// `--proxy-protocol`: a connection without a valid PROXY header, or
+    /// one from a peer outside `--trusted-proxies`; closed unanswered.
+    ProxyProtocol,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 15] = [
+    pub const ALL: [ErrorKind; 16] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -48,6 +51,7 @@ impl ErrorKind {
         ErrorKind::BodyTimeout,
         ErrorKind::WriteStall,
         ErrorKind::TlsHandshake,
+        ErrorKind::ProxyProtocol,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -67,6 +71,7 @@ impl ErrorKind {
             ErrorKind::BodyTimeout => "body_timeout",
             ErrorKind::WriteStall => "write_stall",
             ErrorKind::TlsHandshake => "tls_handshake",
+            ErrorKind::ProxyProtocol => "proxy_protocol",
         }
     }
 }
@@ -225,6 +230,19 @@ impl CoreStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_kind_has_its_own_counter() {
+        let c = CoreStats::default();
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            for _ in 0..=i {
+                c.error(k);
+            }
+        }
+        for (i, k) in ErrorKind::ALL.into_iter().enumerate() {
+            assert_eq!(c.error_count(k), i as u64 + 1, "{}", k.as_str());
+        }
+    }
 
     #[test]
     fn hist_buckets_and_quantiles() {

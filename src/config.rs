@@ -73,9 +73,10 @@ pub struct GatewayConfig {
     pub cores: Cores,
     pub domain: Option<String>,
     pub default_session: Option<String>,
-    /// Accepted agent tokens; empty = open gateway (any token, which then
-    /// only decides who owns a session name).
-    pub tokens: Vec<String>,
+    /// Accepted agent tokens with their scopes (`crate::scope`); empty =
+    /// open gateway (any token, which then only decides who owns a session
+    /// name).
+    pub tokens: Vec<crate::scope::TokenRule>,
     pub max_head: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,

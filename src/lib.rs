@@ -48,6 +48,7 @@ pub mod io;
 pub mod proto;
 pub mod route;
 pub mod runtime;
+pub mod scope;
 pub mod signals;
 pub mod tls;
 pub mod trust;

@@ -246,8 +246,9 @@ fn run(cli: Cli) -> Result<(), String> {
                     .token
                     .map(|t| {
                         t.split(',')
-                            .map(|s| s.trim().to_string())
+                            .map(str::trim)
                             .filter(|s| !s.is_empty())
+                            .map(ringtunnel::scope::TokenRule::any_session)
                             .collect()
                     })
                     .unwrap_or_default(),

@@ -117,21 +117,19 @@ fn spawn_args(name: &'static str, args: &[String], ready_prefix: &str) -> Proc {
     spawn(name, &refs, ready_prefix)
 }
 
+/// A gateway's arguments on free loopback ports (admin on too).
+pub const GATEWAY_BASE: [&str; 7] = [
+    "gateway",
+    "--listen",
+    "127.0.0.1:0",
+    "--tunnel-listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.1:0",
+];
+
 pub fn gateway(driver: &str, extra: &[&str]) -> Proc {
-    let base = [
-        "gateway",
-        "--listen",
-        "127.0.0.1:0",
-        "--tunnel-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    spawn_args(
-        "gateway",
-        &role_args(&base, driver, extra),
-        "ringtunnel gateway ready",
-    )
+    gateway_env(driver, extra, &[])
 }
 
 pub fn agent(driver: &str, gw: &Proc, session: &str, backend: SocketAddr, extra: &[&str]) -> Proc {
@@ -687,16 +685,7 @@ pub fn spawn_env(
 
 /// `gateway`, with extra environment variables.
 pub fn gateway_env(driver: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let base = [
-        "gateway",
-        "--listen",
-        "127.0.0.1:0",
-        "--tunnel-listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-    ];
-    let args = role_args(&base, driver, extra);
+    let args = role_args(&GATEWAY_BASE, driver, extra);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     spawn_env("gateway", &refs, "ringtunnel gateway ready", envs)
 }

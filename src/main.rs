@@ -486,17 +486,67 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
 
 /// Re-reads the gateway's file on SIGHUP and applies what can change
 /// live; a bad file is refused with its reason and the old settings stay.
-fn reload_gateway(gw: &ringtunnel::gateway::Gateway, a: &GatewayArgs, m: &ArgMatches) {
-    let res = gateway_args(a.clone(), m)
-        .and_then(|(a, rules)| gateway_config(a, rules))
-        .and_then(|cfg| gw.reload(&cfg));
+/// `running` is what the last successful load produced, to name the
+/// settings a reload cannot apply.
+fn reload_gateway(
+    gw: &ringtunnel::gateway::Gateway,
+    a: &GatewayArgs,
+    m: &ArgMatches,
+    running: &mut GatewayFile,
+) {
+    let res = gateway_args(a.clone(), m).and_then(|(a, rules)| {
+        let shown = gateway_shown(&a, &rules);
+        gw.reload(&gateway_config(a, rules)?)?;
+        Ok(shown)
+    });
     match res {
-        Ok(()) => eprintln!("ringtunnel gateway: configuration reloaded"),
+        Ok(shown) => {
+            let fixed = restart_only_changes(running, &shown);
+            *running = shown;
+            if fixed.is_empty() {
+                eprintln!("ringtunnel gateway: configuration reloaded");
+            } else {
+                // Saying so beats letting the operator believe a new
+                // address or timeout is in force.
+                let keys = fixed.join(", ");
+                tracing::warn!(%keys, "changed settings that apply only at the next restart");
+                eprintln!(
+                    "ringtunnel gateway: configuration reloaded; changed but applied only \
+                     at the next restart: {keys}"
+                );
+            }
+        }
         Err(e) => {
             tracing::error!("configuration reload refused, keeping the running one: {e}");
             eprintln!("ringtunnel gateway: reload refused, previous configuration kept: {e}");
         }
     }
+}
+
+/// Keys whose value differs between two effective configurations, except
+/// the ones `Gateway::reload` applies (tokens and TLS files).
+fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
+    const LIVE: [&str; 5] = [
+        "tokens",
+        "token",
+        "tunnel_tls_cert",
+        "tunnel_tls_key",
+        "client_ca",
+    ];
+    let table = |f: &GatewayFile| match toml::Value::try_from(f) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let (a, b) = (table(old), table(new));
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| !LIVE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 fn sub<'a>(m: &'a ArgMatches, name: &str) -> &'a ArgMatches {
@@ -512,6 +562,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 print!("{}", config_file::print(&gateway_shown(&a, &rules))?);
                 return Ok(());
             }
+            let mut running = gateway_shown(&a, &rules);
             let cfg = gateway_config(a, rules)?;
             // Handlers before start: a SIGHUP during start-up must not
             // kill the process (its default action).
@@ -527,7 +578,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             );
             while !ringtunnel::signals::terminated() {
                 if ringtunnel::signals::take_hangup() {
-                    reload_gateway(&gw, &flags, m);
+                    reload_gateway(&gw, &flags, m, &mut running);
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

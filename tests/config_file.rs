@@ -399,6 +399,22 @@ fn bad_file_on_sighup_keeps_the_running_configuration() {
     let _a2 = agent_with(&gw.proc, "alpha", echo.addr("listen"), &["--token", ALPHA]);
     let err = refused_agent(&gw.proc, "gamma", echo.addr("listen"), &["--token", GAMMA]);
     assert!(err.contains("bad token"), "stderr:\n{err}");
+    // A valid file that changes a start-up-only setting is applied for
+    // the rest and says what waits for a restart.
+    dir.write(
+        name,
+        &gw_file(
+            "legacy",
+            &format!(
+                "max_streams = 9
+{}",
+                token_table(ALPHA, "[\"alpha\"]")
+            ),
+        ),
+    );
+    reload(&gw, true);
+    let err = gw.stderr();
+    assert!(err.contains("next restart: max_streams"), "stderr:\n{err}");
 }
 
 struct Ca {

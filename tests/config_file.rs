@@ -253,6 +253,17 @@ fn flags_override_the_file_and_print_config_masks_secrets() {
     );
     // A clap default must not beat the file: `--listen` was not given.
     assert!(out.contains("listen = \"127.0.0.1:0\""), "{out}");
+    assert!(out.contains("pin = false"), "{out}");
+    // `--pin` and `--no-pin` are one setting: the flag wins either way.
+    let (_, out, _) = run(&["gateway", "--config", &file, "--pin", "--print-config"]);
+    assert!(out.contains("pin = true"), "{out}");
+    let bad_driver = dir.write("driver.toml", "driver = \"fast\"\n");
+    let (code, _, err) = run(&["gateway", "--config", &bad_driver, "--print-config"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("driver = \"fast\"") && err.contains("legacy"),
+        "{err}"
+    );
 
     let agent_file = dir.write(
         "agent.toml",

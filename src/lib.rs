@@ -40,6 +40,7 @@ pub mod admin;
 pub mod agent;
 pub mod bench;
 pub mod config;
+pub mod config_file;
 pub mod demo;
 pub mod echo;
 pub mod gateway;

@@ -1,5 +1,11 @@
-//! `ringtunnel`: command line front end. Flags become validated configs
+//! `ringtunnel`: command line front end. Flags, laid over an optional
+//! `--config` file (`ringtunnel::config_file`), become validated configs
 //! (`ringtunnel::config`), then the library runs them.
+//!
+//! Precedence: a flag the operator gave (or its environment variable)
+//! beats the file, which beats the flag's default. Defaults are only
+//! written in the flag definitions, so "given" is asked of clap
+//! (`ArgMatches::value_source`) rather than compared with a default.
 
 use std::process::ExitCode;
 
@@ -11,11 +17,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use ringtunnel::config::defaults as cfgdef;
 use ringtunnel::config::{AgentConfig, Cores, EchoServerConfig, GatewayConfig};
+use ringtunnel::config_file::{self, AgentFile, GatewayFile, TokenEntry, MASK};
 use ringtunnel::proto::{Heartbeat, Limits};
 use ringtunnel::runtime::DriverKind;
+use ringtunnel::scope::TokenRule;
 
 #[derive(Parser)]
 #[command(
@@ -42,7 +51,7 @@ enum Cmd {
     Demo(ringtunnel::demo::DemoArgs),
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct CoreArgs {
     /// Worker cores [default: all].
     #[arg(long)]
@@ -63,8 +72,16 @@ impl CoreArgs {
     }
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct GatewayArgs {
+    /// TOML file with any of these flags as keys (`tunnel_listen = ...`)
+    /// and [[tokens]] tables; flags given here override it. SIGHUP
+    /// re-reads it (tokens, TLS certificates).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML (secrets masked), then exit.
+    #[arg(long)]
+    print_config: bool,
     /// Public HTTP listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: String,
@@ -146,17 +163,24 @@ struct GatewayArgs {
     proxy_protocol: bool,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct AgentArgs {
+    /// TOML file with any of these flags as keys (`backend_timeout = ...`);
+    /// flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration as TOML (token masked), then exit.
+    #[arg(long)]
+    print_config: bool,
     /// Gateway tunnel address.
     #[arg(long, default_value = "127.0.0.1:7000")]
     gateway: String,
-    /// Session name to claim.
+    /// Session name to claim (required, here or in --config).
     #[arg(long)]
-    session: String,
-    /// Backend address.
+    session: Option<String>,
+    /// Backend address (required, here or in --config).
     #[arg(long)]
-    to: String,
+    to: Option<String>,
     /// Uplinks to open [default: the gateway's core count].
     #[arg(long)]
     uplinks: Option<usize>,
@@ -232,57 +256,318 @@ fn heartbeat(interval: f64) -> Result<Heartbeat, String> {
     )?))
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+/// Whether the operator gave `id`: on the command line, or through its
+/// environment variable (also an explicit choice). Defaults do not count.
+fn given(m: &ArgMatches, id: &str) -> bool {
+    matches!(
+        m.value_source(id),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    )
+}
+
+/// For each key set in the file whose flag was not given: take the
+/// file's value. Key and field share the name (clap's arg id too).
+macro_rules! lay_under {
+    ($m:expr, $file:expr, $args:expr; $($field:ident),+ $(,)?) => {$(
+        if let Some(v) = $file.$field.take() {
+            if !given($m, stringify!($field)) {
+                $args.$field = v.into();
+            }
+        }
+    )+};
+}
+
+fn driver_key(s: &str) -> Result<DriverKind, String> {
+    DriverKind::from_str(s, true).map_err(|_| {
+        let names: Vec<_> = DriverKind::value_variants()
+            .iter()
+            .filter_map(|d| d.to_possible_value().map(|v| v.get_name().to_string()))
+            .collect();
+        format!("driver = {s:?}: expected one of {}", names.join(", "))
+    })
+}
+
+fn driver_name(d: DriverKind) -> Option<String> {
+    d.to_possible_value().map(|v| v.get_name().to_string())
+}
+
+fn lay_core_under(
+    m: &ArgMatches,
+    c: &mut CoreArgs,
+    cores: Option<usize>,
+    pin: Option<bool>,
+    no_pin: Option<bool>,
+    driver: Option<String>,
+) -> Result<(), String> {
+    if let Some(v) = cores {
+        if !given(m, "cores") {
+            c.cores = Some(v);
+        }
+    }
+    // `pin` and `no_pin` are one setting: a flag given for either one
+    // decides it, whatever the file says.
+    if !(given(m, "pin") || given(m, "no_pin")) {
+        if let Some(v) = pin {
+            c.pin = v;
+            c.no_pin = !v;
+        }
+        if let Some(v) = no_pin {
+            c.no_pin = v;
+        }
+    }
+    if let Some(d) = driver {
+        if !given(m, "driver") {
+            c.driver = driver_key(&d)?;
+        }
+    }
+    Ok(())
+}
+
+/// The gateway's flags with `--config` laid under them, and the file's
+/// `[[tokens]]` rules. Run again on every reload, from the original flags.
+fn gateway_args(
+    mut a: GatewayArgs,
+    m: &ArgMatches,
+) -> Result<(GatewayArgs, Vec<TokenRule>), String> {
+    let Some(path) = a.config.clone() else {
+        return Ok((a, Vec::new()));
+    };
+    let mut f: GatewayFile = config_file::load(&path)?;
+    let rules = f
+        .token_rules()
+        .map_err(|e| format!("--config {}: {e}", path.display()))?;
+    lay_under!(m, f, a;
+        listen, tunnel_listen, admin_listen, domain, default_session, token, max_head,
+        header_timeout, idle_timeout, shutdown_grace, body_idle_timeout,
+        write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
+        heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
+        insecure_plaintext, trusted_proxies, proxy_protocol);
+    lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
+    // clap's `requires` only sees the command line.
+    if a.tunnel_tls_cert.is_some() != a.tunnel_tls_key.is_some() {
+        return Err("tunnel_tls_cert and tunnel_tls_key go together".into());
+    }
+    if a.client_ca.is_some() && a.tunnel_tls_cert.is_none() {
+        return Err("client_ca needs tunnel_tls_cert".into());
+    }
+    Ok((a, rules))
+}
+
+/// The effective gateway settings as a file (`--print-config`).
+fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
+    GatewayFile {
+        listen: Some(a.listen.clone()),
+        tunnel_listen: Some(a.tunnel_listen.clone()),
+        admin_listen: Some(a.admin_listen.clone()),
+        cores: Some(a.core.cores().cores),
+        pin: Some(a.core.pin && !a.core.no_pin),
+        no_pin: None,
+        driver: driver_name(a.core.driver),
+        domain: a.domain.clone(),
+        default_session: a.default_session.clone(),
+        token: a.token.as_ref().map(|_| MASK.to_string()),
+        max_head: Some(a.max_head),
+        header_timeout: Some(a.header_timeout),
+        idle_timeout: Some(a.idle_timeout),
+        shutdown_grace: Some(a.shutdown_grace),
+        body_idle_timeout: Some(a.body_idle_timeout),
+        write_stall_timeout: Some(a.write_stall_timeout),
+        response_timeout: Some(a.response_timeout),
+        stream_window: Some(a.stream_window),
+        conn_window: Some(a.conn_window),
+        max_streams: Some(a.max_streams),
+        heartbeat_interval: Some(a.heartbeat_interval),
+        tunnel_tls_cert: a.tunnel_tls_cert.clone(),
+        tunnel_tls_key: a.tunnel_tls_key.clone(),
+        client_ca: a.client_ca.clone(),
+        insecure_plaintext: Some(a.insecure_plaintext),
+        trusted_proxies: a.trusted_proxies.clone(),
+        proxy_protocol: Some(a.proxy_protocol),
+        tokens: rules.iter().map(TokenEntry::shown).collect(),
+    }
+}
+
+fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayConfig, String> {
+    // `--token` (or `token =`) adds rules for any session next to the
+    // file's scoped ones.
+    let mut tokens: Vec<TokenRule> = a
+        .token
+        .as_deref()
+        .map(|t| {
+            t.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(TokenRule::any_session)
+                .collect()
+        })
+        .unwrap_or_default();
+    tokens.extend(file_rules);
+    Ok(GatewayConfig {
+        listen: a.listen,
+        tunnel_listen: a.tunnel_listen,
+        admin_listen: (a.admin_listen != "off").then_some(a.admin_listen),
+        cores: a.core.cores(),
+        domain: a.domain,
+        default_session: a.default_session,
+        tokens,
+        max_head: a.max_head,
+        header_timeout: secs(a.header_timeout, "header-timeout")?,
+        idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
+        shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+        body_idle_timeout: secs(a.body_idle_timeout, "body-idle-timeout")?,
+        write_stall_timeout: secs(a.write_stall_timeout, "write-stall-timeout")?,
+        response_timeout: secs(a.response_timeout, "response-timeout")?,
+        limits: Limits {
+            max_frame: ringtunnel::proto::DEFAULT_MAX_FRAME,
+            stream_window: a.stream_window,
+            conn_window: a.conn_window,
+            max_streams: a.max_streams,
+        },
+        heartbeat: heartbeat(a.heartbeat_interval)?,
+        tunnel_tls: match (a.tunnel_tls_cert, a.tunnel_tls_key) {
+            (Some(cert), Some(key)) => Some(ringtunnel::tls::ServerTlsFiles {
+                cert,
+                key,
+                client_ca: a.client_ca,
+            }),
+            _ => None,
+        },
+        insecure_plaintext: a.insecure_plaintext,
+        trusted_proxies: ringtunnel::trust::TrustedProxies::parse_list(
+            a.trusted_proxies.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| format!("--trusted-proxies {e}"))?,
+        proxy_protocol: a.proxy_protocol,
+    })
+}
+
+/// The agent's flags with `--config` laid under them.
+fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
+    let Some(path) = a.config.clone() else {
+        return Ok(a);
+    };
+    let mut f: AgentFile = config_file::load(&path)?;
+    lay_under!(m, f, a;
+        gateway, session, to, uplinks, backend_concurrency, backend_queue,
+        backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
+        heartbeat_interval, tls, ca, server_name, cert, key);
+    lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
+    if a.cert.is_some() != a.key.is_some() {
+        return Err("cert and key go together".into());
+    }
+    Ok(a)
+}
+
+fn agent_shown(a: &AgentArgs) -> AgentFile {
+    AgentFile {
+        gateway: Some(a.gateway.clone()),
+        session: a.session.clone(),
+        to: a.to.clone(),
+        uplinks: a.uplinks,
+        cores: Some(a.core.cores().cores),
+        pin: Some(a.core.pin && !a.core.no_pin),
+        no_pin: None,
+        driver: driver_name(a.core.driver),
+        backend_concurrency: Some(a.backend_concurrency),
+        backend_queue: Some(a.backend_queue),
+        backend_timeout: Some(a.backend_timeout),
+        slot_timeout: Some(a.slot_timeout),
+        handshake_timeout: Some(a.handshake_timeout),
+        token: (!a.token.is_empty()).then(|| MASK.to_string()),
+        admin_listen: a.admin_listen.clone(),
+        heartbeat_interval: Some(a.heartbeat_interval),
+        tls: Some(a.tls),
+        ca: a.ca.clone(),
+        server_name: a.server_name.clone(),
+        cert: a.cert.clone(),
+        key: a.key.clone(),
+    }
+}
+
+/// Re-reads the gateway's file on SIGHUP and applies what can change
+/// live; a bad file is refused with its reason and the old settings stay.
+/// `running` is what the last successful load produced, to name the
+/// settings a reload cannot apply.
+fn reload_gateway(
+    gw: &ringtunnel::gateway::Gateway,
+    a: &GatewayArgs,
+    m: &ArgMatches,
+    running: &mut GatewayFile,
+) {
+    let res = gateway_args(a.clone(), m).and_then(|(a, rules)| {
+        let shown = gateway_shown(&a, &rules);
+        gw.reload(&gateway_config(a, rules)?)?;
+        Ok(shown)
+    });
+    match res {
+        Ok(shown) => {
+            let fixed = restart_only_changes(running, &shown);
+            *running = shown;
+            if fixed.is_empty() {
+                eprintln!("ringtunnel gateway: configuration reloaded");
+            } else {
+                // Saying so beats letting the operator believe a new
+                // address or timeout is in force.
+                let keys = fixed.join(", ");
+                tracing::warn!(%keys, "changed settings that apply only at the next restart");
+                eprintln!(
+                    "ringtunnel gateway: configuration reloaded; changed but applied only \
+                     at the next restart: {keys}"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::error!("configuration reload refused, keeping the running one: {e}");
+            eprintln!("ringtunnel gateway: reload refused, previous configuration kept: {e}");
+        }
+    }
+}
+
+/// Keys whose value differs between two effective configurations, except
+/// the ones `Gateway::reload` applies (tokens and TLS files).
+fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
+    const LIVE: [&str; 5] = [
+        "tokens",
+        "token",
+        "tunnel_tls_cert",
+        "tunnel_tls_key",
+        "client_ca",
+    ];
+    let table = |f: &GatewayFile| match toml::Value::try_from(f) {
+        Ok(toml::Value::Table(t)) => t,
+        _ => toml::Table::new(),
+    };
+    let (a, b) = (table(old), table(new));
+    let mut keys: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| !LIVE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn sub<'a>(m: &'a ArgMatches, name: &str) -> &'a ArgMatches {
+    m.subcommand_matches(name).unwrap_or(m)
+}
+
+fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
     match cli.cmd {
-        Cmd::Gateway(a) => {
-            let cfg = GatewayConfig {
-                listen: a.listen,
-                tunnel_listen: a.tunnel_listen,
-                admin_listen: (a.admin_listen != "off").then_some(a.admin_listen),
-                cores: a.core.cores(),
-                domain: a.domain,
-                default_session: a.default_session,
-                tokens: a
-                    .token
-                    .map(|t| {
-                        t.split(',')
-                            .map(str::trim)
-                            .filter(|s| !s.is_empty())
-                            .map(ringtunnel::scope::TokenRule::any_session)
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                max_head: a.max_head,
-                header_timeout: secs(a.header_timeout, "header-timeout")?,
-                idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
-                shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
-                body_idle_timeout: secs(a.body_idle_timeout, "body-idle-timeout")?,
-                write_stall_timeout: secs(a.write_stall_timeout, "write-stall-timeout")?,
-                response_timeout: secs(a.response_timeout, "response-timeout")?,
-                limits: Limits {
-                    max_frame: ringtunnel::proto::DEFAULT_MAX_FRAME,
-                    stream_window: a.stream_window,
-                    conn_window: a.conn_window,
-                    max_streams: a.max_streams,
-                },
-                heartbeat: heartbeat(a.heartbeat_interval)?,
-                tunnel_tls: match (a.tunnel_tls_cert, a.tunnel_tls_key) {
-                    (Some(cert), Some(key)) => Some(ringtunnel::tls::ServerTlsFiles {
-                        cert,
-                        key,
-                        client_ca: a.client_ca,
-                    }),
-                    _ => None,
-                },
-                insecure_plaintext: a.insecure_plaintext,
-                trusted_proxies: ringtunnel::trust::TrustedProxies::parse_list(
-                    a.trusted_proxies.as_deref().unwrap_or(""),
-                )
-                .map_err(|e| format!("--trusted-proxies {e}"))?,
-                proxy_protocol: a.proxy_protocol,
-            };
-            let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
+        Cmd::Gateway(flags) => {
+            let m = sub(matches, "gateway");
+            let (a, rules) = gateway_args(flags.clone(), m)?;
+            if a.print_config {
+                print!("{}", config_file::print(&gateway_shown(&a, &rules))?);
+                return Ok(());
+            }
+            let mut running = gateway_shown(&a, &rules);
+            let cfg = gateway_config(a, rules)?;
+            // Handlers before start: a SIGHUP during start-up must not
+            // kill the process (its default action).
             ringtunnel::signals::install();
+            let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
             println!(
                 "ringtunnel gateway ready public={} tunnel={} admin={}",
                 gw.public_addr(),
@@ -291,16 +576,30 @@ fn run(cli: Cli) -> Result<(), String> {
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "off".into())
             );
-            ringtunnel::signals::wait_for_termination();
+            while !ringtunnel::signals::terminated() {
+                if ringtunnel::signals::take_hangup() {
+                    reload_gateway(&gw, &flags, m, &mut running);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             eprintln!("ringtunnel gateway: shutting down (finishing in-flight requests)");
             gw.shutdown();
             Ok(())
         }
         Cmd::Agent(a) => {
+            let a = agent_args(a, sub(matches, "agent"))?;
+            if a.print_config {
+                print!("{}", config_file::print(&agent_shown(&a))?);
+                return Ok(());
+            }
             let cfg = AgentConfig {
                 gateway: a.gateway,
-                session: a.session,
-                to: a.to,
+                session: a
+                    .session
+                    .ok_or("--session is required (or session = \"...\" in --config)")?,
+                to: a
+                    .to
+                    .ok_or("--to is required (or to = \"...\" in --config)")?,
                 uplinks: a.uplinks,
                 cores: a.core.cores(),
                 backend_concurrency: a.backend_concurrency,
@@ -361,7 +660,10 @@ fn run(cli: Cli) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Matches are kept next to the parsed flags: they know which flags
+    // were given (see `given`).
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Servers log their start-up (driver, pinned core) by default; the
     // one-shot tools print tables and stay quiet unless RUST_LOG asks.
     let default_level = match cli.cmd {
@@ -376,7 +678,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    match run(cli) {
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ringtunnel: {e}");

@@ -27,6 +27,42 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+impl Secret {
+    /// Whether `token` is this secret. Compares without an early exit, so
+    /// response timing does not reveal how much of a guessed token was
+    /// right.
+    pub fn matches(&self, token: &str) -> bool {
+        match self {
+            Secret::Plain(s) => constant_time_eq(s.as_bytes(), token.as_bytes()),
+            Secret::Sha256(h) => {
+                let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
+                constant_time_eq(d.as_ref(), h)
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `token` is accepted at all under `rules` (empty = open gateway).
+pub fn token_known(rules: &[TokenRule], token: &str) -> bool {
+    rules.is_empty() || rules.iter().any(|r| r.secret.matches(token))
+}
+
+/// Whether an uplink of `session` claimed with `token` may stay connected
+/// under `rules` (after a reload replaced them).
+pub fn still_allowed(rules: &[TokenRule], token: &str, session: &str) -> bool {
+    rules.is_empty()
+        || rules
+            .iter()
+            .any(|r| r.secret.matches(token) && r.allows(session))
+}
+
 /// A request rate: `n` per `per` (e.g. `"50/s"`, `"1000/m"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
@@ -55,6 +91,18 @@ impl std::str::FromStr for Rate {
             u => return Err(format!("rate {s:?}: unit {u:?} is not s, m or h")),
         };
         Ok(Rate { n, per })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    /// The form `FromStr` reads (`--print-config` shows it back).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            3600 => "h",
+            60 => "m",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.n)
     }
 }
 
@@ -130,6 +178,34 @@ mod tests {
         assert!("0/s".parse::<Rate>().is_err());
         assert!("5/d".parse::<Rate>().is_err());
         assert!("x/s".parse::<Rate>().is_err());
+    }
+
+    #[test]
+    fn hashed_and_plain_secrets_match_only_their_token() {
+        let plain = Secret::Plain("alpha-secret-0123456789abcdef".into());
+        assert!(plain.matches("alpha-secret-0123456789abcdef"));
+        assert!(!plain.matches("alpha-secret-0123456789abcdeX"));
+        let d = ring::digest::digest(&ring::digest::SHA256, b"beta-secret");
+        let mut h = [0u8; 32];
+        h.copy_from_slice(d.as_ref());
+        let hashed = Secret::Sha256(h);
+        assert!(hashed.matches("beta-secret"));
+        assert!(!hashed.matches("beta-secreT"));
+        let mut r = TokenRule::any_session("x");
+        r.secret = hashed;
+        r.sessions = vec!["team-*".into()];
+        let rules = [r];
+        assert!(still_allowed(&rules, "beta-secret", "team-a"));
+        assert!(!still_allowed(&rules, "beta-secret", "alpha"));
+        assert!(!still_allowed(&rules, "other", "team-a"));
+        assert!(still_allowed(&[], "anything", "alpha"));
+    }
+
+    #[test]
+    fn rates_print_as_they_parse() {
+        for s in ["50/s", "1000/m", "3/h"] {
+            assert_eq!(s.parse::<Rate>().unwrap().to_string(), s);
+        }
     }
 
     #[test]

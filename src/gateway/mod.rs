@@ -11,6 +11,12 @@
 //! The only lock is `Shared::claims`, taken when an uplink connects or
 //! goes away: it keeps a session name owned by one token and counts
 //! uplinks per core for placement.
+//!
+//! What a SIGHUP reload may change (tokens with their scopes and limits,
+//! the tunnel's TLS configuration) is `Shared::live`: an `Arc<Live>`
+//! swapped whole under a `RwLock`, read once per uplink handshake and
+//! never on the frame or request path. Everything else in
+//! `Shared::cfg` is fixed at start-up.
 
 mod public;
 mod tunnel;
@@ -21,7 +27,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 
@@ -61,7 +67,36 @@ pub(crate) enum CoreMsg {
         core: usize,
         present: bool,
     },
+    /// Tokens were reloaded: close this core's uplinks whose claim's
+    /// token no longer covers their session.
+    Revoke,
     Shutdown,
+}
+
+/// The part of the configuration a reload replaces (`Gateway::reload`).
+pub(crate) struct Live {
+    /// Accepted agent tokens and their scopes; empty = open gateway.
+    pub(crate) tokens: Vec<crate::scope::TokenRule>,
+    /// TLS on the tunnel listener; `None` = plaintext uplinks. A new
+    /// acceptor only affects handshakes that start after the swap.
+    pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
+}
+
+impl Live {
+    fn from_cfg(cfg: &GatewayConfig) -> Result<Live, String> {
+        // Certificates are loaded before anything is swapped, so a bad
+        // file leaves the running configuration untouched.
+        let tls = match &cfg.tunnel_tls {
+            Some(files) => Some(monoio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                files,
+            )?)),
+            None => None,
+        };
+        Ok(Live {
+            tokens: cfg.tokens.clone(),
+            tls,
+        })
+    }
 }
 
 struct Claim {
@@ -79,8 +114,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     pub(crate) public_addr: SocketAddr,
     pub(crate) tunnel_addr: SocketAddr,
-    /// TLS on the tunnel listener; `None` = plaintext uplinks.
-    pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
+    /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
+    live: RwLock<Arc<Live>>,
 }
 
 impl Shared {
@@ -134,6 +169,30 @@ impl Shared {
             .collect();
         v.sort();
         v
+    }
+
+    /// The current reloadable configuration. Take it once per handshake
+    /// and keep the `Arc` for its duration.
+    pub(crate) fn live(&self) -> Arc<Live> {
+        self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Asks every core to close (GOAWAY AUTH_FAILED) the uplinks whose
+    /// claim's token no longer covers their session under the current
+    /// `live().tokens`. Cores act on it from their mailbox, between other
+    /// work; an uplink that connects meanwhile was already checked
+    /// against the new tokens.
+    pub(crate) fn revoke_uplinks_not_allowed(&self) {
+        self.broadcast(|| CoreMsg::Revoke);
+    }
+
+    /// Whether the uplinks of `session` (as claimed now) may stay under
+    /// `tokens`. A session with no claim has nothing to revoke.
+    fn claim_allowed(&self, session: &str, tokens: &[crate::scope::TokenRule]) -> bool {
+        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.get(session).map_or(true, |c| {
+            crate::scope::still_allowed(tokens, &c.token, session)
+        })
     }
 
     fn broadcast(&self, msg: impl Fn() -> CoreMsg) {
@@ -269,6 +328,27 @@ impl Core {
         }
     }
 
+    /// Closes this core's uplinks whose token was revoked (see
+    /// [`Shared::revoke_uplinks_not_allowed`]).
+    fn revoke_not_allowed(&self) {
+        let live = self.shared.live();
+        let revoked: Vec<Rc<Uplink>> = self
+            .sessions
+            .borrow()
+            .iter()
+            .filter(|(name, _)| !self.shared.claim_allowed(name, &live.tokens))
+            .flat_map(|(_, s)| s.uplinks.iter().cloned())
+            .collect();
+        // Outside the borrow: closing runs the close handler, which
+        // removes the uplink from `sessions`.
+        for up in revoked {
+            up.fail(
+                crate::proto::ErrorCode::AuthFailed,
+                "token revoked by a configuration reload",
+            );
+        }
+    }
+
     /// Uplinks of this core, for shutdown.
     fn all_uplinks(&self) -> Vec<Rc<Uplink>> {
         self.sessions
@@ -312,6 +392,24 @@ impl Gateway {
         }
     }
 
+    /// Applies a reloaded configuration: tokens (with their scopes and
+    /// limits) and the tunnel's TLS certificates, then closes uplinks
+    /// whose token no longer covers their session. Connections are not
+    /// dropped otherwise: established TLS uplinks keep their session, new
+    /// handshakes use the new certificate. On error nothing changed.
+    ///
+    /// Other settings (addresses, cores, timeouts, windows) are fixed at
+    /// start-up; changing them needs a restart.
+    pub fn reload(&self, cfg: &GatewayConfig) -> Result<(), String> {
+        cfg.validate()?;
+        let live = Live::from_cfg(cfg)?;
+        let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
+        *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
+        self.shared.revoke_uplinks_not_allowed();
+        tracing::info!(tokens, tls, "configuration reloaded");
+        Ok(())
+    }
+
     pub fn begin_shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.broadcast(|| CoreMsg::Shutdown);
@@ -340,13 +438,8 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     crate::runtime::raise_nofile_limit();
     // Certificates first: a bad file must stop start-up before any bind.
-    let tls = match &cfg.tunnel_tls {
-        Some(files) => Some(monoio_rustls::TlsAcceptor::from(
-            crate::tls::server_config(files)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
-        )),
-        None => None,
-    };
+    let live = Live::from_cfg(&cfg)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let public_addr = crate::runtime::reserve_listen_addr(&cfg.listen)?;
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
@@ -366,7 +459,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         shutting_down: AtomicBool::new(false),
         public_addr,
         tunnel_addr,
-        tls,
+        live: RwLock::new(Arc::new(live)),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start(
@@ -484,6 +577,7 @@ async fn core_main(
                 core: c,
                 present,
             } => core.apply_directory(session, c, present),
+            CoreMsg::Revoke => core.revoke_not_allowed(),
             CoreMsg::Shutdown => {}
         });
     }

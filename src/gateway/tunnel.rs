@@ -62,24 +62,10 @@ async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str
     let _ = conn.write_frame(&Frame::refuse(code, reason)).await;
 }
 
-fn token_ok(core: &Core, token: &str) -> bool {
-    let tokens = &core.cfg().tokens;
-    tokens.is_empty()
-        || tokens.iter().any(|t| match &t.secret {
-            crate::scope::Secret::Plain(s) => constant_time_eq(s.as_bytes(), token.as_bytes()),
-            // Hashed secrets are checked once the config file lands; until
-            // then only plain `--token`s exist.
-            crate::scope::Secret::Sha256(_) => false,
-        })
-}
-
-/// Compares without an early exit, so response timing does not reveal how
-/// much of a guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Checked against the tokens current at this handshake (reloads swap
+/// them; `Shared::live`). Constant time per secret (`Secret::matches`).
+fn token_ok(live: &super::Live, token: &str) -> bool {
+    crate::scope::token_known(&live.tokens, token)
 }
 
 async fn handshake(core: Rc<Core>, stream: TcpStream) {
@@ -87,7 +73,9 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     // socket down, which ends the TLS handshake or the read below.
     let wd = Watchdog::start(stream.as_raw_fd(), libc::SHUT_RDWR);
     wd.arm(core.cfg().header_timeout);
-    let mut conn = match &core.shared.tls {
+    // One read of the reloadable configuration for the whole handshake.
+    let live = core.shared.live();
+    let mut conn = match &live.tls {
         None => Transport::plain(stream),
         Some(acceptor) => match Transport::accept_tls(stream, acceptor).await {
             Ok(t) => t,
@@ -139,7 +127,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
             return;
         }
     };
-    if !token_ok(&core, &hello.token) {
+    if !token_ok(&live, &hello.token) {
         refuse(&mut conn, &core, ErrorCode::AuthFailed, "bad token").await;
         return;
     }

@@ -1,0 +1,338 @@
+//! The `--config FILE` format: what a TOML file for `gateway` or `agent`
+//! may contain, how it is read, and how the effective settings are shown
+//! back (`--print-config`).
+//!
+//! Owns the file's shape only. Every key is the long flag of the same
+//! name with `_` for `-`, and every key is optional: `main.rs` lays the
+//! file under the command line (an explicitly passed flag wins) and the
+//! flags' defaults fill the rest, so defaults live in one place (the flag
+//! definitions, which take them from `config::defaults` and
+//! `proto::limits`). Validation of the merged result stays in
+//! `config.rs`; only `[[tokens]]`, which has no flag form, is checked
+//! here.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`): a misspelt timeout
+//! silently left at its default is worse than a refused start. toml's
+//! error message names the key and its line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::scope::{Rate, Secret, TokenRule};
+
+/// A plain secret shorter than this is refused: tokens are the only
+/// authentication of an agent.
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Shown instead of a secret by `--print-config`.
+pub const MASK: &str = "***";
+
+/// `ringtunnel gateway --config FILE`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    pub listen: Option<String>,
+    pub tunnel_listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub cores: Option<usize>,
+    pub pin: Option<bool>,
+    pub no_pin: Option<bool>,
+    pub driver: Option<String>,
+    pub domain: Option<String>,
+    pub default_session: Option<String>,
+    /// Like `--token`: comma separated, each for any session.
+    pub token: Option<String>,
+    pub max_head: Option<usize>,
+    pub header_timeout: Option<f64>,
+    pub idle_timeout: Option<f64>,
+    pub shutdown_grace: Option<f64>,
+    pub body_idle_timeout: Option<f64>,
+    pub write_stall_timeout: Option<f64>,
+    pub response_timeout: Option<f64>,
+    pub stream_window: Option<u32>,
+    pub conn_window: Option<u32>,
+    pub max_streams: Option<u32>,
+    pub heartbeat_interval: Option<f64>,
+    pub tunnel_tls_cert: Option<PathBuf>,
+    pub tunnel_tls_key: Option<PathBuf>,
+    pub client_ca: Option<PathBuf>,
+    pub insecure_plaintext: Option<bool>,
+    pub trusted_proxies: Option<String>,
+    pub proxy_protocol: Option<bool>,
+    /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// One `[[tokens]]` table. The key names are a stable interface.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    pub secret: Option<String>,
+    pub secret_sha256: Option<String>,
+    #[serde(default)]
+    pub sessions: Vec<String>,
+    pub max_sessions: Option<u32>,
+    pub max_uplinks: Option<u32>,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    pub pool: Option<bool>,
+}
+
+/// `ringtunnel agent --config FILE`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub gateway: Option<String>,
+    pub session: Option<String>,
+    pub to: Option<String>,
+    pub uplinks: Option<usize>,
+    pub cores: Option<usize>,
+    pub pin: Option<bool>,
+    pub no_pin: Option<bool>,
+    pub driver: Option<String>,
+    pub backend_concurrency: Option<usize>,
+    pub backend_queue: Option<usize>,
+    pub backend_timeout: Option<f64>,
+    pub slot_timeout: Option<f64>,
+    pub handshake_timeout: Option<f64>,
+    pub token: Option<String>,
+    pub admin_listen: Option<String>,
+    pub heartbeat_interval: Option<f64>,
+    pub tls: Option<bool>,
+    pub ca: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Reads and parses a file. The error starts with the path; toml's part
+/// gives the line, the column and the offending key.
+pub fn load<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    parse(&text).map_err(|e| format!("--config {}: {e}", path.display()))
+}
+
+/// Parses file text (the IO-free half of [`load`]).
+pub fn parse<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+}
+
+/// Serialises the effective settings for `--print-config`.
+pub fn print<T: Serialize>(file: &T) -> Result<String, String> {
+    toml::to_string(file).map_err(|e| format!("cannot print the configuration: {e}"))
+}
+
+impl GatewayFile {
+    /// The `[[tokens]]` tables as rules, each checked; errors name the
+    /// table by its position (1-based, in file order).
+    pub fn token_rules(&self) -> Result<Vec<TokenRule>, String> {
+        self.tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                t.to_rule()
+                    .map_err(|e| format!("[[tokens]] #{}: {e}", i + 1))
+            })
+            .collect()
+    }
+}
+
+impl TokenEntry {
+    pub fn to_rule(&self) -> Result<TokenRule, String> {
+        let secret = match (&self.secret, &self.secret_sha256) {
+            (Some(s), None) => {
+                if s.len() < MIN_SECRET_LEN {
+                    return Err(format!(
+                        "secret is {} bytes; at least {MIN_SECRET_LEN} are required \
+                         (or give its SHA-256 as secret_sha256)",
+                        s.len()
+                    ));
+                }
+                Secret::Plain(s.clone())
+            }
+            (None, Some(h)) => Secret::Sha256(parse_sha256(h)?),
+            (Some(_), Some(_)) => {
+                return Err("give either secret or secret_sha256, not both".into())
+            }
+            (None, None) => return Err("secret or secret_sha256 is required".into()),
+        };
+        if self.sessions.is_empty() {
+            return Err(
+                "sessions is empty or missing (a list of names, \"prefix-*\" or \"*\")".into(),
+            );
+        }
+        for p in &self.sessions {
+            if !valid_pattern(p) {
+                return Err(format!(
+                    "sessions: {p:?} is not a session name ([a-z0-9-], 1..=63), \
+                     \"prefix-*\" or \"*\""
+                ));
+            }
+        }
+        let rate = match &self.rate {
+            Some(r) => Some(r.parse::<Rate>()?),
+            None => None,
+        };
+        Ok(TokenRule {
+            secret,
+            sessions: self.sessions.clone(),
+            max_sessions: self.max_sessions,
+            max_uplinks: self.max_uplinks,
+            rate,
+            burst: self.burst,
+            pool: self.pool.unwrap_or(false),
+        })
+    }
+
+    /// The rule as `--print-config` shows it: a plain secret masked, a
+    /// hash in hex (a hash reveals nothing worth hiding).
+    pub fn shown(rule: &TokenRule) -> TokenEntry {
+        let (secret, secret_sha256) = match &rule.secret {
+            Secret::Plain(_) => (Some(MASK.to_string()), None),
+            Secret::Sha256(h) => (None, Some(h.iter().map(|b| format!("{b:02x}")).collect())),
+        };
+        TokenEntry {
+            secret,
+            secret_sha256,
+            sessions: rule.sessions.clone(),
+            max_sessions: rule.max_sessions,
+            max_uplinks: rule.max_uplinks,
+            rate: rule.rate.map(|r| r.to_string()),
+            burst: rule.burst,
+            pool: Some(rule.pool),
+        }
+    }
+}
+
+fn parse_sha256(h: &str) -> Result<[u8; 32], String> {
+    let bad = || {
+        format!(
+            "secret_sha256 must be 64 hex characters, got {} characters",
+            h.len()
+        )
+    };
+    if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&h[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+/// `*`, an exact session name, or `prefix-*` whose prefix is a name.
+fn valid_pattern(p: &str) -> bool {
+    if p == "*" {
+        return true;
+    }
+    match p.strip_suffix("-*") {
+        Some(prefix) => crate::proto::valid_session_name(prefix),
+        None => crate::proto::valid_session_name(p),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+tunnel_listen = "127.0.0.1:7000"
+body_idle_timeout = 12.5
+
+[[tokens]]
+secret = "alpha-secret-0123456789abcdef"
+sessions = ["alpha", "team-*"]
+max_sessions = 10
+max_uplinks = 32
+rate = "50/s"
+burst = 10
+pool = false
+
+[[tokens]]
+secret_sha256 = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+sessions = ["*"]
+"#;
+
+    #[test]
+    fn example_file_parses_into_rules() {
+        let f: GatewayFile = parse(EXAMPLE).unwrap();
+        assert_eq!(f.tunnel_listen.as_deref(), Some("127.0.0.1:7000"));
+        assert_eq!(f.body_idle_timeout, Some(12.5));
+        let rules = f.token_rules().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert!(rules[0].allows("team-a") && !rules[0].allows("beta"));
+        assert_eq!(rules[0].rate, Some("50/s".parse().unwrap()));
+        assert_eq!(rules[0].max_uplinks, Some(32));
+        // sha256("hello")
+        assert!(rules[1].secret.matches("hello"));
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_line() {
+        let e =
+            parse::<GatewayFile>("listen = \"127.0.0.1:1\"\n\nbody_idle_timout = 3\n").unwrap_err();
+        assert!(
+            e.contains("line 3") && e.contains("body_idle_timout"),
+            "{e}"
+        );
+        let e = parse::<GatewayFile>(
+            "[[tokens]]\nsecret = \"alpha-secret-0123456789\"\nsessions = [\"a\"]\nscope = 1\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("line 4") && e.contains("scope"), "{e}");
+        let e = parse::<AgentFile>("sesion = \"a\"\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("sesion"), "{e}");
+    }
+
+    #[test]
+    fn token_tables_are_checked() {
+        let rule = |t: &str| {
+            parse::<GatewayFile>(&format!("[[tokens]]\n{t}\n"))
+                .unwrap()
+                .token_rules()
+        };
+        let e = rule("secret = \"short\"\nsessions = [\"a\"]").unwrap_err();
+        assert!(e.contains("#1") && e.contains("at least 16"), "{e}");
+        let e = rule("secret_sha256 = \"abc\"\nsessions = [\"a\"]").unwrap_err();
+        assert!(e.contains("64 hex"), "{e}");
+        let both =
+            "secret = \"alpha-secret-0123456789\"\nsecret_sha256 = \"00\"\nsessions = [\"a\"]";
+        assert!(rule(both).unwrap_err().contains("not both"));
+        assert!(rule("sessions = [\"a\"]").unwrap_err().contains("required"));
+        let s = "secret = \"alpha-secret-0123456789\"\n";
+        assert!(rule(s).unwrap_err().contains("sessions"));
+        for bad in ["\"Alpha\"", "\"team*\"", "\"-*\"", "\"a b\""] {
+            let e = rule(&format!("{s}sessions = [{bad}]")).unwrap_err();
+            assert!(e.contains("not a session name"), "{bad}: {e}");
+        }
+        let e = rule(&format!("{s}sessions = [\"a\"]\nrate = \"5/d\"")).unwrap_err();
+        assert!(e.contains("unit"), "{e}");
+        assert!(rule(&format!("{s}sessions = [\"a\", \"team-*\", \"*\"]")).is_ok());
+    }
+
+    #[test]
+    fn printed_rules_mask_plain_secrets_and_show_hashes() {
+        let f: GatewayFile = parse(EXAMPLE).unwrap();
+        let shown = GatewayFile {
+            tokens: f
+                .token_rules()
+                .unwrap()
+                .iter()
+                .map(TokenEntry::shown)
+                .collect(),
+            ..GatewayFile::default()
+        };
+        let out = print(&shown).unwrap();
+        assert!(!out.contains("alpha-secret"), "{out}");
+        assert!(out.contains("secret = \"***\""), "{out}");
+        assert!(out.contains("2cf24dba5fb0a30e"), "{out}");
+        assert!(out.contains("rate = \"50/s\""), "{out}");
+        // What is printed reads back as the same rules.
+        let back: GatewayFile = parse(&out).unwrap();
+        assert_eq!(back.tokens.len(), 2);
+    }
+}

@@ -263,8 +263,7 @@ PY
 echo "$summary"
 {
   rt_report_head "Efficiency: CPU per request, direct vs ringtunnel vs nginx" \
-    scripts/efficiency.sh --cases "$cases" --tools "$tools" --targets "$targets" \
-    --runs "$runs" --duration "$duration"
+    "scripts/efficiency.sh --cases $cases --tools $tools --targets $targets --runs $runs --duration $duration"
   rt_fenced <<<"$summary"
 } >"$report"
 rt_log "wrote $(rt_rel "$report")"

@@ -14,13 +14,18 @@
 //! - [`runtime`]: the only place that creates threads: one monoio runtime
 //!   per core, pinning, io_uring/epoll choice, panic isolation per task,
 //!   cross-core mailboxes, single-core wake-ups.
-//! - [`proto`], [`http`], [`route`], [`trust`]: sans-IO. The frame codec
-//!   and handshake payloads; HTTP/1.x heads, body decoders, forwarding
-//!   encoders and PROXY headers; Host -> session; which peers are trusted
-//!   proxies. Bytes in, values out; no sockets, no clocks.
-//! - [`io`]: socket loops. An [`io::uplink::Uplink`] owns one connection's
-//!   reader, its single batched writer ([`io::batch`]), its stream table
-//!   and flow-control credit; [`io::transport`] carries a connection
+//! - [`proto`], [`http`], [`route`], [`trust`], [`scope`]: sans-IO. The
+//!   frame codec and handshake payloads; the uplink connection as a state
+//!   machine ([`proto::conn::Connection`]: stream table, credit both ways,
+//!   out-queue, deadlines, limits, time passed in); HTTP/1.x heads, body
+//!   decoders, forwarding encoders and PROXY headers; Host -> session;
+//!   which peers are trusted proxies; which token may claim which name.
+//!   Bytes in, values out; no sockets, no clocks.
+//! - [`io`]: socket loops. An [`io::uplink::Uplink`] drives one
+//!   connection's state machine: its reader, its single batched writer
+//!   ([`io::batch`]) and its timer, waking exactly the streams an event
+//!   names; [`io::relay`] holds the pumps between an HTTP socket and a
+//!   stream that both edges use; [`io::transport`] carries a connection
 //!   (plain TCP or TLS) through its handshake and splits it for the
 //!   uplink; [`io::watchdog`] enforces deadlines by shutting sockets down;
 //!   [`io::stats`] holds per-core counters.
@@ -28,7 +33,8 @@
 //!   and what a failed TLS handshake means for an agent.
 //! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
 //! - [`admin`]: `/metrics` and `/stats`; [`config`]: validated settings;
-//!   [`signals`]: SIGTERM/SIGINT as a flag.
+//!   [`config_file`]: the TOML file behind `--config`; [`signals`]:
+//!   SIGTERM/SIGINT/SIGHUP as flags.
 //!
 //! Invariants: no lock or async lock on the frame path (each uplink's
 //! state is owned by one core); a panic ends one task, never a core; a

@@ -6,6 +6,13 @@
 //! A rule's `sessions` are exact names or `prefix-*` patterns. An empty
 //! rule list means an open gateway: any token may claim any free name (and
 //! then owns it).
+//!
+//! Secrets are compared in constant time (`subtle`), hashed ones as the
+//! SHA-256 of the presented token, so the time a refusal takes says
+//! nothing about how close a guess was.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// How a token's secret is stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -95,6 +102,57 @@ impl TokenRule {
     }
 }
 
+/// What a presented token may do, per the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rules: an open gateway.
+    Open,
+    /// Rule `i` matches the secret and covers the session.
+    Rule(usize),
+    /// No rule has this secret.
+    BadToken,
+    /// The secret is known but no rule with it covers the session.
+    OutOfScope,
+}
+
+impl Secret {
+    /// Constant time in the secret's content. `sha` is the presented
+    /// token's SHA-256, computed once by the caller for all rules.
+    fn matches(&self, token: &[u8], sha: &[u8; 32]) -> bool {
+        match self {
+            // Unequal lengths return at once; a length is no secret worth
+            // hiding, the content is.
+            Secret::Plain(s) => s.as_bytes().ct_eq(token).into(),
+            Secret::Sha256(h) => h.ct_eq(sha).into(),
+        }
+    }
+}
+
+/// Checks `token` against every rule (no early exit on a match, so the
+/// rule's position does not show in the timing) and picks the first rule
+/// with that secret whose scope covers `session`.
+pub fn authorize(rules: &[TokenRule], token: &str, session: &str) -> Verdict {
+    if rules.is_empty() {
+        return Verdict::Open;
+    }
+    let sha: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let mut known = false;
+    let mut chosen = None;
+    for (i, r) in rules.iter().enumerate() {
+        if r.secret.matches(token.as_bytes(), &sha) {
+            known = true;
+            if chosen.is_none() && r.allows(session) {
+                chosen = Some(i);
+            }
+        }
+    }
+    match (chosen, known) {
+        (Some(i), _) => Verdict::Rule(i),
+        (None, true) => Verdict::OutOfScope,
+        (None, false) => Verdict::BadToken,
+    }
+}
+
 /// `*` matches any name; `prefix-*` (or any `prefix*`) matches names that
 /// start with `prefix` and are longer than it; anything else is exact.
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
@@ -130,6 +188,45 @@ mod tests {
         assert!("0/s".parse::<Rate>().is_err());
         assert!("5/d".parse::<Rate>().is_err());
         assert!("x/s".parse::<Rate>().is_err());
+    }
+
+    fn scoped(secret: Secret, sessions: &[&str]) -> TokenRule {
+        TokenRule {
+            secret,
+            sessions: sessions.iter().map(|s| s.to_string()).collect(),
+            ..TokenRule::any_session("")
+        }
+    }
+
+    #[test]
+    fn authorize_plain_hashed_and_scoped() {
+        let sha: [u8; 32] = Sha256::digest(b"team-secret").into();
+        let rules = vec![
+            scoped(Secret::Plain("alpha-secret".into()), &["alpha"]),
+            scoped(Secret::Sha256(sha), &["team-*"]),
+            TokenRule::any_session("root"),
+        ];
+        assert_eq!(authorize(&[], "x", "y"), Verdict::Open);
+        assert_eq!(authorize(&rules, "alpha-secret", "alpha"), Verdict::Rule(0));
+        assert_eq!(authorize(&rules, "alpha-secret", "beta"), Verdict::OutOfScope);
+        assert_eq!(authorize(&rules, "team-secret", "team-a"), Verdict::Rule(1));
+        assert_eq!(authorize(&rules, "team-secret", "alpha"), Verdict::OutOfScope);
+        // The hash itself is not the secret.
+        let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(authorize(&rules, &hex, "team-a"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "alpha-secre", "alpha"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "", "alpha"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "root", "anything"), Verdict::Rule(2));
+    }
+
+    #[test]
+    fn the_first_rule_covering_the_session_wins() {
+        let rules = vec![
+            scoped(Secret::Plain("s".into()), &["a"]),
+            scoped(Secret::Plain("s".into()), &["b"]),
+        ];
+        assert_eq!(authorize(&rules, "s", "b"), Verdict::Rule(1));
+        assert_eq!(authorize(&rules, "s", "a"), Verdict::Rule(0));
     }
 
     #[test]

@@ -97,6 +97,16 @@ struct GatewayArgs {
     /// Seconds in-flight requests get to finish on SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Seconds a session name stays reserved for its owner after its last
+    /// uplink went (0: freed at once).
+    #[arg(long, default_value_t = cfgdef::SESSION_LEASE.as_secs_f64())]
+    session_lease: f64,
+    /// Seconds a request for a reserved session waits for its agent (then 502).
+    #[arg(long, default_value_t = cfgdef::HOLD_TIMEOUT.as_secs_f64())]
+    hold_timeout: f64,
+    /// Requests waiting per session per core (beyond: 503).
+    #[arg(long, default_value_t = cfgdef::HOLD_QUEUE)]
+    hold_queue: usize,
     /// Seconds a request body may pause between bytes (then 408, or the
     /// connection is closed if the response started).
     #[arg(long, default_value_t = cfgdef::BODY_IDLE_TIMEOUT.as_secs_f64())]
@@ -181,6 +191,13 @@ struct AgentArgs {
     /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
     #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
     token: String,
+    /// Seconds in-flight requests get to finish on SIGTERM (after GOAWAY).
+    #[arg(long, default_value_t = cfgdef::AGENT_SHUTDOWN_GRACE.as_secs_f64())]
+    shutdown_grace: f64,
+    /// This agent's id as owner of its session [default: derived from host
+    /// name, session and --to, stable across restarts].
+    #[arg(long)]
+    agent_id: Option<u64>,
     /// Admin endpoint (/metrics, /stats) [default: off].
     #[arg(long)]
     admin_listen: Option<String>,
@@ -225,6 +242,14 @@ fn secs(s: f64, flag: &str) -> Result<Duration, String> {
     }
 }
 
+fn secs_or_zero(s: f64, flag: &str) -> Result<Duration, String> {
+    if s == 0.0 {
+        Ok(Duration::ZERO)
+    } else {
+        secs(s, flag)
+    }
+}
+
 fn heartbeat(interval: f64) -> Result<Heartbeat, String> {
     Ok(Heartbeat::from_interval(secs(
         interval,
@@ -256,6 +281,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 header_timeout: secs(a.header_timeout, "header-timeout")?,
                 idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
                 shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+                session_lease: secs_or_zero(a.session_lease, "session-lease")?,
+                hold_timeout: secs(a.hold_timeout, "hold-timeout")?,
+                hold_queue: a.hold_queue,
                 body_idle_timeout: secs(a.body_idle_timeout, "body-idle-timeout")?,
                 write_stall_timeout: secs(a.write_stall_timeout, "write-stall-timeout")?,
                 response_timeout: secs(a.response_timeout, "response-timeout")?,
@@ -311,6 +339,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 token: a.token,
                 admin_listen: a.admin_listen,
                 heartbeat: heartbeat(a.heartbeat_interval)?,
+                shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+                agent_id: a.agent_id,
                 // Every TLS flag implies TLS: asking for a CA or a name and
                 // silently getting plaintext would be the worst outcome.
                 tls: (a.tls || a.ca.is_some() || a.server_name.is_some() || a.cert.is_some())

@@ -197,8 +197,18 @@ impl Core {
     }
 
     /// Whether any core holds the session (per the local replica).
+    /// This core's own bit in the replica is not consulted: it lags behind
+    /// `has_local` until this core's own directory message comes back
+    /// through its mailbox, and a held request woken by a stale bit would
+    /// find no uplink.
     pub(crate) fn is_present(&self, session: &str) -> bool {
-        self.has_local(session) || self.replica.borrow().get(session).is_some_and(|m| *m != 0)
+        let others = !(1u64 << self.index);
+        self.has_local(session)
+            || self
+                .replica
+                .borrow()
+                .get(session)
+                .is_some_and(|m| *m & others != 0)
     }
 
     /// Another core holding `session`, spreading by a hint (e.g. the

@@ -208,9 +208,15 @@ mod tests {
         ];
         assert_eq!(authorize(&[], "x", "y"), Verdict::Open);
         assert_eq!(authorize(&rules, "alpha-secret", "alpha"), Verdict::Rule(0));
-        assert_eq!(authorize(&rules, "alpha-secret", "beta"), Verdict::OutOfScope);
+        assert_eq!(
+            authorize(&rules, "alpha-secret", "beta"),
+            Verdict::OutOfScope
+        );
         assert_eq!(authorize(&rules, "team-secret", "team-a"), Verdict::Rule(1));
-        assert_eq!(authorize(&rules, "team-secret", "alpha"), Verdict::OutOfScope);
+        assert_eq!(
+            authorize(&rules, "team-secret", "alpha"),
+            Verdict::OutOfScope
+        );
         // The hash itself is not the secret.
         let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(authorize(&rules, &hex, "team-a"), Verdict::BadToken);

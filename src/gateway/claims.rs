@@ -170,13 +170,16 @@ impl Claims {
             }
         }
         let cores = self.cores;
-        let c = self.map.entry(session.to_string()).or_insert_with(|| Claim {
-            holder: who.holder.clone(),
-            agent: who.agent,
-            pool: who.pool,
-            per_core: vec![0; cores],
-            lease_until: None,
-        });
+        let c = self
+            .map
+            .entry(session.to_string())
+            .or_insert_with(|| Claim {
+                holder: who.holder.clone(),
+                agent: who.agent,
+                pool: who.pool,
+                per_core: vec![0; cores],
+                lease_until: None,
+            });
         c.lease_until = None;
         let min = *c.per_core.iter().min().unwrap_or(&0);
         let target = if !movable || c.per_core[here] == min {

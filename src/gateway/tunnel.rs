@@ -165,9 +165,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         return;
     }
     let movable = !conn.is_tls();
-    let claimed = core
-        .shared
-        .claim(&hello.session, &who, core.index, movable);
+    let claimed = core.shared.claim(&hello.session, &who, core.index, movable);
     let target = match claimed {
         Ok(t) => t,
         Err(r) => {

@@ -116,6 +116,15 @@ pub enum Verdict {
 }
 
 impl Secret {
+    /// The secret's SHA-256: what identifies a token's rule (e.g. as a
+    /// session's owner) without keeping the secret itself.
+    pub fn sha256(&self) -> [u8; 32] {
+        match self {
+            Secret::Plain(s) => Sha256::digest(s.as_bytes()).into(),
+            Secret::Sha256(h) => *h,
+        }
+    }
+
     /// Constant time in the secret's content. `sha` is the presented
     /// token's SHA-256, computed once by the caller for all rules.
     fn matches(&self, token: &[u8], sha: &[u8; 32]) -> bool {

@@ -27,8 +27,9 @@ use crate::proto::ErrorCode;
 /// The token side of an owner.
 #[derive(Clone, Debug)]
 pub(crate) enum Holder {
-    /// Index of the `TokenRule` the token matched.
-    Rule(usize),
+    /// The SHA-256 of the matched rule's secret: stays the same when the
+    /// rules are reloaded or reordered, and keeps no secret in the map.
+    Rule([u8; 32]),
     /// Open gateway: the token string itself decides who owns a name.
     Open(String),
 }
@@ -36,7 +37,7 @@ pub(crate) enum Holder {
 impl Holder {
     fn same(&self, other: &Holder) -> bool {
         match (self, other) {
-            (Holder::Rule(a), Holder::Rule(b)) => a == b,
+            (Holder::Rule(a), Holder::Rule(b)) => a.ct_eq(b).into(),
             // Constant time: the string is a credential of sorts.
             (Holder::Open(a), Holder::Open(b)) => a.as_bytes().ct_eq(b.as_bytes()).into(),
             _ => false,
@@ -230,9 +231,9 @@ impl Claims {
 mod tests {
     use super::*;
 
-    fn who(rule: usize, agent: u64) -> Claimant {
+    fn who(rule: u8, agent: u64) -> Claimant {
         Claimant {
-            holder: Holder::Rule(rule),
+            holder: Holder::Rule([rule; 32]),
             agent,
             pool: false,
             max_sessions: None,

@@ -72,7 +72,7 @@ fn claimant(core: &Core, hello: &Hello) -> Result<Claimant, (ErrorCode, String)>
     let rules = &core.cfg().tokens;
     let (holder, rule) = match scope::authorize(rules, &hello.token, &hello.session) {
         Verdict::Open => (Holder::Open(hello.token.clone()), None),
-        Verdict::Rule(i) => (Holder::Rule(i), Some(&rules[i])),
+        Verdict::Rule(i) => (Holder::Rule(rules[i].secret.sha256()), Some(&rules[i])),
         Verdict::BadToken => return Err((ErrorCode::AuthFailed, "bad token".into())),
         Verdict::OutOfScope => {
             return Err((

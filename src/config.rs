@@ -20,6 +20,15 @@ pub mod defaults {
     pub const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
     pub const SLOT_TIMEOUT: Duration = Duration::from_secs(10);
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How long a session name stays reserved for its owner after its last
+    /// uplink went (an agent restarting).
+    pub const SESSION_LEASE: Duration = Duration::from_secs(30);
+    /// How long a request for a reserved session waits for its owner.
+    pub const HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Requests waiting per session per gateway core.
+    pub const HOLD_QUEUE: usize = 1024;
+    /// How long a stopping agent lets its streams finish.
+    pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 }
 
 /// Worker cores are tracked in 64-bit masks (the session directory).
@@ -81,6 +90,13 @@ pub struct GatewayConfig {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// A name stays reserved for its owner this long after its last
+    /// uplink went (zero: freed at once).
+    pub session_lease: Duration,
+    /// Requests for a reserved session wait this long for its owner.
+    pub hold_timeout: Duration,
+    /// Requests waiting per session per core; beyond, 503.
+    pub hold_queue: usize,
     pub body_idle_timeout: Duration,
     pub write_stall_timeout: Duration,
     pub response_timeout: Duration,
@@ -114,6 +130,9 @@ impl Default for GatewayConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(10),
+            session_lease: defaults::SESSION_LEASE,
+            hold_timeout: defaults::HOLD_TIMEOUT,
+            hold_queue: defaults::HOLD_QUEUE,
             body_idle_timeout: defaults::BODY_IDLE_TIMEOUT,
             write_stall_timeout: defaults::WRITE_STALL_TIMEOUT,
             response_timeout: defaults::RESPONSE_TIMEOUT,
@@ -202,6 +221,12 @@ pub struct AgentConfig {
     pub reconnect_max: Duration,
     /// TLS to the gateway (`--tls`, `--ca`, `--server-name`, `--cert/--key`).
     pub tls: Option<crate::tls::ClientTlsFiles>,
+    /// How long a stopping agent lets in-flight streams finish.
+    pub shutdown_grace: Duration,
+    /// Who this agent is to the gateway (owner of its session). `None`:
+    /// derived from host name, session and backend, so a restarted agent
+    /// is the same owner.
+    pub agent_id: Option<u64>,
 }
 
 impl Default for AgentConfig {
@@ -223,6 +248,8 @@ impl Default for AgentConfig {
             heartbeat: Heartbeat::default(),
             reconnect_max: Duration::from_secs(10),
             tls: None,
+            shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
+            agent_id: None,
         }
     }
 }

@@ -47,6 +47,9 @@ pub struct GatewayFile {
     pub header_timeout: Option<f64>,
     pub idle_timeout: Option<f64>,
     pub shutdown_grace: Option<f64>,
+    pub session_lease: Option<f64>,
+    pub hold_timeout: Option<f64>,
+    pub hold_queue: Option<usize>,
     pub body_idle_timeout: Option<f64>,
     pub write_stall_timeout: Option<f64>,
     pub response_timeout: Option<f64>,
@@ -100,6 +103,8 @@ pub struct AgentFile {
     pub token: Option<String>,
     pub admin_listen: Option<String>,
     pub heartbeat_interval: Option<f64>,
+    pub shutdown_grace: Option<f64>,
+    pub agent_id: Option<u64>,
     pub tls: Option<bool>,
     pub ca: Option<PathBuf>,
     pub server_name: Option<String>,
@@ -268,7 +273,10 @@ sessions = ["*"]
         assert_eq!(rules[0].rate, Some("50/s".parse().unwrap()));
         assert_eq!(rules[0].max_uplinks, Some(32));
         // sha256("hello")
-        assert!(rules[1].secret.matches("hello"));
+        assert_eq!(
+            crate::scope::authorize(&rules[1..], "hello", "anything-at-all"),
+            crate::scope::Verdict::Rule(0)
+        );
     }
 
     #[test]

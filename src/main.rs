@@ -114,6 +114,16 @@ struct GatewayArgs {
     /// Seconds in-flight requests get to finish on SIGTERM.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Seconds a session name stays reserved for its owner after its last
+    /// uplink went (0: freed at once).
+    #[arg(long, default_value_t = cfgdef::SESSION_LEASE.as_secs_f64())]
+    session_lease: f64,
+    /// Seconds a request for a reserved session waits for its agent (then 502).
+    #[arg(long, default_value_t = cfgdef::HOLD_TIMEOUT.as_secs_f64())]
+    hold_timeout: f64,
+    /// Requests waiting per session per core (beyond: 503).
+    #[arg(long, default_value_t = cfgdef::HOLD_QUEUE)]
+    hold_queue: usize,
     /// Seconds a request body may pause between bytes (then 408, or the
     /// connection is closed if the response started).
     #[arg(long, default_value_t = cfgdef::BODY_IDLE_TIMEOUT.as_secs_f64())]
@@ -205,6 +215,13 @@ struct AgentArgs {
     /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
     #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
     token: String,
+    /// Seconds in-flight requests get to finish on SIGTERM (after GOAWAY).
+    #[arg(long, default_value_t = cfgdef::AGENT_SHUTDOWN_GRACE.as_secs_f64())]
+    shutdown_grace: f64,
+    /// This agent's id as owner of its session [default: derived from host
+    /// name, session and --to, stable across restarts].
+    #[arg(long)]
+    agent_id: Option<u64>,
     /// Admin endpoint (/metrics, /stats) [default: off].
     #[arg(long)]
     admin_listen: Option<String>,
@@ -246,6 +263,14 @@ fn secs(s: f64, flag: &str) -> Result<Duration, String> {
         Ok(Duration::from_secs_f64(s))
     } else {
         Err(format!("--{flag} must be a positive number of seconds"))
+    }
+}
+
+fn secs_or_zero(s: f64, flag: &str) -> Result<Duration, String> {
+    if s == 0.0 {
+        Ok(Duration::ZERO)
+    } else {
+        secs(s, flag)
     }
 }
 
@@ -338,7 +363,8 @@ fn gateway_args(
         .map_err(|e| format!("--config {}: {e}", path.display()))?;
     lay_under!(m, f, a;
         listen, tunnel_listen, admin_listen, domain, default_session, token, max_head,
-        header_timeout, idle_timeout, shutdown_grace, body_idle_timeout,
+        header_timeout, idle_timeout, shutdown_grace, session_lease, hold_timeout,
+        hold_queue, body_idle_timeout,
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
         insecure_plaintext, trusted_proxies, proxy_protocol);
@@ -370,6 +396,9 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         header_timeout: Some(a.header_timeout),
         idle_timeout: Some(a.idle_timeout),
         shutdown_grace: Some(a.shutdown_grace),
+        session_lease: Some(a.session_lease),
+        hold_timeout: Some(a.hold_timeout),
+        hold_queue: Some(a.hold_queue),
         body_idle_timeout: Some(a.body_idle_timeout),
         write_stall_timeout: Some(a.write_stall_timeout),
         response_timeout: Some(a.response_timeout),
@@ -414,6 +443,9 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         header_timeout: secs(a.header_timeout, "header-timeout")?,
         idle_timeout: secs(a.idle_timeout, "idle-timeout")?,
         shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+        session_lease: secs_or_zero(a.session_lease, "session-lease")?,
+        hold_timeout: secs(a.hold_timeout, "hold-timeout")?,
+        hold_queue: a.hold_queue,
         body_idle_timeout: secs(a.body_idle_timeout, "body-idle-timeout")?,
         write_stall_timeout: secs(a.write_stall_timeout, "write-stall-timeout")?,
         response_timeout: secs(a.response_timeout, "response-timeout")?,
@@ -450,7 +482,7 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
     lay_under!(m, f, a;
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
-        heartbeat_interval, tls, ca, server_name, cert, key);
+        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
     if a.cert.is_some() != a.key.is_some() {
         return Err("cert and key go together".into());
@@ -476,6 +508,8 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         token: (!a.token.is_empty()).then(|| MASK.to_string()),
         admin_listen: a.admin_listen.clone(),
         heartbeat_interval: Some(a.heartbeat_interval),
+        shutdown_grace: Some(a.shutdown_grace),
+        agent_id: a.agent_id,
         tls: Some(a.tls),
         ca: a.ca.clone(),
         server_name: a.server_name.clone(),
@@ -610,6 +644,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 token: a.token,
                 admin_listen: a.admin_listen,
                 heartbeat: heartbeat(a.heartbeat_interval)?,
+                shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
+                agent_id: a.agent_id,
                 // Every TLS flag implies TLS: asking for a CA or a name and
                 // silently getting plaintext would be the worst outcome.
                 tls: (a.tls || a.ca.is_some() || a.server_name.is_some() || a.cert.is_some())

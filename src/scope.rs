@@ -6,6 +6,13 @@
 //! A rule's `sessions` are exact names or `prefix-*` patterns. An empty
 //! rule list means an open gateway: any token may claim any free name (and
 //! then owns it).
+//!
+//! Secrets are compared in constant time (`subtle`), hashed ones as the
+//! SHA-256 of the presented token, so the time a refusal takes says
+//! nothing about how close a guess was.
+
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// How a token's secret is stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -27,40 +34,14 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-impl Secret {
-    /// Whether `token` is this secret. Compares without an early exit, so
-    /// response timing does not reveal how much of a guessed token was
-    /// right.
-    pub fn matches(&self, token: &str) -> bool {
-        match self {
-            Secret::Plain(s) => constant_time_eq(s.as_bytes(), token.as_bytes()),
-            Secret::Sha256(h) => {
-                let d = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-                constant_time_eq(d.as_ref(), h)
-            }
-        }
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Whether `token` is accepted at all under `rules` (empty = open gateway).
-pub fn token_known(rules: &[TokenRule], token: &str) -> bool {
-    rules.is_empty() || rules.iter().any(|r| r.secret.matches(token))
-}
-
-/// Whether an uplink of `session` claimed with `token` may stay connected
-/// under `rules` (after a reload replaced them).
-pub fn still_allowed(rules: &[TokenRule], token: &str, session: &str) -> bool {
-    rules.is_empty()
-        || rules
-            .iter()
-            .any(|r| r.secret.matches(token) && r.allows(session))
+/// Whether a session claimed under the rule whose secret hashes to
+/// `owner` may stay connected under `rules` (after a reload replaced
+/// them): some rule with that secret still covers the session. Not a
+/// credential check (no token is presented), so no constant time needed.
+pub fn rule_still_allows(rules: &[TokenRule], owner: &[u8; 32], session: &str) -> bool {
+    rules
+        .iter()
+        .any(|r| &r.secret.sha256() == owner && r.allows(session))
 }
 
 /// A request rate: `n` per `per` (e.g. `"50/s"`, `"1000/m"`).
@@ -143,6 +124,66 @@ impl TokenRule {
     }
 }
 
+/// What a presented token may do, per the rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No rules: an open gateway.
+    Open,
+    /// Rule `i` matches the secret and covers the session.
+    Rule(usize),
+    /// No rule has this secret.
+    BadToken,
+    /// The secret is known but no rule with it covers the session.
+    OutOfScope,
+}
+
+impl Secret {
+    /// The secret's SHA-256: what identifies a token's rule (e.g. as a
+    /// session's owner) without keeping the secret itself.
+    pub fn sha256(&self) -> [u8; 32] {
+        match self {
+            Secret::Plain(s) => Sha256::digest(s.as_bytes()).into(),
+            Secret::Sha256(h) => *h,
+        }
+    }
+
+    /// Constant time in the secret's content. `sha` is the presented
+    /// token's SHA-256, computed once by the caller for all rules.
+    fn matches(&self, token: &[u8], sha: &[u8; 32]) -> bool {
+        match self {
+            // Unequal lengths return at once; a length is no secret worth
+            // hiding, the content is.
+            Secret::Plain(s) => s.as_bytes().ct_eq(token).into(),
+            Secret::Sha256(h) => h.ct_eq(sha).into(),
+        }
+    }
+}
+
+/// Checks `token` against every rule (no early exit on a match, so the
+/// rule's position does not show in the timing) and picks the first rule
+/// with that secret whose scope covers `session`.
+pub fn authorize(rules: &[TokenRule], token: &str, session: &str) -> Verdict {
+    if rules.is_empty() {
+        return Verdict::Open;
+    }
+    let sha: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let mut known = false;
+    let mut chosen = None;
+    for (i, r) in rules.iter().enumerate() {
+        if r.secret.matches(token.as_bytes(), &sha) {
+            known = true;
+            if chosen.is_none() && r.allows(session) {
+                chosen = Some(i);
+            }
+        }
+    }
+    match (chosen, known) {
+        (Some(i), _) => Verdict::Rule(i),
+        (None, true) => Verdict::OutOfScope,
+        (None, false) => Verdict::BadToken,
+    }
+}
+
 /// `*` matches any name; `prefix-*` (or any `prefix*`) matches names that
 /// start with `prefix` and are longer than it; anything else is exact.
 pub fn pattern_matches(pattern: &str, name: &str) -> bool {
@@ -180,25 +221,65 @@ mod tests {
         assert!("x/s".parse::<Rate>().is_err());
     }
 
+    fn scoped(secret: Secret, sessions: &[&str]) -> TokenRule {
+        TokenRule {
+            secret,
+            sessions: sessions.iter().map(|s| s.to_string()).collect(),
+            ..TokenRule::any_session("")
+        }
+    }
+
     #[test]
-    fn hashed_and_plain_secrets_match_only_their_token() {
-        let plain = Secret::Plain("alpha-secret-0123456789abcdef".into());
-        assert!(plain.matches("alpha-secret-0123456789abcdef"));
-        assert!(!plain.matches("alpha-secret-0123456789abcdeX"));
-        let d = ring::digest::digest(&ring::digest::SHA256, b"beta-secret");
-        let mut h = [0u8; 32];
-        h.copy_from_slice(d.as_ref());
-        let hashed = Secret::Sha256(h);
-        assert!(hashed.matches("beta-secret"));
-        assert!(!hashed.matches("beta-secreT"));
+    fn authorize_plain_hashed_and_scoped() {
+        let sha: [u8; 32] = Sha256::digest(b"team-secret").into();
+        let rules = vec![
+            scoped(Secret::Plain("alpha-secret".into()), &["alpha"]),
+            scoped(Secret::Sha256(sha), &["team-*"]),
+            TokenRule::any_session("root"),
+        ];
+        assert_eq!(authorize(&[], "x", "y"), Verdict::Open);
+        assert_eq!(authorize(&rules, "alpha-secret", "alpha"), Verdict::Rule(0));
+        assert_eq!(
+            authorize(&rules, "alpha-secret", "beta"),
+            Verdict::OutOfScope
+        );
+        assert_eq!(authorize(&rules, "team-secret", "team-a"), Verdict::Rule(1));
+        assert_eq!(
+            authorize(&rules, "team-secret", "alpha"),
+            Verdict::OutOfScope
+        );
+        // The hash itself is not the secret.
+        let hex: String = sha.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(authorize(&rules, &hex, "team-a"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "alpha-secre", "alpha"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "", "alpha"), Verdict::BadToken);
+        assert_eq!(authorize(&rules, "root", "anything"), Verdict::Rule(2));
+    }
+
+    #[test]
+    fn the_first_rule_covering_the_session_wins() {
+        let rules = vec![
+            scoped(Secret::Plain("s".into()), &["a"]),
+            scoped(Secret::Plain("s".into()), &["b"]),
+        ];
+        assert_eq!(authorize(&rules, "s", "b"), Verdict::Rule(1));
+        assert_eq!(authorize(&rules, "s", "a"), Verdict::Rule(0));
+    }
+
+    #[test]
+    fn a_reload_keeps_only_claims_its_rules_still_cover() {
+        let hashed = Secret::Sha256(Sha256::digest(b"beta-secret").into());
+        let owner = hashed.sha256();
         let mut r = TokenRule::any_session("x");
         r.secret = hashed;
         r.sessions = vec!["team-*".into()];
         let rules = [r];
-        assert!(still_allowed(&rules, "beta-secret", "team-a"));
-        assert!(!still_allowed(&rules, "beta-secret", "alpha"));
-        assert!(!still_allowed(&rules, "other", "team-a"));
-        assert!(still_allowed(&[], "anything", "alpha"));
+        assert!(rule_still_allows(&rules, &owner, "team-a"));
+        assert!(!rule_still_allows(&rules, &owner, "alpha"));
+        let other = Secret::Plain("other".into()).sha256();
+        assert!(!rule_still_allows(&rules, &other, "team-a"));
+        // A plain secret and its hash name the same owner.
+        assert_eq!(Secret::Plain("beta-secret".into()).sha256(), owner);
     }
 
     #[test]

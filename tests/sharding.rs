@@ -755,7 +755,9 @@ both_drivers!(
 // ---------------------------------------------------------------------
 
 fn session_released_when_its_agent_dies(d: &str) {
-    let gw = gateway(d, &[]);
+    // No lease: the name is free as soon as its last uplink goes (the
+    // lease itself is tested in tests/scopes.rs).
+    let gw = gateway(d, &["--session-lease", "0"]);
     let admin = gw.addr("admin");
     let public = gw.addr("public");
     let (b1, b2) = (tag_backend("one"), tag_backend("two"));

@@ -5,6 +5,12 @@
 //! uplink is kept alive by a loop that reconnects with exponential backoff
 //! and jitter; streams in flight when it drops fail cleanly (the gateway
 //! answers 502 or closes), new ones go to the other uplinks meanwhile.
+//!
+//! Stopping (SIGTERM, Ctrl-C) drains: each uplink sends GOAWAY, so the
+//! gateway routes no new request to it, and closes once its streams are
+//! done or `--shutdown-grace` has passed. With the gateway's session lease
+//! a restarted agent (same id: see `agent_id`) takes its name back and
+//! the requests held meanwhile go to it.
 
 mod backend;
 
@@ -116,6 +122,27 @@ impl Drop for Agent {
     }
 }
 
+/// An id that stays the same when the same agent restarts (same host,
+/// session and backend), so the gateway gives it its leased name back;
+/// two agents of one host for one session but different backends differ.
+fn derived_agent_id(cfg: &AgentConfig) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer and its length are valid; gethostname
+    // NUL-terminates within them (or truncates, which is fine for a hash).
+    if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+        h.update(name);
+    }
+    for part in [&cfg.session, &cfg.to, &cfg.gateway] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// Seed for reconnect jitter only.
 fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -150,7 +177,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         cfg: cfg.clone(),
         gateway,
         backend,
-        agent_id: random_u64(),
+        agent_id: cfg.agent_id.unwrap_or_else(|| derived_agent_id(&cfg)),
         stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
         stop: AtomicBool::new(false),
         connected: AtomicUsize::new(0),
@@ -224,7 +251,9 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
 /// +-50% jitter so that many agents do not reconnect in lockstep.
 async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
     let mut backoff = Duration::from_millis(100);
-    let mut seed = core.shared.agent_id ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    // Not the agent id alone: a restarted agent has the same one, and its
+    // uplinks should not retry in the same rhythm as before.
+    let mut seed = random_u64() ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     while !core.shared.stop.load(Ordering::SeqCst) {
         match connect_uplink(&core, k).await {
             Ok(up) => {
@@ -233,9 +262,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 // Poll for stop while the uplink lives.
                 while !up.is_closed() {
                     if core.shared.stop.load(Ordering::SeqCst) {
-                        up.go_away(ErrorCode::Shutdown, "agent stopping");
-                        monoio::time::sleep(Duration::from_millis(50)).await;
-                        up.close_now("agent stopped");
+                        drain(&core, &up).await;
                         break;
                     }
                     let _ =
@@ -291,6 +318,44 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
         }
         backoff = (backoff * 2).min(core.cfg().reconnect_max);
     }
+}
+
+/// After GOAWAY, how long an uplink must stay without streams before it
+/// closes: OPENs the gateway sent before it saw the GOAWAY may still be on
+/// the wire, and are served (see `proto::conn`, `on_open`).
+const DRAIN_SETTLE: Duration = Duration::from_millis(250);
+
+/// Graceful stop of one uplink: GOAWAY, then wait until its streams are
+/// done (and stay so for `DRAIN_SETTLE`) or the grace period ends, then
+/// close.
+async fn drain(core: &AgentCore, up: &Rc<Uplink>) {
+    up.go_away(ErrorCode::Shutdown, "agent stopping");
+    let start = std::time::Instant::now();
+    let deadline = start + core.cfg().shutdown_grace;
+    let mut idle_since: Option<std::time::Instant> = None;
+    while !up.is_closed() {
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(
+                uplink = up.id,
+                streams = up.active_streams(),
+                "shutdown grace over: closing with streams in flight"
+            );
+            break;
+        }
+        if up.is_idle() {
+            let since = *idle_since.get_or_insert(now);
+            if now.duration_since(since) >= DRAIN_SETTLE {
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the writer flush the last frames before the socket goes.
+    monoio::time::sleep(Duration::from_millis(20)).await;
+    up.close_now("agent stopped");
 }
 
 /// Stops every uplink of this agent; `main` prints `why` and exits.

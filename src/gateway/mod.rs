@@ -8,9 +8,16 @@
 //! (`Core::replica`) updated by directory messages, read once per new
 //! public request and never per frame.
 //!
-//! The only lock is `Shared::claims`, taken when an uplink connects or
-//! goes away: it keeps a session name owned by one token and counts
-//! uplinks per core for placement.
+//! The only lock is `Shared::claims` (`claims.rs`), taken when an uplink
+//! connects or goes away: it keeps a session name owned by one token and
+//! agent, counts uplinks per core for placement, and keeps the name leased
+//! to its owner for a while after the last uplink went. It is also read on
+//! the slow path of a request whose session no core holds, to decide
+//! whether the request waits for the owner (`Core::hold`) or gets 502.
+//!
+//! A core announces a session as present while it holds an uplink of it
+//! that takes new streams: an uplink that got or sent GOAWAY is withdrawn
+//! from routing at once, even though its streams in flight go on.
 //!
 //! What a SIGHUP reload may change (tokens with their scopes and limits,
 //! the tunnel's TLS configuration) is `Shared::live`: an `Arc<Live>`
@@ -18,6 +25,7 @@
 //! never on the frame or request path. Everything else in
 //! `Shared::cfg` is fixed at start-up.
 
+mod claims;
 mod public;
 mod tunnel;
 
@@ -28,6 +36,7 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -37,7 +46,8 @@ use crate::io::stats::CoreStats;
 use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
-use crate::runtime::notify::Notify;
+use crate::runtime::notify::{Notify, WaitList};
+use claims::{Claimant, Claims, Refusal};
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
@@ -99,16 +109,11 @@ impl Live {
     }
 }
 
-struct Claim {
-    token: String,
-    per_core: Vec<u32>,
-}
-
 /// State shared by all cores of one gateway (Send + Sync).
 pub(crate) struct Shared {
     pub(crate) cfg: GatewayConfig,
     pub(crate) mailboxes: Vec<MailboxSender<CoreMsg>>,
-    claims: Mutex<HashMap<String, Claim>>,
+    claims: Mutex<Claims>,
     pub(crate) stats: Vec<Arc<CoreStats>>,
     next_uplink: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
@@ -119,56 +124,36 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Claims one more uplink of `session` for `token`; picks the core
-    /// holding the fewest uplinks of that session (ties: `here`). An
-    /// uplink that cannot move (TLS) is counted where it is.
+    fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Claims one more uplink of `session` (see `claims.rs` for who may);
+    /// returns the core it goes to.
     fn claim(
         &self,
         session: &str,
-        token: &str,
+        who: &Claimant,
         here: usize,
         movable: bool,
-    ) -> Result<usize, String> {
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let cores = self.mailboxes.len();
-        let c = claims.entry(session.to_string()).or_insert_with(|| Claim {
-            token: token.to_string(),
-            per_core: vec![0; cores],
-        });
-        if c.token != token {
-            return Err(format!(
-                "session '{session}' is held by an agent with another token"
-            ));
-        }
-        let min = *c.per_core.iter().min().unwrap_or(&0);
-        let target = if !movable || c.per_core[here] == min {
-            here
-        } else {
-            (0..cores).find(|&i| c.per_core[i] == min).unwrap_or(here)
-        };
-        c.per_core[target] += 1;
-        Ok(target)
+    ) -> Result<usize, Refusal> {
+        self.claims()
+            .claim(session, who, here, movable, Instant::now())
     }
 
     fn release(&self, session: &str, core: usize) {
-        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = claims.get_mut(session) {
-            c.per_core[core] = c.per_core[core].saturating_sub(1);
-            if c.per_core.iter().all(|n| *n == 0) {
-                claims.remove(session);
-            }
-        }
+        self.claims().release(session, core, Instant::now());
+    }
+
+    /// Whether `session` has an owner now (uplinks, perhaps draining, or a
+    /// lease): a request for it may wait for an uplink.
+    pub(crate) fn reserved(&self, session: &str) -> bool {
+        self.claims().reserved(session, Instant::now())
     }
 
     /// Uplinks per core of every session (for /stats).
     pub(crate) fn placement(&self) -> Vec<(String, Vec<u32>)> {
-        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = claims
-            .iter()
-            .map(|(k, c)| (k.clone(), c.per_core.clone()))
-            .collect();
-        v.sort();
-        v
+        self.claims().placement()
     }
 
     /// The current reloadable configuration. Take it once per handshake
@@ -189,10 +174,18 @@ impl Shared {
     /// Whether the uplinks of `session` (as claimed now) may stay under
     /// `tokens`. A session with no claim has nothing to revoke.
     fn claim_allowed(&self, session: &str, tokens: &[crate::scope::TokenRule]) -> bool {
-        let claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
-        claims.get(session).map_or(true, |c| {
-            crate::scope::still_allowed(tokens, &c.token, session)
-        })
+        match self.claims().holder(session) {
+            None => true,
+            Some(claims::Holder::Rule(owner)) => {
+                crate::scope::rule_still_allows(tokens, &owner, session)
+            }
+            // Claimed while the gateway was open: allowed while it still
+            // is, or if the token now has a rule covering the session.
+            Some(claims::Holder::Open(token)) => matches!(
+                crate::scope::authorize(tokens, &token, session),
+                crate::scope::Verdict::Open | crate::scope::Verdict::Rule(_)
+            ),
+        }
     }
 
     fn broadcast(&self, msg: impl Fn() -> CoreMsg) {
@@ -206,6 +199,26 @@ impl Shared {
 struct LocalSession {
     uplinks: Vec<Rc<Uplink>>,
     next: Cell<usize>,
+    /// What this core last told the directory: it holds an uplink of the
+    /// session that takes new streams.
+    announced: bool,
+}
+
+/// Requests of one session waiting on this core for an uplink.
+#[derive(Default)]
+struct HoldQueue {
+    waiting: Cell<usize>,
+    wake: WaitList,
+}
+
+/// How a held request ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Held {
+    /// Some core holds the session again: route as usual.
+    Back,
+    TimedOut,
+    /// The queue of this session on this core is full.
+    Full,
 }
 
 /// One gateway core's state; never leaves its thread.
@@ -216,6 +229,8 @@ pub(crate) struct Core {
     sessions: RefCell<HashMap<String, LocalSession>>,
     /// session -> bitmask of cores holding it (replica of the directory).
     replica: RefCell<HashMap<String, u64>>,
+    /// Requests waiting for a reserved session to come back, per session.
+    holds: RefCell<HashMap<String, Rc<HoldQueue>>>,
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
 }
@@ -249,8 +264,18 @@ impl Core {
     }
 
     /// Whether any core holds the session (per the local replica).
+    /// This core's own bit in the replica is not consulted: it lags behind
+    /// `has_local` until this core's own directory message comes back
+    /// through its mailbox, and a held request woken by a stale bit would
+    /// find no uplink.
     pub(crate) fn is_present(&self, session: &str) -> bool {
-        self.has_local(session) || self.replica.borrow().get(session).is_some_and(|m| *m != 0)
+        let others = !(1u64 << self.index);
+        self.has_local(session)
+            || self
+                .replica
+                .borrow()
+                .get(session)
+                .is_some_and(|m| *m & others != 0)
     }
 
     /// Another core holding `session`, spreading by a hint (e.g. the
@@ -266,21 +291,20 @@ impl Core {
 
     fn add_uplink(self: &Rc<Self>, up: Rc<Uplink>) {
         let session = up.session.clone();
-        let first = {
-            let mut sessions = self.sessions.borrow_mut();
-            let s = sessions.entry(session.clone()).or_default();
-            s.uplinks.push(up.clone());
-            s.uplinks.len() == 1
-        };
-        if first {
-            let core = self.index;
-            let name = session.clone();
-            self.shared.broadcast(|| CoreMsg::Directory {
-                session: name.clone(),
-                core,
-                present: true,
-            });
-        }
+        self.sessions
+            .borrow_mut()
+            .entry(session.clone())
+            .or_default()
+            .uplinks
+            .push(up.clone());
+        self.refresh_presence(&session);
+        let me = Rc::downgrade(self);
+        let name = session.clone();
+        up.set_drain_handler(move || {
+            if let Some(core) = me.upgrade() {
+                core.refresh_presence(&name);
+            }
+        });
         let me = Rc::downgrade(self);
         let id = up.id;
         up.set_close_handler(move || {
@@ -290,41 +314,112 @@ impl Core {
         });
     }
 
+    /// Tells every core (this one included) when this core starts or stops
+    /// holding an uplink of `session` that takes new streams.
+    fn refresh_presence(&self, session: &str) {
+        let change = {
+            let mut sessions = self.sessions.borrow_mut();
+            match sessions.get_mut(session) {
+                Some(s) => {
+                    let open = s.uplinks.iter().any(|u| u.is_open());
+                    let changed = open != s.announced;
+                    s.announced = open;
+                    changed.then_some(open)
+                }
+                None => None,
+            }
+        };
+        if let Some(present) = change {
+            let core = self.index;
+            self.shared.broadcast(|| CoreMsg::Directory {
+                session: session.to_string(),
+                core,
+                present,
+            });
+        }
+    }
+
     fn remove_uplink(&self, session: &str, id: u64) {
-        let now_empty = {
+        let withdraw = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(s) = sessions.get_mut(session) else {
                 return;
             };
             s.uplinks.retain(|u| u.id != id);
-            let empty = s.uplinks.is_empty();
-            if empty {
+            if s.uplinks.is_empty() {
+                let announced = s.announced;
                 sessions.remove(session);
+                announced
+            } else {
+                false
             }
-            empty
         };
         self.shared.release(session, self.index);
         tracing::info!(core = self.index, session, uplink = id, "uplink removed");
-        if now_empty {
+        if withdraw {
             let core = self.index;
             self.shared.broadcast(|| CoreMsg::Directory {
                 session: session.to_string(),
                 core,
                 present: false,
             });
+        } else {
+            self.refresh_presence(session);
         }
     }
 
     fn apply_directory(&self, session: String, core: usize, present: bool) {
-        let mut r = self.replica.borrow_mut();
-        let m = r.entry(session.clone()).or_insert(0);
-        if present {
-            *m |= 1 << core;
-        } else {
-            *m &= !(1 << core);
-            if *m == 0 {
-                r.remove(&session);
+        {
+            let mut r = self.replica.borrow_mut();
+            let m = r.entry(session.clone()).or_insert(0);
+            if present {
+                *m |= 1 << core;
+            } else {
+                *m &= !(1 << core);
+                if *m == 0 {
+                    r.remove(&session);
+                }
             }
+        }
+        if present {
+            if let Some(q) = self.holds.borrow().get(&session) {
+                q.wake.wake_all();
+            }
+        }
+    }
+
+    /// Waits (up to `--hold-timeout`) until some core holds `session`
+    /// again, for a request whose session is reserved but has no uplink
+    /// taking streams: its agent is restarting. Woken by the directory
+    /// message that says the session is back.
+    pub(crate) async fn hold(&self, session: &str) -> Held {
+        let cfg = self.cfg();
+        let q = self
+            .holds
+            .borrow_mut()
+            .entry(session.to_string())
+            .or_default()
+            .clone();
+        if q.waiting.get() >= cfg.hold_queue {
+            return Held::Full;
+        }
+        q.waiting.set(q.waiting.get() + 1);
+        // Leaves the queue however the wait ends (the task may be dropped).
+        struct Leave<'a>(&'a Core, &'a str, Rc<HoldQueue>);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let n = self.2.waiting.get() - 1;
+                self.2.waiting.set(n);
+                if n == 0 {
+                    self.0.holds.borrow_mut().remove(self.1);
+                }
+            }
+        }
+        let _leave = Leave(self, session, q.clone());
+        let back = crate::runtime::notify::wait_until(&q.wake, || self.is_present(session));
+        match monoio::time::timeout(cfg.hold_timeout, back).await {
+            Ok(()) => Held::Back,
+            Err(_) => Held::TimedOut,
         }
     }
 
@@ -453,7 +548,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         mailboxes: senders,
-        claims: Mutex::new(HashMap::new()),
+        claims: Mutex::new(Claims::new(n, cfg.session_lease)),
         stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
         next_uplink: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
@@ -527,6 +622,7 @@ async fn core_main(
         shared: shared.clone(),
         sessions: RefCell::new(HashMap::new()),
         replica: RefCell::new(HashMap::new()),
+        holds: RefCell::new(HashMap::new()),
         inflight: Cell::new(0),
         idle: Notify::new(),
     });

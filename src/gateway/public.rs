@@ -29,7 +29,7 @@ use monoio::io::{AsyncWriteRent, Canceller, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
-use super::{Core, CoreMsg};
+use super::{Core, CoreMsg, Held};
 use crate::http::proxy::{self, ProxyError};
 use crate::http::{self, BodyKind, HeadError, Origin, RequestHead, ResponseHead, Scheme};
 use crate::io::relay::{
@@ -268,6 +268,8 @@ impl Drop for ConnGuard {
 
 async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
     let mut hops = conn.hops;
+    // The current request already waited for its session once.
+    let mut held = false;
     CoreStats::inc(&core.stats.public_conns);
     CoreStats::inc(&core.stats.public_conns_total);
     let _guard = ConnGuard(core.clone());
@@ -352,7 +354,8 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             head.host.as_deref(),
             cfg.domain.as_deref(),
             cfg.default_session.as_deref(),
-            |n| core.is_present(n),
+            // A reserved session (its agent restarting) keeps its Host.
+            |n| core.is_present(n) || core.shared.reserved(n),
         );
         let host_txt = head.host.clone().unwrap_or_default();
         let Some(session) = session else {
@@ -394,6 +397,30 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                     return;
                 }
             }
+            if !held && core.shared.reserved(&session) {
+                // Its agent is restarting: wait for it instead of failing.
+                held = true;
+                match core.hold(&session).await {
+                    // The head is still in `buf`: route it again.
+                    Held::Back => continue,
+                    Held::Full => {
+                        held = false;
+                        CoreStats::inc(&core.stats.requests);
+                        core.stats.error(ErrorKind::Overloaded);
+                        buf.advance(head.head_len);
+                        let msg = format!(
+                            "too many requests waiting for session '{session}', retry shortly\n"
+                        );
+                        if refuse_request(&mut wh, &head, 503, &msg, &[("Retry-After", "1")]).await
+                        {
+                            continue;
+                        }
+                        break;
+                    }
+                    Held::TimedOut => {}
+                }
+            }
+            held = false;
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
             buf.advance(head.head_len);
@@ -418,6 +445,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         let keep = exchange(&core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream).await;
         // The hop limit is per request: the next one may move again.
         hops = 0;
+        held = false;
         core.inflight.set(core.inflight.get() - 1);
         if core.inflight.get() == 0 {
             core.idle.notify();

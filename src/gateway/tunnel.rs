@@ -2,7 +2,9 @@
 //!
 //! An agent's uplink lands on whichever core the kernel's SO_REUSEPORT
 //! hash picks. With TLS configured, the TLS handshake runs there first.
-//! After HELLO, the claim registry chooses the core holding the fewest
+//! After HELLO, the token is checked against the rules (`scope.rs`: its
+//! secret, and whether its scope covers the name), then the claim registry
+//! (`claims.rs`) decides whether this agent may hold the name and chooses the core holding the fewest
 //! uplinks of that session; if that is another core, the socket (and any
 //! bytes read past HELLO) moves there through its mailbox, and that core
 //! sends ACCEPT. So a session with K >= cores uplinks ends up with one on
@@ -25,11 +27,13 @@ use std::sync::atomic::Ordering;
 use bytes::{Bytes, BytesMut};
 use monoio::net::{TcpListener, TcpStream};
 
+use super::claims::{Claimant, Holder};
 use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
 use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::scope::{self, Verdict};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 
@@ -62,10 +66,30 @@ async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str
     let _ = conn.write_frame(&Frame::refuse(code, reason)).await;
 }
 
-/// Checked against the tokens current at this handshake (reloads swap
-/// them; `Shared::live`). Constant time per secret (`Secret::matches`).
-fn token_ok(live: &super::Live, token: &str) -> bool {
-    crate::scope::token_known(&live.tokens, token)
+/// Who the agent is as a claimant of its session, or why it is refused:
+/// an unknown token, or a name outside the token's scope. Checked against
+/// the tokens current at this handshake (reloads swap them;
+/// `Shared::live`).
+fn claimant(live: &super::Live, hello: &Hello) -> Result<Claimant, (ErrorCode, String)> {
+    let rules = &live.tokens;
+    let (holder, rule) = match scope::authorize(rules, &hello.token, &hello.session) {
+        Verdict::Open => (Holder::Open(hello.token.clone()), None),
+        Verdict::Rule(i) => (Holder::Rule(rules[i].secret.sha256()), Some(&rules[i])),
+        Verdict::BadToken => return Err((ErrorCode::AuthFailed, "bad token".into())),
+        Verdict::OutOfScope => {
+            return Err((
+                ErrorCode::BadSession,
+                format!("token not allowed to claim '{}'", hello.session),
+            ))
+        }
+    };
+    Ok(Claimant {
+        holder,
+        agent: hello.agent_id,
+        pool: rule.is_some_and(|r| r.pool),
+        max_sessions: rule.and_then(|r| r.max_sessions),
+        max_uplinks: rule.and_then(|r| r.max_uplinks),
+    })
 }
 
 async fn handshake(core: Rc<Core>, stream: TcpStream) {
@@ -127,10 +151,13 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
             return;
         }
     };
-    if !token_ok(&live, &hello.token) {
-        refuse(&mut conn, &core, ErrorCode::AuthFailed, "bad token").await;
-        return;
-    }
+    let who = match claimant(&live, &hello) {
+        Ok(w) => w,
+        Err((code, reason)) => {
+            refuse(&mut conn, &core, code, &reason).await;
+            return;
+        }
+    };
     if core.shared.shutting_down.load(Ordering::Relaxed) {
         refuse(
             &mut conn,
@@ -142,13 +169,11 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         return;
     }
     let movable = !conn.is_tls();
-    let claimed = core
-        .shared
-        .claim(&hello.session, &hello.token, core.index, movable);
+    let claimed = core.shared.claim(&hello.session, &who, core.index, movable);
     let target = match claimed {
         Ok(t) => t,
-        Err(reason) => {
-            refuse(&mut conn, &core, ErrorCode::SessionTaken, &reason).await;
+        Err(r) => {
+            refuse(&mut conn, &core, r.code, &r.reason).await;
             return;
         }
     };

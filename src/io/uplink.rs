@@ -120,6 +120,9 @@ pub struct Uplink {
     close_done: Cell<bool>,
     on_open: RefCell<Option<OpenHandler>>,
     on_close: RefCell<Option<CloseHandler>>,
+    /// Called once when the uplink stops taking new streams (GOAWAY either
+    /// way, or closed).
+    on_drain: RefCell<Option<CloseHandler>>,
 }
 
 /// Closes the uplink when the task holding it ends, however it ends: a
@@ -199,6 +202,7 @@ impl Uplink {
             close_done: Cell::new(false),
             on_open: RefCell::new(None),
             on_close: RefCell::new(None),
+            on_drain: RefCell::new(None),
         });
         CoreStats::inc(&stats.uplinks);
         let mut g = CloseOnDrop::new(&up, "connection closed", rh);
@@ -238,6 +242,16 @@ impl Uplink {
             return;
         }
         *self.on_close.borrow_mut() = Some(Box::new(f));
+    }
+
+    /// Called once when the uplink stops taking new streams: the gateway
+    /// withdraws it from routing at once, not only when it has closed.
+    pub fn set_drain_handler(&self, f: impl FnOnce() + 'static) {
+        if !self.is_open() {
+            f();
+            return;
+        }
+        *self.on_drain.borrow_mut() = Some(Box::new(f));
     }
 
     pub fn is_open(&self) -> bool {
@@ -291,6 +305,12 @@ impl Uplink {
                     }
                 }
                 Event::Closed => self.finish_close(),
+            }
+        }
+        if !self.is_open() {
+            let handler = self.on_drain.borrow_mut().take();
+            if let Some(f) = handler {
+                f();
             }
         }
         let (queued, wants) = {

@@ -620,7 +620,16 @@ impl Connection {
         if self.streams.contains_key(&id) || self.orphans.contains_key(&id) {
             return Err(proto("OPEN for a stream id in use"));
         }
-        if self.state != ConnState::Open || self.streams.len() >= self.limits.max_streams as usize {
+        // An agent that sent GOAWAY still serves the OPENs that crossed it
+        // on the wire: the gateway sent them before it knew, and refusing
+        // them would fail requests a graceful restart must not lose. The
+        // gateway opens nothing once it has seen the GOAWAY.
+        let taking = match self.state {
+            ConnState::Open => true,
+            ConnState::Draining => self.role == Role::Agent,
+            ConnState::Failing | ConnState::Closed => false,
+        };
+        if !taking || self.streams.len() >= self.limits.max_streams as usize {
             self.push_control(Frame::reset(id, ErrorCode::RefusedStream));
             return Ok(());
         }

@@ -1,0 +1,341 @@
+//! The claim registry: which token and agent own each session name, how
+//! many uplinks they hold on each core, and the lease that keeps a name
+//! for its owner after its last uplink went.
+//!
+//! Pure bookkeeping (time is passed in); the gateway keeps one behind a
+//! `Mutex` taken when an uplink connects or goes away, and on the slow
+//! path of a request for a session no core holds (to decide between
+//! waiting for the owner and answering 502). Never per frame.
+//!
+//! Owner rules:
+//! - a name is owned by the token (its rule, or on an open gateway the
+//!   token string) and the agent id that claimed it first;
+//! - another token is always refused; another agent id with the same
+//!   token is refused unless the token's rule says `pool = true`, in which
+//!   case the agents serve the session together;
+//! - when the last uplink goes, the name stays reserved for the owner
+//!   (token + agent id; pool sessions: the token) for the lease, then is
+//!   free for anyone.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use subtle::ConstantTimeEq;
+
+use crate::proto::ErrorCode;
+
+/// The token side of an owner.
+#[derive(Clone, Debug)]
+pub(crate) enum Holder {
+    /// The SHA-256 of the matched rule's secret: stays the same when the
+    /// rules are reloaded or reordered, and keeps no secret in the map.
+    Rule([u8; 32]),
+    /// Open gateway: the token string itself decides who owns a name.
+    Open(String),
+}
+
+impl Holder {
+    fn same(&self, other: &Holder) -> bool {
+        match (self, other) {
+            (Holder::Rule(a), Holder::Rule(b)) => a.ct_eq(b).into(),
+            // Constant time: the string is a credential of sorts.
+            (Holder::Open(a), Holder::Open(b)) => a.as_bytes().ct_eq(b.as_bytes()).into(),
+            _ => false,
+        }
+    }
+}
+
+/// Who asks for an uplink, and what its token's rule allows.
+#[derive(Clone, Debug)]
+pub(crate) struct Claimant {
+    pub holder: Holder,
+    pub agent: u64,
+    pub pool: bool,
+    pub max_sessions: Option<u32>,
+    pub max_uplinks: Option<u32>,
+}
+
+/// Why a claim was refused: the REFUSE code and its sentence.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+struct Claim {
+    holder: Holder,
+    /// The agent that claimed the name first (pool sessions: any agent of
+    /// the token may join).
+    agent: u64,
+    pool: bool,
+    per_core: Vec<u32>,
+    /// Set while no uplink is left: the name is kept for its owner until
+    /// then.
+    lease_until: Option<Instant>,
+}
+
+impl Claim {
+    fn uplinks(&self) -> u32 {
+        self.per_core.iter().sum()
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.lease_until.is_some_and(|t| now >= t)
+    }
+}
+
+pub(crate) struct Claims {
+    cores: usize,
+    lease: Duration,
+    map: HashMap<String, Claim>,
+}
+
+fn seconds_left(until: Instant, now: Instant) -> u64 {
+    let left = until.saturating_duration_since(now);
+    // Rounded up: "0 more seconds" would read as "free now".
+    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+}
+
+impl Claims {
+    pub(crate) fn new(cores: usize, lease: Duration) -> Claims {
+        Claims {
+            cores,
+            lease,
+            map: HashMap::new(),
+        }
+    }
+
+    /// Claims one more uplink of `session`; picks the core holding the
+    /// fewest uplinks of that session (ties: `here`). An uplink that
+    /// cannot move (TLS) is counted where it is.
+    pub(crate) fn claim(
+        &mut self,
+        session: &str,
+        who: &Claimant,
+        here: usize,
+        movable: bool,
+        now: Instant,
+    ) -> Result<usize, Refusal> {
+        // Expired leases are dropped here (claims are rare; the map holds
+        // one entry per name in use).
+        self.map.retain(|_, c| !c.expired(now));
+        let taken = |reason: String| Refusal {
+            code: ErrorCode::SessionTaken,
+            reason,
+        };
+        if let Some(c) = self.map.get(session) {
+            let owner = c.holder.same(&who.holder) && (c.pool || c.agent == who.agent);
+            if !owner {
+                return Err(taken(match c.lease_until {
+                    Some(t) => format!(
+                        "session '{session}' is reserved for its owner for {} more seconds",
+                        seconds_left(t, now)
+                    ),
+                    None if !c.holder.same(&who.holder) => {
+                        format!("session '{session}' is held by an agent with another token")
+                    }
+                    None => format!(
+                        "session '{session}' is held by another agent (its token does not \
+                         allow pooling)"
+                    ),
+                }));
+            }
+        } else if let Some(max) = who.max_sessions {
+            let held = self
+                .map
+                .values()
+                .filter(|c| c.holder.same(&who.holder))
+                .count();
+            if held >= max as usize {
+                return Err(Refusal {
+                    code: ErrorCode::Overloaded,
+                    reason: format!(
+                        "token may hold at most {max} sessions (leases included); \
+                         '{session}' would be one more"
+                    ),
+                });
+            }
+        }
+        if let Some(max) = who.max_uplinks {
+            let held: u32 = self
+                .map
+                .values()
+                .filter(|c| c.holder.same(&who.holder))
+                .map(Claim::uplinks)
+                .sum();
+            if held >= max {
+                return Err(Refusal {
+                    code: ErrorCode::Overloaded,
+                    reason: format!("token may hold at most {max} uplinks"),
+                });
+            }
+        }
+        let cores = self.cores;
+        let c = self
+            .map
+            .entry(session.to_string())
+            .or_insert_with(|| Claim {
+                holder: who.holder.clone(),
+                agent: who.agent,
+                pool: who.pool,
+                per_core: vec![0; cores],
+                lease_until: None,
+            });
+        c.lease_until = None;
+        let min = *c.per_core.iter().min().unwrap_or(&0);
+        let target = if !movable || c.per_core[here] == min {
+            here
+        } else {
+            (0..cores).find(|&i| c.per_core[i] == min).unwrap_or(here)
+        };
+        c.per_core[target] += 1;
+        Ok(target)
+    }
+
+    /// One uplink of `session` on `core` went. After the last one the
+    /// name is leased to its owner (or freed at once with no lease).
+    pub(crate) fn release(&mut self, session: &str, core: usize, now: Instant) {
+        let Some(c) = self.map.get_mut(session) else {
+            return;
+        };
+        c.per_core[core] = c.per_core[core].saturating_sub(1);
+        if c.uplinks() == 0 {
+            if self.lease.is_zero() {
+                self.map.remove(session);
+            } else {
+                c.lease_until = Some(now + self.lease);
+            }
+        }
+    }
+
+    /// Whether `session` is owned now: uplinks connected (perhaps all
+    /// draining) or a lease running. Requests for it may wait.
+    pub(crate) fn reserved(&self, session: &str, now: Instant) -> bool {
+        self.map.get(session).is_some_and(|c| !c.expired(now))
+    }
+
+    /// Uplinks per core of every session with uplinks (for /stats).
+    /// Who holds `session` now (a live or leased claim).
+    pub(crate) fn holder(&self, session: &str) -> Option<Holder> {
+        self.map.get(session).map(|c| c.holder.clone())
+    }
+
+    pub(crate) fn placement(&self) -> Vec<(String, Vec<u32>)> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .filter(|(_, c)| c.uplinks() > 0)
+            .map(|(k, c)| (k.clone(), c.per_core.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn who(rule: u8, agent: u64) -> Claimant {
+        Claimant {
+            holder: Holder::Rule([rule; 32]),
+            agent,
+            pool: false,
+            max_sessions: None,
+            max_uplinks: None,
+        }
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn owner_is_token_and_agent_unless_pooled() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(2, LEASE);
+        assert_eq!(c.claim("s", &who(0, 1), 0, true, t0), Ok(0));
+        // Same token, same agent: a second uplink, placed on core 1.
+        assert_eq!(c.claim("s", &who(0, 1), 0, true, t0), Ok(1));
+        let e = c.claim("s", &who(0, 2), 0, true, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SessionTaken);
+        assert!(e.reason.contains("another agent"), "{}", e.reason);
+        let e = c.claim("s", &who(1, 1), 0, true, t0).unwrap_err();
+        assert!(e.reason.contains("another token"), "{}", e.reason);
+
+        let pooled = |agent| Claimant {
+            pool: true,
+            ..who(3, agent)
+        };
+        assert!(c.claim("p", &pooled(1), 0, true, t0).is_ok());
+        assert!(c.claim("p", &pooled(2), 0, true, t0).is_ok());
+        assert!(c.claim("p", &who(4, 2), 0, true, t0).is_err());
+    }
+
+    #[test]
+    fn lease_keeps_the_name_for_its_owner_then_frees_it() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(1, LEASE);
+        c.claim("s", &who(0, 1), 0, true, t0).unwrap();
+        c.release("s", 0, t0);
+        assert!(c.reserved("s", t0 + Duration::from_secs(29)));
+        assert!(c.placement().is_empty(), "a lease holds no uplinks");
+        let e = c
+            .claim("s", &who(0, 2), 0, true, t0 + Duration::from_millis(500))
+            .unwrap_err();
+        assert_eq!(
+            e.reason,
+            "session 's' is reserved for its owner for 30 more seconds"
+        );
+        // The owner is back in time: no lease any more.
+        c.claim("s", &who(0, 1), 0, true, t0 + Duration::from_secs(10))
+            .unwrap();
+        assert!(c.reserved("s", t0 + Duration::from_secs(100)));
+        c.release("s", 0, t0 + Duration::from_secs(10));
+        // Lease over: anyone.
+        let late = t0 + Duration::from_secs(41);
+        assert!(!c.reserved("s", late));
+        assert!(c.claim("s", &who(7, 9), 0, true, late).is_ok());
+    }
+
+    #[test]
+    fn no_lease_frees_at_once() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(1, Duration::ZERO);
+        c.claim("s", &who(0, 1), 0, true, t0).unwrap();
+        c.release("s", 0, t0);
+        assert!(!c.reserved("s", t0));
+        assert!(c.claim("s", &who(1, 2), 0, true, t0).is_ok());
+    }
+
+    #[test]
+    fn per_token_limits() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(2, LEASE);
+        let limited = Claimant {
+            max_sessions: Some(1),
+            max_uplinks: Some(2),
+            ..who(0, 1)
+        };
+        c.claim("a", &limited, 0, true, t0).unwrap();
+        let e = c.claim("b", &limited, 0, true, t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Overloaded);
+        assert!(e.reason.contains("at most 1 sessions"), "{}", e.reason);
+        c.claim("a", &limited, 0, true, t0).unwrap();
+        let e = c.claim("a", &limited, 0, true, t0).unwrap_err();
+        assert!(e.reason.contains("at most 2 uplinks"), "{}", e.reason);
+        // Other tokens are not counted against it.
+        assert!(c.claim("b", &who(1, 5), 0, true, t0).is_ok());
+    }
+
+    #[test]
+    fn open_gateway_owner_is_the_token_string() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(1, LEASE);
+        let open = |t: &str| Claimant {
+            holder: Holder::Open(t.into()),
+            ..who(0, 1)
+        };
+        c.claim("s", &open("aaa"), 0, true, t0).unwrap();
+        assert!(c.claim("s", &open("aab"), 0, true, t0).is_err());
+        assert!(c.claim("s", &open("aaa"), 0, true, t0).is_ok());
+    }
+}

@@ -144,6 +144,67 @@ struct GatewayArgs {
     /// (from a load balancer; only from --trusted-proxies when set).
     #[arg(long)]
     proxy_protocol: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The gateway's limits (README, "Limits").
+#[derive(Args)]
+struct LimitArgs {
+    /// Public connections, all cores together [default: RLIMIT_NOFILE
+    /// minus --fd-reserve]. Over it: 503 and close.
+    #[arg(long)]
+    max_conns: Option<usize>,
+    /// Public connections per client IP (trusted proxies exempt).
+    #[arg(long, default_value_t = cfgdef::MAX_CONNS_PER_IP)]
+    max_conns_per_ip: u32,
+    /// File descriptors the public listener leaves free for agents and
+    /// the admin endpoint [default: 64 or 5% of RLIMIT_NOFILE].
+    #[arg(long)]
+    fd_reserve: Option<usize>,
+    /// Tunnel handshakes in progress per core; more are closed at accept.
+    #[arg(long, default_value_t = cfgdef::MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// Refused handshakes from one IP (within --handshake-fail-window)
+    /// after which its tunnel connections are closed at accept; 0 = never.
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_FAIL_LIMIT)]
+    handshake_fail_limit: u32,
+    /// Seconds over which refused handshakes add up.
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_FAIL_WINDOW.as_secs_f64())]
+    handshake_fail_window: f64,
+    /// Seconds of the first ban; each further ban doubles it (to 600 s).
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_BAN.as_secs_f64())]
+    handshake_ban: f64,
+    /// Requests per session, e.g. 50/s, 1000/m, 10/h (a token rule's own
+    /// rate wins) [default: unlimited]. Over it: 429 with Retry-After.
+    #[arg(long)]
+    session_rate: Option<ringtunnel::scope::Rate>,
+    /// Requests a session may send at once above --session-rate
+    /// [default: the rate's N].
+    #[arg(long)]
+    session_burst: Option<u32>,
+    /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+}
+
+impl LimitArgs {
+    fn config(&self) -> Result<ringtunnel::limits::LimitsConfig, String> {
+        Ok(ringtunnel::limits::LimitsConfig {
+            max_conns: self.max_conns,
+            max_conns_per_ip: self.max_conns_per_ip,
+            fd_reserve: self.fd_reserve,
+            max_handshakes: self.max_handshakes,
+            strikes: ringtunnel::limits::strikes::StrikesConfig {
+                limit: self.handshake_fail_limit,
+                window: secs(self.handshake_fail_window, "handshake-fail-window")?,
+                ban: secs(self.handshake_ban, "handshake-ban")?,
+                max_ban: cfgdef::HANDSHAKE_MAX_BAN,
+            },
+            session_rate: self.session_rate,
+            session_burst: self.session_burst,
+        })
+    }
 }
 
 #[derive(Args)]
@@ -280,6 +341,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 )
                 .map_err(|e| format!("--trusted-proxies {e}"))?,
                 proxy_protocol: a.proxy_protocol,
+                edge_limits: a.limits.config()?,
+                admin_token: a.limits.admin_token,
             };
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
             ringtunnel::signals::install();

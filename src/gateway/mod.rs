@@ -12,6 +12,7 @@
 //! goes away: it keeps a session name owned by one token and counts
 //! uplinks per core for placement.
 
+mod guard;
 mod public;
 mod tunnel;
 
@@ -47,6 +48,8 @@ pub(crate) enum CoreMsg {
         client: SocketAddr,
         scheme: Scheme,
         hops: u8,
+        /// Its slot in the connection limits, released wherever it closes.
+        permit: crate::limits::ConnPermit,
     },
     /// An uplink placed on this core after its handshake elsewhere.
     Uplink {
@@ -81,6 +84,7 @@ pub(crate) struct Shared {
     pub(crate) tunnel_addr: SocketAddr,
     /// TLS on the tunnel listener; `None` = plaintext uplinks.
     pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
+    pub(crate) limits: crate::limits::GatewayLimits,
 }
 
 impl Shared {
@@ -159,6 +163,7 @@ pub(crate) struct Core {
     replica: RefCell<HashMap<String, u64>>,
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
+    pub(crate) limits: crate::limits::gate::CoreLimits,
 }
 
 impl Core {
@@ -262,6 +267,8 @@ impl Core {
         if present {
             *m |= 1 << core;
         } else {
+            // The name may come back under another token's rate.
+            self.limits.forget(&session);
             *m &= !(1 << core);
             if *m == 0 {
                 r.remove(&session);
@@ -338,7 +345,7 @@ impl Drop for Gateway {
 pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     cfg.validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    crate::runtime::raise_nofile_limit();
+    let nofile = crate::runtime::raise_nofile_limit();
     // Certificates first: a bad file must stop start-up before any bind.
     let tls = match &cfg.tunnel_tls {
         Some(files) => Some(monoio_rustls::TlsAcceptor::from(
@@ -367,11 +374,15 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         public_addr,
         tunnel_addr,
         tls,
+        limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
     });
     let admin = match &cfg.admin_listen {
-        Some(a) => Some(crate::admin::start(
+        Some(a) => Some(crate::admin::start_with(
             a,
             shared.clone() as Arc<dyn crate::admin::StatsSource>,
+            crate::admin::AdminOptions {
+                token: cfg.admin_token.clone(),
+            },
         )?),
         None => None,
     };
@@ -436,6 +447,7 @@ async fn core_main(
         replica: RefCell::new(HashMap::new()),
         inflight: Cell::new(0),
         idle: Notify::new(),
+        limits: Default::default(),
     });
     let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
@@ -469,9 +481,10 @@ async fn core_main(
                 client,
                 scheme,
                 hops,
+                permit,
             } => {
                 CoreStats::inc(&core.stats.handoffs_in);
-                public::adopt(core.clone(), fd, buf, client, scheme, hops);
+                public::adopt(core.clone(), fd, buf, client, scheme, hops, permit);
             }
             CoreMsg::Uplink {
                 fd,
@@ -523,6 +536,10 @@ impl crate::admin::StatsSource for Shared {
 
     fn cores(&self) -> &[Arc<CoreStats>] {
         &self.stats
+    }
+
+    fn extra_metrics(&self) -> String {
+        self.limit_metrics()
     }
 
     fn extra_json(&self) -> String {

@@ -107,7 +107,7 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
         .map_or(true, |t| bearer_matches(&line, t));
     let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
         _ if !authorized => (
-            "401 Unauthorized\r\nWWW-Authenticate: Bearer",
+            "401 Unauthorized",
             "text/plain",
             "admin token required\n".to_string(),
         ),
@@ -119,8 +119,13 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
             "try /metrics or /stats\n".to_string(),
         ),
     };
+    let challenge = if authorized {
+        ""
+    } else {
+        "WWW-Authenticate: Bearer\r\n"
+    };
     let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     write_until(&mut conn, resp.as_bytes(), Instant::now() + CONN_DEADLINE);

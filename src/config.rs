@@ -23,7 +23,9 @@ pub mod defaults {
 
     // Limits (`crate::limits`). --max-conns and --fd-reserve default to
     // values derived from RLIMIT_NOFILE at start-up.
-    pub const MAX_CONNS_PER_IP: u32 = 256;
+    /// Floor of the default `--max-conns-per-ip` (a quarter of
+    /// `--max-conns`).
+    pub const MIN_CONNS_PER_IP: u32 = 256;
     pub const MAX_HANDSHAKES: usize = 256;
     pub const HANDSHAKE_FAIL_LIMIT: u32 = 5;
     pub const HANDSHAKE_FAIL_WINDOW: Duration = Duration::from_secs(60);

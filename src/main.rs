@@ -155,9 +155,10 @@ struct LimitArgs {
     /// minus --fd-reserve]. Over it: 503 and close.
     #[arg(long)]
     max_conns: Option<usize>,
-    /// Public connections per client IP (trusted proxies exempt).
-    #[arg(long, default_value_t = cfgdef::MAX_CONNS_PER_IP)]
-    max_conns_per_ip: u32,
+    /// Public connections per client IP (trusted proxies exempt)
+    /// [default: a quarter of --max-conns, at least 256].
+    #[arg(long)]
+    max_conns_per_ip: Option<u32>,
     /// File descriptors the public listener leaves free for agents and
     /// the admin endpoint [default: 64 or 5% of RLIMIT_NOFILE].
     #[arg(long)]

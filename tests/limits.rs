@@ -257,7 +257,10 @@ fn admin_get(admin: SocketAddr, auth: Option<&str>) -> Resp {
 fn admin_token_is_required_when_set() {
     let gw = gateway(DRIVER, &["--admin-token", "s3cret"]);
     let admin = gw.addr("admin");
-    assert_eq!(admin_get(admin, None).status, 401);
+    let denied = admin_get(admin, None);
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.header("WWW-Authenticate"), Some("Bearer"));
+    assert!(!denied.text().contains("ringtunnel_"));
     assert_eq!(admin_get(admin, Some("s3cre")).status, 401);
     assert_eq!(admin_get(admin, Some("s3cret-")).status, 401);
     let ok = admin_get(admin, Some("s3cret"));

@@ -74,7 +74,7 @@ impl Shared {
              # TYPE ringtunnel_gateway_banned_peers_tracked gauge\n\
              ringtunnel_gateway_banned_peers_tracked {}",
             l.max_conns,
-            l.cfg.max_conns_per_ip,
+            l.max_conns_per_ip,
             l.fd_ceiling,
             l.conns.total(),
             l.strikes.len()

@@ -25,8 +25,10 @@ pub const MAX_RATE_SESSIONS: usize = 1024;
 pub struct LimitsConfig {
     /// `--max-conns`: public connections, all cores together.
     pub max_conns: Option<usize>,
-    /// `--max-conns-per-ip` (peers in --trusted-proxies are exempt).
-    pub max_conns_per_ip: u32,
+    /// `--max-conns-per-ip` (peers in --trusted-proxies are exempt);
+    /// `None`: a quarter of `max_conns`, at least
+    /// `defaults::MIN_CONNS_PER_IP`.
+    pub max_conns_per_ip: Option<u32>,
     /// `--fd-reserve`: descriptors the public listener leaves for uplinks,
     /// the admin endpoint and the runtime.
     pub fd_reserve: Option<usize>,
@@ -44,7 +46,7 @@ impl Default for LimitsConfig {
         use crate::config::defaults as d;
         LimitsConfig {
             max_conns: None,
-            max_conns_per_ip: d::MAX_CONNS_PER_IP,
+            max_conns_per_ip: None,
             fd_reserve: None,
             max_handshakes: d::MAX_HANDSHAKES,
             strikes: StrikesConfig {
@@ -71,7 +73,7 @@ impl LimitsConfig {
         if self.max_conns == Some(0) {
             return Err("--max-conns must be at least 1".into());
         }
-        if self.max_conns_per_ip == 0 {
+        if self.max_conns_per_ip == Some(0) {
             return Err("--max-conns-per-ip must be at least 1".into());
         }
         if self.max_handshakes == 0 {
@@ -99,6 +101,7 @@ pub struct GatewayLimits {
     /// Public accepts stop at this fd number (RLIMIT_NOFILE - reserve).
     pub fd_ceiling: u64,
     pub max_conns: usize,
+    pub max_conns_per_ip: u32,
     pub strikes: Strikes,
     /// Time origin of the rate cells.
     epoch: Instant,
@@ -120,8 +123,16 @@ impl GatewayLimits {
         // Each public connection is one fd; the ceiling already leaves the
         // reserve for everything else.
         let max_conns = cfg.max_conns.unwrap_or(fd_ceiling as usize).max(1);
+        // One IP may hold a quarter of the slots: a local benchmark at
+        // 1000 connections fits a default-sized gateway, a single remote
+        // host cannot take all of it.
+        let max_conns_per_ip = cfg.max_conns_per_ip.unwrap_or_else(|| {
+            let quarter = u32::try_from(max_conns / 4).unwrap_or(u32::MAX);
+            quarter.max(crate::config::defaults::MIN_CONNS_PER_IP)
+        });
         GatewayLimits {
-            conns: ConnTable::new(max_conns, cfg.max_conns_per_ip),
+            conns: ConnTable::new(max_conns, max_conns_per_ip),
+            max_conns_per_ip,
             fd_ceiling,
             max_conns,
             strikes: Strikes::new(cfg.strikes),
@@ -303,6 +314,9 @@ mod tests {
         let g = GatewayLimits::new(c, 1024, 2);
         assert_eq!(g.fd_ceiling, 960);
         assert_eq!(g.max_conns, 960);
+        assert_eq!(g.max_conns_per_ip, 256);
+        let g = GatewayLimits::new(LimitsConfig::default(), 65536, 2);
+        assert_eq!(g.max_conns_per_ip, (65536 - 3276) / 4);
     }
 
     #[test]

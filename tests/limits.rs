@@ -200,6 +200,22 @@ fn failed_handshakes_ban_the_peer_for_a_while() {
 }
 
 #[test]
+fn handshakes_in_progress_are_capped_per_core() {
+    let gw = gateway(DRIVER, &["--cores", "1", "--max-handshakes", "2"]);
+    let (tunnel, admin) = (gw.addr("tunnel"), gw.addr("admin"));
+    // Two silent peers hold both slots (their HELLO never comes).
+    let a = TcpStream::connect(tunnel).unwrap();
+    let _b = TcpStream::connect(tunnel).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(closed_at_once(tunnel, Duration::from_millis(500)));
+    assert_eq!(errors(admin, "handshake_limit"), 1);
+    // A slot comes back when its handshake ends.
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!closed_at_once(tunnel, Duration::from_millis(500)));
+}
+
+#[test]
 fn session_rate_allows_exactly_the_burst_then_429() {
     let echo = echo(DRIVER, 0);
     let gw = gateway(DRIVER, &["--session-rate", "1/h", "--session-burst", "5"]);

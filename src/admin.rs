@@ -4,11 +4,19 @@
 //! It runs on its own small thread with blocking IO: it reads the per-core
 //! counters (relaxed atomics) and never touches a core's `Rc` state, so it
 //! adds nothing to the data path.
+//!
+//! One thread serves one connection at a time, so no client may hold it:
+//! a connection gets [`CONN_DEADLINE`] for its request and again for the
+//! answer (a client that never sends or never reads is dropped), and an
+//! accept error (EMFILE) backs off instead of spinning. With a token
+//! (`--admin-token`), requests without `Authorization: Bearer <token>` get
+//! 401.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::io::stats::{CoreStats, ErrorKind, Hist, HistSnapshot, HIST_BUCKETS};
 
@@ -21,10 +29,33 @@ pub trait StatsSource: Send + Sync + 'static {
     fn extra_json(&self) -> String {
         String::new()
     }
+    /// Extra Prometheus text appended to `/metrics`.
+    fn extra_metrics(&self) -> String {
+        String::new()
+    }
+}
+
+/// How long one admin connection may take to send its request, and again
+/// to take its answer.
+pub const CONN_DEADLINE: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, Default)]
+pub struct AdminOptions {
+    /// Required as `Authorization: Bearer <token>` when set.
+    pub token: Option<String>,
 }
 
 /// Binds `addr` and serves until the process ends. Returns the address.
 pub fn start(addr: &str, src: Arc<dyn StatsSource>) -> std::io::Result<SocketAddr> {
+    start_with(addr, src, AdminOptions::default())
+}
+
+/// [`start`] with options (a bearer token).
+pub fn start_with(
+    addr: &str,
+    src: Arc<dyn StatsSource>,
+    opts: AdminOptions,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         std::io::Error::new(
             e.kind(),
@@ -33,18 +64,31 @@ pub fn start(addr: &str, src: Arc<dyn StatsSource>) -> std::io::Result<SocketAdd
     })?;
     let local = listener.local_addr()?;
     crate::runtime::spawn_service_thread("admin", move || {
-        for conn in listener.incoming().flatten() {
-            let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(5)));
-            handle(conn, &*src);
+        let mut backoff = crate::limits::AcceptBackoff::new("admin");
+        loop {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    backoff.succeeded();
+                    let _ = conn.set_read_timeout(Some(CONN_DEADLINE));
+                    let _ = conn.set_write_timeout(Some(CONN_DEADLINE));
+                    handle(conn, &*src, &opts);
+                }
+                // At EMFILE the connection stays queued and accept fails
+                // at once, forever: wait instead of spinning.
+                Err(e) => std::thread::sleep(backoff.failed(&e, Instant::now())),
+            }
         }
     })?;
     Ok(local)
 }
 
-fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource) {
+fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOptions) {
     let mut buf = [0u8; 4096];
     let mut got = 0;
-    while got < buf.len() {
+    // The socket timeout bounds each read; this bounds them all (a client
+    // trickling one byte per second).
+    let deadline = Instant::now() + CONN_DEADLINE;
+    while got < buf.len() && Instant::now() < deadline {
         match conn.read(&mut buf[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
@@ -57,7 +101,16 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource) {
     }
     let line = String::from_utf8_lossy(&buf[..got]);
     let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let authorized = opts
+        .token
+        .as_deref()
+        .map_or(true, |t| bearer_matches(&line, t));
     let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
+        _ if !authorized => (
+            "401 Unauthorized",
+            "text/plain",
+            "admin token required\n".to_string(),
+        ),
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(src)),
         "/stats" => ("200 OK", "application/json", render_json(src)),
         _ => (
@@ -66,11 +119,47 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource) {
             "try /metrics or /stats\n".to_string(),
         ),
     };
-    let _ = write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let challenge = if authorized {
+        ""
+    } else {
+        "WWW-Authenticate: Bearer\r\n"
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    write_until(&mut conn, resp.as_bytes(), Instant::now() + CONN_DEADLINE);
+}
+
+/// Writes what the peer takes before `deadline`; a peer that stops
+/// reading is dropped (each write is bounded by the socket's timeout).
+fn write_until(conn: &mut std::net::TcpStream, mut data: &[u8], deadline: Instant) {
+    while !data.is_empty() && Instant::now() < deadline {
+        match conn.write(data) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => data = &data[n..],
+        }
+    }
+}
+
+/// Whether the head carries `Authorization: Bearer <token>`, compared
+/// without an early exit.
+fn bearer_matches(head: &str, token: &str) -> bool {
+    head.split("\r\n").skip(1).any(|l| {
+        let Some((name, value)) = l.split_once(':') else {
+            return false;
+        };
+        let Some(given) = value.trim().strip_prefix("Bearer ") else {
+            return false;
+        };
+        name.trim().eq_ignore_ascii_case("authorization")
+            && given.len() == token.len()
+            && given
+                .bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
 }
 
 fn get(c: &std::sync::atomic::AtomicU64) -> u64 {
@@ -191,6 +280,7 @@ pub fn render_metrics(src: &dyn StatsSource) -> String {
             s.sum, s.count
         );
     }
+    out.push_str(&src.extra_metrics());
     out
 }
 

@@ -29,6 +29,17 @@ pub mod defaults {
     pub const HOLD_QUEUE: usize = 1024;
     /// How long a stopping agent lets its streams finish.
     pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+    // Limits (`crate::limits`). --max-conns and --fd-reserve default to
+    // values derived from RLIMIT_NOFILE at start-up.
+    /// Floor of the default `--max-conns-per-ip` (a quarter of
+    /// `--max-conns`).
+    pub const MIN_CONNS_PER_IP: u32 = 256;
+    pub const MAX_HANDSHAKES: usize = 256;
+    pub const HANDSHAKE_FAIL_LIMIT: u32 = 5;
+    pub const HANDSHAKE_FAIL_WINDOW: Duration = Duration::from_secs(60);
+    pub const HANDSHAKE_BAN: Duration = Duration::from_secs(10);
+    pub const HANDSHAKE_MAX_BAN: Duration = Duration::from_secs(600);
 }
 
 /// Worker cores are tracked in 64-bit masks (the session directory).
@@ -114,6 +125,10 @@ pub struct GatewayConfig {
     /// Every public connection starts with a PROXY protocol (v1 or v2)
     /// header naming the client; a connection without one is closed.
     pub proxy_protocol: bool,
+    /// Connection limits, fd reserve, handshake bans, session rates.
+    pub edge_limits: crate::limits::LimitsConfig,
+    /// `--admin-token`: the admin endpoint wants `Authorization: Bearer`.
+    pub admin_token: Option<String>,
 }
 
 impl Default for GatewayConfig {
@@ -142,6 +157,8 @@ impl Default for GatewayConfig {
             insecure_plaintext: false,
             trusted_proxies: TrustedProxies::default(),
             proxy_protocol: false,
+            edge_limits: crate::limits::LimitsConfig::default(),
+            admin_token: None,
         }
     }
 }
@@ -150,6 +167,10 @@ impl GatewayConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
         self.check_plaintext_exposure()?;
+        self.edge_limits.validate()?;
+        if self.admin_token.as_deref() == Some("") {
+            return Err("--admin-token must not be empty".into());
+        }
         if let Some(d) = &self.domain {
             if d.is_empty() || d.starts_with('.') || d.contains(['/', ':', ' ']) {
                 return Err(format!(

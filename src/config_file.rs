@@ -63,6 +63,17 @@ pub struct GatewayFile {
     pub insecure_plaintext: Option<bool>,
     pub trusted_proxies: Option<String>,
     pub proxy_protocol: Option<bool>,
+    pub max_conns: Option<usize>,
+    pub max_conns_per_ip: Option<u32>,
+    pub fd_reserve: Option<usize>,
+    pub max_handshakes: Option<usize>,
+    pub handshake_fail_limit: Option<u32>,
+    pub handshake_fail_window: Option<f64>,
+    pub handshake_ban: Option<f64>,
+    /// Like `--session-rate`: "50/s", "1000/m", "10/h".
+    pub session_rate: Option<String>,
+    pub session_burst: Option<u32>,
+    pub admin_token: Option<String>,
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,

@@ -32,6 +32,8 @@
 //! - [`tls`]: rustls settings of the uplink, loaded from PEM at start-up,
 //!   and what a failed TLS handshake means for an agent.
 //! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
+//! - [`limits`]: connection limits, the fd reserve, per-session rates,
+//!   handshake bans and accept back-off.
 //! - [`admin`]: `/metrics` and `/stats`; [`config`]: validated settings;
 //!   [`config_file`]: the TOML file behind `--config`; [`signals`]:
 //!   SIGTERM/SIGINT/SIGHUP as flags.
@@ -52,6 +54,7 @@ pub mod echo;
 pub mod gateway;
 pub mod http;
 pub mod io;
+pub mod limits;
 pub mod proto;
 pub mod route;
 pub mod runtime;

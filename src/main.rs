@@ -171,6 +171,68 @@ struct GatewayArgs {
     /// (from a load balancer; only from --trusted-proxies when set).
     #[arg(long)]
     proxy_protocol: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// The gateway's limits (README, "Limits").
+#[derive(Args, Clone)]
+struct LimitArgs {
+    /// Public connections, all cores together [default: RLIMIT_NOFILE
+    /// minus --fd-reserve]. Over it: 503 and close.
+    #[arg(long)]
+    max_conns: Option<usize>,
+    /// Public connections per client IP (trusted proxies exempt)
+    /// [default: a quarter of --max-conns, at least 256].
+    #[arg(long)]
+    max_conns_per_ip: Option<u32>,
+    /// File descriptors the public listener leaves free for agents and
+    /// the admin endpoint [default: 64 or 5% of RLIMIT_NOFILE].
+    #[arg(long)]
+    fd_reserve: Option<usize>,
+    /// Tunnel handshakes in progress per core; more are closed at accept.
+    #[arg(long, default_value_t = cfgdef::MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// Refused handshakes from one IP (within --handshake-fail-window)
+    /// after which its tunnel connections are closed at accept; 0 = never.
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_FAIL_LIMIT)]
+    handshake_fail_limit: u32,
+    /// Seconds over which refused handshakes add up.
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_FAIL_WINDOW.as_secs_f64())]
+    handshake_fail_window: f64,
+    /// Seconds of the first ban; each further ban doubles it (to 600 s).
+    #[arg(long, default_value_t = cfgdef::HANDSHAKE_BAN.as_secs_f64())]
+    handshake_ban: f64,
+    /// Requests per session, e.g. 50/s, 1000/m, 10/h (a token rule's own
+    /// rate wins) [default: unlimited]. Over it: 429 with Retry-After.
+    #[arg(long)]
+    session_rate: Option<ringtunnel::scope::Rate>,
+    /// Requests a session may send at once above --session-rate
+    /// [default: the rate's N].
+    #[arg(long)]
+    session_burst: Option<u32>,
+    /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+}
+
+impl LimitArgs {
+    fn config(&self) -> Result<ringtunnel::limits::LimitsConfig, String> {
+        Ok(ringtunnel::limits::LimitsConfig {
+            max_conns: self.max_conns,
+            max_conns_per_ip: self.max_conns_per_ip,
+            fd_reserve: self.fd_reserve,
+            max_handshakes: self.max_handshakes,
+            strikes: ringtunnel::limits::strikes::StrikesConfig {
+                limit: self.handshake_fail_limit,
+                window: secs(self.handshake_fail_window, "handshake-fail-window")?,
+                ban: secs(self.handshake_ban, "handshake-ban")?,
+                max_ban: cfgdef::HANDSHAKE_MAX_BAN,
+            },
+            session_rate: self.session_rate,
+            session_burst: self.session_burst,
+        })
+    }
 }
 
 #[derive(Args, Clone)]
@@ -368,6 +430,14 @@ fn gateway_args(
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
         insecure_plaintext, trusted_proxies, proxy_protocol);
+    lay_under!(m, f, a.limits;
+        max_conns, max_conns_per_ip, fd_reserve, max_handshakes, handshake_fail_limit,
+        handshake_fail_window, handshake_ban, session_burst, admin_token);
+    if let Some(r) = f.session_rate.take() {
+        if !given(m, "session_rate") {
+            a.limits.session_rate = Some(r.parse().map_err(|e| format!("session_rate: {e}"))?);
+        }
+    }
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
     // clap's `requires` only sees the command line.
     if a.tunnel_tls_cert.is_some() != a.tunnel_tls_key.is_some() {
@@ -412,6 +482,16 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         insecure_plaintext: Some(a.insecure_plaintext),
         trusted_proxies: a.trusted_proxies.clone(),
         proxy_protocol: Some(a.proxy_protocol),
+        max_conns: a.limits.max_conns,
+        max_conns_per_ip: a.limits.max_conns_per_ip,
+        fd_reserve: a.limits.fd_reserve,
+        max_handshakes: Some(a.limits.max_handshakes),
+        handshake_fail_limit: Some(a.limits.handshake_fail_limit),
+        handshake_fail_window: Some(a.limits.handshake_fail_window),
+        handshake_ban: Some(a.limits.handshake_ban),
+        session_rate: a.limits.session_rate.map(|r| r.to_string()),
+        session_burst: a.limits.session_burst,
+        admin_token: a.limits.admin_token.as_ref().map(|_| MASK.to_string()),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
     }
 }
@@ -470,6 +550,8 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         )
         .map_err(|e| format!("--trusted-proxies {e}"))?,
         proxy_protocol: a.proxy_protocol,
+        edge_limits: a.limits.config()?,
+        admin_token: a.limits.admin_token,
     })
 }
 

@@ -26,6 +26,7 @@
 //! `Shared::cfg` is fixed at start-up.
 
 mod claims;
+mod guard;
 mod public;
 mod tunnel;
 
@@ -63,6 +64,8 @@ pub(crate) enum CoreMsg {
         client: SocketAddr,
         scheme: Scheme,
         hops: u8,
+        /// Its slot in the connection limits, released wherever it closes.
+        permit: crate::limits::ConnPermit,
     },
     /// An uplink placed on this core after its handshake elsewhere.
     Uplink {
@@ -121,6 +124,7 @@ pub(crate) struct Shared {
     pub(crate) tunnel_addr: SocketAddr,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
+    pub(crate) limits: crate::limits::GatewayLimits,
 }
 
 impl Shared {
@@ -233,6 +237,7 @@ pub(crate) struct Core {
     holds: RefCell<HashMap<String, Rc<HoldQueue>>>,
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
+    pub(crate) limits: crate::limits::gate::CoreLimits,
 }
 
 impl Core {
@@ -375,6 +380,8 @@ impl Core {
             if present {
                 *m |= 1 << core;
             } else {
+                // The name may come back under another token's rate.
+                self.limits.forget(&session);
                 *m &= !(1 << core);
                 if *m == 0 {
                     r.remove(&session);
@@ -531,7 +538,7 @@ impl Drop for Gateway {
 pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     cfg.validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    crate::runtime::raise_nofile_limit();
+    let nofile = crate::runtime::raise_nofile_limit();
     // Certificates first: a bad file must stop start-up before any bind.
     let live = Live::from_cfg(&cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -555,11 +562,15 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         public_addr,
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
+        limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
     });
     let admin = match &cfg.admin_listen {
-        Some(a) => Some(crate::admin::start(
+        Some(a) => Some(crate::admin::start_with(
             a,
             shared.clone() as Arc<dyn crate::admin::StatsSource>,
+            crate::admin::AdminOptions {
+                token: cfg.admin_token.clone(),
+            },
         )?),
         None => None,
     };
@@ -625,6 +636,7 @@ async fn core_main(
         holds: RefCell::new(HashMap::new()),
         inflight: Cell::new(0),
         idle: Notify::new(),
+        limits: Default::default(),
     });
     let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
@@ -658,9 +670,10 @@ async fn core_main(
                 client,
                 scheme,
                 hops,
+                permit,
             } => {
                 CoreStats::inc(&core.stats.handoffs_in);
-                public::adopt(core.clone(), fd, buf, client, scheme, hops);
+                public::adopt(core.clone(), fd, buf, client, scheme, hops, permit);
             }
             CoreMsg::Uplink {
                 fd,
@@ -713,6 +726,10 @@ impl crate::admin::StatsSource for Shared {
 
     fn cores(&self) -> &[Arc<CoreStats>] {
         &self.stats
+    }
+
+    fn extra_metrics(&self) -> String {
+        self.limit_metrics()
     }
 
     fn extra_json(&self) -> String {

@@ -29,7 +29,7 @@ use monoio::io::{AsyncWriteRent, Canceller, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
-use super::{Core, CoreMsg, Held};
+use super::{guard, Core, CoreMsg, Held};
 use crate::http::proxy::{self, ProxyError};
 use crate::http::{self, BodyKind, HeadError, Origin, RequestHead, ResponseHead, Scheme};
 use crate::io::relay::{
@@ -40,6 +40,7 @@ use crate::io::stats::{CoreStats, ErrorKind};
 use crate::io::uplink::{Inbound, Stream};
 use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
+use crate::limits::{AcceptBackoff, ConnPermit};
 use crate::proto::ErrorCode;
 use crate::runtime::notify::Notify;
 
@@ -59,12 +60,18 @@ pub(super) async fn accept_loop(
     scheme: Scheme,
     stop: Rc<Cell<bool>>,
 ) {
+    let mut backoff = AcceptBackoff::new("public");
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 if stop.get() {
                     return;
                 }
+                backoff.succeeded();
+                // Over a limit: refused here, before any task or buffer.
+                let Some(permit) = guard::admit_public(&core, &stream, peer) else {
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let c = core.clone();
                 crate::runtime::spawn_isolated("public-conn", async move {
@@ -73,6 +80,7 @@ pub(super) async fn accept_loop(
                         scheme,
                         proxy_due: c.cfg().proxy_protocol,
                         hops: 0,
+                        permit,
                     };
                     serve(c, stream, crate::io::carve(8192), conn).await;
                 });
@@ -81,9 +89,10 @@ pub(super) async fn accept_loop(
                 if stop.get() {
                     return;
                 }
-                // EMFILE and friends: back off instead of spinning.
-                tracing::warn!(error = %e, "public accept failed");
-                monoio::time::sleep(Duration::from_millis(10)).await;
+                // EMFILE and friends: the pending connection stays queued,
+                // so retrying at once would spin.
+                let wait = backoff.failed(&e, Instant::now());
+                monoio::time::sleep(wait).await;
             }
         }
     }
@@ -97,6 +106,7 @@ pub(super) fn adopt(
     client: SocketAddr,
     scheme: Scheme,
     hops: u8,
+    permit: ConnPermit,
 ) {
     // SAFETY: the sending core gave up this fd when it sent it.
     let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
@@ -110,6 +120,7 @@ pub(super) fn adopt(
                     scheme,
                     proxy_due: false,
                     hops,
+                    permit,
                 };
                 serve(core, stream, BytesMut::from(&buf[..]), conn).await;
             });
@@ -126,6 +137,9 @@ struct Conn {
     /// A PROXY header comes before the first head.
     proxy_due: bool,
     hops: u8,
+    /// Its slot under --max-conns / --max-conns-per-ip; moves with a
+    /// handoff, released when the connection ends.
+    permit: ConnPermit,
 }
 
 enum ProxyRead {
@@ -270,6 +284,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
     let mut hops = conn.hops;
     // The current request already waited for its session once.
     let mut held = false;
+    let mut permit = Some(conn.permit);
     CoreStats::inc(&core.stats.public_conns);
     CoreStats::inc(&core.stats.public_conns_total);
     let _guard = ConnGuard(core.clone());
@@ -383,6 +398,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                                 client,
                                 scheme: conn.scheme,
                                 hops: hops + 1,
+                                permit: permit.take().expect("one handoff per connection"),
                             };
                             CoreStats::inc(&core.stats.handoffs_out);
                             if let Err(CoreMsg::Public { fd, .. }) =
@@ -432,6 +448,19 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         }
         CoreStats::inc(&core.stats.requests);
         buf.advance(head.head_len);
+        // Counted only for a session that is here (its cell is shared by
+        // all cores), so handoffs are not charged twice.
+        if let Err(wait) = core.limits.check_rate(&core.shared.limits, &session, || {
+            core.shared.rate_for(&session)
+        }) {
+            core.stats.error(ErrorKind::RateLimited);
+            core.shared.limits.count_refused(core.index, &session);
+            let (msg, secs) = guard::too_many(&session, wait);
+            if refuse_request(&mut wh, &head, 429, &msg, &[("Retry-After", &secs)]).await {
+                continue;
+            }
+            break;
+        }
         // Present here but every local uplink is at its stream limit.
         let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, &origin))) else {
             core.stats.error(ErrorKind::Overloaded);

@@ -38,23 +38,30 @@ use crate::scope::{self, Verdict};
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
+    let mut backoff = crate::limits::AcceptBackoff::new("tunnel");
     loop {
         match listener.accept().await {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if stop.get() {
                     return;
                 }
+                backoff.succeeded();
+                // Banned IP or too many handshakes here: closed unread.
+                let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
+                    continue;
+                };
                 let c = core.clone();
                 crate::runtime::spawn_isolated("uplink-handshake", async move {
                     handshake(c, stream).await;
+                    drop(slot);
                 });
             }
             Err(e) => {
                 if stop.get() {
                     return;
                 }
-                tracing::warn!(error = %e, "tunnel accept failed");
-                monoio::time::sleep(std::time::Duration::from_millis(10)).await;
+                let wait = backoff.failed(&e, std::time::Instant::now());
+                monoio::time::sleep(wait).await;
             }
         }
     }
@@ -62,7 +69,18 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
-    tracing::warn!(core = core.index, %reason, "uplink refused");
+    // Reasons can carry agent-supplied text (a session name): escaped and
+    // truncated. A refusal counts toward the peer's handshake ban.
+    let peer = super::guard::peer_of(conn.fd());
+    tracing::warn!(
+        core = core.index,
+        peer = ?peer,
+        reason = ?crate::limits::log_safe(reason),
+        "uplink refused"
+    );
+    if let (Some(p), false) = (peer, code == ErrorCode::Shutdown) {
+        core.shared.limits.handshake_failed(p.ip());
+    }
     let _ = conn.write_frame(&Frame::refuse(code, reason)).await;
 }
 

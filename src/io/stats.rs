@@ -32,10 +32,19 @@ pub enum ErrorKind {
     /// `--proxy-protocol`: a connection without a valid PROXY header, or
     /// one from a peer outside `--trusted-proxies`; closed unanswered.
     ProxyProtocol,
+    /// A public connection over `--max-conns` or `--max-conns-per-ip`.
+    ConnLimit,
+    /// A public connection refused to keep the fd reserve for agents.
+    FdReserve,
+    /// A tunnel connection closed at accept: the core's handshake cap, or
+    /// its IP is banned after failed handshakes.
+    HandshakeLimit,
+    /// A request over its session's rate (429).
+    RateLimited,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 16] = [
+    pub const ALL: [ErrorKind; 20] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -52,6 +61,10 @@ impl ErrorKind {
         ErrorKind::WriteStall,
         ErrorKind::TlsHandshake,
         ErrorKind::ProxyProtocol,
+        ErrorKind::ConnLimit,
+        ErrorKind::FdReserve,
+        ErrorKind::HandshakeLimit,
+        ErrorKind::RateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +85,10 @@ impl ErrorKind {
             ErrorKind::WriteStall => "write_stall",
             ErrorKind::TlsHandshake => "tls_handshake",
             ErrorKind::ProxyProtocol => "proxy_protocol",
+            ErrorKind::ConnLimit => "conn_limit",
+            ErrorKind::FdReserve => "fd_reserve",
+            ErrorKind::HandshakeLimit => "handshake_limit",
+            ErrorKind::RateLimited => "rate_limited",
         }
     }
 }

@@ -1,0 +1,147 @@
+//! The gateway's side of `crate::limits`: which limit applies to a
+//! session, admission at the public and tunnel accept loops, and the
+//! limit series of `/metrics`.
+
+use std::fmt::Write as _;
+use std::mem::ManuallyDrop;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+
+use monoio::net::TcpStream;
+
+use super::{Core, Shared};
+use crate::limits::gate::{rate_with_burst, HandshakeSlot};
+use crate::limits::ConnPermit;
+use crate::scope::Rate;
+
+/// Sent, best effort and without waiting, to a public connection refused
+/// at accept: one non-blocking send on a fresh socket always fits its
+/// buffer, and no task is spent on a connection we are shedding.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 37\r\nRetry-After: 1\r\nConnection: close\r\n\r\n\
+too many connections, retry shortly\r\n";
+
+impl Shared {
+    /// The request rate of `session`: the rate of the token rule that
+    /// claimed it, else `--session-rate`/`--session-burst`; `None`:
+    /// unlimited. Called once per session per core (then cached), so the
+    /// claims lock stays off the request path.
+    pub(crate) fn rate_for(&self, session: &str) -> Option<(Rate, u32)> {
+        // The claim names its rule by the SHA-256 of the rule's secret;
+        // the rules are the ones in force now (reloads swap them).
+        let owner = match self.claims().holder(session) {
+            Some(super::claims::Holder::Rule(h)) => Some(h),
+            _ => None,
+        };
+        let live = self.live();
+        let rule = owner.and_then(|h| {
+            live.tokens
+                .iter()
+                .find(|r| r.secret.sha256() == h && r.allows(session))
+        });
+        let lim = &self.cfg.edge_limits;
+        match rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))) {
+            Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
+            None => lim
+                .session_rate
+                .map(|r| rate_with_burst(r, lim.session_burst)),
+        }
+    }
+
+    /// `ringtunnel_rate_limited_total{session}`: only sessions that
+    /// exist ever get a 429, and at most `MAX_RATE_SESSIONS` names per
+    /// core are kept, so the label set stays bounded.
+    pub(crate) fn limit_metrics(&self) -> String {
+        let mut out = String::new();
+        let name = "ringtunnel_rate_limited_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests refused with 429 (session rate).\n# TYPE {name} counter"
+        );
+        for (session, n) in self.limits.refused_by_session() {
+            let _ = writeln!(out, "{name}{{session={session:?}}} {n}");
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            out,
+            "# HELP ringtunnel_gateway_conn_limit Public connection limits in force.\n\
+             # TYPE ringtunnel_gateway_conn_limit gauge\n\
+             ringtunnel_gateway_conn_limit{{limit=\"max_conns\"}} {}\n\
+             ringtunnel_gateway_conn_limit{{limit=\"max_conns_per_ip\"}} {}\n\
+             ringtunnel_gateway_conn_limit{{limit=\"fd_ceiling\"}} {}\n\
+             # HELP ringtunnel_gateway_admitted_connections Public connections holding a slot (all cores).\n\
+             # TYPE ringtunnel_gateway_admitted_connections gauge\n\
+             ringtunnel_gateway_admitted_connections {}\n\
+             # HELP ringtunnel_gateway_banned_peers_tracked IPs in the failed-handshake table.\n\
+             # TYPE ringtunnel_gateway_banned_peers_tracked gauge\n\
+             ringtunnel_gateway_banned_peers_tracked {}",
+            l.max_conns,
+            l.max_conns_per_ip,
+            l.fd_ceiling,
+            l.conns.total(),
+            l.strikes.len()
+        );
+        out
+    }
+}
+
+/// Admits an accepted public connection, or refuses it (counted; a 503
+/// sent best effort) and the caller drops the socket.
+pub(super) fn admit_public(
+    core: &Core,
+    stream: &TcpStream,
+    peer: SocketAddr,
+) -> Option<ConnPermit> {
+    let trusted = core.cfg().trusted_proxies.contains(peer.ip());
+    match core
+        .shared
+        .limits
+        .admit_public(stream.as_raw_fd(), peer.ip(), trusted)
+    {
+        Ok(p) => Some(p),
+        Err(kind) => {
+            core.stats.error(kind);
+            // SAFETY: a send on a socket we own; MSG_DONTWAIT never blocks
+            // the core, MSG_NOSIGNAL keeps a reset peer from raising SIGPIPE.
+            unsafe {
+                libc::send(
+                    stream.as_raw_fd(),
+                    BUSY.as_ptr().cast(),
+                    BUSY.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                );
+            }
+            None
+        }
+    }
+}
+
+/// Admits a tunnel connection into its handshake, or refuses it (counted;
+/// the caller drops the socket without reading a byte).
+pub(super) fn admit_tunnel(core: &Core, peer: SocketAddr) -> Option<HandshakeSlot> {
+    match core.shared.limits.admit_handshake(&core.limits, peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(kind) => {
+            core.stats.error(kind);
+            tracing::debug!(core = core.index, %peer, "tunnel connection closed at accept");
+            None
+        }
+    }
+}
+
+/// The peer of a socket we hold by fd (a `Transport` mid-handshake).
+pub(super) fn peer_of(fd: RawFd) -> Option<SocketAddr> {
+    // SAFETY: borrowed only for the call; ManuallyDrop never closes it.
+    let s = ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    s.peer_addr().ok()
+}
+
+/// What the gateway sends a request over its session's rate. The wait is
+/// rounded up to whole seconds.
+pub(super) fn too_many(session: &str, wait: std::time::Duration) -> (String, String) {
+    let secs = crate::limits::rate::retry_after_secs(wait);
+    (
+        format!("session '{session}' is over its request rate, retry in {secs} s\n"),
+        secs.to_string(),
+    )
+}

@@ -1,0 +1,480 @@
+//! Limits and abuse resistance over real processes on 127.0.0.1: public
+//! connection limits (per IP, total) and the fd reserve, handshake bans,
+//! per-session rates, the admin endpoint's token and deadline, and
+//! accept loops that back off instead of spinning at EMFILE.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::*;
+use ringtunnel::proto::{encode, Decoder, Frame, FrameType, Hello, PROTOCOL_VERSION};
+
+const DRIVER: &str = "uring";
+
+fn errors(admin: SocketAddr, kind: &str) -> u64 {
+    metric_sum(
+        &metrics(admin),
+        "ringtunnel_errors_total",
+        &format!("kind=\"{kind}\""),
+    )
+}
+
+fn admitted(admin: SocketAddr) -> u64 {
+    metrics(admin)
+        .lines()
+        .find_map(|l| l.strip_prefix("ringtunnel_gateway_admitted_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("admitted connections gauge")
+}
+
+fn wait_admitted(admin: SocketAddr, want: u64) {
+    let t = Instant::now();
+    while admitted(admin) != want {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "admitted connections {} never came back to {want}",
+            admitted(admin)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A keep-alive request on an open connection; its status, 0 if the
+/// connection was closed instead.
+fn get_on(s: &mut TcpStream, host: &str) -> u16 {
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    read_response(s, &mut Vec::new(), false).map_or(0, |r| r.status)
+}
+
+/// What a connection refused at accept sees: a 503 or just the close.
+fn refused_at_accept(public: SocketAddr) -> bool {
+    let mut s = connect(public);
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n");
+    match read_response(&mut s, &mut Vec::new(), false) {
+        None => true,
+        Some(r) => {
+            assert_eq!(r.status, 503, "{}", r.text());
+            assert_eq!(r.header("Retry-After"), Some("1"));
+            true
+        }
+    }
+}
+
+#[test]
+fn per_ip_limit_refuses_the_extra_connection_only() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(DRIVER, &["--max-conns-per-ip", "3"]);
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_routable(public, "demo");
+    wait_admitted(admin, 0);
+
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(public)).collect();
+    for s in &mut held {
+        assert_eq!(get_on(s, "demo"), 200);
+    }
+    assert_eq!(admitted(admin), 3);
+    let before = errors(admin, "conn_limit");
+    assert!(refused_at_accept(public), "the 4th connection was served");
+    assert_eq!(errors(admin, "conn_limit"), before + 1);
+    // The three admitted ones are untouched.
+    for s in &mut held {
+        assert_eq!(get_on(s, "demo"), 200);
+    }
+    drop(held);
+    wait_admitted(admin, 0);
+    let gauge = metric_sum(&metrics(admin), "ringtunnel_gateway_connections", "core=");
+    assert_eq!(gauge, 0);
+    let mut again = connect(public);
+    assert_eq!(get_on(&mut again, "demo"), 200);
+}
+
+#[test]
+fn total_limit_counts_across_cores() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(DRIVER, &["--max-conns", "4"]);
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_routable(public, "demo");
+    wait_admitted(admin, 0);
+    // Spread over both cores by the kernel's hash; the limit is one count.
+    let mut held: Vec<TcpStream> = (0..4).map(|_| connect(public)).collect();
+    for s in &mut held {
+        assert_eq!(get_on(s, "demo"), 200);
+    }
+    for _ in 0..3 {
+        assert!(refused_at_accept(public));
+    }
+    assert!(errors(admin, "conn_limit") >= 3);
+    held.pop();
+    wait_admitted(admin, 3);
+    let mut s = connect(public);
+    assert_eq!(get_on(&mut s, "demo"), 200);
+}
+
+/// One raw HELLO; `Ok(true)` accepted, `Ok(false)` refused.
+fn hello(tunnel: SocketAddr, token: &str) -> bool {
+    let mut s = TcpStream::connect(tunnel).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let h = Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: 0,
+        agent_id: 7,
+        uplink_index: 0,
+        uplinks_total: 1,
+        token: token.into(),
+        session: "banme".into(),
+    };
+    let mut out = BytesMut::new();
+    encode(&Frame::hello(&h), &mut out);
+    s.write_all(&out).unwrap();
+    let mut dec = Decoder::new(64 * 1024);
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(f) = dec.decode(&mut buf).unwrap() {
+            return f.kind == FrameType::Accept;
+        }
+        let mut tmp = [0u8; 4096];
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => panic!("no answer to HELLO"),
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// Whether a silent tunnel connection is closed by the gateway within
+/// `within` (a banned peer) rather than left to its handshake timeout.
+fn closed_at_once(tunnel: SocketAddr, within: Duration) -> bool {
+    let mut s = TcpStream::connect(tunnel).unwrap();
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 16];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn failed_handshakes_ban_the_peer_for_a_while() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(
+        DRIVER,
+        &[
+            "--token",
+            "good",
+            "--handshake-fail-limit",
+            "3",
+            "--handshake-ban",
+            "1.5",
+        ],
+    );
+    let (tunnel, admin) = (gw.addr("tunnel"), gw.addr("admin"));
+    assert!(!hello(tunnel, "bad"));
+    assert!(!hello(tunnel, "bad"));
+    // Two strikes: still let in (the handshake timeout would close it).
+    assert!(!closed_at_once(tunnel, Duration::from_millis(500)));
+    assert!(!hello(tunnel, "bad"));
+    // Three: banned; closed before a byte is read.
+    assert!(closed_at_once(tunnel, Duration::from_millis(500)));
+    assert!(closed_at_once(tunnel, Duration::from_millis(500)));
+    assert!(errors(admin, "handshake_limit") >= 2);
+    std::thread::sleep(Duration::from_millis(1600));
+    let _agent = agent(
+        DRIVER,
+        &gw,
+        "demo",
+        echo.addr("listen"),
+        &["--token", "good"],
+    );
+    wait_routable(gw.addr("public"), "demo");
+}
+
+#[test]
+fn handshakes_in_progress_are_capped_per_core() {
+    let gw = gateway(DRIVER, &["--cores", "1", "--max-handshakes", "2"]);
+    let (tunnel, admin) = (gw.addr("tunnel"), gw.addr("admin"));
+    // Two silent peers hold both slots (their HELLO never comes).
+    let a = TcpStream::connect(tunnel).unwrap();
+    let _b = TcpStream::connect(tunnel).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(closed_at_once(tunnel, Duration::from_millis(500)));
+    assert_eq!(errors(admin, "handshake_limit"), 1);
+    // A slot comes back when its handshake ends.
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!closed_at_once(tunnel, Duration::from_millis(500)));
+}
+
+#[test]
+fn session_rate_allows_exactly_the_burst_then_429() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(DRIVER, &["--session-rate", "1/h", "--session-burst", "5"]);
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    // Wait without spending the burst: an uplink on every core (requests
+    // then never hop), seen in /stats.
+    let t = Instant::now();
+    while session_placement(&stats_json(admin), "demo") != Some(vec![1, 1]) {
+        assert!(t.elapsed() < Duration::from_secs(10), "uplinks not placed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let rs: Vec<Resp> = (0..8)
+        .map(|_| {
+            request(
+                public,
+                "GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
+            )
+        })
+        .collect();
+    let ok = rs.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&Resp> = rs.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(
+        (ok, limited.len()),
+        (5, 3),
+        "{:?}",
+        rs.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in limited {
+        let secs: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+        // One token per hour; rounded up, minus the test's own seconds.
+        assert!((3590..=3600).contains(&secs), "Retry-After {secs}");
+    }
+    let m = metrics(admin);
+    assert_eq!(
+        metric_sum(&m, "ringtunnel_rate_limited_total", "session=\"demo\""),
+        3,
+        "{m}"
+    );
+    assert_eq!(errors(admin, "rate_limited"), 3);
+}
+
+fn admin_get(admin: SocketAddr, auth: Option<&str>) -> Resp {
+    let hdr = auth
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    request(
+        admin,
+        &format!("GET /metrics HTTP/1.1\r\nHost: x\r\n{hdr}\r\n"),
+    )
+}
+
+#[test]
+fn admin_token_is_required_when_set() {
+    let gw = gateway(DRIVER, &["--admin-token", "s3cret"]);
+    let admin = gw.addr("admin");
+    let denied = admin_get(admin, None);
+    assert_eq!(denied.status, 401);
+    assert_eq!(denied.header("WWW-Authenticate"), Some("Bearer"));
+    assert!(!denied.text().contains("ringtunnel_"));
+    assert_eq!(admin_get(admin, Some("s3cre")).status, 401);
+    assert_eq!(admin_get(admin, Some("s3cret-")).status, 401);
+    let ok = admin_get(admin, Some("s3cret"));
+    assert_eq!(ok.status, 200);
+    assert!(ok.text().contains("ringtunnel_errors_total"));
+}
+
+#[test]
+fn admin_clients_that_stall_cannot_hold_it() {
+    let gw = gateway(DRIVER, &[]);
+    let admin = gw.addr("admin");
+    // One sends nothing; one asks and never reads (a tiny receive buffer).
+    let _silent = TcpStream::connect(admin).unwrap();
+    let mut deaf = connect_small_rcvbuf(admin, 1024);
+    deaf.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let t = Instant::now();
+    let r = admin_get(admin, None);
+    assert_eq!(r.status, 200);
+    // Each stalled client gets at most the 2 s deadline (twice for the
+    // deaf one: request, answer); before, the silent one alone held the
+    // thread 5 s and a deaf one forever.
+    assert!(
+        t.elapsed() < Duration::from_millis(4500),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are
+    // fields 14 and 15 of the whole line.
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks / hz
+}
+
+/// `ringtunnel gateway` under `prlimit --nofile=N:N`.
+fn gateway_with_nofile(nofile: u32, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec![format!("--nofile={nofile}:{nofile}"), BIN.into()];
+    args.extend(
+        [
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--driver",
+            DRIVER,
+            "--cores",
+            "1",
+        ]
+        .map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut child = Command::new("prlimit")
+        .args(&args)
+        .env(
+            "RUST_LOG",
+            std::env::var("RT_TEST_LOG").unwrap_or("warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prlimit (util-linux) must be installed");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines
+        .next()
+        .and_then(Result::ok)
+        .filter(|l| l.starts_with("ringtunnel gateway ready"))
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("gateway under prlimit did not start")
+        });
+    // Keep draining stdout so the child never blocks on it.
+    std::thread::spawn(move || for _ in lines {});
+    Proc {
+        child,
+        ready,
+        name: "gateway",
+    }
+}
+
+#[test]
+fn fd_reserve_keeps_room_for_agents_when_the_public_side_is_full() {
+    let echo = echo(DRIVER, 0);
+    // 128 fds: the reserve is 64, so the public side stops near fd 64.
+    let gw = gateway_with_nofile(128, &["--header-timeout", "60"]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+
+    // Saturate the public side: beyond the ceiling, 503 or closed.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(connect(public));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = errors(admin, "fd_reserve");
+    assert!(refused >= 20, "fd_reserve refusals: {refused}");
+    assert!(gw.fd_count() < 128 - 32, "fds {}", gw.fd_count());
+
+    // The reserve lets an agent in while the public side is full.
+    let _agent = agent(
+        DRIVER,
+        &gw,
+        "demo",
+        echo.addr("listen"),
+        &["--cores", "1", "--uplinks", "1"],
+    );
+    let t = Instant::now();
+    while session_placement(&stats_json(admin), "demo") != Some(vec![1]) {
+        assert!(t.elapsed() < Duration::from_secs(10), "agent not placed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Refused connections cost nothing while they keep coming.
+    let c0 = cpu_secs(gw.pid());
+    for _ in 0..50 {
+        assert!(refused_at_accept(public));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_secs(gw.pid()) - c0;
+    assert!(used < 0.3, "{used:.2} s of CPU for 50 refusals");
+    drop(held);
+    wait_admitted(admin, 0);
+}
+
+/// The lowest fd number a process does not hold.
+fn lowest_free_fd(pid: u32) -> u32 {
+    let used: std::collections::HashSet<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    (0..).find(|n| !used.contains(n)).unwrap()
+}
+
+fn set_soft_nofile(pid: u32, soft: &str) {
+    let ok = Command::new("prlimit")
+        .args(["--pid", &pid.to_string(), &format!("--nofile={soft}:")])
+        .status()
+        .expect("prlimit (util-linux) must be installed")
+        .success();
+    assert!(ok, "prlimit --pid {pid} --nofile={soft}:");
+}
+
+/// Every accept loop at EMFILE, with connections queued on each: the
+/// gateway must wait, not spin. The soft limit is lowered under the
+/// running gateway to its lowest free fd, so the next descriptor it asks
+/// for fails, deterministically (the admin thread's next accept included,
+/// once it has served the request it was blocked on).
+fn at_emfile_nothing_spins(driver: &str) {
+    let gw = gateway(driver, &["--cores", "1"]);
+    let (public, tunnel, admin) = (gw.addr("public"), gw.addr("tunnel"), gw.addr("admin"));
+    let before = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let soft = before
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap()
+        .to_string();
+    set_soft_nofile(gw.pid(), &lowest_free_fd(gw.pid()).to_string());
+    // The admin thread was already blocked in accept (its fd reserved):
+    // this request is served, and its next accept fails.
+    assert_eq!(admin_get(admin, None).status, 200);
+    let queued: Vec<TcpStream> = [public, tunnel, admin, public, tunnel]
+        .iter()
+        .map(|a| TcpStream::connect(a).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let c0 = cpu_secs(gw.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_secs(gw.pid()) - c0;
+    assert!(
+        used < 0.2,
+        "gateway burned {used:.2} s of CPU in 2 s at EMFILE"
+    );
+
+    // Back to normal within the longest back-off (1 s).
+    set_soft_nofile(gw.pid(), &soft);
+    drop(queued);
+    let t = Instant::now();
+    while admin_get(admin, None).status != 200 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "admin never recovered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = request(
+        public,
+        "GET / HTTP/1.1\r\nHost: nobody\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+both_drivers!(at_emfile_nothing_spins, super::at_emfile_nothing_spins);

@@ -168,6 +168,12 @@ impl GatewayConfig {
         check_cores(&self.cores)?;
         self.check_plaintext_exposure()?;
         self.edge_limits.validate()?;
+        if self.hold_queue == 0 {
+            return Err(
+                "--hold-queue must be at least 1 (use --session-lease 0 to never hold requests)"
+                    .into(),
+            );
+        }
         if self.admin_token.as_deref() == Some("") {
             return Err("--admin-token must not be empty".into());
         }
@@ -309,6 +315,17 @@ pub struct EchoServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_hold_queue_is_refused() {
+        let c = GatewayConfig {
+            tunnel_listen: "127.0.0.1:0".into(),
+            hold_queue: 0,
+            ..GatewayConfig::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("--hold-queue"), "{e}");
+    }
 
     #[test]
     fn plaintext_tunnel_off_loopback_needs_tls_or_an_explicit_opt_out() {

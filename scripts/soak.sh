@@ -336,6 +336,14 @@ restart_agent() {
     { wait "$old"; } 2>/dev/null || true # no "Killed" job notice
     forget_pid "$old"
   else
+    # The agent drains on SIGTERM (GOAWAY, in-flight streams finish for up
+    # to its --shutdown-grace, 10 s): wait that long before forcing it,
+    # as a service manager would.
+    kill -TERM "$old" 2>/dev/null || true
+    for _ in $(seq 1 150); do
+      kill -0 "$old" 2>/dev/null || break
+      sleep 0.1
+    done
     rt_stop "$old"
   fi
   start_agent

@@ -49,6 +49,15 @@ enum Cmd {
     Bench(ringtunnel::bench::BenchArgs),
     /// Echo + gateway + agent on loopback, then a short benchmark.
     Demo(ringtunnel::demo::DemoArgs),
+    /// Prints a shell completion script (e.g. `ringtunnel completions bash
+    /// > /etc/bash_completion.d/ringtunnel`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Prints the manual page (roff) of ringtunnel and its subcommands
+    /// (e.g. `ringtunnel man | man -l -`).
+    Man,
 }
 
 #[derive(Args, Clone)]
@@ -774,7 +783,32 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
         }
         Cmd::Bench(a) => ringtunnel::bench::run(a),
         Cmd::Demo(a) => ringtunnel::demo::run(a),
+        Cmd::Completions { shell } => {
+            // Generated from the same clap definitions as the parser, so
+            // they can never list a flag that does not exist.
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "ringtunnel", &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man => print_man(),
     }
+}
+
+/// The manual: the top-level page, then one section per subcommand.
+fn print_man() -> Result<(), String> {
+    let cmd = Cli::command().name("ringtunnel");
+    let mut out = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut out)
+        .map_err(|e| e.to_string())?;
+    for sub in cmd.get_subcommands() {
+        let name = format!("ringtunnel-{}", sub.get_name());
+        clap_mangen::Man::new(sub.clone().name(name))
+            .render(&mut out)
+            .map_err(|e| e.to_string())?;
+    }
+    use std::io::Write as _;
+    std::io::stdout().write_all(&out).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -42,10 +42,64 @@ pub mod defaults {
     pub const HANDSHAKE_MAX_BAN: Duration = Duration::from_secs(600);
 }
 
+/// The backend address as people type it: `3000` or `:3000` means
+/// `127.0.0.1:3000`; `http://host[:port][/...]` means `host:port` (80 by
+/// default); `https://` is refused (the agent speaks plain HTTP to its
+/// backend).
+pub fn backend_addr(to: &str) -> Result<String, String> {
+    let t = to.trim();
+    if let Some(rest) = t.strip_prefix("https://") {
+        let _ = rest;
+        return Err(format!(
+            "--to {t}: the agent speaks plain HTTP to its backend; give the host:port of a plain-HTTP listener"
+        ));
+    }
+    let t = match t.strip_prefix("http://") {
+        Some(rest) => {
+            let authority = rest.split('/').next().unwrap_or("");
+            if authority.is_empty() {
+                return Err(format!("--to {to}: no host"));
+            }
+            if authority.contains(':') {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            }
+        }
+        None => t.to_string(),
+    };
+    let port = t.strip_prefix(':').unwrap_or(&t);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        return match port.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(format!("127.0.0.1:{p}")),
+            _ => Err(format!("--to {to}: not a port (1-65535)")),
+        };
+    }
+    Ok(t)
+}
+
+/// The gateway address as people type it: a host without a port means
+/// the tunnel port 7000.
+pub fn gateway_addr(gateway: &str) -> String {
+    let g = gateway.trim();
+    let colons = g.matches(':').count();
+    match g.strip_prefix('[') {
+        Some(rest) if rest.contains("]:") => g.to_string(),
+        Some(_) => format!("{g}:7000"),
+        None if colons == 1 => g.to_string(),
+        // A bare IPv6 literal: bracket it to add the port.
+        None if colons > 1 => format!("[{g}]:7000"),
+        None => format!("{g}:7000"),
+    }
+}
+
 /// Worker cores are tracked in 64-bit masks (the session directory).
 pub const MAX_CORES: usize = 64;
 
 fn check_cores(c: &Cores) -> Result<(), String> {
+    if c.cores == 0 {
+        return Err("--cores 0: at least one worker core is needed".into());
+    }
     if c.cores > MAX_CORES {
         return Err(format!(
             "--cores {}: at most {MAX_CORES} worker cores are supported",
@@ -67,7 +121,9 @@ pub struct Cores {
 impl Cores {
     pub fn new(cores: Option<usize>, pin: bool, driver: DriverKind) -> Self {
         Cores {
-            cores: cores.unwrap_or_else(crate::runtime::available_cores).max(1),
+            // Not clamped: `--cores 0` is refused with a message (check_cores,
+            // spawn_workers), never silently turned into 1.
+            cores: cores.unwrap_or_else(crate::runtime::available_cores),
             pin,
             driver,
             first_core: 0,
@@ -315,6 +371,39 @@ pub struct EchoServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_as_people_type_them() {
+        assert_eq!(backend_addr("3000").unwrap(), "127.0.0.1:3000");
+        assert_eq!(backend_addr(":8081").unwrap(), "127.0.0.1:8081");
+        assert_eq!(
+            backend_addr("http://127.0.0.1:3000/").unwrap(),
+            "127.0.0.1:3000"
+        );
+        assert_eq!(backend_addr("http://app.local").unwrap(), "app.local:80");
+        assert_eq!(backend_addr("10.0.0.5:9000").unwrap(), "10.0.0.5:9000");
+        assert!(backend_addr("https://127.0.0.1:3000")
+            .unwrap_err()
+            .contains("plain HTTP"));
+        assert!(backend_addr("70000").is_err());
+        assert!(backend_addr("0").is_err());
+        assert_eq!(gateway_addr("gw.example.com"), "gw.example.com:7000");
+        assert_eq!(gateway_addr("gw.example.com:7443"), "gw.example.com:7443");
+        assert_eq!(gateway_addr("[::1]:7000"), "[::1]:7000");
+        assert_eq!(gateway_addr("[::1]"), "[::1]:7000");
+        assert_eq!(gateway_addr("127.0.0.1"), "127.0.0.1:7000");
+        assert_eq!(gateway_addr("::1"), "[::1]:7000");
+    }
+
+    #[test]
+    fn zero_cores_are_refused() {
+        let c = GatewayConfig {
+            tunnel_listen: "127.0.0.1:0".into(),
+            cores: Cores::new(Some(0), false, DriverKind::Auto),
+            ..GatewayConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("--cores 0"));
+    }
 
     #[test]
     fn an_empty_hold_queue_is_refused() {

@@ -160,13 +160,15 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
     cfg.validate()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     crate::runtime::raise_nofile_limit();
-    let gateway = crate::runtime::resolve(&cfg.gateway)?;
-    let backend = crate::runtime::resolve(&cfg.to)?;
+    let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    let gateway_text = crate::config::gateway_addr(&cfg.gateway);
+    let gateway = crate::runtime::resolve(&gateway_text)?;
+    let backend = crate::runtime::resolve(&crate::config::backend_addr(&cfg.to).map_err(bad)?)?;
     let tls = match &cfg.tls {
         Some(files) => {
             let bad = |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
             let config = crate::tls::client_config(files).map_err(bad)?;
-            let name = crate::tls::server_name(files, &cfg.gateway).map_err(bad)?;
+            let name = crate::tls::server_name(files, &gateway_text).map_err(bad)?;
             Some((monoio_rustls::TlsConnector::from(config), name))
         }
         None => None,

@@ -122,6 +122,12 @@ where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + 'static,
 {
+    if spec.cores == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "--cores 0: at least one worker core is needed",
+        ));
+    }
     let driver = spec.driver.resolve();
     if spec.driver == DriverKind::Uring && !monoio::utils::detect_uring() {
         return Err(io::Error::new(

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::pki::Ca;
 use common::*;
-use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 
 const ALPHA: &str = "alpha-secret-0123456789abcdef";
 const BETA: &str = "beta-secret-0123456789abcdef";
@@ -428,40 +428,6 @@ fn bad_file_on_sighup_keeps_the_running_configuration() {
     assert!(err.contains("next restart: max_streams"), "stderr:\n{err}");
 }
 
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().unwrap();
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca { params, key, pem }
-    }
-
-    /// A server certificate for 127.0.0.1: (cert PEM, key PEM).
-    fn issue(&self) -> (String, String) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params
-            .signed_by(&key, &Issuer::from_params(&self.params, &self.key))
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 #[test]
 fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
     let dir = Dir::new();
@@ -469,7 +435,7 @@ fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
     let old_ca_file = dir.write("old-ca.pem", &old_ca.pem);
     let new_ca_file = dir.write("new-ca.pem", &new_ca.pem);
-    let (cert, key) = old_ca.issue();
+    let (cert, key) = old_ca.issue(&["127.0.0.1"], false, false);
     let cert_file = dir.write("gw.pem", &cert);
     let key_file = dir.write("gw.key", &key);
     let file = dir.write(
@@ -489,7 +455,7 @@ fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
     );
     wait_routable(public, "old");
 
-    let (cert, key) = new_ca.issue();
+    let (cert, key) = new_ca.issue(&["127.0.0.1"], false, false);
     dir.write("gw.pem", &cert);
     dir.write("gw.key", &key);
     reload(&gw, true);
@@ -515,7 +481,7 @@ fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
 
     // A certificate that does not match its key is refused on reload, and
     // the new one stays in use.
-    let (other_cert, _) = new_ca.issue();
+    let (other_cert, _) = new_ca.issue(&["127.0.0.1"], false, false);
     dir.write("gw.pem", &other_cert);
     reload(&gw, false);
     let _new2 = agent_with(

@@ -5,48 +5,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::pki::Ca;
+use common::pki::{Ca, Dir};
 use common::*;
 
 const ALPHA: &str = "alpha-secret-0123456789abcdef";
 const BETA: &str = "beta-secret-0123456789abcdef";
 const GAMMA: &str = "gamma-secret-0123456789abcdef";
-
-/// A temp dir removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ringtunnel-cfg-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-
-    fn write(&self, name: &str, text: &str) -> String {
-        let p = self.0.join(name);
-        // Write then rename, as an operator's tooling would: a reload
-        // never sees half a file.
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).unwrap();
-        std::fs::rename(&tmp, &p).unwrap();
-        p.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The keys every gateway file here starts with: loopback on free ports,
 /// two unpinned cores (the tests share the machine).
@@ -164,7 +130,7 @@ fn get(public: SocketAddr, host: &str, path: &str) -> Resp {
 
 #[test]
 fn gateway_and_agent_start_from_files() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let echo = echo("legacy", 0);
     let file = dir.write(
         "gw.toml",
@@ -210,7 +176,7 @@ fn gateway_and_agent_start_from_files() {
 
 #[test]
 fn flags_override_the_file_and_print_config_masks_secrets() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let hashed = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
     let file = dir.write(
         "gw.toml",
@@ -288,7 +254,7 @@ fn flags_override_the_file_and_print_config_masks_secrets() {
 
 #[test]
 fn bad_files_fail_at_start_naming_key_and_line() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let file = dir.write(
         "gw.toml",
         &gw_file("legacy", "body_idle_timeout = 3\nbody_idel_timeout = 4\n"),
@@ -317,7 +283,7 @@ fn bad_files_fail_at_start_naming_key_and_line() {
 
 #[test]
 fn sighup_swaps_tokens_revokes_uplinks_and_keeps_transfers() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let echo = echo("legacy", 0);
     let name = "gw.toml";
     let v1 = gw_file(
@@ -382,7 +348,7 @@ fn sighup_swaps_tokens_revokes_uplinks_and_keeps_transfers() {
 
 #[test]
 fn bad_file_on_sighup_keeps_the_running_configuration() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let echo = echo("legacy", 0);
     let name = "gw.toml";
     let file = dir.write(name, &gw_file("legacy", &token_table(ALPHA, "[\"alpha\"]")));
@@ -430,7 +396,7 @@ fn bad_file_on_sighup_keeps_the_running_configuration() {
 
 #[test]
 fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
-    let dir = Dir::new();
+    let dir = Dir::new("cfg");
     let echo = echo("legacy", 0);
     let (old_ca, new_ca) = (Ca::new("old CA"), Ca::new("new CA"));
     let old_ca_file = dir.write("old-ca.pem", &old_ca.pem);

@@ -6,40 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::pki::Ca;
+use common::pki::{Ca, Dir};
 use common::*;
-
-/// A temp dir removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "ringtunnel-tls-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-
-    fn write(&self, name: &str, pem: &str) -> String {
-        let p = self.0.join(name);
-        std::fs::write(&p, pem).unwrap();
-        p.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Files of one test: a CA, the gateway's certificate for localhost and
 /// 127.0.0.1, and a second, unrelated CA.
@@ -57,7 +27,7 @@ impl Pki {
     }
 
     fn with_gateway_cert(expired: bool) -> Pki {
-        let dir = Dir::new();
+        let dir = Dir::new("tls");
         let ca = Ca::new("ringtunnel test CA");
         let other = Ca::new("some other CA");
         let (cert, key) = ca.issue(&["localhost", "127.0.0.1"], false, expired);

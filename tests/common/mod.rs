@@ -642,12 +642,36 @@ impl Proc {
 }
 
 /// Like `spawn`, with extra environment variables for the child.
+///
+/// A server asked for port 0 picks a free port and then binds it on every
+/// core; another test's connection can take that port in between, and the
+/// server then exits at start-up ("address in use"). That race is the
+/// harness's, not the product's: a child that exits before its ready line
+/// is started again, at most twice more.
 pub fn spawn_env(
     name: &'static str,
     args: &[&str],
     ready_prefix: &str,
     envs: &[(&str, &str)],
 ) -> Proc {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match try_spawn_env(name, args, ready_prefix, envs) {
+            Ok(p) => return p,
+            Err(true) if tries < 3 => continue,
+            Err(_) => panic!("{name} did not become ready: {args:?}"),
+        }
+    }
+}
+
+/// One start; `Err(true)`: the child exited before its ready line.
+fn try_spawn_env(
+    name: &'static str,
+    args: &[&str],
+    ready_prefix: &str,
+    envs: &[(&str, &str)],
+) -> Result<Proc, bool> {
     let mut child = Command::new(BIN)
         .args(args)
         .env(
@@ -677,10 +701,11 @@ pub fn spawn_env(
         }
     });
     match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(ready) => Proc { child, ready, name },
-        Err(_) => {
+        Ok(ready) => Ok(Proc { child, ready, name }),
+        Err(e) => {
             let _ = child.kill();
-            panic!("{name} did not become ready: {args:?}");
+            let _ = child.wait();
+            Err(e == mpsc::RecvTimeoutError::Disconnected)
         }
     }
 }

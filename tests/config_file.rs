@@ -61,7 +61,7 @@ fn refused_agent(gw: &Proc, session: &str, backend: SocketAddr, extra: &[&str]) 
     let args = agent_args("legacy", gw, session, backend, extra);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut bg = spawn_nowait("agent", &refs);
-    let code = wait_exit(&mut bg, Duration::from_secs(10));
+    let code = bg.wait_exit(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(100));
     let err = bg.stderr();
     assert!(
@@ -69,17 +69,6 @@ fn refused_agent(gw: &Proc, session: &str, backend: SocketAddr, extra: &[&str]) 
         "agent should exit non-zero, got {code:?}; stderr:\n{err}"
     );
     err
-}
-
-fn wait_exit(bg: &mut Bg, limit: Duration) -> Option<i32> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Ok(Some(st)) = bg.proc.child.try_wait() {
-            return Some(st.code().unwrap_or(-1));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 /// `ringtunnel ARGS` run to completion: (exit code, stdout, stderr).
@@ -334,7 +323,9 @@ fn sighup_swaps_tokens_revokes_uplinks_and_keeps_transfers() {
     // alpha's uplinks got GOAWAY; its agent is refused on reconnect and
     // gives up, and the session disappears.
     assert!(
-        wait_exit(&mut alpha, Duration::from_secs(10)).is_some_and(|c| c != 0),
+        alpha
+            .wait_exit(Duration::from_secs(10))
+            .is_some_and(|c| c != 0),
         "the revoked agent should give up; stderr:\n{}",
         alpha.stderr()
     );

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::*;
-use ringtunnel::proto::{self, Decoder, ErrorCode, Frame, FrameType, Hello};
+use ringtunnel::proto::{self, Decoder, ErrorCode, Frame, FrameType};
 
 both_drivers!(agent_killed_mid_stream_other_sessions_unaffected, |d| {
     let echo = echo(d, 0);
@@ -146,18 +146,6 @@ both_drivers!(slow_reader_100mib_memory_bounded_other_streams_flow, |d| {
     );
 });
 
-fn hello(session: &str) -> Frame {
-    Frame::hello(&Hello {
-        version: proto::PROTOCOL_VERSION,
-        capabilities: 0,
-        agent_id: 7,
-        uplink_index: 0,
-        uplinks_total: 1,
-        token: String::new(),
-        session: session.into(),
-    })
-}
-
 fn read_frame(s: &mut std::net::TcpStream, buf: &mut BytesMut) -> Option<Frame> {
     let mut dec = Decoder::new(proto::DEFAULT_MAX_FRAME);
     loop {
@@ -176,7 +164,7 @@ fn read_frame(s: &mut std::net::TcpStream, buf: &mut BytesMut) -> Option<Frame> 
 fn fake_uplink(tunnel: std::net::SocketAddr, session: &str) -> (std::net::TcpStream, BytesMut) {
     let mut s = connect(tunnel);
     let mut b = BytesMut::new();
-    proto::encode(&hello(session), &mut b);
+    proto::encode(&fake_hello(session), &mut b);
     s.write_all(&b).unwrap();
     let mut buf = BytesMut::new();
     let f = read_frame(&mut s, &mut buf).expect("ACCEPT");
@@ -299,7 +287,7 @@ fn bad_token_and_bad_hello_are_refused() {
     let tunnel = gw.addr("tunnel");
     let mut s = connect(tunnel);
     let mut b = BytesMut::new();
-    proto::encode(&hello("app"), &mut b);
+    proto::encode(&fake_hello("app"), &mut b);
     s.write_all(&b).unwrap();
     let mut buf = BytesMut::new();
     let f = read_frame(&mut s, &mut buf).expect("REFUSE");

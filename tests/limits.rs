@@ -323,23 +323,8 @@ fn cpu_secs(pid: u32) -> f64 {
 /// `ringtunnel gateway` under `prlimit --nofile=N:N`.
 fn gateway_with_nofile(nofile: u32, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec![format!("--nofile={nofile}:{nofile}"), BIN.into()];
-    args.extend(
-        [
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--tunnel-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--no-pin",
-            "--driver",
-            DRIVER,
-            "--cores",
-            "1",
-        ]
-        .map(String::from),
-    );
+    args.extend(GATEWAY_BASE.map(String::from));
+    args.extend(["--no-pin", "--driver", DRIVER, "--cores", "1"].map(String::from));
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut child = Command::new("prlimit")
         .args(&args)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use common::*;
-use ringtunnel::proto::{self, Decoder, ErrorCode, Frame, FrameType, Hello};
+use ringtunnel::proto::{self, Decoder, ErrorCode, Frame, FrameType};
 
 // ---------------------------------------------------------------------
 // Helpers
@@ -187,18 +187,6 @@ fn check_pattern(body: &[u8]) {
 
 // --- a fake agent over a std socket ---------------------------------
 
-fn hello(session: &str) -> Frame {
-    Frame::hello(&Hello {
-        version: proto::PROTOCOL_VERSION,
-        capabilities: 0,
-        agent_id: 0x5eed,
-        uplink_index: 0,
-        uplinks_total: 1,
-        token: String::new(),
-        session: session.into(),
-    })
-}
-
 enum Next {
     Frame(Frame),
     Closed,
@@ -216,7 +204,7 @@ impl Uplink {
     /// HELLO on `s`, then ACCEPT expected.
     fn handshake(mut s: TcpStream, session: &str) -> Uplink {
         let mut b = BytesMut::new();
-        proto::encode(&hello(session), &mut b);
+        proto::encode(&fake_hello(session), &mut b);
         s.write_all(&b).unwrap();
         let mut up = Uplink {
             s,

@@ -50,24 +50,12 @@ impl Pki {
     }
 }
 
-/// Waits for the process to exit; returns its exit code.
-fn wait_exit(bg: &mut Bg, limit: Duration) -> Option<i32> {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if let Ok(Some(st)) = bg.proc.child.try_wait() {
-            return Some(st.code().unwrap_or(-1));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
 /// Starts an agent expected to give up; returns its stderr once it exited.
 fn refused_agent(gw: &Proc, backend: SocketAddr, extra: &[&str]) -> String {
     let args = agent_args("uring", gw, "demo", backend, extra);
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut bg = spawn_nowait("agent", &refs);
-    let code = wait_exit(&mut bg, Duration::from_secs(10));
+    let code = bg.wait_exit(Duration::from_secs(10));
     // The reader threads may lag the exit by a moment.
     std::thread::sleep(Duration::from_millis(100));
     let err = bg.stderr();
@@ -257,7 +245,7 @@ fn plaintext_gateway_off_loopback_refuses_to_start() {
         "--no-pin",
     ];
     let mut bg = spawn_nowait("gateway", &args);
-    let code = wait_exit(&mut bg, Duration::from_secs(5));
+    let code = bg.wait_exit(Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(100));
     let err = bg.stderr();
     assert!(
@@ -299,7 +287,7 @@ fn bad_tls_files_are_named_at_start_up() {
         &pki.key,
     ];
     let mut bg = spawn_nowait("gateway", &args);
-    let code = wait_exit(&mut bg, Duration::from_secs(5));
+    let code = bg.wait_exit(Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(100));
     assert!(matches!(code, Some(c) if c != 0));
     let err = bg.stderr();

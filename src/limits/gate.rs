@@ -265,25 +265,25 @@ impl CoreLimits {
         session: &str,
         limit: impl FnOnce() -> Option<(Rate, u32)>,
     ) -> Result<(), Duration> {
-        let cell = {
-            let cached = self.cells.borrow().get(session).cloned();
-            match cached {
-                Some(c) => c,
-                None => {
-                    let c = limit().map(|l| shared.cell(session, l));
-                    let mut m = self.cells.borrow_mut();
-                    if m.len() >= MAX_RATE_SESSIONS {
-                        m.clear();
-                    }
-                    m.insert(session.to_string(), c.clone());
-                    c
-                }
-            }
-        };
-        match cell {
+        // The common case, a cached entry, is checked in place: no clone of
+        // the shared `Arc` (whose count is a cache line every core touches).
+        if let Some(cached) = self.cells.borrow().get(session) {
+            return match cached {
+                Some(c) => c.check(shared.now_ns()),
+                None => Ok(()),
+            };
+        }
+        let c = limit().map(|l| shared.cell(session, l));
+        let verdict = match &c {
             Some(c) => c.check(shared.now_ns()),
             None => Ok(()),
+        };
+        let mut m = self.cells.borrow_mut();
+        if m.len() >= MAX_RATE_SESSIONS {
+            m.clear();
         }
+        m.insert(session.to_string(), c);
+        verdict
     }
 
     /// Forgets the cached limit of `session` (its claim changed).

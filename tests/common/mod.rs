@@ -429,6 +429,18 @@ pub struct Bg {
 }
 
 impl Bg {
+    /// Waits up to `limit` for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(st)) = self.proc.child.try_wait() {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn stdout(&self) -> String {
         self.stdout.lock().unwrap().clone()
     }
@@ -830,4 +842,19 @@ pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
         s.set_nodelay(true).unwrap();
         s
     }
+}
+
+/// The HELLO of a fake agent (a test speaking the uplink protocol over a
+/// std socket): open gateway, one uplink.
+pub fn fake_hello(session: &str) -> ringtunnel::proto::Frame {
+    use ringtunnel::proto::{Frame, Hello, PROTOCOL_VERSION};
+    Frame::hello(&Hello {
+        version: PROTOCOL_VERSION,
+        capabilities: 0,
+        agent_id: 7,
+        uplink_index: 0,
+        uplinks_total: 1,
+        token: String::new(),
+        session: session.into(),
+    })
 }

@@ -448,3 +448,85 @@ fn sigkill_restarts_lose_at_most_the_requests_in_flight() {
     // 8 clients, one request each in flight per kill.
     assert!(failed <= 3 * 8, "{failed} failed");
 }
+
+#[test]
+fn a_draining_agent_does_not_count_toward_max_uplinks() {
+    let rules = vec![TokenRule {
+        max_uplinks: Some(2),
+        ..rule("two-uplinks-key", &["*"])
+    }];
+    let gw = gateway_with(rules, Duration::from_secs(30), Duration::from_secs(5));
+    let public = gw.public_addr();
+    let echo = echo("uring", 0);
+    let args = [
+        "--token",
+        "two-uplinks-key",
+        "--agent-id",
+        "21",
+        "--uplinks",
+        "2",
+    ];
+    let mut old = agent_ready(&gw, "drain", echo.addr("listen"), &args);
+    // A response that takes 6 s keeps one old uplink draining.
+    let inflight = std::thread::spawn(move || get(public, "drain", "/drip?bytes=60&delay_ms=100"));
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe {
+        libc::kill(old.pid() as i32, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The same agent id, restarted: its 2 uplinks are accepted although
+    // the old process still holds a draining one (before, this waited for
+    // the drain to end: max_uplinks counted it).
+    let _new = agent_ready(&gw, "drain", tag_backend("new"), &args);
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old agent should still be draining"
+    );
+    assert!(!inflight.is_finished(), "the long response ended too soon");
+    let r = get(public, "drain", "/");
+    assert!(r.text().starts_with("backend=new\n"), "{}", r.text());
+    // The drained request finishes whole, then the old agent exits.
+    let r = inflight.join().unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 60), "{}", r.text());
+    let t = Instant::now();
+    while old.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < 10 * SEC, "the old agent never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn held_requests_get_503_when_the_gateway_shuts_down() {
+    let driver = "uring";
+    let mut gw = gateway(
+        driver,
+        &[
+            "--session-lease",
+            "30",
+            "--hold-timeout",
+            "30",
+            "--shutdown-grace",
+            "5",
+        ],
+    );
+    let public = gw.addr("public");
+    let mut a = agent(driver, &gw, "away", tag_backend("A"), &["--agent-id", "5"]);
+    wait_routable(public, "away");
+    a.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting: Vec<_> = (0..3)
+        .map(|i| std::thread::spawn(move || get(public, "away", &format!("/h{i}"))))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.iter().all(|w| !w.is_finished()), "not held");
+    // The hold timeout is 30 s; the gateway must answer them and exit
+    // within its 5 s grace instead.
+    assert!(gw.terminate(Duration::from_secs(7)), "gateway did not exit");
+    for w in waiting {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.text().contains("shutting down"), "{}", r.text());
+        assert_eq!(r.header("Retry-After"), Some("1"));
+        assert_eq!(r.header("Connection"), Some("close"));
+    }
+}

@@ -9,11 +9,14 @@
 //! public request and never per frame.
 //!
 //! The only lock is `Shared::claims` (`claims.rs`), taken when an uplink
-//! connects or goes away: it keeps a session name owned by one token and
-//! agent, counts uplinks per core for placement, and keeps the name leased
-//! to its owner for a while after the last uplink went. It is also read on
-//! the slow path of a request whose session no core holds, to decide
-//! whether the request waits for the owner (`Core::hold`) or gets 502.
+//! connects, starts draining or goes away: it keeps a session name owned
+//! by one token and agent, counts uplinks per core for placement, and
+//! keeps the name leased to its owner for a while after the last uplink
+//! went. Whether a name is reserved reaches every core as a `Lease`
+//! message (sent under that lock, so in its order) and lives in the
+//! per-core `Core::leases` replica: a request whose session no core holds
+//! decides there, without a lock, whether it waits for the owner
+//! (`Core::hold`) or gets 502.
 //!
 //! A core announces a session as present while it holds an uplink of it
 //! that takes new streams: an uplink that got or sent GOAWAY is withdrawn
@@ -48,7 +51,7 @@ use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::{Notify, WaitList};
-use claims::{Claimant, Claims, Refusal};
+use claims::{Claimant, Claims, LeaseReplica, Refusal, Reservation};
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
@@ -79,6 +82,11 @@ pub(crate) enum CoreMsg {
         session: String,
         core: usize,
         present: bool,
+    },
+    /// Lease replica update: whether `session` is reserved now changed.
+    Lease {
+        session: String,
+        state: Reservation,
     },
     /// Tokens were reloaded: close this core's uplinks whose claim's
     /// token no longer covers their session.
@@ -141,18 +149,35 @@ impl Shared {
         here: usize,
         movable: bool,
     ) -> Result<usize, Refusal> {
-        self.claims()
-            .claim(session, who, here, movable, Instant::now())
+        self.update_claims(session, |c, now| c.claim(session, who, here, movable, now))
     }
 
-    fn release(&self, session: &str, core: usize) {
-        self.claims().release(session, core, Instant::now());
+    /// A live uplink of `session` on `core` stopped taking new streams.
+    fn drain(&self, session: &str, core: usize) {
+        self.claims().drain(session, core);
     }
 
-    /// Whether `session` has an owner now (uplinks, perhaps draining, or a
-    /// lease): a request for it may wait for an uplink.
-    pub(crate) fn reserved(&self, session: &str) -> bool {
-        self.claims().reserved(session, Instant::now())
+    /// An uplink of `session` on `core` closed (`drained`: after `drain`).
+    fn release(&self, session: &str, core: usize, drained: bool) {
+        self.update_claims(session, |c, now| c.release(session, core, drained, now));
+    }
+
+    /// Runs `f` on the registry and, still under its lock (so every core
+    /// sees the changes in the registry's order), tells the cores if the
+    /// reservation of `session` changed.
+    fn update_claims<T>(&self, session: &str, f: impl FnOnce(&mut Claims, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut c = self.claims();
+        let before = c.reservation(session, now);
+        let out = f(&mut c, now);
+        let after = c.reservation(session, now);
+        if after != before {
+            self.broadcast(|| CoreMsg::Lease {
+                session: session.to_string(),
+                state: after,
+            });
+        }
+        out
     }
 
     /// Uplinks per core of every session (for /stats).
@@ -223,6 +248,9 @@ pub(crate) enum Held {
     TimedOut,
     /// The queue of this session on this core is full.
     Full,
+    /// The gateway is shutting down: answer at once rather than be
+    /// dropped with the core.
+    ShuttingDown,
 }
 
 /// One gateway core's state; never leaves its thread.
@@ -233,6 +261,8 @@ pub(crate) struct Core {
     sessions: RefCell<HashMap<String, LocalSession>>,
     /// session -> bitmask of cores holding it (replica of the directory).
     replica: RefCell<HashMap<String, u64>>,
+    /// Which names are reserved (replica of the claim registry's leases).
+    leases: RefCell<LeaseReplica>,
     /// Requests waiting for a reserved session to come back, per session.
     holds: RefCell<HashMap<String, Rc<HoldQueue>>>,
     pub(crate) inflight: Cell<usize>,
@@ -283,6 +313,13 @@ impl Core {
                 .is_some_and(|m| *m & others != 0)
     }
 
+    /// Whether `session` has an owner now (uplinks, perhaps all draining,
+    /// or a lease running), per this core's replica: a request for it may
+    /// wait for an uplink. No lock.
+    pub(crate) fn is_reserved(&self, session: &str) -> bool {
+        self.leases.borrow().reserved(session, Instant::now)
+    }
+
     /// Another core holding `session`, spreading by a hint (e.g. the
     /// client port) so handoffs do not all land on one core.
     pub(crate) fn remote_core_for(&self, session: &str, hint: usize) -> Option<usize> {
@@ -303,18 +340,28 @@ impl Core {
             .uplinks
             .push(up.clone());
         self.refresh_presence(&session);
+        // Whether the registry counts this uplink as draining; set by
+        // whichever handler runs first (a close may come without a drain).
+        let drained = Rc::new(Cell::new(false));
+        let closed = Rc::new(Cell::new(false));
         let me = Rc::downgrade(self);
         let name = session.clone();
+        let (d, c) = (drained.clone(), closed.clone());
         up.set_drain_handler(move || {
             if let Some(core) = me.upgrade() {
+                if !c.get() {
+                    d.set(true);
+                    core.shared.drain(&name, core.index);
+                }
                 core.refresh_presence(&name);
             }
         });
         let me = Rc::downgrade(self);
         let id = up.id;
         up.set_close_handler(move || {
+            closed.set(true);
             if let Some(core) = me.upgrade() {
-                core.remove_uplink(&session, id);
+                core.remove_uplink(&session, id, drained.get());
             }
         });
     }
@@ -344,7 +391,7 @@ impl Core {
         }
     }
 
-    fn remove_uplink(&self, session: &str, id: u64) {
+    fn remove_uplink(&self, session: &str, id: u64, drained: bool) {
         let withdraw = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(s) = sessions.get_mut(session) else {
@@ -359,7 +406,7 @@ impl Core {
                 false
             }
         };
-        self.shared.release(session, self.index);
+        self.shared.release(session, self.index, drained);
         tracing::info!(core = self.index, session, uplink = id, "uplink removed");
         if withdraw {
             let core = self.index;
@@ -399,8 +446,14 @@ impl Core {
     /// again, for a request whose session is reserved but has no uplink
     /// taking streams: its agent is restarting. Woken by the directory
     /// message that says the session is back.
+    ///
+    /// A held request counts as in flight, so a stopping core waits for
+    /// it; the shutdown wakes it (`wake_held`) and it ends `ShuttingDown`.
     pub(crate) async fn hold(&self, session: &str) -> Held {
         let cfg = self.cfg();
+        if self.stopping() {
+            return Held::ShuttingDown;
+        }
         let q = self
             .holds
             .borrow_mut()
@@ -411,6 +464,7 @@ impl Core {
             return Held::Full;
         }
         q.waiting.set(q.waiting.get() + 1);
+        self.inflight.set(self.inflight.get() + 1);
         // Leaves the queue however the wait ends (the task may be dropped).
         struct Leave<'a>(&'a Core, &'a str, Rc<HoldQueue>);
         impl Drop for Leave<'_> {
@@ -420,13 +474,33 @@ impl Core {
                 if n == 0 {
                     self.0.holds.borrow_mut().remove(self.1);
                 }
+                let core = self.0;
+                core.inflight.set(core.inflight.get() - 1);
+                if core.inflight.get() == 0 {
+                    core.idle.notify();
+                }
             }
         }
         let _leave = Leave(self, session, q.clone());
-        let back = crate::runtime::notify::wait_until(&q.wake, || self.is_present(session));
+        let back = crate::runtime::notify::wait_until(&q.wake, || {
+            self.is_present(session) || self.stopping()
+        });
         match monoio::time::timeout(cfg.hold_timeout, back).await {
-            Ok(()) => Held::Back,
+            Ok(()) if self.is_present(session) => Held::Back,
+            Ok(()) => Held::ShuttingDown,
             Err(_) => Held::TimedOut,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Wakes every held request of this core (shutdown: they see
+    /// `stopping` and are answered).
+    fn wake_held(&self) {
+        for q in self.holds.borrow().values() {
+            q.wake.wake_all();
         }
     }
 
@@ -633,6 +707,7 @@ async fn core_main(
         shared: shared.clone(),
         sessions: RefCell::new(HashMap::new()),
         replica: RefCell::new(HashMap::new()),
+        leases: RefCell::new(LeaseReplica::default()),
         holds: RefCell::new(HashMap::new()),
         inflight: Cell::new(0),
         idle: Notify::new(),
@@ -686,6 +761,11 @@ async fn core_main(
                 core: c,
                 present,
             } => core.apply_directory(session, c, present),
+            CoreMsg::Lease { session, state } => {
+                core.leases
+                    .borrow_mut()
+                    .apply(session, state, Instant::now())
+            }
             CoreMsg::Revoke => core.revoke_not_allowed(),
             CoreMsg::Shutdown => {}
         });
@@ -701,6 +781,10 @@ async fn core_main(
     for up in core.all_uplinks() {
         up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
     }
+    // Requests waiting for an agent to come back get their answer now
+    // (503) instead of being dropped with the core; they count in
+    // `inflight`, so the loop below waits for that answer.
+    core.wake_held();
     let grace = shared.cfg.shutdown_grace;
     let deadline = std::time::Instant::now() + grace;
     while core.inflight.get() > 0 && std::time::Instant::now() < deadline {

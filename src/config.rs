@@ -40,6 +40,10 @@ pub mod defaults {
     pub const HANDSHAKE_FAIL_WINDOW: Duration = Duration::from_secs(60);
     pub const HANDSHAKE_BAN: Duration = Duration::from_secs(10);
     pub const HANDSHAKE_MAX_BAN: Duration = Duration::from_secs(600);
+    /// Per-(session, client IP) rate cells kept, all sessions together
+    /// (`--rate-ip-table`): about 150 bytes each, plus up to as many
+    /// cache entries per core.
+    pub const RATE_IP_TABLE: usize = 16384;
 }
 
 /// The backend address as people type it: `3000` or `:3000` means

@@ -461,12 +461,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         buf.advance(head.head_len);
         // Counted only for a session that is here (its cell is shared by
         // all cores), so handoffs are not charged twice.
-        if let Err(wait) = core.limits.check_rate(&core.shared.limits, &session, || {
-            core.shared.rate_for(&session)
-        }) {
-            core.stats.error(ErrorKind::RateLimited);
-            core.shared.limits.count_refused(core.index, &session);
-            let (msg, secs) = guard::too_many(&session, wait);
+        if let Err((msg, secs)) = guard::check_rate(&core, &session, client) {
             if refuse_request(&mut wh, &head, 429, &msg, &[("Retry-After", &secs)]).await {
                 continue;
             }

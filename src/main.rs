@@ -674,7 +674,8 @@ fn reload_gateway(
 }
 
 /// Keys whose value differs between two effective configurations, except
-/// the ones `Gateway::reload` applies (tokens and TLS files).
+/// the ones `Gateway::reload` applies (tokens, TLS files and
+/// `config::RELOADABLE`).
 fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
     const LIVE: [&str; 5] = [
         "tokens",
@@ -683,6 +684,7 @@ fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
         "tunnel_tls_key",
         "client_ca",
     ];
+    let live = |k: &str| LIVE.contains(&k) || ringtunnel::config::RELOADABLE.contains(&k);
     let table = |f: &GatewayFile| match toml::Value::try_from(f) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
@@ -691,7 +693,7 @@ fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
     let mut keys: Vec<String> = a
         .keys()
         .chain(b.keys())
-        .filter(|k| !LIVE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .filter(|k| !live(k.as_str()) && a.get(*k) != b.get(*k))
         .cloned()
         .collect();
     keys.sort();

@@ -41,7 +41,7 @@ impl Shared {
                 .iter()
                 .find(|r| r.secret.sha256() == h && r.allows(session))
         });
-        let lim = &self.cfg.edge_limits;
+        let lim = &live.cfg.edge_limits;
         let session_rate = match rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))) {
             Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
             None => lim
@@ -108,8 +108,8 @@ impl Shared {
              # HELP ringtunnel_gateway_banned_peers_tracked IPs in the failed-handshake table.\n\
              # TYPE ringtunnel_gateway_banned_peers_tracked gauge\n\
              ringtunnel_gateway_banned_peers_tracked {}",
-            l.max_conns,
-            l.max_conns_per_ip,
+            l.max_conns(),
+            l.max_conns_per_ip(),
             l.fd_ceiling,
             l.conns.total(),
             l.strikes.len()

@@ -23,10 +23,14 @@
 //! from routing at once, even though its streams in flight go on.
 //!
 //! What a SIGHUP reload may change (tokens with their scopes and limits,
-//! the tunnel's TLS configuration) is `Shared::live`: an `Arc<Live>`
-//! swapped whole under a `RwLock`, read once per uplink handshake and
-//! never on the frame or request path. Everything else in
-//! `Shared::cfg` is fixed at start-up.
+//! the tunnel's TLS configuration, and the edge limits and timeouts of
+//! `config::RELOADABLE`) is `Shared::live`: an `Arc<Live>` swapped whole
+//! under a `RwLock`, read once per uplink handshake and once per session
+//! per core (its rates), never on the frame or request path. Each core
+//! keeps its own copy of the effective configuration (`Core::cfg`, an
+//! `Rc` replaced by the `Reloaded` message), read once per connection or
+//! request; connection limits are atomics in `crate::limits`. Everything
+//! else in `Shared::cfg` is fixed at start-up.
 
 mod claims;
 mod guard;
@@ -88,9 +92,10 @@ pub(crate) enum CoreMsg {
         session: String,
         state: Reservation,
     },
-    /// Tokens were reloaded: close this core's uplinks whose claim's
-    /// token no longer covers their session.
-    Revoke,
+    /// The configuration was reloaded: take the new effective settings,
+    /// forget cached rates, and close this core's uplinks whose claim's
+    /// token no longer covers their session; then say so on the channel.
+    Reloaded(crossbeam_channel::Sender<()>),
     Shutdown,
 }
 
@@ -101,9 +106,13 @@ pub(crate) struct Live {
     /// TLS on the tunnel listener; `None` = plaintext uplinks. A new
     /// acceptor only affects handshakes that start after the swap.
     pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
+    /// The effective configuration: the start-up one with the reloadable
+    /// settings of the last reload (`GatewayConfig::with_reloaded`).
+    pub(crate) cfg: GatewayConfig,
 }
 
 impl Live {
+    /// `cfg`: the effective configuration (already merged).
     fn from_cfg(cfg: &GatewayConfig) -> Result<Live, String> {
         // Certificates are loaded before anything is swapped, so a bad
         // file leaves the running configuration untouched.
@@ -116,6 +125,7 @@ impl Live {
         Ok(Live {
             tokens: cfg.tokens.clone(),
             tls,
+            cfg: cfg.clone(),
         })
     }
 }
@@ -196,8 +206,22 @@ impl Shared {
     /// `live().tokens`. Cores act on it from their mailbox, between other
     /// work; an uplink that connects meanwhile was already checked
     /// against the new tokens.
+    ///
+    /// Waits (up to a second) until every core has taken the new
+    /// settings, so that once a reload is reported, every request that
+    /// starts is judged by them.
     pub(crate) fn revoke_uplinks_not_allowed(&self) {
-        self.broadcast(|| CoreMsg::Revoke);
+        let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
+        self.broadcast(|| CoreMsg::Reloaded(tx.clone()));
+        drop(tx);
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        for _ in 0..self.mailboxes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                tracing::warn!("a core did not confirm the reload within 1 s; it applies it later");
+                return;
+            }
+        }
     }
 
     /// Whether the uplinks of `session` (as claimed now) may stay under
@@ -257,6 +281,10 @@ pub(crate) enum Held {
 pub(crate) struct Core {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
+    /// This core's copy of the effective configuration (see the module
+    /// doc); replaced on reload, so callers take it once per connection
+    /// or request and keep it.
+    cfg: RefCell<Rc<GatewayConfig>>,
     pub(crate) stats: Arc<CoreStats>,
     sessions: RefCell<HashMap<String, LocalSession>>,
     /// session -> bitmask of cores holding it (replica of the directory).
@@ -271,8 +299,18 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub(crate) fn cfg(&self) -> &GatewayConfig {
-        &self.shared.cfg
+    /// The effective configuration now (a non-atomic `Rc` clone).
+    pub(crate) fn cfg(&self) -> Rc<GatewayConfig> {
+        self.cfg.borrow().clone()
+    }
+
+    /// A reload reached this core: new settings for what starts from now
+    /// on, rates re-read, revoked uplinks closed.
+    fn reloaded(&self) {
+        let live = self.shared.live();
+        *self.cfg.borrow_mut() = Rc::new(live.cfg.clone());
+        self.limits.forget_all();
+        self.revoke_not_allowed(&live);
     }
 
     /// Picks a local uplink of `session` with room for a stream, round
@@ -506,8 +544,7 @@ impl Core {
 
     /// Closes this core's uplinks whose token was revoked (see
     /// [`Shared::revoke_uplinks_not_allowed`]).
-    fn revoke_not_allowed(&self) {
-        let live = self.shared.live();
+    fn revoke_not_allowed(&self, live: &Live) {
         let revoked: Vec<Rc<Uplink>> = self
             .sessions
             .borrow()
@@ -569,17 +606,23 @@ impl Gateway {
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
-    /// limits) and the tunnel's TLS certificates, then closes uplinks
-    /// whose token no longer covers their session. Connections are not
-    /// dropped otherwise: established TLS uplinks keep their session, new
-    /// handshakes use the new certificate. On error nothing changed.
+    /// limits), the tunnel's TLS certificates and the settings of
+    /// `config::RELOADABLE` (connection limits, rates, hold and client
+    /// timeouts), then closes uplinks whose token no longer covers their
+    /// session. Connections are not dropped otherwise: established TLS
+    /// uplinks keep their session, new handshakes use the new certificate;
+    /// connections over a lowered limit stay, new ones are refused; a
+    /// timeout applies from the next connection, request or wait that
+    /// starts. On error nothing changed.
     ///
-    /// Other settings (addresses, cores, timeouts, windows) are fixed at
-    /// start-up; changing them needs a restart.
+    /// Other settings (addresses, cores, driver, windows, fd reserve,
+    /// handshake limits…) are fixed at start-up; changing them needs a
+    /// restart.
     pub fn reload(&self, cfg: &GatewayConfig) -> Result<(), String> {
         cfg.validate()?;
-        let live = Live::from_cfg(cfg)?;
+        let live = Live::from_cfg(&self.shared.cfg.with_reloaded(cfg))?;
         let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
+        self.shared.limits.apply(&live.cfg.edge_limits);
         *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
         self.shared.revoke_uplinks_not_allowed();
         tracing::info!(tokens, tls, "configuration reloaded");
@@ -703,6 +746,7 @@ async fn core_main(
     };
     let core = Rc::new(Core {
         index,
+        cfg: RefCell::new(Rc::new(shared.live().cfg.clone())),
         stats: shared.stats[index].clone(),
         shared: shared.clone(),
         sessions: RefCell::new(HashMap::new()),
@@ -766,7 +810,10 @@ async fn core_main(
                     .borrow_mut()
                     .apply(session, state, Instant::now())
             }
-            CoreMsg::Revoke => core.revoke_not_allowed(),
+            CoreMsg::Reloaded(done) => {
+                core.reloaded();
+                let _ = done.send(());
+            }
             CoreMsg::Shutdown => {}
         });
     }

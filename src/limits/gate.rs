@@ -138,14 +138,27 @@ pub fn rate_with_burst(rate: Rate, burst: Option<u32>) -> (Rate, u32) {
     (rate, burst.unwrap_or(rate.n).max(1))
 }
 
+/// `--max-conns` and `--max-conns-per-ip`, defaults resolved.
+fn conn_limits(cfg: &LimitsConfig, fd_ceiling: u64) -> (usize, u32) {
+    // Each public connection is one fd; the ceiling already leaves the
+    // reserve for everything else.
+    let max_conns = cfg.max_conns.unwrap_or(fd_ceiling as usize).max(1);
+    // One IP may hold a quarter of the slots: a local benchmark at 1000
+    // connections fits a default-sized gateway, a single remote host
+    // cannot take all of it.
+    let max_conns_per_ip = cfg.max_conns_per_ip.unwrap_or_else(|| {
+        let quarter = u32::try_from(max_conns / 4).unwrap_or(u32::MAX);
+        quarter.max(crate::config::defaults::MIN_CONNS_PER_IP)
+    });
+    (max_conns, max_conns_per_ip)
+}
+
 /// Shared by every core of one gateway.
 pub struct GatewayLimits {
     pub cfg: LimitsConfig,
     pub conns: Arc<ConnTable>,
     /// Public accepts stop at this fd number (RLIMIT_NOFILE - reserve).
     pub fd_ceiling: u64,
-    pub max_conns: usize,
-    pub max_conns_per_ip: u32,
     pub strikes: Strikes,
     /// Time origin of the rate cells.
     epoch: Instant,
@@ -167,21 +180,10 @@ impl GatewayLimits {
         let nofile = if nofile == 0 { 1024 } else { nofile };
         let reserve = cfg.reserve_for(nofile);
         let fd_ceiling = nofile.saturating_sub(reserve);
-        // Each public connection is one fd; the ceiling already leaves the
-        // reserve for everything else.
-        let max_conns = cfg.max_conns.unwrap_or(fd_ceiling as usize).max(1);
-        // One IP may hold a quarter of the slots: a local benchmark at
-        // 1000 connections fits a default-sized gateway, a single remote
-        // host cannot take all of it.
-        let max_conns_per_ip = cfg.max_conns_per_ip.unwrap_or_else(|| {
-            let quarter = u32::try_from(max_conns / 4).unwrap_or(u32::MAX);
-            quarter.max(crate::config::defaults::MIN_CONNS_PER_IP)
-        });
+        let (max_conns, max_conns_per_ip) = conn_limits(&cfg, fd_ceiling);
         GatewayLimits {
             conns: ConnTable::new(max_conns, max_conns_per_ip),
-            max_conns_per_ip,
             fd_ceiling,
-            max_conns,
             strikes: Strikes::new(cfg.strikes),
             epoch: Instant::now(),
             cells: Mutex::new(HashMap::new()),
@@ -189,6 +191,26 @@ impl GatewayLimits {
             ip_cells: IpCells::new(cfg.rate_ip_table),
             cfg,
         }
+    }
+
+    /// `--max-conns` in force.
+    pub fn max_conns(&self) -> usize {
+        self.conns.max_total()
+    }
+
+    /// `--max-conns-per-ip` in force.
+    pub fn max_conns_per_ip(&self) -> u32 {
+        self.conns.max_per_ip()
+    }
+
+    /// A reload: applies the new connection limits (defaults derived from
+    /// the fd ceiling fixed at start-up, as then). Rates are read from the
+    /// reloaded configuration by each core once its cache is cleared;
+    /// everything else here (fd reserve, handshake cap and bans, the size
+    /// of the per-IP rate table) stays as started.
+    pub fn apply(&self, cfg: &LimitsConfig) {
+        let (total, per_ip) = conn_limits(cfg, self.fd_ceiling);
+        self.conns.set_limits(total, per_ip);
     }
 
     /// Admits a public connection whose accepted fd is `fd`. The kernel
@@ -404,10 +426,16 @@ mod tests {
         assert_eq!(c.reserve_for(100), 50);
         let g = GatewayLimits::new(c, 1024, 2);
         assert_eq!(g.fd_ceiling, 960);
-        assert_eq!(g.max_conns, 960);
-        assert_eq!(g.max_conns_per_ip, 256);
+        assert_eq!(g.max_conns(), 960);
+        assert_eq!(g.max_conns_per_ip(), 256);
         let g = GatewayLimits::new(LimitsConfig::default(), 65536, 2);
-        assert_eq!(g.max_conns_per_ip, (65536 - 3276) / 4);
+        assert_eq!(g.max_conns_per_ip(), (65536 - 3276) / 4);
+        // A reload resolves the defaults against the same ceiling.
+        g.apply(&LimitsConfig {
+            max_conns: Some(100),
+            ..LimitsConfig::default()
+        });
+        assert_eq!((g.max_conns(), g.max_conns_per_ip()), (100, 256));
     }
 
     #[test]

@@ -85,6 +85,8 @@ impl Shared {
             "# HELP ringtunnel_rate_ip_cells Per-(session, client IP) rate cells kept.\n\
              # TYPE ringtunnel_rate_ip_cells gauge\n\
              ringtunnel_rate_ip_cells {}\n\
+             # HELP ringtunnel_rate_ip_cells_max --rate-ip-table.\n\
+             # TYPE ringtunnel_rate_ip_cells_max gauge\n\
              ringtunnel_rate_ip_cells_max {}\n\
              # HELP ringtunnel_rate_ip_untracked_total Requests served under the session \
              rate only: the per-IP table was full of active clients.\n\

@@ -530,3 +530,28 @@ fn held_requests_get_503_when_the_gateway_shuts_down() {
         assert_eq!(r.header("Connection"), Some("close"));
     }
 }
+
+#[test]
+fn requests_for_unknown_or_leased_hosts_never_take_the_claims_lock() {
+    let hold = Duration::from_millis(300);
+    let gw = gateway_with(vec![], Duration::from_secs(30), hold);
+    let public = gw.public_addr();
+    let mut a = agent_ready(&gw, "leased", tag_backend("L"), &["--agent-id", "4"]);
+    a.kill();
+    // The uplinks' release (which locks the registry) is over.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = gw.claims_lock_count();
+    // A flood for names nobody holds: 502 at once.
+    for i in 0..300 {
+        let r = get(public, &format!("nobody-{i}"), "/");
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    // Requests for the leased name are held, then 502.
+    let held: Vec<_> = (0..16)
+        .map(|i| std::thread::spawn(move || get(public, "leased", &format!("/{i}"))))
+        .collect();
+    for h in held {
+        assert_eq!(h.join().unwrap().status, 502);
+    }
+    assert_eq!(gw.claims_lock_count(), before);
+}

@@ -135,6 +135,9 @@ pub(crate) struct Shared {
     pub(crate) cfg: GatewayConfig,
     pub(crate) mailboxes: Vec<MailboxSender<CoreMsg>>,
     claims: Mutex<Claims>,
+    /// Times `claims` was locked: a diagnostic that lets a test show the
+    /// request path never takes it.
+    claims_locked: AtomicU64,
     pub(crate) stats: Vec<Arc<CoreStats>>,
     next_uplink: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
@@ -147,6 +150,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims_locked.fetch_add(1, Ordering::Relaxed);
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -596,6 +600,14 @@ impl Gateway {
         &self.shared.stats
     }
 
+    /// How many times the claim registry's lock was taken (uplinks
+    /// connecting, draining, closing; a session's rate looked up once per
+    /// core; /stats). Diagnostic: requests for hosts without a local
+    /// uplink must not move it.
+    pub fn claims_lock_count(&self) -> u64 {
+        self.shared.claims_locked.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the grace
     /// period), sends GOAWAY to agents, then returns.
     pub fn shutdown(mut self) {
@@ -673,6 +685,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         cfg: cfg.clone(),
         mailboxes: senders,
         claims: Mutex::new(Claims::new(n, cfg.session_lease)),
+        claims_locked: AtomicU64::new(0),
         stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
         next_uplink: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),

@@ -314,7 +314,17 @@ fn statuses(rs: &[Resp]) -> Vec<u16> {
 #[test]
 fn rate_per_ip_limits_one_client_and_leaves_the_other_alone() {
     let echo = echo(DRIVER, 0);
-    let gw = gateway(DRIVER, &["--rate-per-ip", "1/h", "--burst-per-ip", "3"]);
+    let gw = gateway(
+        DRIVER,
+        &[
+            "--rate-per-ip",
+            "1/h",
+            "--burst-per-ip",
+            "3",
+            "--trusted-proxies",
+            "127.0.0.3",
+        ],
+    );
     let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
     let (public, admin) = (gw.addr("public"), gw.addr("admin"));
     wait_placed_without_requests(admin);
@@ -340,6 +350,12 @@ fn rate_per_ip_limits_one_client_and_leaves_the_other_alone() {
         .map(|_| get_with(connect_from(two, public), b""))
         .collect();
     assert_eq!(statuses(&second), [200, 200, 200, 429]);
+    // A trusted proxy carries many clients: exempt.
+    let proxy = "127.0.0.3".parse().unwrap();
+    let third: Vec<Resp> = (0..5)
+        .map(|_| get_with(connect_from(proxy, public), b""))
+        .collect();
+    assert_eq!(statuses(&third), [200; 5]);
     // Keep-alive: a refused request without a body keeps its connection.
     let mut s = connect_from(one, public);
     assert_eq!(get_on(&mut s, "demo"), 429);

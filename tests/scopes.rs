@@ -517,8 +517,14 @@ fn held_requests_get_503_when_the_gateway_shuts_down() {
     let waiting: Vec<_> = (0..3)
         .map(|i| std::thread::spawn(move || get(public, "away", &format!("/h{i}"))))
         .collect();
+    // One more held client goes away before the shutdown (reset).
+    let mut gone = connect(public);
+    gone.write_all(b"GET /gone HTTP/1.1\r\nHost: away\r\n\r\n")
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(waiting.iter().all(|w| !w.is_finished()), "not held");
+    abort(gone);
+    std::thread::sleep(Duration::from_millis(100));
     // The hold timeout is 30 s; the gateway must answer them and exit
     // within its 5 s grace instead.
     assert!(gw.terminate(Duration::from_secs(7)), "gateway did not exit");

@@ -297,6 +297,8 @@ pub(crate) struct Core {
     leases: RefCell<LeaseReplica>,
     /// Requests waiting for a reserved session to come back, per session.
     holds: RefCell<HashMap<String, Rc<HoldQueue>>>,
+    /// Requests being served or held on this core: a stopping core waits
+    /// for them (up to `--shutdown-grace`).
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
     pub(crate) limits: crate::limits::gate::CoreLimits,

@@ -205,16 +205,18 @@ impl Shared {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Asks every core to close (GOAWAY AUTH_FAILED) the uplinks whose
-    /// claim's token no longer covers their session under the current
-    /// `live().tokens`. Cores act on it from their mailbox, between other
-    /// work; an uplink that connects meanwhile was already checked
-    /// against the new tokens.
+    /// Tells every core that `live()` changed: each takes the new
+    /// settings (`Core::reloaded`), forgets its cached rates, and closes
+    /// (GOAWAY AUTH_FAILED) the uplinks whose claim's token no longer
+    /// covers their session under the new tokens. Cores act on it from
+    /// their mailbox, between other work; an uplink that connects
+    /// meanwhile was already checked against the new tokens.
     ///
-    /// Waits (up to a second) until every core has taken the new
-    /// settings, so that once a reload is reported, every request that
-    /// starts is judged by them.
-    pub(crate) fn revoke_uplinks_not_allowed(&self) {
+    /// Waits (up to a second) until every core has confirmed, so that once
+    /// a reload is reported, every request that starts is judged by the
+    /// new settings. Called by `Gateway::reload` on the caller's thread,
+    /// never from a core (it would wait for itself).
+    pub(crate) fn reload_cores(&self) {
         let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
         self.broadcast(|| CoreMsg::Reloaded(tx.clone()));
         drop(tx);
@@ -549,7 +551,7 @@ impl Core {
     }
 
     /// Closes this core's uplinks whose token was revoked (see
-    /// [`Shared::revoke_uplinks_not_allowed`]).
+    /// [`Shared::reload_cores`]).
     fn revoke_not_allowed(&self, live: &Live) {
         let revoked: Vec<Rc<Uplink>> = self
             .sessions
@@ -638,7 +640,7 @@ impl Gateway {
         let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
         self.shared.limits.apply(&live.cfg.edge_limits);
         *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
-        self.shared.revoke_uplinks_not_allowed();
+        self.shared.reload_cores();
         tracing::info!(tokens, tls, "configuration reloaded");
         Ok(())
     }

@@ -425,6 +425,22 @@ fn sighup_rotates_the_certificate_while_a_keep_alive_connection_stays_up() {
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("X-Forwarded-Proto: https"));
 
+    // A key that does not load: the reload is refused, the running
+    // certificate stays.
+    pki.dir.write("rot.key", "not a key\n");
+    unsafe {
+        libc::kill(gw.pid() as i32, libc::SIGHUP);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut s = tls_connect(&gw, &cfg, host);
+    assert_eq!(
+        served_cert(&s),
+        old,
+        "a bad reload must keep the old certificate"
+    );
+    assert_eq!(get(&mut s, host, "/").0, 200);
+    drop(s);
+
     // New files under the same names, then SIGHUP.
     let (cert2, key2) = ca.issue_named("edge-new", &["*.tunnel.test"]);
     pki.dir.write("rot.key", &key2);
@@ -537,4 +553,143 @@ fn proxy_protocol_and_connection_limits_apply_to_https() {
     // Slots are back: a new connection is served.
     let mut c = with_proxy("192.0.2.1");
     assert_eq!(get(&mut c, host, "/").0, 200);
+}
+
+/// Exits non-zero before its ready line; returns its stderr.
+fn refused_start(args: &[&str]) -> String {
+    let mut bg = spawn_nowait("gateway", args);
+    let code = bg.wait_exit(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "gateway should refuse to start: {args:?}"
+    );
+    assert!(!bg.stdout().contains("ready"));
+    bg.stderr()
+}
+
+#[test]
+fn https_settings_are_checked_at_start_and_https_may_serve_alone() {
+    let pki = Pki::new();
+    let base = [
+        "gateway",
+        "--tunnel-listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    fn joined<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        base.iter().chain(extra).copied().collect()
+    }
+    let err = refused_start(&joined(
+        &base,
+        &["--listen", "127.0.0.1:0", "--https-listen", "127.0.0.1:0"],
+    ));
+    assert!(err.contains("--https-listen needs --https-cert"), "{err}");
+    let (cert, key) = (pki.wild.0.as_str(), pki.wild.1.as_str());
+    let err = refused_start(&joined(
+        &base,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--https-cert",
+            cert,
+            "--https-key",
+            key,
+        ],
+    ));
+    assert!(err.contains("without --https-listen"), "{err}");
+    let err = refused_start(&joined(&base, &["--listen", "off"]));
+    assert!(
+        err.contains("--listen off leaves no public listener"),
+        "{err}"
+    );
+    // A key that is not the certificate's.
+    let err = refused_start(&joined(
+        &base,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--https-listen",
+            "127.0.0.1:0",
+            "--https-cert",
+            cert,
+            "--https-key",
+            &pki.exact.1,
+        ],
+    ));
+    assert!(err.contains("does not fit certificate"), "{err}");
+
+    // HTTPS only.
+    let gw = spawn(
+        "gateway",
+        &joined(
+            &base,
+            &[
+                "--listen",
+                "off",
+                "--https-listen",
+                "127.0.0.1:0",
+                "--https-cert",
+                cert,
+                "--https-key",
+                key,
+                "--domain",
+                DOMAIN,
+                "--cores",
+                "1",
+                "--no-pin",
+            ],
+        ),
+        "ringtunnel gateway ready",
+    );
+    assert_eq!(gw.field("public"), "off");
+    let echo = echo("uring", 0);
+    let _agent = agent("uring", &gw, "demo", echo.addr("listen"), &[]);
+    let t = Instant::now();
+    loop {
+        let (status, body, _) = curl_https(&gw, &pki.ca, "demo.tunnel.test", "/bytes/10", &[]);
+        if status == 200 {
+            assert_eq!(body, pattern(10));
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never routable: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Memory per idle HTTPS keep-alive connection: the relay's two 16 KiB
+/// buffers, monoio-rustls's two 16 KiB buffers, rustls's state and the
+/// HTTP side's. Bounded here at 256 KiB each over 200 connections.
+#[test]
+fn idle_https_connections_cost_bounded_memory() {
+    let pki = Pki::new();
+    let gw = https_gateway("uring", &pki.wild, &["--cores", "1"]);
+    let (_echo, _agent) = echo_stack("uring", &gw, &[]);
+    let base = baseline(&gw, gw.addr("admin"));
+    let cfg = client_config(&pki.ca);
+    let host = "demo.tunnel.test";
+    // Warm up whatever a first connection allocates once.
+    let mut warm = tls_connect(&gw, &cfg, host);
+    assert_eq!(get(&mut warm, host, "/").0, 200);
+    let rss0 = gw.rss_kib();
+    let mut conns: Vec<Tls> = (0..200)
+        .map(|_| {
+            let mut s = tls_connect(&gw, &cfg, host);
+            assert_eq!(get(&mut s, host, "/bytes/20000").0, 200);
+            s
+        })
+        .collect();
+    assert_eq!(https_conns(&gw), 201);
+    let per_conn = gw.rss_kib().saturating_sub(rss0) / 200;
+    eprintln!("{per_conn} KiB per idle HTTPS connection");
+    assert!(per_conn <= 256, "{per_conn} KiB per idle HTTPS connection");
+    // Still alive and usable.
+    assert_eq!(get(&mut conns[199], host, "/").0, 200);
+    drop(conns);
+    drop(warm);
+    wait_idle(&gw, base);
 }

@@ -25,10 +25,12 @@
 //! The cost is two extra socket operations per chunk each way, and 2 more
 //! fds per connection (docs/ARCHITECTURE.md, "The HTTPS edge").
 //!
-//! Bounds: the relay task holds two 16 KiB buffers plus rustls's own
-//! (`--header-timeout` bounds the handshake; the HTTP side's deadlines
+//! Bounds: the relay task holds two 16 KiB buffers, monoio-rustls two
+//! more and rustls its state: with the HTTP side, about 100 KiB per idle
+//! HTTPS connection (tests/https_edge.rs holds it under 256 KiB).
+//! `--header-timeout` bounds the handshake; the HTTP side's deadlines
 //! bound everything after it, because the relay ends when that side
-//! closes its end). A client that stops reading stalls the relay's TLS
+//! closes its end. A client that stops reading stalls the relay's TLS
 //! write: `--write-stall-timeout` closes it.
 
 use std::cell::{Cell, RefCell};

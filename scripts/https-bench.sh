@@ -152,7 +152,8 @@ for line in open(sys.argv[1]):
 def med(v, d=1):
     return f"{st.median(v):.{d}f}" if len(v) == 1 else f"{st.median(v):.{d}f} [{min(v):.{d}f}-{max(v):.{d}f}]"
 
-print(f"{'case':10} {'target':17} {'req/s':>9} {'per core':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}  CPU us/req per process")
+print("| case | target | req/s | req/s per core | p50 ms | p99 ms | errors | CPU us/req per process |")
+print("|---|---|---:|---:|---:|---:|---:|---|")
 base = {}
 for (case, target), rs in runs.items():
     v = list(rs.values())
@@ -160,9 +161,9 @@ for (case, target), rs in runs.items():
     if target == "nginx-https":
         base[case] = st.median(rps)
     cpu = "; ".join(f"{p} {med([x['cpu'][p] for x in v])}" for p in v[0]["cpu"])
-    print(f"{case:10} {target:17} {med(rps, 0):>9} {st.median(rps) / cores:>9.0f} "
-          f"{med([x['p50'] for x in v], 2):>7} {med([x['p99'] for x in v], 2):>7} "
-          f"{sum(x['err'] for x in v):>6}  {cpu}")
+    print(f"| {case} | {target} | {med(rps, 0)} | {st.median(rps) / cores:.0f} | "
+          f"{med([x['p50'] for x in v], 2)} | {med([x['p99'] for x in v], 2)} | "
+          f"{sum(x['err'] for x in v)} | {cpu} |")
 print()
 for (case, target), rs in runs.items():
     if target == "ringtunnel-https" and case in base:
@@ -174,6 +175,7 @@ echo "$summary"
 {
   rt_report_head "HTTPS edge: ringtunnel vs nginx terminating TLS" \
     "scripts/https-bench.sh --conns-close $conns_close --conns-ka $conns_ka --duration $duration --runs $runs --cores $cores --driver $driver"
-  rt_fenced <<<"$summary"
+  echo "$summary"
+  echo
 } >"$report"
 rt_log "wrote $(rt_rel "$report")"

@@ -129,9 +129,11 @@ impl ResolvesServerCert for SniCerts {
 }
 
 /// The rustls configuration of the HTTPS edge: TLS 1.2 and 1.3 (public
-/// clients), ALPN `http/1.1` only (the edge speaks HTTP/1.x; a client
-/// offering only `h2` is refused by rustls with `no_application_protocol`),
-/// certificates by SNI.
+/// clients), session tickets, certificates by SNI, ALPN `http/1.1` only
+/// (the edge speaks HTTP/1.x). A client offering only `h2` is refused:
+/// rustls queues a `no_application_protocol` alert after its ServerHello,
+/// but monoio-rustls flushes only the ServerHello before the handshake
+/// fails, so the client sees the connection close.
 pub fn edge_server_config(files: &[CertFiles]) -> Result<Arc<ServerConfig>, String> {
     let certs = SniCerts::load(files)?;
     let mut cfg = ServerConfig::builder_with_provider(crate::tls::provider())
@@ -140,6 +142,11 @@ pub fn edge_server_config(files: &[CertFiles]) -> Result<Arc<ServerConfig>, Stri
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(certs));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Stateless resumption tickets (keys rotated by rustls every 6 hours):
+    // any core can resume any client's session, and no session cache
+    // fills up. A reload starts a new key, so resumptions after it fall
+    // back to a full handshake.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(|e| e.to_string())?;
     Ok(Arc::new(cfg))
 }
 

@@ -376,6 +376,31 @@ fn plain_http_garbage_and_broken_handshakes_are_closed_and_nothing_else() {
     let mut some = [0u8; 64];
     assert!(tcp.read(&mut some).unwrap() > 0, "no ServerHello");
     abort(tcp);
+    // A client that speaks only HTTP/2: refused. rustls queues a
+    // no_application_protocol alert after its ServerHello, but
+    // monoio-rustls flushes one record per failed handshake, so the
+    // client sees the connection close (or reset) instead of the alert.
+    let mut h2 = (*cfg).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
+    let conn = rustls::ClientConnection::new(
+        Arc::new(h2),
+        ServerName::try_from("demo.tunnel.test").unwrap(),
+    )
+    .unwrap();
+    let mut s = rustls::StreamOwned::new(conn, TcpStream::connect(https).unwrap());
+    let mut refused = false;
+    for _ in 0..4 {
+        if s.conn.complete_io(&mut s.sock).is_err() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "an h2-only client must be refused");
+    assert!(
+        s.conn.is_handshaking(),
+        "no TLS session for an h2-only client"
+    );
+    drop(s);
     // A stalled handshake (slowloris on TLS): closed by --header-timeout.
     let t = Instant::now();
     let s = send(b"\x16\x03\x01");
@@ -387,10 +412,10 @@ fn plain_http_garbage_and_broken_handshakes_are_closed_and_nothing_else() {
 
     // Each one failed its handshake, once.
     let t = Instant::now();
-    while fails() < before + 6 && t.elapsed() < Duration::from_secs(5) {
+    while fails() < before + 7 && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(25));
     }
-    assert_eq!(fails(), before + 6, "https_handshake errors");
+    assert_eq!(fails(), before + 7, "https_handshake errors");
     // Nothing else was affected, and nothing leaked.
     let (status, _, verbose) = curl_https(&gw, &pki.ca, "demo.tunnel.test", "/", &[]);
     assert_eq!(status, 200, "{verbose}");

@@ -553,7 +553,24 @@ fn proxy_protocol_and_connection_limits_apply_to_https() {
         }
     }
     let base = baseline(&gw, gw.addr("admin"));
-    let mut a = with_proxy("203.0.113.9");
+    // The PROXY header and the ClientHello in one write: the server reads
+    // past the header and must hand those bytes to TLS.
+    let mut a = {
+        let name = ServerName::try_from(host).unwrap();
+        let mut conn = rustls::ClientConnection::new(cfg.clone(), name).unwrap();
+        let mut first = b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 443\r\n".to_vec();
+        conn.write_tls(&mut first).unwrap();
+        let mut tcp = TcpStream::connect(gw.addr("https")).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tcp.write_all(&first).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        while s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .expect("TLS after a PROXY header");
+        }
+        s
+    };
     let mut b = with_proxy("198.51.100.4");
     for (s, ip) in [(&mut a, "203.0.113.9"), (&mut b, "198.51.100.4")] {
         let (status, _, body) = get(s, host, "/headers");

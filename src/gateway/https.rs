@@ -172,6 +172,13 @@ async fn serve(
             return;
         }
     };
+    // Its two fds come after the admission check: at the fd ceiling they
+    // must not eat into the reserve kept for agents either.
+    let top = ours.as_raw_fd().max(theirs.as_raw_fd());
+    if top as u64 + 1 >= core.shared.limits.fd_ceiling {
+        core.stats.error(ErrorKind::FdReserve);
+        return;
+    }
     // The HTTP side: exactly a plain connection, but `https`, with the
     // client settled here; it may move to another core by fd.
     public::adopt(

@@ -189,6 +189,10 @@ pub struct GatewayConfig {
     pub edge_limits: crate::limits::LimitsConfig,
     /// `--admin-token`: the admin endpoint wants `Authorization: Bearer`.
     pub admin_token: Option<String>,
+    /// `--https-listen`: the public HTTPS listener (TLS terminated here).
+    pub https_listen: Option<String>,
+    /// Its certificates, chosen by SNI; the first is the default.
+    pub https_certs: Vec<crate::sni::CertFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -219,6 +223,8 @@ impl Default for GatewayConfig {
             proxy_protocol: false,
             edge_limits: crate::limits::LimitsConfig::default(),
             admin_token: None,
+            https_listen: None,
+            https_certs: Vec::new(),
         }
     }
 }
@@ -254,6 +260,8 @@ impl GatewayConfig {
         let mut c = self.clone();
         c.tokens = new.tokens.clone();
         c.tunnel_tls = new.tunnel_tls.clone();
+        // The HTTPS listener stays as started; its certificates reload.
+        c.https_certs = new.https_certs.clone();
         c.hold_timeout = new.hold_timeout;
         c.hold_queue = new.hold_queue;
         c.header_timeout = new.header_timeout;
@@ -274,6 +282,7 @@ impl GatewayConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        self.check_https()?;
         self.check_plaintext_exposure()?;
         self.edge_limits.validate()?;
         if self.hold_queue == 0 {
@@ -308,6 +317,21 @@ impl GatewayConfig {
             );
         }
         Ok(())
+    }
+
+    /// `--listen off` is allowed when HTTPS serves instead; certificates
+    /// need a listener and the other way round.
+    fn check_https(&self) -> Result<(), String> {
+        match (&self.https_listen, self.https_certs.is_empty()) {
+            (Some(_), true) => Err("--https-listen needs --https-cert FILE --https-key FILE \
+                 (or [[https_certs]] tables in --config)"
+                .into()),
+            (None, false) => Err("HTTPS certificates given without --https-listen".into()),
+            (None, true) if self.listen == "off" => {
+                Err("--listen off leaves no public listener: give --https-listen".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A plaintext tunnel listener is only allowed on loopback (or when

@@ -63,6 +63,9 @@ pub struct GatewayFile {
     pub insecure_plaintext: Option<bool>,
     pub trusted_proxies: Option<String>,
     pub proxy_protocol: Option<bool>,
+    pub https_listen: Option<String>,
+    pub https_cert: Option<PathBuf>,
+    pub https_key: Option<PathBuf>,
     pub max_conns: Option<usize>,
     pub max_conns_per_ip: Option<u32>,
     pub fd_reserve: Option<usize>,
@@ -81,6 +84,18 @@ pub struct GatewayFile {
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
+    /// HTTPS certificates chosen by SNI, after `https_cert` (the first of
+    /// all is the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub https_certs: Vec<HttpsCertEntry>,
+}
+
+/// One `[[https_certs]]` table: a PEM certificate chain and its key.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsCertEntry {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One `[[tokens]]` table. The key names are a stable interface.

@@ -2,7 +2,7 @@
 //! tables and the session directory.
 //!
 //! Every core runs the same `core_main`: its own SO_REUSEPORT listeners
-//! (public and tunnel), its mailbox, and the uplinks placed on it. A
+//! (public, HTTPS if configured, and tunnel), its mailbox, and the uplinks placed on it. A
 //! session's uplinks on this core live in `Core::sessions` (plain
 //! `RefCell`); which *other* cores hold the session is a per-core replica
 //! (`Core::replica`) updated by directory messages, read once per new
@@ -23,7 +23,8 @@
 //! from routing at once, even though its streams in flight go on.
 //!
 //! What a SIGHUP reload may change (tokens with their scopes and limits,
-//! the tunnel's TLS configuration, and the edge limits and timeouts of
+//! the tunnel's TLS configuration, the HTTPS edge's certificates, and the
+//! edge limits and timeouts of
 //! `config::RELOADABLE`) is `Shared::live`: an `Arc<Live>` swapped whole
 //! under a `RwLock`, read once per uplink handshake and once per session
 //! per core (its rates), never on the frame or request path. Each core
@@ -34,6 +35,7 @@
 
 mod claims;
 mod guard;
+mod https;
 mod public;
 mod tunnel;
 
@@ -60,7 +62,10 @@ use claims::{Claimant, Claims, LeaseReplica, Refusal, Reservation};
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
     /// A public connection to serve here: its socket and the bytes already
-    /// read from it (at least one request head).
+    /// read from it (at least one request head). The socket is TCP, or
+    /// for an HTTPS connection the plaintext end of the `socketpair`
+    /// through which its TLS core relays it (`https.rs`): either is a
+    /// stream socket served the same way.
     ///
     /// `client` is the client as the first core saw it: the PROXY header's
     /// source under `--proxy-protocol` (consumed there, not in `buf`),
@@ -109,6 +114,9 @@ pub(crate) struct Live {
     /// The effective configuration: the start-up one with the reloadable
     /// settings of the last reload (`GatewayConfig::with_reloaded`).
     pub(crate) cfg: GatewayConfig,
+    /// TLS of the public HTTPS listener (certificates by SNI); `None`
+    /// without `--https-listen`. Same swap rule as `tls`.
+    pub(crate) https: Option<monoio_rustls::TlsAcceptor>,
 }
 
 impl Live {
@@ -122,10 +130,17 @@ impl Live {
             )?)),
             None => None,
         };
+        let https = match &cfg.https_listen {
+            Some(_) => Some(monoio_rustls::TlsAcceptor::from(
+                crate::sni::edge_server_config(&cfg.https_certs)?,
+            )),
+            None => None,
+        };
         Ok(Live {
             tokens: cfg.tokens.clone(),
             tls,
             cfg: cfg.clone(),
+            https,
         })
     }
 }
@@ -141,7 +156,9 @@ pub(crate) struct Shared {
     pub(crate) stats: Vec<Arc<CoreStats>>,
     next_uplink: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
-    pub(crate) public_addr: SocketAddr,
+    /// `None`: `--listen off` (HTTPS only).
+    pub(crate) public_addr: Option<SocketAddr>,
+    pub(crate) https_addr: Option<SocketAddr>,
     pub(crate) tunnel_addr: SocketAddr,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
@@ -588,8 +605,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The plain HTTP listener's address (panics with `--listen off`; see
+    /// [`Gateway::listen_addr`]).
     pub fn public_addr(&self) -> SocketAddr {
+        self.listen_addr()
+            .expect("--listen off: the gateway has no plain HTTP listener")
+    }
+
+    /// The plain HTTP listener's address, `None` with `--listen off`.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.shared.public_addr
+    }
+
+    /// The HTTPS listener's address (`--https-listen`).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.shared.https_addr
     }
 
     pub fn tunnel_addr(&self) -> SocketAddr {
@@ -622,7 +652,8 @@ impl Gateway {
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
-    /// limits), the tunnel's TLS certificates and the settings of
+    /// limits), the tunnel's TLS certificates, the HTTPS edge's
+    /// certificates (new handshakes only) and the settings of
     /// `config::RELOADABLE` (connection limits, rates, hold and client
     /// timeouts), then closes uplinks whose token no longer covers their
     /// session. Connections are not dropped otherwise: established TLS
@@ -638,10 +669,11 @@ impl Gateway {
         cfg.validate()?;
         let live = Live::from_cfg(&self.shared.cfg.with_reloaded(cfg))?;
         let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
+        let https_certs = cfg.https_certs.len();
         self.shared.limits.apply(&live.cfg.edge_limits);
         *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
         self.shared.reload_cores();
-        tracing::info!(tokens, tls, "configuration reloaded");
+        tracing::info!(tokens, tls, https_certs, "configuration reloaded");
         Ok(())
     }
 
@@ -675,7 +707,14 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     // Certificates first: a bad file must stop start-up before any bind.
     let live = Live::from_cfg(&cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let public_addr = crate::runtime::reserve_listen_addr(&cfg.listen)?;
+    let public_addr = match cfg.listen.as_str() {
+        "off" => None,
+        a => Some(crate::runtime::reserve_listen_addr(a)?),
+    };
+    let https_addr = match &cfg.https_listen {
+        Some(a) => Some(crate::runtime::reserve_listen_addr(a)?),
+        None => None,
+    };
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
     let mut senders = Vec::with_capacity(n);
@@ -694,6 +733,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         next_uplink: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         public_addr,
+        https_addr,
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
@@ -731,7 +771,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
             }
         }
     }
-    tracing::info!(%public_addr, %tunnel_addr, cores = n, "gateway listening");
+    tracing::info!(public_addr = ?public_addr, https_addr = ?https_addr, %tunnel_addr, cores = n, "gateway listening");
     if cfg.proxy_protocol || !cfg.trusted_proxies.is_empty() {
         tracing::info!(
             proxy_protocol = cfg.proxy_protocol,
@@ -752,9 +792,12 @@ async fn core_main(
     rx: MailboxReceiver<CoreMsg>,
     ready: crossbeam_channel::Sender<Result<(), String>>,
 ) {
-    let listeners = crate::runtime::bind_reuseport(shared.public_addr)
-        .and_then(|p| crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, t)));
-    let (public_l, tunnel_l) = match listeners {
+    let bind = |a: Option<SocketAddr>| a.map(crate::runtime::bind_reuseport).transpose();
+    let listeners = bind(shared.public_addr).and_then(|p| {
+        let h = bind(shared.https_addr)?;
+        crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, h, t))
+    });
+    let (public_l, https_l, tunnel_l) = match listeners {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("core {index}: cannot bind listeners: {e}")));
@@ -774,18 +817,27 @@ async fn core_main(
         idle: Notify::new(),
         limits: Default::default(),
     });
-    let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
+    let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
     let _ = ready.send(Ok(()));
     drop(ready);
 
     let stop = Rc::new(Cell::new(false));
-    let c = core.clone();
-    let s = stop.clone();
-    crate::runtime::spawn_isolated("public-accept", async move {
-        // Plain HTTP: a TLS listener would pass Scheme::Https.
-        public::accept_loop(c, public_l, Scheme::Http, s).await;
-    });
+    if let Some(l) = public_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("public-accept", async move {
+            public::accept_loop(c, l, s).await;
+        });
+    }
+    if let Some(l) = https_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("https-accept", async move {
+            https::accept_loop(c, l, s).await;
+        });
+    }
     let c = core.clone();
     let s = stop.clone();
     crate::runtime::spawn_isolated("tunnel-accept", async move {
@@ -837,7 +889,9 @@ async fn core_main(
     stop.set(true);
     // shutdown(2) on a listening socket fails its pending accept, so the
     // accept loops end and drop (close) their listeners.
-    crate::io::shutdown_fd(public_fd, libc::SHUT_RDWR);
+    for fd in [public_fd, https_fd].into_iter().flatten() {
+        crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
+    }
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace

@@ -38,33 +38,18 @@ use crate::scope::{self, Verdict};
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
-    let mut backoff = crate::limits::AcceptBackoff::new("tunnel");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if stop.get() {
-                    return;
-                }
-                backoff.succeeded();
-                // Banned IP or too many handshakes here: closed unread.
-                let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
-                    continue;
-                };
-                let c = core.clone();
-                crate::runtime::spawn_isolated("uplink-handshake", async move {
-                    handshake(c, stream).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                if stop.get() {
-                    return;
-                }
-                let wait = backoff.failed(&e, std::time::Instant::now());
-                monoio::time::sleep(wait).await;
-            }
-        }
-    }
+    super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
+        // Banned IP or too many handshakes here: closed unread.
+        let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
+            return;
+        };
+        let c = core.clone();
+        crate::runtime::spawn_isolated("uplink-handshake", async move {
+            handshake(c, stream).await;
+            drop(slot);
+        });
+    })
+    .await;
 }
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {

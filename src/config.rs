@@ -29,6 +29,8 @@ pub mod defaults {
     pub const HOLD_QUEUE: usize = 1024;
     /// How long a stopping agent lets its streams finish.
     pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Public connections at once per TCP tunnel port.
+    pub const TCP_MAX_CONNS_PER_PORT: usize = 1024;
 
     // Limits (`crate::limits`). --max-conns and --fd-reserve default to
     // values derived from RLIMIT_NOFILE at start-up.
@@ -185,6 +187,12 @@ pub struct GatewayConfig {
     pub edge_limits: crate::limits::LimitsConfig,
     /// `--admin-token`: the admin endpoint wants `Authorization: Bearer`.
     pub admin_token: Option<String>,
+    /// Ports agents may open raw TCP tunnels on (`--tcp-ports`); empty =
+    /// no TCP tunnels.
+    pub tcp_ports: crate::proto::tcp::PortRanges,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once.
+    pub tcp_max_conns_per_port: usize,
 }
 
 impl Default for GatewayConfig {
@@ -215,6 +223,8 @@ impl Default for GatewayConfig {
             proxy_protocol: false,
             edge_limits: crate::limits::LimitsConfig::default(),
             admin_token: None,
+            tcp_ports: crate::proto::tcp::PortRanges::none(),
+            tcp_max_conns_per_port: defaults::TCP_MAX_CONNS_PER_PORT,
         }
     }
 }
@@ -229,6 +239,9 @@ impl GatewayConfig {
                 "--hold-queue must be at least 1 (use --session-lease 0 to never hold requests)"
                     .into(),
             );
+        }
+        if self.tcp_max_conns_per_port == 0 {
+            return Err("--tcp-max-conns-per-port must be at least 1".into());
         }
         if self.admin_token.as_deref() == Some("") {
             return Err("--admin-token must not be empty".into());
@@ -310,6 +323,8 @@ pub struct AgentConfig {
     /// derived from host name, session and backend, so a restarted agent
     /// is the same owner.
     pub agent_id: Option<u64>,
+    /// Raw TCP tunnels to ask the gateway for (`--tcp`).
+    pub tcp: Vec<crate::proto::tcp::TcpSpec>,
 }
 
 impl Default for AgentConfig {
@@ -333,6 +348,7 @@ impl Default for AgentConfig {
             tls: None,
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
+            tcp: Vec::new(),
         }
     }
 }
@@ -351,6 +367,12 @@ impl AgentConfig {
         }
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
+        }
+        if self.tcp.len() > crate::proto::tcp::MAX_TCP_TUNNELS {
+            return Err(format!(
+                "--tcp: at most {} TCP tunnels per agent",
+                crate::proto::tcp::MAX_TCP_TUNNELS
+            ));
         }
         if let Some(t) = &self.tls {
             if t.cert.is_some() != t.key.is_some() {

@@ -74,6 +74,9 @@ pub struct GatewayFile {
     pub session_rate: Option<String>,
     pub session_burst: Option<u32>,
     pub admin_token: Option<String>,
+    /// Like `--tcp-ports`: "20000-20999", "20000-20099,21000", "none".
+    pub tcp_ports: Option<String>,
+    pub tcp_max_conns_per_port: Option<usize>,
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
@@ -92,6 +95,9 @@ pub struct TokenEntry {
     pub rate: Option<String>,
     pub burst: Option<u32>,
     pub pool: Option<bool>,
+    /// TCP tunnel ports this token may open, e.g. ["20000-20099"]; absent:
+    /// any port of the gateway's `tcp_ports`; [] or ["none"]: none.
+    pub tcp_ports: Option<Vec<String>>,
 }
 
 /// `ringtunnel agent --config FILE`.
@@ -121,6 +127,8 @@ pub struct AgentFile {
     pub server_name: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Like `--tcp` (repeatable): ["22", "5432=20100"].
+    pub tcp: Option<Vec<String>>,
 }
 
 /// Reads and parses a file. The error starts with the path; toml's part
@@ -200,6 +208,13 @@ impl TokenEntry {
             rate,
             burst: self.burst,
             pool: self.pool.unwrap_or(false),
+            tcp_ports: match &self.tcp_ports {
+                Some(list) => Some(
+                    crate::proto::tcp::PortRanges::parse(&list.join(","))
+                        .map_err(|e| format!("tcp_ports: {e}"))?,
+                ),
+                None => None,
+            },
         })
     }
 
@@ -219,6 +234,7 @@ impl TokenEntry {
             rate: rule.rate.map(|r| r.to_string()),
             burst: rule.burst,
             pool: Some(rule.pool),
+            tcp_ports: rule.tcp_ports.as_ref().map(|r| vec![r.to_string()]),
         }
     }
 }

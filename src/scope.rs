@@ -102,6 +102,9 @@ pub struct TokenRule {
     pub burst: Option<u32>,
     /// Several agents (agent ids) may serve one session together.
     pub pool: bool,
+    /// TCP tunnel ports this token may open. `None`: any port of the
+    /// gateway's `--tcp-ports`; an empty set: none.
+    pub tcp_ports: Option<crate::proto::tcp::PortRanges>,
 }
 
 impl TokenRule {
@@ -115,6 +118,7 @@ impl TokenRule {
             rate: None,
             burst: None,
             pool: false,
+            tcp_ports: None,
         }
     }
 

@@ -28,6 +28,7 @@
 mod claims;
 mod guard;
 mod public;
+mod tcp;
 mod tunnel;
 
 use std::cell::{Cell, RefCell};
@@ -48,7 +49,7 @@ use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::{Notify, WaitList};
-use claims::{Claimant, Claims, Refusal};
+use claims::Claims;
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
@@ -73,6 +74,8 @@ pub(crate) enum CoreMsg {
         leftover: Bytes,
         hello: Hello,
         id: u64,
+        /// TCP tunnel ports granted to the session (for ACCEPT).
+        tcp: Vec<u16>,
     },
     /// Directory replica update: `core` now does / no longer holds `session`.
     Directory {
@@ -83,6 +86,15 @@ pub(crate) enum CoreMsg {
     /// Tokens were reloaded: close this core's uplinks whose claim's
     /// token no longer covers their session.
     Revoke,
+    /// A TCP tunnel port was opened: accept on it here too.
+    TcpListen(Arc<tcp::PortListener>),
+    /// A TCP tunnel connection to serve here (no uplink of its session on
+    /// the core that accepted it).
+    TcpConn {
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        slot: tcp::TcpSlot,
+    },
     Shutdown,
 }
 
@@ -125,6 +137,10 @@ pub(crate) struct Shared {
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
+    /// Open TCP tunnel ports (`tcp.rs`); locked after `claims`, never
+    /// before.
+    tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
+    tcp_counters: tcp::TcpCounters,
 }
 
 impl Shared {
@@ -132,21 +148,11 @@ impl Shared {
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Claims one more uplink of `session` (see `claims.rs` for who may);
-    /// returns the core it goes to.
-    fn claim(
-        &self,
-        session: &str,
-        who: &Claimant,
-        here: usize,
-        movable: bool,
-    ) -> Result<usize, Refusal> {
-        self.claims()
-            .claim(session, who, here, movable, Instant::now())
-    }
-
     fn release(&self, session: &str, core: usize) {
-        self.claims().release(session, core, Instant::now());
+        let mut claims = self.claims();
+        claims.release(session, core, Instant::now());
+        // Without a lease the claim, and its TCP ports, end now.
+        self.sync_tcp(&claims);
     }
 
     /// Whether `session` has an owner now (uplinks, perhaps draining, or a
@@ -563,6 +569,8 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
+        tcp: Mutex::new(HashMap::new()),
+        tcp_counters: Default::default(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -655,6 +663,18 @@ async fn core_main(
     crate::runtime::spawn_isolated("tunnel-accept", async move {
         tunnel::accept_loop(c, tunnel_l, s).await;
     });
+    if index == 0 && !shared.cfg.tcp_ports.is_empty() {
+        // Leases expire lazily (at the next claim); TCP ports must close
+        // when theirs does, so core 0 looks once a second.
+        let sh = shared.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("tcp-lease-expiry", async move {
+            while !s.get() {
+                monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+                sh.expire_tcp();
+            }
+        });
+    }
 
     // The worker's main future is the mailbox loop: it owns the lifetime
     // of every task on this core (block_on drops unfinished tasks).
@@ -680,13 +700,19 @@ async fn core_main(
                 leftover,
                 hello,
                 id,
-            } => tunnel::adopt(core.clone(), fd, leftover, hello, id),
+                tcp,
+            } => tunnel::adopt(core.clone(), fd, leftover, hello, id, tcp),
             CoreMsg::Directory {
                 session,
                 core: c,
                 present,
             } => core.apply_directory(session, c, present),
             CoreMsg::Revoke => core.revoke_not_allowed(),
+            CoreMsg::TcpListen(pl) => tcp::listen(core, pl),
+            CoreMsg::TcpConn { fd, peer, slot } => {
+                CoreStats::inc(&core.stats.handoffs_in);
+                tcp::adopt(core.clone(), fd, peer, slot);
+            }
             CoreMsg::Shutdown => {}
         });
     }
@@ -695,6 +721,7 @@ async fn core_main(
     // accept loops end and drop (close) their listeners.
     crate::io::shutdown_fd(public_fd, libc::SHUT_RDWR);
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
+    shared.close_tcp();
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace
     // period.
@@ -729,7 +756,7 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics()
+        self.limit_metrics() + &self.tcp_metrics()
     }
 
     fn extra_json(&self) -> String {
@@ -741,6 +768,10 @@ impl crate::admin::StatsSource for Shared {
                 format!("\"{name}\":{{\"uplinks_per_core\":[{}]}}", v.join(","))
             })
             .collect();
-        format!("\"sessions\":{{{}}}", sessions.join(","))
+        format!(
+            "\"sessions\":{{{}}},{}",
+            sessions.join(","),
+            self.tcp_json()
+        )
     }
 }

@@ -201,6 +201,12 @@ pub struct CoreStats {
     pub frames_per_writev: Hist,
     pub kib_per_writev: Hist,
     pub errors: [AtomicU64; ErrorKind::ALL.len()],
+    /// Public TCP tunnel connections open now / served (gateway).
+    pub tcp_conns: AtomicU64,
+    pub tcp_conns_total: AtomicU64,
+    /// TCP tunnel bytes from public clients / to public clients (gateway).
+    pub tcp_bytes_in: AtomicU64,
+    pub tcp_bytes_out: AtomicU64,
 }
 
 impl CoreStats {

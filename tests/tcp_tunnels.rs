@@ -1,0 +1,698 @@
+//! Raw TCP tunnels over real processes: a gateway with `--tcp-ports`, an
+//! agent with `--tcp`, local TCP services written here with std::net, and
+//! plain std clients on the public port.
+//!
+//! Each fault test ends by checking that the gateway is back at its
+//! baseline: no stream, no TCP tunnel connection, its fd count.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SEC: Duration = Duration::from_secs(1);
+
+// ---- ports, processes ------------------------------------------------
+
+/// `n` consecutive free ports below the ephemeral range, different for
+/// every call in this process (tests run in parallel).
+fn free_ports(n: u16) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::SeqCst) == 0 {
+        let start = 20_000 + (std::process::id() % 100) as u16 * 100;
+        let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
+    }
+    loop {
+        let base = NEXT.fetch_add(n, Ordering::SeqCst);
+        assert!(base < 32_000, "no free port range found");
+        let free = (base..base + n).all(|p| TcpListener::bind(("127.0.0.1", p)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+fn tcp_gateway(driver: &str, first: u16, last: u16, extra: &[&str]) -> Proc {
+    let range = format!("{first}-{last}");
+    let mut args = vec!["--tcp-ports", &range];
+    args.extend_from_slice(extra);
+    gateway(driver, &args)
+}
+
+/// An agent with `--tcp` specs and no `--to`, started without waiting.
+fn tcp_agent_bg(driver: &str, gw: &Proc, session: &str, specs: &[String], extra: &[&str]) -> Bg {
+    let tunnel = gw.field("tunnel");
+    let mut args: Vec<String> = [
+        "agent",
+        "--gateway",
+        &tunnel,
+        "--session",
+        session,
+        "--no-pin",
+        "--driver",
+        driver,
+        "--cores",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for s in specs {
+        args.push("--tcp".into());
+        args.push(s.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    spawn_nowait("agent", &refs)
+}
+
+/// A running TCP agent and the public ports it printed, in `--tcp` order.
+struct TcpAgent {
+    bg: Bg,
+    ports: Vec<u16>,
+}
+
+fn wait_ready(bg: &Bg) {
+    let t = Instant::now();
+    while !bg.stdout().contains("ringtunnel agent ready") {
+        assert!(
+            t.elapsed() < 20 * SEC,
+            "agent not ready: stdout {:?} stderr {:?}",
+            bg.stdout(),
+            bg.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn tcp_agent(driver: &str, gw: &Proc, session: &str, specs: &[String]) -> TcpAgent {
+    let bg = tcp_agent_bg(driver, gw, session, specs, &[]);
+    wait_ready(&bg);
+    let out = bg.stdout();
+    let ports: Vec<u16> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("TCP tunnel: tcp://127.0.0.1:"))
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ports.len(), specs.len(), "{out}");
+    // ACCEPT goes out just before the gateway core registers the uplink.
+    std::thread::sleep(Duration::from_millis(100));
+    TcpAgent { bg, ports }
+}
+
+fn public(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the tunnel port");
+    s.set_read_timeout(Some(20 * SEC)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A metric without labels (or 0 if absent).
+fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let m = metrics(admin);
+    m.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits for the gateway's baseline (streams, HTTP connections, fds) and
+/// for no TCP tunnel connection left.
+fn back_to_baseline(gw: &Proc, base: Baseline) {
+    let admin = gw.addr("admin");
+    wait_baseline(gw, admin, base, 5 * SEC);
+    let t = Instant::now();
+    while metric(admin, "ringtunnel_tcp_connections") != 0 {
+        assert!(t.elapsed() < 5 * SEC, "TCP tunnel connections left open");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+// ---- local services --------------------------------------------------
+
+/// A local service: `handler` runs on its own thread per connection.
+fn service(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { continue };
+            let h = handler.clone();
+            std::thread::Builder::new()
+                .stack_size(128 * 1024)
+                .spawn(move || h(s))
+                .unwrap();
+        }
+    });
+    addr
+}
+
+/// SSH-like: the server speaks first (a banner), then answers each line.
+fn banner_service() -> SocketAddr {
+    service(|mut s| {
+        if s.write_all(b"SSH-2.0-ringtunnel_test\r\n").is_err() {
+            return;
+        }
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            let reply = match line.trim_end().strip_prefix("ping ") {
+                Some(n) => format!("pong {n}\n"),
+                None => format!("? {}\n", line.trim_end()),
+            };
+            if s.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    })
+}
+
+fn spec(local: SocketAddr, public: Option<u16>) -> String {
+    match public {
+        Some(p) => format!("{local}={p}"),
+        None => local.port().to_string(),
+    }
+}
+
+fn read_line<R: Read>(r: &mut BufReader<R>) -> String {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("read a line");
+    line
+}
+
+// ---- checksummed bulk data --------------------------------------------
+
+/// A deterministic byte stream, 64 KiB at a time.
+struct Gen(u64);
+
+impl Gen {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for w in buf.chunks_exact_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            w.copy_from_slice(&self.0.to_le_bytes());
+        }
+    }
+}
+
+/// A checksum over 8-byte words that does not depend on how the bytes
+/// were cut into reads.
+#[derive(Default)]
+struct Sum {
+    h: u64,
+    n: u64,
+    tail: Vec<u8>,
+}
+
+impl Sum {
+    fn word(&mut self, w: u64) {
+        self.h = (self.h ^ w).wrapping_mul(0x100000001b3).rotate_left(5);
+    }
+
+    fn update(&mut self, mut b: &[u8]) {
+        self.n += b.len() as u64;
+        if !self.tail.is_empty() {
+            let take = (8 - self.tail.len()).min(b.len());
+            self.tail.extend_from_slice(&b[..take]);
+            b = &b[take..];
+            if self.tail.len() < 8 {
+                return;
+            }
+            let w = u64::from_le_bytes(self.tail[..8].try_into().unwrap());
+            self.word(w);
+            self.tail.clear();
+        }
+        let words = b.chunks_exact(8);
+        let rest = words.remainder();
+        for c in words {
+            self.word(u64::from_le_bytes(c.try_into().unwrap()));
+        }
+        self.tail.extend_from_slice(rest);
+    }
+
+    fn done(mut self) -> (u64, u64) {
+        let t = std::mem::take(&mut self.tail);
+        for (i, x) in t.iter().enumerate() {
+            self.word((*x as u64) << (8 * i));
+        }
+        (self.n, self.h)
+    }
+}
+
+/// Writes `n` bytes of `Gen(seed)`; returns their checksum.
+fn send_bulk(s: &mut TcpStream, seed: u64, n: u64) -> (u64, u64) {
+    let mut g = Gen(seed);
+    let mut sum = Sum::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        g.fill(&mut buf);
+        sum.update(&buf[..k]);
+        s.write_all(&buf[..k]).expect("bulk write");
+        left -= k as u64;
+    }
+    sum.done()
+}
+
+/// Reads to EOF; the checksum of what came.
+fn recv_bulk(s: &mut TcpStream) -> (u64, u64) {
+    let mut sum = Sum::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return sum.done(),
+            Ok(n) => sum.update(&buf[..n]),
+            Err(e) => panic!("bulk read failed after {} bytes: {e}", sum.n),
+        }
+    }
+}
+
+/// Sends `n` bytes of `Gen(seed)` (then a half-close) while reading to
+/// EOF: (checksum received, checksum sent).
+fn exchange_bulk(s: TcpStream, seed: u64, n: u64) -> ((u64, u64), (u64, u64)) {
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let sent = send_bulk(&mut w, seed, n);
+        w.shutdown(Shutdown::Write).unwrap();
+        sent
+    });
+    let mut r = s;
+    let got = recv_bulk(&mut r);
+    (got, writer.join().unwrap())
+}
+
+// ---- tests -------------------------------------------------------------
+
+both_drivers!(ssh_like_interactive_exchange, |driver: &str| {
+    let p0 = free_ports(8);
+    let gw = tcp_gateway(driver, p0, p0 + 7, &[]);
+    let admin = gw.addr("admin");
+    let ssh = banner_service();
+    // One port asked for, one picked by the gateway.
+    let a = tcp_agent(
+        driver,
+        &gw,
+        "ssh",
+        &[spec(ssh, Some(p0 + 5)), spec(ssh, None)],
+    );
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    assert_eq!(a.ports[0], p0 + 5);
+    assert!((p0..=p0 + 7).contains(&a.ports[1]) && a.ports[1] != p0 + 5);
+    assert!(
+        a.bg.stdout()
+            .contains(&format!("TCP tunnel: tcp://127.0.0.1:{} -> {ssh}", p0 + 5)),
+        "{}",
+        a.bg.stdout()
+    );
+    for port in a.ports.clone() {
+        let s = public(port);
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        // The server talks first: nothing was sent yet.
+        assert_eq!(read_line(&mut r), "SSH-2.0-ringtunnel_test\r\n");
+        for i in 0..100 {
+            w.write_all(format!("ping {i}\n").as_bytes()).unwrap();
+            assert_eq!(read_line(&mut r), format!("pong {i}\n"));
+        }
+    }
+    let total = metric(admin, "ringtunnel_tcp_connections_total");
+    assert_eq!(total, 2);
+    back_to_baseline(&gw, base);
+});
+
+#[test]
+fn one_gib_each_way_with_checksums() {
+    const N: u64 = 1 << 30;
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &[]);
+    let admin = gw.addr("admin");
+    let (tx, rx) = mpsc::channel();
+    let local = service(move |s| {
+        let _ = tx.send(exchange_bulk(s, 2, N));
+    });
+    let _a = tcp_agent("uring", &gw, "bulk", &[spec(local, Some(p0))]);
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    let t = Instant::now();
+    let (got_here, sent_here) = exchange_bulk(public(p0), 1, N);
+    let (got_there, sent_there) = rx.recv_timeout(60 * SEC).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    eprintln!(
+        "1 GiB each way through a TCP tunnel (debug build): {secs:.1} s, {:.0} MiB/s per direction",
+        1024.0 / secs
+    );
+    assert_eq!(got_there, sent_here, "client -> service");
+    assert_eq!(got_here, sent_there, "service -> client");
+    assert_eq!(got_here.0, N);
+    let m = metrics(admin);
+    assert_eq!(metric_sum(&m, "ringtunnel_tcp_bytes_total", "\"in\""), N);
+    assert_eq!(metric_sum(&m, "ringtunnel_tcp_bytes_total", "\"out\""), N);
+    back_to_baseline(&gw, base);
+}
+
+#[test]
+fn thousand_concurrent_connections() {
+    const CONNS: usize = 1000;
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &[]);
+    let admin = gw.addr("admin");
+    // Upper-cases one line, then waits for the client's EOF.
+    let local = service(|s| {
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut w = s;
+        let mut line = String::new();
+        if r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            let _ = w.write_all(line.to_uppercase().as_bytes());
+        }
+        let _ = r.read_line(&mut line);
+    });
+    let _a = tcp_agent("uring", &gw, "many", &[spec(local, Some(p0))]);
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| public(p0)).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("hello {i}\n").as_bytes()).unwrap();
+    }
+    let t = Instant::now();
+    while metric(admin, "ringtunnel_tcp_connections") < CONNS as u64 {
+        assert!(
+            t.elapsed() < 10 * SEC,
+            "not all {CONNS} connections open at once"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut r = BufReader::new(c);
+        assert_eq!(read_line(&mut r), format!("HELLO {i}\n"));
+    }
+    drop(conns);
+    back_to_baseline(&gw, base);
+    assert_eq!(
+        metric(admin, "ringtunnel_tcp_connections_total"),
+        CONNS as u64
+    );
+}
+
+both_drivers!(half_close_crosses_both_ways, |driver: &str| {
+    let p0 = free_ports(2);
+    let gw = tcp_gateway(driver, p0, p0 + 1, &[]);
+    let admin = gw.addr("admin");
+    // Reads to EOF, then answers with the count.
+    let counter = service(|mut s| {
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        s.write_all(format!("got {}\n", all.len()).as_bytes())
+            .unwrap();
+    });
+    // Says goodbye and shuts its write side, then keeps reading.
+    let (tx, rx) = mpsc::channel();
+    let closer = service(move |mut s| {
+        s.write_all(b"bye\n").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut all = Vec::new();
+        let _ = s.read_to_end(&mut all);
+        let _ = tx.send(all);
+    });
+    let a = tcp_agent(
+        driver,
+        &gw,
+        "half",
+        &[spec(counter, Some(p0)), spec(closer, Some(p0 + 1))],
+    );
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+
+    // Client shuts its write side and still gets the server's answer.
+    let mut c = public(a.ports[0]);
+    c.write_all(&pattern(100_000)).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "got 100000\n");
+
+    // The server shut its write side: the client sees EOF, and can still
+    // send.
+    let mut c = public(a.ports[1]);
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye\n");
+    c.write_all(&pattern(5000)).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(rx.recv_timeout(10 * SEC).unwrap(), pattern(5000));
+    drop(c);
+    back_to_baseline(&gw, base);
+});
+
+/// Writes until the peer goes (at most 4 GiB); reports the bytes written.
+fn firehose(done: mpsc::Sender<u64>) -> SocketAddr {
+    service(move |mut s| {
+        let buf = vec![7u8; 64 * 1024];
+        let mut n = 0u64;
+        while n < 4 << 30 {
+            match s.write(&buf) {
+                Ok(k) if k > 0 => n += k as u64,
+                _ => break,
+            }
+        }
+        let _ = done.send(n);
+    })
+}
+
+#[test]
+fn agent_killed_mid_transfer_closes_the_public_side() {
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &["--session-lease", "0"]);
+    let admin = gw.addr("admin");
+    let base = baseline(&gw, admin);
+    let (tx, _rx) = mpsc::channel();
+    let local = firehose(tx);
+    let mut a = tcp_agent("uring", &gw, "doomed", &[spec(local, Some(p0))]);
+    let mut c = public(p0);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0;
+    while got < 8 << 20 {
+        got += c.read(&mut buf).unwrap();
+    }
+    a.bg.proc.kill(); // SIGKILL
+    let t = Instant::now();
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => assert!(t.elapsed() < 5 * SEC, "public side still open"),
+        }
+    }
+    let closed_in = t.elapsed();
+    assert!(closed_in < 5 * SEC, "closed after {closed_in:?}");
+    drop(c);
+    back_to_baseline(&gw, base);
+    // Without a lease the port is closed with the session.
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", p0)).is_ok() {
+        assert!(t.elapsed() < 5 * SEC, "port still open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn client_that_never_reads_is_bounded_then_closed() {
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &["--write-stall-timeout", "2"]);
+    let admin = gw.addr("admin");
+    let (tx, rx) = mpsc::channel();
+    let written = Arc::new(AtomicU64::new(0));
+    let w2 = written.clone();
+    let local = service(move |mut s| {
+        let buf = vec![1u8; 64 * 1024];
+        loop {
+            match s.write(&buf) {
+                Ok(k) if k > 0 => {
+                    w2.fetch_add(k as u64, Ordering::SeqCst);
+                }
+                _ => break,
+            }
+        }
+        let _ = tx.send(());
+    });
+    let _a = tcp_agent("uring", &gw, "stall", &[spec(local, Some(p0))]);
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    let rss0 = gw.rss_kib();
+    let c = connect_small_rcvbuf(SocketAddr::from(([127, 0, 0, 1], p0)), 4096);
+    std::thread::sleep(SEC);
+    // The service is stalled on credit: one stream window plus socket
+    // buffers, not the gigabytes it would write.
+    let w = written.load(Ordering::SeqCst);
+    assert!(w > 0 && w < 32 << 20, "the service wrote {w} bytes");
+    let grown = gw.rss_kib().saturating_sub(rss0);
+    assert!(grown < 16 * 1024, "gateway grew by {grown} KiB");
+    // The write stall closes it; the service's writes fail.
+    rx.recv_timeout(10 * SEC)
+        .expect("the stalled connection was closed at the local service");
+    drop(c);
+    back_to_baseline(&gw, base);
+}
+
+#[test]
+fn local_service_down_closes_the_public_connection() {
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &[]);
+    let admin = gw.addr("admin");
+    // A port nothing listens on.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let a = tcp_agent("uring", &gw, "deadend", &[spec(dead, Some(p0))]);
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    let mut c = public(p0);
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)));
+    assert!(t.elapsed() < 3 * SEC, "closed after {:?}", t.elapsed());
+    drop(c);
+    back_to_baseline(&gw, base);
+    drop(a);
+}
+
+#[test]
+fn per_port_limit_closes_the_extra_connection() {
+    let p0 = free_ports(1);
+    let gw = tcp_gateway("uring", p0, p0, &["--tcp-max-conns-per-port", "2"]);
+    let admin = gw.addr("admin");
+    let ssh = banner_service();
+    let _a = tcp_agent("uring", &gw, "limited", &[spec(ssh, Some(p0))]);
+    // Uplinks and the port's listeners are part of the idle state.
+    let base = baseline(&gw, admin);
+    let banner = |s: &TcpStream| read_line(&mut BufReader::new(s.try_clone().unwrap()));
+    let one = public(p0);
+    let two = public(p0);
+    assert!(banner(&one).starts_with("SSH-2.0"));
+    assert!(banner(&two).starts_with("SSH-2.0"));
+    let mut three = public(p0);
+    let mut buf = [0u8; 64];
+    assert!(matches!(three.read(&mut buf), Ok(0) | Err(_)));
+    let m = metrics(admin);
+    assert_eq!(
+        metric_sum(&m, "ringtunnel_tcp_refused_total", "over_limit"),
+        1
+    );
+    drop((one, two, three));
+    back_to_baseline(&gw, base);
+    let again = public(p0);
+    assert!(banner(&again).starts_with("SSH-2.0"));
+}
+
+/// Starts an agent that the gateway must refuse: it exits non-zero with
+/// `needle` in its message.
+fn assert_refused(gw: &Proc, session: &str, specs: &[String], extra: &[&str], needle: &str) {
+    let mut bg = tcp_agent_bg("uring", gw, session, specs, extra);
+    let code = bg.wait_exit(15 * SEC).unwrap_or_else(|| {
+        panic!(
+            "agent still running: stdout {:?} stderr {:?}",
+            bg.stdout(),
+            bg.stderr()
+        )
+    });
+    assert_ne!(code, 0);
+    assert!(bg.stderr().contains(needle), "{}", bg.stderr());
+}
+
+#[test]
+fn refused_ports_stop_the_agent_with_the_reason() {
+    let p0 = free_ports(3);
+    let gw = tcp_gateway("uring", p0, p0 + 1, &["--session-lease", "1"]);
+    let ssh = banner_service();
+    let mut owner = tcp_agent("uring", &gw, "owner", &[spec(ssh, Some(p0))]);
+
+    let taken = format!("TCP port {p0} is taken by another session");
+    assert_refused(&gw, "thief", &[spec(ssh, Some(p0))], &[], &taken);
+
+    let outside = format!(
+        "TCP port {} is outside the gateway's range ({p0}-{})",
+        p0 + 2,
+        p0 + 1
+    );
+    assert_refused(&gw, "outside", &[spec(ssh, Some(p0 + 2))], &[], &outside);
+
+    // Held by another process on the gateway's host.
+    let squatter = TcpListener::bind(("127.0.0.1", p0 + 1)).unwrap();
+    let in_use = format!("TCP port {} cannot be opened on the gateway", p0 + 1);
+    assert_refused(&gw, "squat", &[spec(ssh, Some(p0 + 1))], &[], &in_use);
+    drop(squatter);
+
+    // The owner goes: during the lease the port stays its own, then it is
+    // free for others.
+    owner.bg.proc.kill();
+    let t = Instant::now();
+    let mut next = tcp_agent_bg("uring", &gw, "next", &[spec(ssh, Some(p0))], &[]);
+    loop {
+        if next.stdout().contains("ringtunnel agent ready") {
+            break;
+        }
+        if next.wait_exit(Duration::from_millis(50)).is_some() {
+            // Refused while the lease ran: try again.
+            assert!(next.stderr().contains("taken"), "{}", next.stderr());
+            assert!(t.elapsed() < 10 * SEC, "the lease never ended");
+            next = tcp_agent_bg("uring", &gw, "next", &[spec(ssh, Some(p0))], &[]);
+        }
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let s = public(p0);
+    assert!(read_line(&mut BufReader::new(s)).starts_with("SSH-2.0"));
+}
+
+#[test]
+fn no_tcp_ports_configured_or_outside_the_token_scope() {
+    let gw = gateway("uring", &[]);
+    let none = "this gateway has no TCP tunnels (started without --tcp-ports)";
+    assert_refused(&gw, "x", &["22".into()], &[], none);
+
+    let p0 = free_ports(4);
+    let dir = std::env::temp_dir().join(format!("rt-tcp-scope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "tcp_ports = \"{p0}-{}\"\n[[tokens]]\nsecret = \"scoped-secret-0123456789\"\n\
+             sessions = [\"*\"]\ntcp_ports = [\"{p0}-{}\"]\n",
+            p0 + 3,
+            p0 + 1
+        ),
+    )
+    .unwrap();
+    let gw = gateway("uring", &["--config", file.to_str().unwrap()]);
+    let token = ["--token", "scoped-secret-0123456789"];
+    let scope = format!(
+        "token not allowed to open TCP port {} (its tcp_ports: {p0}-{})",
+        p0 + 2,
+        p0 + 1
+    );
+    assert_refused(&gw, "y", &[format!("22={}", p0 + 2)], &token, &scope);
+    // Within its scope the same token gets a port.
+    let bg = tcp_agent_bg("uring", &gw, "z", &["22".into()], &token);
+    wait_ready(&bg);
+    assert!(
+        bg.stdout()
+            .contains(&format!("TCP tunnel: tcp://127.0.0.1:{p0} -> 127.0.0.1:22")),
+        "{}",
+        bg.stdout()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

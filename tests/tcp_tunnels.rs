@@ -593,8 +593,8 @@ fn per_port_limit_closes_the_extra_connection() {
     assert!(banner(&again).starts_with("SSH-2.0"));
 }
 
-/// Starts an agent that the gateway must refuse: it exits non-zero with
-/// `needle` in its message.
+/// Starts an agent that the gateway must refuse: it exits with code 2 (a
+/// start-up error) and `needle` in its message.
 fn assert_refused(gw: &Proc, session: &str, specs: &[String], extra: &[&str], needle: &str) {
     let mut bg = tcp_agent_bg("uring", gw, session, specs, extra);
     let code = bg.wait_exit(15 * SEC).unwrap_or_else(|| {
@@ -604,7 +604,7 @@ fn assert_refused(gw: &Proc, session: &str, specs: &[String], extra: &[&str], ne
             bg.stderr()
         )
     });
-    assert_ne!(code, 0);
+    assert_eq!(code, 2, "{}", bg.stderr());
     assert!(bg.stderr().contains(needle), "{}", bg.stderr());
 }
 
@@ -695,4 +695,81 @@ fn no_tcp_ports_configured_or_outside_the_token_scope() {
         bg.stdout()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent with `--tcp` against a gateway that predates TCP tunnels: that
+/// gateway ignores the HELLO's port list and answers the 24-byte ACCEPT of
+/// version 1. The agent must stop with a clear reason, not serve HTTP only
+/// or retry.
+#[test]
+fn older_gateway_without_tcp_tunnels_stops_the_agent() {
+    use bytes::BytesMut;
+    use ringtunnel::proto::{self, Accept, Decoder, Frame, FrameType};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming().take(4) {
+            let mut c = c.unwrap();
+            let mut buf = BytesMut::new();
+            let mut dec = Decoder::new(proto::DEFAULT_MAX_FRAME);
+            let hello = loop {
+                if let Ok(Some(f)) = dec.decode(&mut buf) {
+                    break f;
+                }
+                let mut tmp = [0u8; 4096];
+                match c.read(&mut tmp) {
+                    Ok(n) if n > 0 => buf.extend_from_slice(&tmp[..n]),
+                    _ => return,
+                }
+            };
+            // The agent did ask for its port, behind the capability bit.
+            let h = hello.parse_hello().unwrap();
+            assert_eq!(h.capabilities & proto::tcp::CAP_TCP, proto::tcp::CAP_TCP);
+            assert_eq!(h.tcp, vec![0]);
+            let new = Frame::accept(&Accept {
+                version: proto::PROTOCOL_VERSION,
+                gateway_cores: 1,
+                core: 0,
+                max_frame: proto::DEFAULT_MAX_FRAME,
+                stream_window: proto::DEFAULT_STREAM_WINDOW,
+                conn_window: proto::DEFAULT_CONN_WINDOW,
+                max_streams: 16,
+                capabilities: 0,
+                tcp: Vec::new(),
+            });
+            let old = Frame::new(
+                FrameType::Accept,
+                0,
+                new.payload.slice(..Accept::ENCODED_LEN),
+            );
+            let mut out = BytesMut::new();
+            proto::encode(&old, &mut out);
+            c.write_all(&out).unwrap();
+            held.push(c);
+        }
+    });
+    let mut bg = spawn_nowait(
+        "agent",
+        &[
+            "agent",
+            "--gateway",
+            &addr,
+            "--session",
+            "old",
+            "--tcp",
+            "22",
+            "--cores",
+            "1",
+            "--no-pin",
+        ],
+    );
+    let code = bg.wait_exit(15 * SEC).expect("the agent kept running");
+    assert_eq!(code, 2, "{}", bg.stderr());
+    assert!(
+        bg.stderr()
+            .contains("the gateway does not offer TCP tunnels"),
+        "{}",
+        bg.stderr()
+    );
 }

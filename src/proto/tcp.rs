@@ -251,6 +251,18 @@ mod tests {
     }
 
     #[test]
+    fn open_layout_as_in_the_protocol_doc() {
+        let o = TcpOpen {
+            port: 20022,
+            client: "10.0.0.7:40000".parse().unwrap(),
+        };
+        assert_eq!(
+            o.encode().as_ref(),
+            [0x00, 0x4e, 0x36, 0x04, 0x0a, 0x00, 0x00, 0x07, 0x9c, 0x40]
+        );
+    }
+
+    #[test]
     fn random_open_payloads_never_panic() {
         let mut rng = crate::proto::test_rng::XorShift::new(7);
         for _ in 0..20_000 {

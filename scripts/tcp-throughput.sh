@@ -59,27 +59,41 @@ cat >"$py" <<'PY'
 import socket, sys, threading, time
 BUF = bytes(1 << 20)
 
+def send_n(c, n):
+    while n > 0:
+        k = min(n, len(BUF))
+        c.sendall(BUF[:k])
+        n -= k
+
+def drain(c):
+    n = 0
+    while True:
+        d = c.recv(1 << 20)
+        if not d:
+            return n
+        n += len(d)
+
+def header(c):
+    # The mode line, padded to 32 bytes, however the reads cut it.
+    b = b""
+    while len(b) < 32:
+        d = c.recv(32 - len(b))
+        if not d:
+            break
+        b += d
+    return b.split(b"\n")[0].split()
+
 def serve(port_file):
     l = socket.socket()
     l.bind(("127.0.0.1", 0))
     l.listen(64)
     open(port_file, "w").write(str(l.getsockname()[1]))
     def one(c):
-        mode = c.recv(16).split(b"\n")[0].split()
+        mode = header(c)
         if mode[0] == b"up":
-            n = 0
-            while True:
-                d = c.recv(1 << 20)
-                if not d:
-                    break
-                n += len(d)
-            c.sendall(b"%d\n" % n)
+            c.sendall(b"%d\n" % drain(c))
         else:
-            left = int(mode[1])
-            while left > 0:
-                k = min(left, len(BUF))
-                c.sendall(BUF[:k])
-                left -= k
+            send_n(c, int(mode[1]))
         c.close()
     while True:
         c, _ = l.accept()
@@ -90,22 +104,13 @@ def client(port, mode, mib):
     c = socket.create_connection(("127.0.0.1", port))
     t = time.monotonic()
     if mode == "up":
-        c.sendall(b"up\n".ljust(16))
-        left = n
-        while left > 0:
-            k = min(left, len(BUF))
-            c.sendall(BUF[:k])
-            left -= k
+        c.sendall(b"up\n".ljust(32))
+        send_n(c, n)
         c.shutdown(socket.SHUT_WR)
         got = int(c.makefile().readline())
     else:
-        c.sendall(b"down %d\n" % n + b" " * max(0, 16 - len(b"down %d\n" % n)))
-        got = 0
-        while True:
-            d = c.recv(1 << 20)
-            if not d:
-                break
-            got += len(d)
+        c.sendall((b"down %d\n" % n).ljust(32))
+        got = drain(c)
     secs = time.monotonic() - t
     if got != n:
         sys.exit("moved %d of %d bytes" % (got, n))

@@ -307,6 +307,38 @@ sessions = ["*"]
     }
 
     #[test]
+    fn tcp_tunnel_keys() {
+        let f: GatewayFile = parse(
+            "tcp_ports = \"20000-20999\"\ntcp_max_conns_per_port = 10\n[[tokens]]\n\
+             secret = \"alpha-secret-0123456789\"\nsessions = [\"*\"]\n\
+             tcp_ports = [\"20000-20009\", \"20100\"]\n\
+             [[tokens]]\nsecret = \"omega-secret-0123456789\"\nsessions = [\"*\"]\n\
+             tcp_ports = []\n",
+        )
+        .unwrap();
+        assert_eq!(f.tcp_ports.as_deref(), Some("20000-20999"));
+        assert_eq!(f.tcp_max_conns_per_port, Some(10));
+        let rules = f.token_rules().unwrap();
+        let scope = rules[0].tcp_ports.as_ref().unwrap();
+        assert!(scope.contains(20009) && scope.contains(20100) && !scope.contains(20010));
+        // An empty list: this token may open no TCP port.
+        assert!(rules[1].tcp_ports.as_ref().unwrap().is_empty());
+        // The key shown by --print-config parses back to the same rule.
+        let shown = TokenEntry::shown(&rules[0]);
+        assert_eq!(shown.tcp_ports, Some(vec!["20000-20009,20100".to_string()]));
+        let e = parse::<GatewayFile>(
+            "[[tokens]]\nsecret = \"alpha-secret-0123456789\"\nsessions = [\"a\"]\n\
+             tcp_ports = [\"9-1\"]\n",
+        )
+        .unwrap()
+        .token_rules()
+        .unwrap_err();
+        assert!(e.contains("tcp_ports") && e.contains("backwards"), "{e}");
+        let a: AgentFile = parse("tcp = [\"22\", \"5432=20100\"]\n").unwrap();
+        assert_eq!(a.tcp, Some(vec!["22".into(), "5432=20100".into()]));
+    }
+
+    #[test]
     fn unknown_keys_name_the_key_and_line() {
         let e =
             parse::<GatewayFile>("listen = \"127.0.0.1:1\"\n\nbody_idle_timout = 3\n").unwrap_err();

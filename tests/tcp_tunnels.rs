@@ -91,7 +91,17 @@ fn wait_ready(bg: &Bg) {
 }
 
 fn tcp_agent(driver: &str, gw: &Proc, session: &str, specs: &[String]) -> TcpAgent {
-    let bg = tcp_agent_bg(driver, gw, session, specs, &[]);
+    tcp_agent_with(driver, gw, session, specs, &[])
+}
+
+fn tcp_agent_with(
+    driver: &str,
+    gw: &Proc,
+    session: &str,
+    specs: &[String],
+    extra: &[&str],
+) -> TcpAgent {
+    let bg = tcp_agent_bg(driver, gw, session, specs, extra);
     wait_ready(&bg);
     let out = bg.stdout();
     let ports: Vec<u16> = out
@@ -453,6 +463,39 @@ both_drivers!(half_close_crosses_both_ways, |driver: &str| {
     back_to_baseline(&gw, base);
 });
 
+both_drivers!(
+    connections_on_a_core_without_uplink_are_handed_off,
+    |driver: &str| {
+        let p0 = free_ports(1);
+        let gw = tcp_gateway(driver, p0, p0, &[]);
+        let admin = gw.addr("admin");
+        let ssh = banner_service();
+        // One uplink on a 2-core gateway: the core without it hands off.
+        let _a = tcp_agent_with(
+            driver,
+            &gw,
+            "one",
+            &[spec(ssh, Some(p0))],
+            &["--uplinks", "1"],
+        );
+        let base = baseline(&gw, admin);
+        // Held open together, so both cores' accepts are busy.
+        let conns: Vec<TcpStream> = (0..40).map(|_| public(p0)).collect();
+        for (i, c) in conns.iter().enumerate() {
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            assert!(read_line(&mut r).starts_with("SSH-2.0"), "connection {i}");
+            (&*c).write_all(format!("ping {i}\n").as_bytes()).unwrap();
+            assert_eq!(read_line(&mut r), format!("pong {i}\n"));
+        }
+        let m = metrics(admin);
+        let handoffs = metric_sum(&m, "ringtunnel_gateway_handoffs_total", "core=");
+        eprintln!("{driver}: {handoffs} of 40 TCP connections handed off");
+        assert_eq!(metric(admin, "ringtunnel_tcp_connections_total"), 40);
+        drop(conns);
+        back_to_baseline(&gw, base);
+    }
+);
+
 /// Writes until the peer goes (at most 4 GiB); reports the bytes written.
 fn firehose(done: mpsc::Sender<u64>) -> SocketAddr {
     service(move |mut s| {
@@ -611,7 +654,13 @@ fn assert_refused(gw: &Proc, session: &str, specs: &[String], extra: &[&str], ne
 #[test]
 fn refused_ports_stop_the_agent_with_the_reason() {
     let p0 = free_ports(3);
-    let gw = tcp_gateway("uring", p0, p0 + 1, &["--session-lease", "1"]);
+    // Refusals count toward the handshake ban; this test makes many.
+    let gw = tcp_gateway(
+        "uring",
+        p0,
+        p0 + 1,
+        &["--session-lease", "1", "--handshake-fail-limit", "0"],
+    );
     let ssh = banner_service();
     let mut owner = tcp_agent("uring", &gw, "owner", &[spec(ssh, Some(p0))]);
 
@@ -630,6 +679,10 @@ fn refused_ports_stop_the_agent_with_the_reason() {
     let in_use = format!("TCP port {} cannot be opened on the gateway", p0 + 1);
     assert_refused(&gw, "squat", &[spec(ssh, Some(p0 + 1))], &[], &in_use);
     drop(squatter);
+    assert_eq!(
+        metric(gw.addr("admin"), "ringtunnel_tcp_port_refusals_total"),
+        3
+    );
 
     // The owner goes: during the lease the port stays its own, then it is
     // free for others.

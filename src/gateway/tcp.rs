@@ -50,6 +50,8 @@ pub(crate) struct TcpCounters {
     pub(crate) over_limit: AtomicU64,
     /// Connections closed at once: no uplink of the session on any core.
     pub(crate) no_agent: AtomicU64,
+    /// Handshakes refused with PORT_REFUSED.
+    pub(crate) port_refused: AtomicU64,
 }
 
 /// One public TCP port of a session.
@@ -108,11 +110,16 @@ impl Shared {
         let now = Instant::now();
         let mut claims = self.claims();
         claims.expire(now);
+        // A port whose lease just expired may be granted below: its old
+        // listener (which routes to the old session) must go first.
+        self.sync_tcp(&claims);
         let plan = claims.plan_ports(&hello.session, who, &hello.tcp, &self.cfg.tcp_ports, now)?;
         let mut fresh = Vec::new();
         {
             let open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
             for &p in &plan {
+                // Open already: the session's own port (`sync_tcp` left
+                // no other session's).
                 if open.contains_key(&p) {
                     continue;
                 }
@@ -213,12 +220,16 @@ impl Shared {
              # HELP ringtunnel_tcp_refused_total TCP tunnel connections closed at accept.\n\
              # TYPE ringtunnel_tcp_refused_total counter\n\
              ringtunnel_tcp_refused_total{{reason=\"over_limit\"}} {}\n\
-             ringtunnel_tcp_refused_total{{reason=\"no_agent\"}} {}\n",
+             ringtunnel_tcp_refused_total{{reason=\"no_agent\"}} {}\n\
+             # HELP ringtunnel_tcp_port_refusals_total Agent handshakes refused for a TCP port.\n\
+             # TYPE ringtunnel_tcp_port_refusals_total counter\n\
+             ringtunnel_tcp_port_refusals_total {}\n",
             sum(|c| &c.tcp_conns_total),
             sum(|c| &c.tcp_bytes_in),
             sum(|c| &c.tcp_bytes_out),
             self.tcp_counters.over_limit.load(Ordering::Relaxed),
             self.tcp_counters.no_agent.load(Ordering::Relaxed),
+            self.tcp_counters.port_refused.load(Ordering::Relaxed),
         )
     }
 

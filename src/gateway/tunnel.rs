@@ -69,6 +69,12 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
+    if code == ErrorCode::PortRefused {
+        core.shared
+            .tcp_counters
+            .port_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
     // Reasons can carry agent-supplied text (a session name): escaped and
     // truncated. A refusal counts toward the peer's handshake ban.
     let peer = super::guard::peer_of(conn.fd());

@@ -100,7 +100,7 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
     let _ = sock.set_nodelay(true);
     CoreStats::inc(&core.stats.requests);
     stream.send_head(Bytes::from_static(TCP_CONNECTED));
-    let r = crate::io::relay::tcp_relay(sock, &stream, false, cfg.backend_timeout).await;
+    let r = crate::io::relay::tcp_relay(sock, &stream, None, cfg.backend_timeout).await;
     tracing::debug!(
         port = open.port,
         client = %open.client,

@@ -23,7 +23,8 @@
 //!
 //! **Connections.** One public connection = one stream, opened with a TCP
 //! OPEN (`proto::tcp`), relayed by `io::relay::tcp_relay` under the same
-//! per-stream credit as HTTP, half-closes crossing as END. At most
+//! per-stream credit as HTTP, half-closes crossing as END. The agent's
+//! "connected" answer must come within `--response-timeout`. At most
 //! `--tcp-max-conns-per-port` connections per port at once; one more is
 //! accepted and closed at once, and counted.
 
@@ -379,7 +380,14 @@ async fn serve(core: Rc<Core>, sock: TcpStream, peer: SocketAddr, slot: TcpSlot,
     CoreStats::inc(&core.stats.tcp_conns);
     CoreStats::inc(&core.stats.tcp_conns_total);
     let _gauge = ConnGauge(core.stats.clone());
-    let r = crate::io::relay::tcp_relay(sock, &stream, true, core.cfg().write_stall_timeout).await;
+    let cfg = core.cfg();
+    let r = crate::io::relay::tcp_relay(
+        sock,
+        &stream,
+        Some(cfg.response_timeout),
+        cfg.write_stall_timeout,
+    )
+    .await;
     core.stats.tcp_bytes_in.fetch_add(r.sent, Ordering::Relaxed);
     core.stats
         .tcp_bytes_out

@@ -443,11 +443,12 @@ pub struct TcpRelayed {
 /// closing or a write stalled past `write_stall` aborts both ways: the
 /// stream is reset (`CANCEL`) and the socket shut down, so neither pump
 /// waits on the other. With `expect_connected` (the gateway side) the
-/// stream's first event must be the agent's "connected" head.
+/// stream's first event must be the agent's "connected" head, within that
+/// time: an agent that never answers must not hold the connection.
 pub async fn tcp_relay(
     sock: monoio::net::TcpStream,
     stream: &Stream,
-    expect_connected: bool,
+    expect_connected: Option<Duration>,
     write_stall: Duration,
 ) -> TcpRelayed {
     use std::os::fd::AsRawFd;
@@ -485,9 +486,11 @@ pub async fn tcp_relay(
         }
     };
     let down = async {
-        if expect_connected {
-            match stream.recv().await {
-                Inbound::Head(h) if h.as_ref() == crate::proto::tcp::TCP_CONNECTED => {}
+        if let Some(limit) = expect_connected {
+            // Dropping a pending `recv` is safe: it only waits on the
+            // stream's queue, no socket.
+            match monoio::time::timeout(limit, stream.recv()).await {
+                Ok(Inbound::Head(h)) if h.as_ref() == crate::proto::tcp::TCP_CONNECTED => {}
                 _ => {
                     abort();
                     return (0, false);

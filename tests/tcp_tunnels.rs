@@ -919,3 +919,22 @@ fn lying_or_silent_agent_never_holds_a_public_connection() {
     );
     back_to_baseline(&gw, base, None);
 }
+
+#[test]
+fn restarted_agent_gets_its_port_back() {
+    let p0 = free_ports(4);
+    let gw = tcp_gateway("uring", p0, p0 + 3, &["--session-lease", "10"]);
+    let ssh = banner_service();
+    // Something else takes the first port, so "any" is not simply the
+    // first of the range.
+    let _other = tcp_agent("uring", &gw, "other", &[spec(ssh, None)]);
+    let mut first = tcp_agent("uring", &gw, "back", &[spec(ssh, None)]);
+    let port = first.ports[0];
+    assert_ne!(port, p0);
+    first.bg.proc.kill();
+    // Same host, session and --tcp: the same owner, within the lease.
+    let again = tcp_agent("uring", &gw, "back", &[spec(ssh, None)]);
+    assert_eq!(again.ports, vec![port]);
+    let s = public(port);
+    assert!(read_line(&mut BufReader::new(s)).starts_with("SSH-2.0"));
+}

@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use monoio::net::TcpStream;
@@ -28,7 +27,6 @@ use crate::proto::ErrorCode;
 pub(crate) struct TcpTunnels {
     pub(crate) targets: Vec<SocketAddr>,
     pub(crate) granted: std::sync::Mutex<Vec<u16>>,
-    announced: std::sync::atomic::AtomicBool,
 }
 
 impl TcpTunnels {
@@ -36,19 +34,21 @@ impl TcpTunnels {
         TcpTunnels {
             targets,
             granted: std::sync::Mutex::new(Vec::new()),
-            announced: Default::default(),
         }
     }
 
-    /// Records the ports of an ACCEPT and, the first time, prints where
-    /// each tunnel is reachable (stdout: scripts and tests read it).
+    /// Records the ports of an ACCEPT and, when they are new (the first
+    /// ACCEPT, or a restarted gateway that picked other ports), prints
+    /// where each tunnel is reachable (stdout: scripts and tests read it).
     pub(crate) fn accepted(&self, gateway_host: &str, ports: &[u16]) {
-        if let Ok(mut g) = self.granted.lock() {
-            *g = ports.to_vec();
-        }
-        if self.announced.swap(true, Ordering::SeqCst) {
+        let Ok(mut g) = self.granted.lock() else {
+            return;
+        };
+        if *g == ports {
             return;
         }
+        *g = ports.to_vec();
+        drop(g);
         for (p, t) in ports.iter().zip(&self.targets) {
             tracing::info!(port = p, target = %t, "TCP tunnel open");
             println!("TCP tunnel: tcp://{gateway_host}:{p} -> {t}");

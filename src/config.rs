@@ -310,6 +310,10 @@ pub struct AgentConfig {
     /// derived from host name, session and backend, so a restarted agent
     /// is the same owner.
     pub agent_id: Option<u64>,
+    /// No line per request (`--quiet`).
+    pub quiet: bool,
+    /// The request inspector (`--inspect ADDR`), off when `None`.
+    pub inspect: Option<crate::inspect::InspectConfig>,
 }
 
 impl Default for AgentConfig {
@@ -333,6 +337,8 @@ impl Default for AgentConfig {
             tls: None,
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
+            quiet: false,
+            inspect: None,
         }
     }
 }
@@ -340,6 +346,9 @@ impl Default for AgentConfig {
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        if let Some(i) = &self.inspect {
+            i.validate()?;
+        }
         if !crate::proto::valid_session_name(&self.session) {
             return Err(format!(
                 "--session {:?}: 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",

@@ -121,6 +121,11 @@ pub struct AgentFile {
     pub server_name: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub quiet: Option<bool>,
+    pub inspect: Option<String>,
+    pub inspect_max: Option<usize>,
+    pub inspect_body_bytes: Option<usize>,
+    pub inspect_mask: Option<Vec<String>>,
 }
 
 /// Reads and parses a file. The error starts with the path; toml's part

@@ -43,6 +43,10 @@ enum Cmd {
     Gateway(GatewayArgs),
     /// Connects to a gateway, claims a session, forwards to a backend.
     Agent(AgentArgs),
+    /// One-liner agent: `ringtunnel http 3000` exposes 127.0.0.1:3000 under
+    /// a generated name (defaults from RINGTUNNEL_GATEWAY, RINGTUNNEL_TOKEN
+    /// and ~/.config/ringtunnel/agent.toml).
+    Http(HttpArgs),
     /// Built-in httpbin-like backend for tests, demos and benchmarks.
     Echo(EchoArgs),
     /// Load generator (closed/open loop, sweeps, ramps, comparisons).
@@ -253,8 +257,8 @@ struct AgentArgs {
     /// Print the effective configuration as TOML (token masked), then exit.
     #[arg(long)]
     print_config: bool,
-    /// Gateway tunnel address.
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    /// Gateway tunnel address [env RINGTUNNEL_GATEWAY].
+    #[arg(long, env = "RINGTUNNEL_GATEWAY", default_value = "127.0.0.1:7000")]
     gateway: String,
     /// Session name to claim (required, here or in --config).
     #[arg(long)]
@@ -316,6 +320,142 @@ struct AgentArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// What the agent shows: request lines and the inspector.
+#[derive(Args, Clone)]
+struct ShowArgs {
+    /// No line per request.
+    #[arg(long)]
+    quiet: bool,
+    /// Request inspector (page, JSON API, replay) on this address, e.g.
+    /// 127.0.0.1:4040 [default: off].
+    #[arg(long)]
+    inspect: Option<String>,
+    /// Requests the inspector keeps.
+    #[arg(long, default_value_t = 100)]
+    inspect_max: usize,
+    /// Bytes kept of each request and response body.
+    #[arg(long, default_value_t = 1024)]
+    inspect_body_bytes: usize,
+    /// Header whose value the inspector masks, besides Authorization,
+    /// Proxy-Authorization, Cookie and Set-Cookie (repeatable, or comma
+    /// separated).
+    #[arg(long, value_delimiter = ',')]
+    inspect_mask: Vec<String>,
+}
+
+impl ShowArgs {
+    fn inspect(&self) -> Option<ringtunnel::inspect::InspectConfig> {
+        self.inspect
+            .as_ref()
+            .map(|l| ringtunnel::inspect::InspectConfig {
+                listen: l.clone(),
+                max: self.inspect_max,
+                body_bytes: self.inspect_body_bytes,
+                mask: self.inspect_mask.clone(),
+            })
+    }
+}
+
+/// `ringtunnel http PORT`: an agent with defaults for a quick try.
+#[derive(Args, Clone)]
+struct HttpArgs {
+    /// The local app: a port (3000), host:port, or http://host:port.
+    to: String,
+    /// Session name [default: generated, e.g. brave-otter-3f2a].
+    #[arg(long)]
+    name: Option<String>,
+    /// Gateway tunnel address [env RINGTUNNEL_GATEWAY, then the user
+    /// config file, then 127.0.0.1:7000].
+    #[arg(long, env = "RINGTUNNEL_GATEWAY")]
+    gateway: Option<String>,
+    /// Token [env RINGTUNNEL_TOKEN, then the user config file].
+    #[arg(long, env = "RINGTUNNEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Agent config file [default: $XDG_CONFIG_HOME/ringtunnel/agent.toml,
+    /// else ~/.config/ringtunnel/agent.toml, when it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// TLS to the gateway (system roots).
+    #[arg(long)]
+    tls: bool,
+    /// TLS, trusting only this CA (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Worker cores [default: all].
+    #[arg(long)]
+    cores: Option<usize>,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// The user's agent config file, if there is one: `ringtunnel http` reads
+/// it without being told (XDG base directory rules).
+fn user_agent_file() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".config"),
+    };
+    let path = base.join("ringtunnel").join("agent.toml");
+    path.is_file().then_some(path)
+}
+
+/// The command line of the equivalent `ringtunnel agent`: the one-liner
+/// is that, with a generated name and the user's file as `--config`, so
+/// both share every rule (precedence, validation, output).
+fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
+    let mut argv: Vec<std::ffi::OsString> = vec!["ringtunnel".into(), "agent".into()];
+    let mut push = |flag: &str, v: std::ffi::OsString| {
+        argv.push(flag.into());
+        argv.push(v);
+    };
+    push("--to", h.to.clone().into());
+    let file = h.config.clone().or_else(user_agent_file);
+    let file_session = match &file {
+        Some(p) => config_file::load::<AgentFile>(p)?.session,
+        None => None,
+    };
+    if let Some(p) = &file {
+        push("--config", p.clone().into());
+    }
+    match (&h.name, file_session) {
+        (Some(n), _) => push("--session", n.into()),
+        (None, Some(_)) => {}
+        (None, None) => push("--session", ringtunnel::agent::generated_name().into()),
+    }
+    if let Some(g) = &h.gateway {
+        push("--gateway", g.into());
+    }
+    if let Some(t) = &h.token {
+        push("--token", t.into());
+    }
+    if let Some(c) = &h.ca {
+        push("--ca", c.clone().into());
+    }
+    if let Some(c) = h.cores {
+        push("--cores", c.to_string().into());
+    }
+    if let Some(i) = &h.show.inspect {
+        push("--inspect", i.into());
+        push("--inspect-max", h.show.inspect_max.to_string().into());
+        push(
+            "--inspect-body-bytes",
+            h.show.inspect_body_bytes.to_string().into(),
+        );
+    }
+    for m in &h.show.inspect_mask {
+        push("--inspect-mask", m.into());
+    }
+    if h.tls {
+        argv.push("--tls".into());
+    }
+    if h.show.quiet {
+        argv.push("--quiet".into());
+    }
+    Ok(argv)
 }
 
 #[derive(Args)]
@@ -574,6 +714,8 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
         heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key);
+    lay_under!(m, f, a.show;
+        quiet, inspect, inspect_max, inspect_body_bytes, inspect_mask);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
     if a.cert.is_some() != a.key.is_some() {
         return Err("cert and key go together".into());
@@ -606,6 +748,11 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         server_name: a.server_name.clone(),
         cert: a.cert.clone(),
         key: a.key.clone(),
+        quiet: Some(a.show.quiet),
+        inspect: a.show.inspect.clone(),
+        inspect_max: Some(a.show.inspect_max),
+        inspect_body_bytes: Some(a.show.inspect_body_bytes),
+        inspect_mask: Some(a.show.inspect_mask.clone()),
     }
 }
 
@@ -711,6 +858,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             gw.shutdown();
             Ok(())
         }
+        Cmd::Http(h) => {
+            // Parsed again as the `agent` it stands for.
+            let m = Cli::command()
+                .try_get_matches_from(http_as_agent(&h)?)
+                .map_err(|e| e.to_string())?;
+            let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
+            run(cli, &m)
+        }
         Cmd::Agent(a) => {
             let a = agent_args(a, sub(matches, "agent"))?;
             if a.print_config {
@@ -737,6 +892,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 heartbeat: heartbeat(a.heartbeat_interval)?,
                 shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
                 agent_id: a.agent_id,
+                quiet: a.show.quiet,
+                inspect: a.show.inspect(),
                 // Every TLS flag implies TLS: asking for a CA or a name and
                 // silently getting plaintext would be the worst outcome.
                 tls: (a.tls || a.ca.is_some() || a.server_name.is_some() || a.cert.is_some())
@@ -751,7 +908,17 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             ringtunnel::signals::install();
             let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
             let mut announced = false;
+            let mut forwarding = false;
+            if let Some(addr) = agent.inspect_addr() {
+                println!("Inspector http://{addr}/");
+            }
             while !ringtunnel::signals::terminated() {
+                if !forwarding {
+                    if let Some(line) = agent.forwarding() {
+                        println!("{line}");
+                        forwarding = true;
+                    }
+                }
                 if let Some(e) = agent.fatal_error() {
                     agent.stop();
                     // e says who refused whom: "gateway refused this
@@ -761,7 +928,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
                 if !announced && total > 0 && up >= total {
                     // Scripts and tests wait for this line.
-                    println!("ringtunnel agent ready uplinks={up}");
+                    match agent.inspect_addr() {
+                        Some(i) => println!("ringtunnel agent ready uplinks={up} inspect={i}"),
+                        None => println!("ringtunnel agent ready uplinks={up}"),
+                    }
                     announced = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -820,6 +990,9 @@ fn main() -> ExitCode {
     // one-shot tools print tables and stay quiet unless RUST_LOG asks.
     let default_level = match cli.cmd {
         Cmd::Bench(_) | Cmd::Demo(_) => "warn",
+        // The one-liner shows its URL and one line per request, and
+        // warnings; not every worker's start-up.
+        Cmd::Http(_) => "warn,ringtunnel::request=info",
         _ => "info",
     };
     tracing_subscriber::fmt()

@@ -247,6 +247,11 @@ async fn read_head(
     }
 }
 
+thread_local! {
+    static TLS_ON_PUBLIC: std::cell::RefCell<crate::limits::LogLimiter> =
+        std::cell::RefCell::new(crate::limits::LogLimiter::new(Duration::from_secs(60)));
+}
+
 async fn send_simple(
     wh: &mut TcpOwnedWriteHalf,
     status: u16,
@@ -335,6 +340,16 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                     )
                     .await;
                 }
+                break;
+            }
+            HeadRead::Bad(_) if first && buf.starts_with(&[0x16, 0x03]) => {
+                // A TLS ClientHello: an HTTP answer would be garbage to it.
+                core.stats.error(ErrorKind::BadRequest);
+                super::tunnel::log_once_a_minute(
+                    &TLS_ON_PUBLIC,
+                    "a TLS client (https://) connected to the plain HTTP listener; it serves \
+                     http:// only (put a TLS terminator in front of it)",
+                );
                 break;
             }
             HeadRead::Bad(e) => {

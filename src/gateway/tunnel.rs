@@ -32,10 +32,41 @@ use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, PROTOCOL_VERSION};
 use crate::scope::{self, Verdict};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
+
+thread_local! {
+    static TLS_ON_PLAIN: std::cell::RefCell<crate::limits::LogLimiter> =
+        std::cell::RefCell::new(crate::limits::LogLimiter::new(std::time::Duration::from_secs(60)));
+}
+
+/// A WARN at most once a minute per core, counting the ones left out.
+pub(crate) fn log_once_a_minute(
+    limiter: &'static std::thread::LocalKey<std::cell::RefCell<crate::limits::LogLimiter>>,
+    what: &str,
+) {
+    limiter.with(|l| {
+        if let Some(n) = l.borrow_mut().allow(std::time::Instant::now()) {
+            if n > 0 {
+                tracing::warn!("{what} ({n} more since the last such line)");
+            } else {
+                tracing::warn!("{what}");
+            }
+        }
+    });
+}
+
+/// The start of an HTTP request line (`GET / HTTP/1.1`): a method token
+/// then a space, where a HELLO starts with its length. Read as a frame
+/// header, "GET " is a 1.2 GB payload length.
+pub(crate) fn looks_like_http_request(b: &[u8]) -> bool {
+    let Some(sp) = b.iter().take(16).position(|&c| c == b' ') else {
+        return false;
+    };
+    sp > 0 && b[..sp].iter().all(u8::is_ascii_uppercase)
+}
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
     let mut backoff = crate::limits::AcceptBackoff::new("tunnel");
@@ -144,13 +175,25 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         Ok(f) => f,
         Err(e) => {
             core.stats.error(ErrorKind::Protocol);
+            if !conn.is_tls() && looks_like_http_request(&leftover) {
+                // A browser or curl on the tunnel port: tell it where to go.
+                let msg = format!(
+                    "this is the ringtunnel tunnel port (for agents); use the HTTP port ({})\n",
+                    core.shared.public_addr
+                );
+                if let Ok(mut s) = conn.into_plain() {
+                    let resp = crate::http::simple_response(400, &msg, true, &[]);
+                    let _ = crate::io::write_all(&mut s, resp).await;
+                }
+                return;
+            }
             // The agent cannot tell this case from a dropped connection
-            // (it retries), so the hint is here.
+            // (it retries), so the hint is here, once per minute per core.
             if !conn.is_tls() && leftover.starts_with(&[0x16, 0x03]) {
-                tracing::warn!(
-                    core = core.index,
-                    "a TLS client connected to the plaintext tunnel listener: give the \
-                     gateway --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS"
+                log_once_a_minute(
+                    &TLS_ON_PLAIN,
+                    "a TLS client connected to the plaintext tunnel listener: give the gateway \
+                     --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS",
                 );
             } else {
                 tracing::debug!(error = %e, "uplink handshake failed");
@@ -244,6 +287,18 @@ pub(super) fn adopt(
     });
 }
 
+/// What ACCEPT tells the agent about the public side, so it can print
+/// the URL its session is served at: the public listener's port, its
+/// scheme, and `--domain`.
+fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
+    let domain = shared.cfg.domain.as_deref().unwrap_or("");
+    PublicEndpoint {
+        scheme: "http".into(),
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        port: shared.public_addr.port(),
+    }
+}
+
 async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: Hello, id: u64) {
     let limits = core.cfg().limits;
     let accept = Accept {
@@ -254,6 +309,8 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
         stream_window: limits.stream_window,
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
+        capabilities: 0,
+        public: Some(public_endpoint(&core.shared)),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

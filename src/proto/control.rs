@@ -159,11 +159,58 @@ pub struct Accept {
     pub conn_window: u32,
     /// Concurrent streams per uplink.
     pub max_streams: u32,
+    /// Capability bits the gateway enables (a subset of the agent's);
+    /// none are defined yet. Encoded only together with `public`.
+    pub capabilities: u32,
+    /// Where the public reaches this gateway's sessions, so the agent can
+    /// print its URL. `None` from a gateway that predates the field.
+    pub public: Option<PublicEndpoint>,
+}
+
+/// The gateway's public HTTP endpoint as clients should type it: a
+/// session NAME is served at `scheme://NAME.domain:port/`, or, with no
+/// domain, at any Host `NAME` (the gateway routes by Host alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicEndpoint {
+    /// "http" (or "https" once the gateway terminates TLS itself); at most
+    /// 255 bytes.
+    pub scheme: String,
+    /// `--domain`, empty when the gateway has none.
+    pub domain: String,
+    pub port: u16,
+}
+
+impl PublicEndpoint {
+    /// The URL of `session`, when the gateway has a domain; without one
+    /// only a Host header (or `--default-session`) reaches it.
+    pub fn url_for(&self, session: &str) -> Option<String> {
+        if self.domain.is_empty() {
+            return None;
+        }
+        let default_port = matches!(
+            (self.scheme.as_str(), self.port),
+            ("http", 80) | ("https", 443)
+        );
+        Some(if default_port {
+            format!("{}://{session}.{}", self.scheme, self.domain)
+        } else {
+            format!("{}://{session}.{}:{}", self.scheme, self.domain, self.port)
+        })
+    }
 }
 
 impl Accept {
-    /// version, gateway_cores, core, reserved, then four u32.
-    pub const ENCODED_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+    /// version, gateway_cores, core, reserved, then four u32: the layout of
+    /// the first revision, which every ACCEPT starts with.
+    pub const BASE_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+
+    pub fn encoded_len(&self) -> usize {
+        Self::BASE_LEN
+            + self
+                .public
+                .as_ref()
+                .map_or(0, |p| 4 + 2 + 1 + p.scheme.len() + 2 + p.domain.len())
+    }
 
     /// What the gateway should check once, at start-up: an agent refuses an
     /// ACCEPT that fails this.
@@ -178,11 +225,25 @@ impl Accept {
                 "ACCEPT max_frame outside 64 KiB..=16 MiB",
             ));
         }
+        if let Some(p) = &self.public {
+            if p.scheme.is_empty() || p.scheme.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public scheme empty or longer than 255 bytes",
+                ));
+            }
+            if p.domain.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public domain longer than 255 bytes",
+                ));
+            }
+        }
         Ok(())
     }
 
+    /// # Panics
+    /// If `public` breaks the length rules `validate` checks.
     pub fn encode(&self, dst: &mut BytesMut) {
-        dst.reserve(Self::ENCODED_LEN);
+        dst.reserve(self.encoded_len());
         dst.put_u16(self.version);
         dst.put_u16(self.gateway_cores);
         dst.put_u16(self.core);
@@ -191,6 +252,14 @@ impl Accept {
         dst.put_u32(self.stream_window);
         dst.put_u32(self.conn_window);
         dst.put_u32(self.max_streams);
+        if let Some(p) = &self.public {
+            dst.put_u32(self.capabilities);
+            dst.put_u16(p.port);
+            let len = u8::try_from(p.scheme.len()).expect("scheme longer than 255 bytes");
+            dst.put_u8(len);
+            dst.put_slice(p.scheme.as_bytes());
+            put_str16(dst, &p.domain);
+        }
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
@@ -204,7 +273,7 @@ impl Accept {
         if r.u16()? != 0 {
             return Err(ProtoError::ReservedBits);
         }
-        let accept = Self {
+        let mut accept = Self {
             version,
             gateway_cores,
             core,
@@ -212,7 +281,28 @@ impl Accept {
             stream_window: r.u32()?,
             conn_window: r.u32()?,
             max_streams: r.u32()?,
+            capabilities: 0,
+            public: None,
         };
+        // The second revision's fields, present only as a whole: a
+        // gateway of the first revision ends here.
+        if !r.rest.is_empty() {
+            accept.capabilities = r.u32()?;
+            let port = r.u16()?;
+            let scheme_len = r.array::<1>()?[0];
+            let scheme = r.bytes(usize::from(scheme_len))?;
+            let domain = r.str16()?;
+            let text = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .map(str::to_owned)
+                    .map_err(|_| ProtoError::BadPayload("ACCEPT public endpoint is not UTF-8"))
+            };
+            accept.public = Some(PublicEndpoint {
+                scheme: text(scheme)?,
+                domain: text(domain)?,
+                port,
+            });
+        }
         accept.validate()?;
         Ok(accept)
     }
@@ -238,7 +328,7 @@ impl Frame {
     }
 
     pub fn accept(accept: &Accept) -> Self {
-        let mut buf = BytesMut::with_capacity(Accept::ENCODED_LEN);
+        let mut buf = BytesMut::with_capacity(accept.encoded_len());
         accept.encode(&mut buf);
         Self::new(FrameType::Accept, 0, buf.freeze())
     }
@@ -284,7 +374,8 @@ fn parse_code_and_reason(frame: &Frame) -> Result<(ErrorCode, String), ProtoErro
     Ok((code, reason))
 }
 
-fn truncate_at_char(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -387,6 +478,20 @@ mod tests {
             stream_window: DEFAULT_STREAM_WINDOW,
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
+            capabilities: 0,
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "tunnel.example.com".into(),
+                port: 8080,
+            }),
+        }
+    }
+
+    /// What a gateway of the first revision sends.
+    fn base_accept() -> Accept {
+        Accept {
+            public: None,
+            ..accept()
         }
     }
 
@@ -400,7 +505,7 @@ mod tests {
     fn accept_bytes(a: &Accept) -> Vec<u8> {
         let mut buf = BytesMut::new();
         a.encode(&mut buf);
-        assert_eq!(buf.len(), Accept::ENCODED_LEN);
+        assert_eq!(buf.len(), a.encoded_len());
         buf.to_vec()
     }
 
@@ -487,6 +592,24 @@ mod tests {
                 stream_window: rng.next_u32(),
                 conn_window: rng.next_u32(),
                 max_streams: rng.next_u32(),
+                capabilities: rng.next_u32(),
+                public: None,
+            };
+            // Half of them with the second revision's fields.
+            let a = if rng.below(2) == 0 {
+                Accept {
+                    capabilities: 0,
+                    ..a
+                }
+            } else {
+                Accept {
+                    public: Some(PublicEndpoint {
+                        scheme: random_text(&mut rng, 8).replace('\0', "s") + "h",
+                        domain: random_text(&mut rng, 60),
+                        port: rng.next_u32() as u16,
+                    }),
+                    ..a
+                }
             };
             assert_eq!(a.validate(), Ok(()));
             assert_eq!(Accept::decode(&accept_bytes(&a)), Ok(a.clone()));
@@ -548,6 +671,38 @@ mod tests {
     }
 
     #[test]
+    fn accept_of_the_first_revision_has_no_public_endpoint() {
+        let bytes = accept_bytes(&base_accept());
+        assert_eq!(bytes.len(), Accept::BASE_LEN);
+        assert_eq!(Accept::decode(&bytes), Ok(base_accept()));
+        // The extended one starts with the same 24 bytes, so an agent of
+        // the first revision reads it as before and ignores the rest.
+        let extended = accept_bytes(&accept());
+        assert_eq!(extended[..Accept::BASE_LEN], bytes[..]);
+        // Pinned layout: capabilities, port, scheme (u8 length), domain.
+        assert_eq!(
+            &extended[Accept::BASE_LEN..Accept::BASE_LEN + 10],
+            &[0, 0, 0, 0, 0x1f, 0x90, 4, b'h', b't', b't']
+        );
+    }
+
+    #[test]
+    fn public_urls() {
+        let mut p = accept().public.unwrap();
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com:8080")
+        );
+        p.port = 80;
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com")
+        );
+        p.domain.clear();
+        assert_eq!(p.url_for("myapp"), None);
+    }
+
+    #[test]
     fn hello_magic_and_version_come_first() {
         let mut bytes = hello_bytes(&hello());
         bytes[0] = b'X';
@@ -589,7 +744,8 @@ mod tests {
     #[test]
     fn every_truncated_accept_is_bad_length() {
         let bytes = accept_bytes(&accept());
-        for cut in 0..bytes.len() {
+        // A cut right after the first revision's fields is that revision.
+        for cut in (0..bytes.len()).filter(|&c| c != Accept::BASE_LEN) {
             assert_eq!(
                 Accept::decode(&bytes[..cut]),
                 Err(ProtoError::BadLength {

@@ -385,6 +385,8 @@ mod tests {
             stream_window: 256 * 1024,
             conn_window: 16 * 1024 * 1024,
             max_streams: 4096,
+            capabilities: 0,
+            public: None,
         }
     }
 

@@ -4,7 +4,9 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -115,4 +117,265 @@ fn zero_cores_and_https_backends_are_refused_at_start() {
         assert!(!out.status.success(), "{args:?} started");
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+// ---------------------------------------------------------------------
+// What a new user meets: the one-liner, the Forwarding line, request
+// lines, backend failures, wrong ports.
+// ---------------------------------------------------------------------
+
+/// Environment for a child that must not read the runner's own config
+/// file: an empty home and config directory.
+fn clean_env(home: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("HOME", home.to_string()),
+        ("XDG_CONFIG_HOME", format!("{home}/config")),
+    ]
+}
+
+fn envs<'a>(
+    base: &'a [(&'static str, String)],
+    more: &[(&'static str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut v: Vec<(&str, &str)> = base
+        .iter()
+        .filter(|(k, _)| !more.iter().any(|(m, _)| m == k))
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    v.extend(more.iter().copied());
+    v
+}
+
+/// Waits for a line starting with `prefix` on the child's stdout.
+fn wait_stdout_line(bg: &Bg, prefix: &str) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some(l) = bg.stdout().lines().find(|l| l.starts_with(prefix)) {
+            return l.to_string();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "no {prefix:?} line; stdout: {} stderr: {}",
+            bg.stdout(),
+            bg.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+const REQUEST_LOG: &str = "warn,ringtunnel::request=info";
+
+#[test]
+fn one_liner_against_a_localhost_domain_gateway_works_with_curl() {
+    let home = pki::Dir::new("http-home");
+    let base = clean_env(home.0.to_str().unwrap());
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &["--domain", "localhost"]);
+    let tunnel = gw.field("tunnel");
+    let port = echo.addr("listen").port().to_string();
+    let http = spawn_nowait_env(
+        "http",
+        &["http", &port, "--cores", "1"],
+        &envs(
+            &base,
+            &[("RINGTUNNEL_GATEWAY", &tunnel), ("RUST_LOG", REQUEST_LOG)],
+        ),
+    );
+    let line = wait_stdout_line(&http, "Forwarding ");
+    // Forwarding http://brave-otter-3f2a.localhost:PORT -> 127.0.0.1:P
+    let url = line.split_whitespace().nth(1).unwrap().to_string();
+    let public_port = gw.addr("public").port();
+    let name = url
+        .strip_prefix("http://")
+        .and_then(|r| r.strip_suffix(&format!(".localhost:{public_port}")))
+        .unwrap_or_else(|| panic!("{line}"));
+    let words: Vec<&str> = name.split('-').collect();
+    assert_eq!(words.len(), 3, "{name}");
+    assert!(words[2].len() == 4 && words[2].bytes().all(|b| b.is_ascii_hexdigit()));
+    assert!(
+        line.ends_with(&format!("-> {}", echo.addr("listen"))),
+        "{line}"
+    );
+    wait_stdout_line(&http, "ringtunnel agent ready");
+    wait_routable(gw.addr("public"), name);
+    // As the README has it: curl resolves *.localhost to 127.0.0.1 itself.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-m",
+            "10",
+            "--data-binary",
+            "hi",
+            &format!("{url}/echo"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi", "{out:?}");
+    assert!(
+        http.wait_stderr("POST /echo 200 ", Duration::from_secs(5)),
+        "no request line: {}",
+        http.stderr()
+    );
+}
+
+#[test]
+fn one_liner_reads_the_user_config_file() {
+    let home = pki::Dir::new("http-file");
+    let base = clean_env(home.0.to_str().unwrap());
+    let echo = echo("uring", 0);
+    let secret = "file-token-0123456789";
+    let gw = gateway("uring", &["--token", secret]);
+    std::fs::create_dir_all(home.0.join("config/ringtunnel")).unwrap();
+    std::fs::write(
+        home.0.join("config/ringtunnel/agent.toml"),
+        format!(
+            "gateway = \"{}\"\ntoken = \"{secret}\"\ncores = 1\n",
+            gw.field("tunnel")
+        ),
+    )
+    .unwrap();
+    let port = echo.addr("listen").port().to_string();
+    let http = spawn_nowait_env(
+        "http",
+        &["http", &port, "--name", "myapp", "--quiet"],
+        &envs(&base, &[("RUST_LOG", REQUEST_LOG)]),
+    );
+    let line = wait_stdout_line(&http, "Forwarding ");
+    // No --domain on this gateway: the line says which Host to send.
+    assert!(line.starts_with("Forwarding http://myapp -> "), "{line}");
+    assert!(line.contains("Host: myapp"), "{line}");
+    wait_stdout_line(&http, "ringtunnel agent ready");
+    wait_routable(gw.addr("public"), "myapp");
+    let r = request(
+        gw.addr("public"),
+        "GET /quiet HTTP/1.1\r\nHost: myapp\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !http.stderr().contains("GET /"),
+        "--quiet printed: {}",
+        http.stderr()
+    );
+}
+
+#[test]
+fn backend_failures_are_logged_once_with_the_address() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gw = gateway("uring", &[]);
+    let args = agent_args("uring", &gw, "dead", dead, &["--cores", "1"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let agent = spawn_nowait_env("agent", &refs, &[("RUST_LOG", "info")]);
+    assert!(
+        agent.wait_stderr(
+            &format!("nothing answers on {dead}"),
+            Duration::from_secs(5)
+        ),
+        "{}",
+        agent.stderr()
+    );
+    wait_stdout_line(&agent, "ringtunnel agent ready");
+    let public = gw.addr("public");
+    wait_status(public, "dead", 502, Duration::from_secs(5));
+    for i in 0..5 {
+        let r = request(
+            public,
+            &format!("GET /x{i} HTTP/1.1\r\nHost: dead\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    assert!(
+        agent.wait_stderr("GET /x4 502 ", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    let err = agent.stderr();
+    let warns = err
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&format!("backend {dead}: cannot connect")))
+        .count();
+    // Six failures within WARN_EVERY (5 s): one line, not six.
+    assert_eq!(warns, 1, "{err}");
+    assert!(err.contains("backend refused or unreachable"), "{err}");
+}
+
+#[test]
+fn an_agent_on_the_http_port_exits_and_says_so() {
+    let gw = gateway("uring", &[]);
+    let public = gw.field("public");
+    let mut agent = spawn_nowait(
+        "agent",
+        &[
+            "agent",
+            "--gateway",
+            &public,
+            "--session",
+            "x",
+            "--to",
+            "1",
+            "--cores",
+            "1",
+        ],
+    );
+    let code = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, Some(2), "{}", agent.stderr());
+    assert!(
+        agent
+            .stderr()
+            .contains("is an HTTP port, not a tunnel port"),
+        "{}",
+        agent.stderr()
+    );
+    // Said once by the agent and once as its exit reason; never retried.
+    assert!(
+        !agent.stderr().contains("reconnecting"),
+        "{}",
+        agent.stderr()
+    );
+}
+
+#[test]
+fn wrong_clients_on_the_tunnel_and_public_ports_are_told_or_logged() {
+    let mut args = GATEWAY_BASE.to_vec();
+    args.extend(["--cores", "1", "--no-pin"]);
+    let gw = spawn_nowait_env("gateway", &args, &[("RUST_LOG", "warn")]);
+    let ready = wait_stdout_line(&gw, "ringtunnel gateway ready");
+    let field = |k: &str| -> std::net::SocketAddr {
+        ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (public, tunnel) = (field("public"), field("tunnel"));
+    let fds = gw.proc.fd_count();
+    // curl on the tunnel port: a plain 400 that names the HTTP port.
+    let r = request(tunnel, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("tunnel port"), "{}", r.text());
+    assert!(r.text().contains(&public.to_string()), "{}", r.text());
+    // A TLS ClientHello, three times on each port: closed without an
+    // HTTP answer, logged once per port (a minute's rate limit).
+    let hello = b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03 not really a full client hello";
+    for addr in [tunnel, public, tunnel, public, tunnel, public] {
+        let mut s = connect(addr);
+        s.write_all(hello).unwrap();
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut s, &mut got);
+        assert!(
+            got.is_empty(),
+            "answered {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    assert!(gw.wait_stderr("plain HTTP listener", Duration::from_secs(5)));
+    assert!(gw.wait_stderr("plaintext tunnel listener", Duration::from_secs(5)));
+    let err = gw.stderr();
+    assert_eq!(err.matches("TLS client").count(), 2, "{err}");
+    // Nothing of theirs is left open.
+    wait_fds_at_most(&gw.proc, fds);
 }

@@ -35,7 +35,9 @@ use crate::io::stats::CoreStats;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{ErrorCode, Frame, FrameType, Hello, PublicEndpoint, PROTOCOL_VERSION};
+use crate::proto::{
+    ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+};
 use crate::runtime::notify::WaitList;
 
 pub(crate) struct AgentShared {
@@ -559,7 +561,8 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let total = core.shared.total.load(Ordering::SeqCst);
     let hello = Hello {
         version: PROTOCOL_VERSION,
-        capabilities: 0,
+        // It prints the URL the gateway announces.
+        capabilities: CAP_PUBLIC_URL,
         agent_id: core.shared.agent_id,
         uplink_index: k as u16,
         uplinks_total: total.max(k + 1) as u16,

@@ -32,7 +32,9 @@ use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, PROTOCOL_VERSION};
+use crate::proto::{
+    Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+};
 use crate::scope::{self, Verdict};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
@@ -291,7 +293,13 @@ pub(super) fn adopt(
 /// the URL its session is served at: the public listener's port, its
 /// scheme, and `--domain`.
 fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
-    let domain = shared.cfg.domain.as_deref().unwrap_or("");
+    // A DNS name is at most 253 bytes; anything longer is not sent.
+    let domain = shared
+        .cfg
+        .domain
+        .as_deref()
+        .filter(|d| d.len() <= 255)
+        .unwrap_or("");
     PublicEndpoint {
         scheme: "http".into(),
         domain: domain.trim_end_matches('.').to_ascii_lowercase(),
@@ -309,8 +317,8 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
         stream_window: limits.stream_window,
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
-        capabilities: 0,
-        public: Some(public_endpoint(&core.shared)),
+        capabilities: hello.capabilities & CAP_PUBLIC_URL,
+        public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

@@ -14,6 +14,10 @@ use super::error::{ErrorCode, ProtoError};
 use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
 
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Capability bit: the agent can read the gateway's public endpoint, and
+/// (in ACCEPT) the endpoint follows the capabilities field.
+pub const CAP_PUBLIC_URL: u32 = 0x0000_0002;
 pub const MAGIC: [u8; 4] = *b"RTNL";
 
 /// Longest session name: a DNS label, so `<session>.<domain>` stays a
@@ -159,11 +163,11 @@ pub struct Accept {
     pub conn_window: u32,
     /// Concurrent streams per uplink.
     pub max_streams: u32,
-    /// Capability bits the gateway enables (a subset of the agent's);
-    /// none are defined yet. Encoded only together with `public`.
+    /// Capability bits the gateway enables (a subset of the agent's).
+    /// Appended after `max_streams`; absent (an older gateway) reads as 0.
     pub capabilities: u32,
-    /// Where the public reaches this gateway's sessions, so the agent can
-    /// print its URL. `None` from a gateway that predates the field.
+    /// With `CAP_PUBLIC_URL`: where the public reaches this gateway's
+    /// sessions, so the agent can print its URL.
     pub public: Option<PublicEndpoint>,
 }
 
@@ -206,10 +210,11 @@ impl Accept {
 
     pub fn encoded_len(&self) -> usize {
         Self::BASE_LEN
+            + 4
             + self
                 .public
                 .as_ref()
-                .map_or(0, |p| 4 + 2 + 1 + p.scheme.len() + 2 + p.domain.len())
+                .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len())
     }
 
     /// What the gateway should check once, at start-up: an agent refuses an
@@ -223,6 +228,11 @@ impl Accept {
         if !(MIN_MAX_FRAME..=MAX_FRAME_CEILING).contains(&self.max_frame) {
             return Err(ProtoError::BadPayload(
                 "ACCEPT max_frame outside 64 KiB..=16 MiB",
+            ));
+        }
+        if self.public.is_some() != (self.capabilities & CAP_PUBLIC_URL != 0) {
+            return Err(ProtoError::BadPayload(
+                "ACCEPT public endpoint without CAP_PUBLIC_URL, or the reverse",
             ));
         }
         if let Some(p) = &self.public {
@@ -252,8 +262,8 @@ impl Accept {
         dst.put_u32(self.stream_window);
         dst.put_u32(self.conn_window);
         dst.put_u32(self.max_streams);
+        dst.put_u32(self.capabilities);
         if let Some(p) = &self.public {
-            dst.put_u32(self.capabilities);
             dst.put_u16(p.port);
             let len = u8::try_from(p.scheme.len()).expect("scheme longer than 255 bytes");
             dst.put_u8(len);
@@ -284,10 +294,11 @@ impl Accept {
             capabilities: 0,
             public: None,
         };
-        // The second revision's fields, present only as a whole: a
-        // gateway of the first revision ends here.
+        // A gateway without capabilities ends here.
         if !r.rest.is_empty() {
             accept.capabilities = r.u32()?;
+        }
+        if accept.capabilities & CAP_PUBLIC_URL != 0 {
             let port = r.u16()?;
             let scheme_len = r.array::<1>()?[0];
             let scheme = r.bytes(usize::from(scheme_len))?;
@@ -478,7 +489,7 @@ mod tests {
             stream_window: DEFAULT_STREAM_WINDOW,
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
-            capabilities: 0,
+            capabilities: CAP_PUBLIC_URL,
             public: Some(PublicEndpoint {
                 scheme: "http".into(),
                 domain: "tunnel.example.com".into(),
@@ -487,9 +498,10 @@ mod tests {
         }
     }
 
-    /// What a gateway of the first revision sends.
+    /// An ACCEPT without capabilities.
     fn base_accept() -> Accept {
         Accept {
+            capabilities: 0,
             public: None,
             ..accept()
         }
@@ -595,14 +607,15 @@ mod tests {
                 capabilities: rng.next_u32(),
                 public: None,
             };
-            // Half of them with the second revision's fields.
+            // Half of them with a public endpoint.
             let a = if rng.below(2) == 0 {
                 Accept {
-                    capabilities: 0,
+                    capabilities: a.capabilities & !CAP_PUBLIC_URL,
                     ..a
                 }
             } else {
                 Accept {
+                    capabilities: a.capabilities | CAP_PUBLIC_URL,
                     public: Some(PublicEndpoint {
                         scheme: random_text(&mut rng, 8).replace('\0', "s") + "h",
                         domain: random_text(&mut rng, 60),
@@ -671,19 +684,57 @@ mod tests {
     }
 
     #[test]
-    fn accept_of_the_first_revision_has_no_public_endpoint() {
+    fn accept_without_capabilities_has_no_public_endpoint() {
         let bytes = accept_bytes(&base_accept());
-        assert_eq!(bytes.len(), Accept::BASE_LEN);
+        assert_eq!(bytes.len(), Accept::BASE_LEN + 4);
         assert_eq!(Accept::decode(&bytes), Ok(base_accept()));
-        // The extended one starts with the same 24 bytes, so an agent of
-        // the first revision reads it as before and ignores the rest.
+        // A gateway that predates capabilities sends the first 24 bytes.
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
+        // The extended one starts with the same 24 bytes, so an agent that
+        // knows no capability reads it as before and ignores the rest.
         let extended = accept_bytes(&accept());
-        assert_eq!(extended[..Accept::BASE_LEN], bytes[..]);
+        assert_eq!(extended[..Accept::BASE_LEN], bytes[..Accept::BASE_LEN]);
         // Pinned layout: capabilities, port, scheme (u8 length), domain.
         assert_eq!(
             &extended[Accept::BASE_LEN..Accept::BASE_LEN + 10],
-            &[0, 0, 0, 0, 0x1f, 0x90, 4, b'h', b't', b't']
+            &[0, 0, 0, 2, 0x1f, 0x90, 4, b'h', b't', b't']
         );
+        // The bit and the field go together.
+        for a in [
+            Accept {
+                capabilities: 0,
+                ..accept()
+            },
+            Accept {
+                public: None,
+                ..accept()
+            },
+        ] {
+            assert!(matches!(a.validate(), Err(ProtoError::BadPayload(_))));
+        }
+    }
+
+    /// The example of docs/PROTOCOL.md, section 13.
+    #[test]
+    fn documented_public_endpoint_bytes() {
+        let a = Accept {
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "t.example.com".into(),
+                port: 8080,
+            }),
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
+        assert_eq!(bytes.len(), 50);
+        let mut want = vec![0, 0, 0, 2, 0x1f, 0x90, 4];
+        want.extend_from_slice(b"http");
+        want.extend_from_slice(&[0, 13]);
+        want.extend_from_slice(b"t.example.com");
+        assert_eq!(&bytes[Accept::BASE_LEN..], &want[..]);
     }
 
     #[test]

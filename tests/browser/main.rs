@@ -16,6 +16,8 @@
 mod common;
 mod webdriver;
 
+mod inspector;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::time::Duration;

@@ -98,9 +98,10 @@ struct GatewayArgs {
     /// Public HTTP listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: String,
-    /// Uplink (agent) listen address.
-    #[arg(long, default_value = "0.0.0.0:7000")]
-    tunnel_listen: String,
+    /// Uplink (agent) listen address [default: 0.0.0.0:7000 with
+    /// --tunnel-tls-cert, else 127.0.0.1:7000].
+    #[arg(long)]
+    tunnel_listen: Option<String>,
     /// Admin endpoint (/metrics, /stats); "off" disables it.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: String,
@@ -602,7 +603,7 @@ fn gateway_args(
 fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
     GatewayFile {
         listen: Some(a.listen.clone()),
-        tunnel_listen: Some(a.tunnel_listen.clone()),
+        tunnel_listen: Some(tunnel_listen(a)),
         admin_listen: Some(a.admin_listen.clone()),
         cores: Some(a.core.cores().cores),
         pin: Some(a.core.pin && !a.core.no_pin),
@@ -645,6 +646,17 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
     }
 }
 
+/// The tunnel listener. Left to its default, it faces the network only
+/// with TLS: a plaintext one stays on loopback, so `ringtunnel gateway`
+/// alone starts (a local trial) instead of refusing a plaintext 0.0.0.0.
+fn tunnel_listen(a: &GatewayArgs) -> String {
+    match (&a.tunnel_listen, &a.tunnel_tls_cert) {
+        (Some(l), _) => l.clone(),
+        (None, Some(_)) => "0.0.0.0:7000".into(),
+        (None, None) => "127.0.0.1:7000".into(),
+    }
+}
+
 fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayConfig, String> {
     // `--token` (or `token =`) adds rules for any session next to the
     // file's scoped ones.
@@ -660,9 +672,10 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         })
         .unwrap_or_default();
     tokens.extend(file_rules);
+    let tunnel_listen = tunnel_listen(&a);
     Ok(GatewayConfig {
         listen: a.listen,
-        tunnel_listen: a.tunnel_listen,
+        tunnel_listen,
         admin_listen: (a.admin_listen != "off").then_some(a.admin_listen),
         cores: a.core.cores(),
         domain: a.domain,

@@ -379,3 +379,23 @@ fn wrong_clients_on_the_tunnel_and_public_ports_are_told_or_logged() {
     // Nothing of theirs is left open.
     wait_fds_at_most(&gw.proc, fds);
 }
+
+#[test]
+fn a_plaintext_tunnel_listener_defaults_to_loopback() {
+    // So `ringtunnel gateway --domain localhost` starts as the README has
+    // it; with a certificate the default faces the network.
+    let plain = stdout_of(&["gateway", "--print-config"]);
+    assert!(
+        plain.contains("tunnel_listen = \"127.0.0.1:7000\""),
+        "{plain}"
+    );
+    let tls = stdout_of(&[
+        "gateway",
+        "--print-config",
+        "--tunnel-tls-cert",
+        "gw.pem",
+        "--tunnel-tls-key",
+        "gw.key",
+    ]);
+    assert!(tls.contains("tunnel_listen = \"0.0.0.0:7000\""), "{tls}");
+}

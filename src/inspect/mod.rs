@@ -155,7 +155,7 @@ impl Capture {
             start: Instant::now(),
             method: method.to_string(),
             path: cut_str(path, PATH_CAP).to_string(),
-            req_head: head.slice(..head.len().min(HEAD_CAP)),
+            req_head: copy_head(head),
             req_head_truncated: cut,
             req_body: RefCell::default(),
             resp_head: RefCell::default(),
@@ -174,7 +174,7 @@ impl Capture {
 
     pub fn response_head(&self, status: u16, head: &Bytes) {
         self.status.set(Some(status));
-        *self.resp_head.borrow_mut() = head.slice(..head.len().min(HEAD_CAP));
+        *self.resp_head.borrow_mut() = copy_head(head);
     }
 
     fn into_record(self, error: Option<String>) -> Record {
@@ -193,6 +193,12 @@ impl Capture {
             resp_body: self.resp_body.into_inner(),
         }
     }
+}
+
+/// At most `HEAD_CAP` of a head, copied: a slice would pin the buffer it
+/// came from (an uplink's read buffer), outside the inspector's bound.
+fn copy_head(head: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(&head[..head.len().min(HEAD_CAP)])
 }
 
 /// The data path's end of the inspector: one per agent, shared by its
@@ -305,6 +311,26 @@ mod tests {
         assert!(b.truncated());
         assert_eq!(b.bytes[599], 1);
         assert_eq!(b.bytes[600], 2);
+    }
+
+    #[test]
+    fn heads_are_cut_and_copied() {
+        let (rec, _store) = channel(
+            InspectConfig::new("127.0.0.1:0"),
+            "127.0.0.1:1".parse().unwrap(),
+        )
+        .unwrap();
+        let big = Bytes::from(vec![b'h'; HEAD_CAP + 4096]);
+        let cap = Capture::new(&rec, "GET", &"/p".repeat(PATH_CAP), &big);
+        cap.response_head(200, &big);
+        let r = cap.into_record(None);
+        assert_eq!(r.req_head.len(), HEAD_CAP);
+        assert!(r.req_head_truncated);
+        assert_eq!(r.resp_head.len(), HEAD_CAP);
+        assert_eq!(r.path.len(), PATH_CAP);
+        // Copies, not slices of the 20 KiB buffer.
+        assert_ne!(r.req_head.as_ptr(), big.as_ptr());
+        assert_ne!(r.resp_head.as_ptr(), big.as_ptr());
     }
 
     #[test]

@@ -171,6 +171,18 @@ fn one_liner_against_a_localhost_domain_gateway_works_with_curl() {
     let base = clean_env(home.0.to_str().unwrap());
     let echo = echo("uring", 0);
     let gw = gateway("uring", &["--domain", "localhost"]);
+    // Before any agent: a Host that names nothing says how hosts map.
+    let r = request(
+        gw.addr("public"),
+        "GET / HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 502);
+    assert!(
+        r.text().starts_with("no tunnel for host 'example.com'\n"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("NAME.localhost"), "{}", r.text());
     let tunnel = gw.field("tunnel");
     let port = echo.addr("listen").port().to_string();
     let http = spawn_nowait_env(

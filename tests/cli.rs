@@ -411,3 +411,62 @@ fn a_plaintext_tunnel_listener_defaults_to_loopback() {
     ]);
     assert!(tls.contains("tunnel_listen = \"0.0.0.0:7000\""), "{tls}");
 }
+
+/// A backend that accepts and reads a request, then closes at once
+/// (`close`) or never answers (its connections held until the test ends).
+fn bad_backend(close: bool) -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut c, &mut buf);
+            if !close {
+                held.push(c);
+            }
+        }
+    });
+    addr
+}
+
+#[test]
+fn backend_resets_and_timeouts_are_warned_with_the_address() {
+    let gw = gateway("uring", &[]);
+    let public = gw.addr("public");
+    for (session, close, status, words) in [
+        (
+            "reset",
+            true,
+            502,
+            "connection closed or reset before a complete response head",
+        ),
+        (
+            "slow",
+            false,
+            504,
+            "no response within --backend-timeout (1 s)",
+        ),
+    ] {
+        let backend = bad_backend(close);
+        let args = agent_args(
+            "uring",
+            &gw,
+            session,
+            backend,
+            &["--cores", "1", "--backend-timeout", "1"],
+        );
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent = spawn_nowait_env("agent", &refs, &[("RUST_LOG", "warn")]);
+        wait_stdout_line(&agent, "ringtunnel agent ready");
+        let r = wait_status(public, session, status, Duration::from_secs(10));
+        assert_eq!(r.status, status, "{}", r.text());
+        let want = format!("backend {backend}: {words}");
+        assert!(
+            agent.wait_stderr(&want, Duration::from_secs(5)),
+            "{want:?} not in {}",
+            agent.stderr()
+        );
+    }
+}

@@ -114,7 +114,7 @@ struct GatewayArgs {
     #[arg(long)]
     default_session: Option<String>,
     /// Token(s) agents must present, comma separated [env RINGTUNNEL_TOKEN; none = open].
-    #[arg(long, env = "RINGTUNNEL_TOKEN")]
+    #[arg(long, env = "RINGTUNNEL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Largest request head accepted (bytes); larger gets 431.
     #[arg(long, default_value_t = 64 * 1024)]
@@ -226,7 +226,7 @@ struct LimitArgs {
     #[arg(long)]
     session_burst: Option<u32>,
     /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
-    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
 }
 
@@ -289,7 +289,12 @@ struct AgentArgs {
     #[arg(long, default_value_t = cfgdef::HANDSHAKE_TIMEOUT.as_secs_f64())]
     handshake_timeout: f64,
     /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
-    #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        env = "RINGTUNNEL_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     token: String,
     /// Seconds in-flight requests get to finish on SIGTERM (after GOAWAY).
     #[arg(long, default_value_t = cfgdef::AGENT_SHUTDOWN_GRACE.as_secs_f64())]

@@ -470,3 +470,66 @@ fn backend_resets_and_timeouts_are_warned_with_the_address() {
         );
     }
 }
+
+#[test]
+fn a_final_refusal_is_said_once_and_retries_say_where_and_when() {
+    let gw = gateway("uring", &["--token", "right-token-0123456789"]);
+    let args = agent_args(
+        "uring",
+        &gw,
+        "x",
+        "127.0.0.1:9".parse().unwrap(),
+        &["--cores", "1", "--token", "wrong"],
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = spawn_nowait_env("agent", &refs, &[("RUST_LOG", "info")]);
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)), Some(2));
+    let err = agent.stderr();
+    assert_eq!(
+        err.matches("gateway refused the uplink: bad token (AUTH_FAILED)")
+            .count(),
+        1,
+        "{err}"
+    );
+    // The token's value is not in --help either.
+    let help = Command::new(BIN)
+        .args(["agent", "--help"])
+        .env("RINGTUNNEL_TOKEN", "do-not-print-me")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("RINGTUNNEL_TOKEN"), "{help}");
+    assert!(!help.contains("do-not-print-me"), "{help}");
+
+    // Nobody listens: each retry names the address and the delay.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let retry = spawn_nowait_env(
+        "agent",
+        &[
+            "agent",
+            "--gateway",
+            &closed,
+            "--session",
+            "x",
+            "--to",
+            "9",
+            "--cores",
+            "1",
+        ],
+        &[("RUST_LOG", "warn")],
+    );
+    let want = format!("; uplink 0 reconnects to {closed} in ");
+    assert!(
+        retry.wait_stderr(&want, Duration::from_secs(5)),
+        "{}",
+        retry.stderr()
+    );
+    assert!(
+        retry.stderr().contains("cannot reach the gateway: "),
+        "{}",
+        retry.stderr()
+    );
+}

@@ -382,7 +382,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
     // uplinks should not retry in the same rhythm as before.
     let mut seed = random_u64() ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     while !core.shared.stop.load(Ordering::SeqCst) {
-        match connect_uplink(&core, k).await {
+        let why = match connect_uplink(&core, k).await {
             Ok(up) => {
                 backoff = Duration::from_millis(100);
                 core.shared.connected.fetch_add(1, Ordering::SeqCst);
@@ -400,14 +400,15 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                     tracing::debug!(uplink = k, "uplink closed: agent stopping");
                     return;
                 }
-                tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
+                let reason = up.close_reason().unwrap_or_else(|| "closed".into());
+                format!("uplink lost ({reason})")
             }
             Err(Refused(e, code)) => {
-                tracing::error!(uplink = k, "gateway refused the uplink: {e}");
-                eprintln!("ringtunnel agent: gateway refused the uplink: {e}");
                 // A wrong token, an invalid name or another protocol
                 // version will not fix itself: stop instead of hammering
-                // the gateway. A taken name or a busy gateway might.
+                // the gateway (`main` says why, once). A taken name or a
+                // busy gateway might.
+                let why = format!("gateway refused the uplink: {e}");
                 if matches!(
                     code,
                     ErrorCode::AuthFailed
@@ -415,20 +416,20 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         | ErrorCode::UnsupportedVersion
                         | ErrorCode::ProtocolError
                 ) {
-                    give_up(&core, format!("gateway refused this agent: {e}"));
+                    give_up(&core, why);
                     return;
                 }
+                why
             }
             Err(Fatal(e)) => {
                 // A certificate the agent does not trust (or the gateway's
-                // verdict on ours) stays so until someone changes files.
-                tracing::error!(uplink = k, "{e}");
-                eprintln!("ringtunnel agent: {e}");
+                // verdict on ours), or a port that is not a tunnel port,
+                // stays so until someone changes files or flags.
                 give_up(&core, e);
                 return;
             }
-            Err(Retry(e)) => tracing::warn!(uplink = k, "cannot reach gateway: {e}"),
-        }
+            Err(Retry(e)) => format!("cannot reach the gateway: {e}"),
+        };
         if core.shared.stop.load(Ordering::SeqCst) {
             return;
         }
@@ -437,6 +438,11 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
         seed ^= seed << 17;
         let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
         let wait = backoff.mul_f64(jitter);
+        tracing::warn!(
+            "{why}; uplink {k} reconnects to {} in {:.1} s",
+            core.shared.gateway,
+            wait.as_secs_f64()
+        );
         let mut slept = Duration::ZERO;
         while slept < wait && !core.shared.stop.load(Ordering::SeqCst) {
             let step = (wait - slept).min(Duration::from_millis(50));
@@ -612,7 +618,7 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         FrameType::Accept => {}
         FrameType::Refuse => {
             let (code, reason) = f.parse_refuse().map_err(|e| Retry(e.to_string()))?;
-            return Err(Refused(format!("{reason} ({code:?})"), code));
+            return Err(Refused(format!("{reason} ({code})"), code));
         }
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }

@@ -107,7 +107,7 @@ async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str
     let peer = super::guard::peer_of(conn.fd());
     tracing::warn!(
         core = core.index,
-        peer = ?peer,
+        peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
         reason = ?crate::limits::log_safe(reason),
         "uplink refused"
     );

@@ -872,7 +872,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            eprintln!("ringtunnel gateway: shutting down (finishing in-flight requests)");
+            eprintln!(
+                "ringtunnel gateway: shutting down (finishing in-flight requests; \
+                 Ctrl-C again to exit now)"
+            );
             gw.shutdown();
             Ok(())
         }
@@ -924,6 +927,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 ..AgentConfig::default()
             };
             ringtunnel::signals::install();
+            let shutdown_grace = cfg.shutdown_grace;
             let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
             let mut announced = false;
             let mut forwarding = false;
@@ -954,6 +958,11 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            eprintln!(
+                "ringtunnel agent: stopping (finishing in-flight requests, up to {} s; \
+                 Ctrl-C again to exit now)",
+                shutdown_grace.as_secs_f64()
+            );
             agent.stop();
             Ok(())
         }

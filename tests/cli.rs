@@ -533,3 +533,44 @@ fn a_final_refusal_is_said_once_and_retries_say_where_and_when() {
         retry.stderr()
     );
 }
+
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_says_so() {
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &[]);
+    let args = agent_args("uring", &gw, "slow", echo.addr("listen"), &["--cores", "1"]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = spawn_nowait_env("agent", &refs, &[("RUST_LOG", "warn")]);
+    wait_stdout_line(&agent, "ringtunnel agent ready");
+    let public = gw.addr("public");
+    wait_routable(public, "slow");
+    // One request in flight (the backend takes 5 s).
+    let inflight = std::thread::spawn(move || {
+        request(
+            public,
+            "GET /delay/5000 HTTP/1.1\r\nHost: slow\r\nConnection: close\r\n\r\n",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = agent.proc.pid() as i32;
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    assert!(
+        agent.wait_stderr("ringtunnel agent: stopping", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    // Still draining (the request has seconds to go): the second one ends it.
+    assert_eq!(agent.wait_exit(Duration::from_millis(300)), None);
+    let t = Instant::now();
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    assert_eq!(agent.wait_exit(Duration::from_secs(5)), Some(130));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert!(
+        agent.wait_stderr("second stop signal", Duration::from_secs(2)),
+        "{}",
+        agent.stderr()
+    );
+    // The cut request is answered by the gateway, not left hanging.
+    let r = inflight.join().unwrap();
+    assert!(r.status == 502 || r.status == 0, "{}", r.status);
+}

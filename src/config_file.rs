@@ -112,6 +112,7 @@ pub struct AgentFile {
     pub slot_timeout: Option<f64>,
     pub handshake_timeout: Option<f64>,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub admin_listen: Option<String>,
     pub heartbeat_interval: Option<f64>,
     pub shutdown_grace: Option<f64>,

@@ -296,6 +296,11 @@ struct AgentArgs {
         default_value = ""
     )]
     token: String,
+    /// File holding the token (its first line), e.g. a systemd credential
+    /// ($CREDENTIALS_DIRECTORY/token); beats RINGTUNNEL_TOKEN and the
+    /// config file's `token`.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Seconds in-flight requests get to finish on SIGTERM (after GOAWAY).
     #[arg(long, default_value_t = cfgdef::AGENT_SHUTDOWN_GRACE.as_secs_f64())]
     shutdown_grace: f64,
@@ -722,6 +727,20 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
     })
 }
 
+/// The token in `path`: its first line, without surrounding blanks.
+fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
+}
+
 /// The agent's flags with `--config` laid under them.
 fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
     let Some(path) = a.config.clone() else {
@@ -731,7 +750,8 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
     lay_under!(m, f, a;
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
-        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key);
+        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key,
+        token_file);
     lay_under!(m, f, a.show;
         quiet, inspect, inspect_max, inspect_body_bytes, inspect_mask);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
@@ -757,6 +777,7 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         slot_timeout: Some(a.slot_timeout),
         handshake_timeout: Some(a.handshake_timeout),
         token: (!a.token.is_empty()).then(|| MASK.to_string()),
+        token_file: a.token_file.clone(),
         admin_listen: a.admin_listen.clone(),
         heartbeat_interval: Some(a.heartbeat_interval),
         shutdown_grace: Some(a.shutdown_grace),
@@ -888,7 +909,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             run(cli, &m)
         }
         Cmd::Agent(a) => {
-            let a = agent_args(a, sub(matches, "agent"))?;
+            let m = sub(matches, "agent");
+            let mut a = agent_args(a, m)?;
+            if let Some(path) = &a.token_file {
+                if m.value_source("token") == Some(ValueSource::CommandLine) {
+                    return Err("give --token or --token-file, not both".into());
+                }
+                a.token = read_token_file(path)?;
+            }
             if a.print_config {
                 print!("{}", config_file::print(&agent_shown(&a))?);
                 return Ok(());

@@ -574,3 +574,34 @@ fn a_second_ctrl_c_exits_at_once_and_says_so() {
     let r = inflight.join().unwrap();
     assert!(r.status == 502 || r.status == 0, "{}", r.status);
 }
+
+#[test]
+fn the_token_can_come_from_a_file() {
+    let secret = "file-held-token-0123456789";
+    let dir = pki::Dir::new("token-file");
+    let path = dir.write("token", &format!("{secret}\n"));
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &["--token", secret]);
+    let _agent = agent(
+        "uring",
+        &gw,
+        "filetok",
+        echo.addr("listen"),
+        &["--cores", "1", "--token-file", &path],
+    );
+    wait_routable(gw.addr("public"), "filetok");
+    for (extra, want) in [
+        (vec!["--token-file", &path, "--token", "x"], "not both"),
+        (
+            vec!["--token-file", "/nonexistent/token"],
+            "/nonexistent/token",
+        ),
+    ] {
+        let mut args = vec!["agent", "--session", "x", "--to", "9", "--cores", "1"];
+        args.extend(extra);
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -39,6 +39,8 @@ pub use server::start;
 pub const HEAD_CAP: usize = 16 * 1024;
 /// The path shown in lists is cut here.
 pub const PATH_CAP: usize = 2 * 1024;
+/// Largest `--inspect-max`.
+pub const MAX_RECORDS: usize = 100_000;
 /// Records on their way from the cores to the store.
 pub const CHANNEL_CAP: usize = 256;
 /// Header values never shown, whatever `--inspect-mask` adds.
@@ -72,8 +74,8 @@ impl InspectConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.max == 0 {
-            return Err("--inspect-max must be at least 1".into());
+        if !(1..=MAX_RECORDS).contains(&self.max) {
+            return Err(format!("--inspect-max must be 1 to {MAX_RECORDS}"));
         }
         if self.body_bytes > 1024 * 1024 {
             return Err("--inspect-body-bytes is at most 1048576".into());

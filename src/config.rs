@@ -401,6 +401,10 @@ pub struct AgentConfig {
     pub agent_id: Option<u64>,
     /// Raw TCP tunnels to ask the gateway for (`--tcp`).
     pub tcp: Vec<crate::proto::tcp::TcpSpec>,
+    /// No line per request (`--quiet`).
+    pub quiet: bool,
+    /// The request inspector (`--inspect ADDR`), off when `None`.
+    pub inspect: Option<crate::inspect::InspectConfig>,
 }
 
 impl Default for AgentConfig {
@@ -425,6 +429,8 @@ impl Default for AgentConfig {
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
             tcp: Vec::new(),
+            quiet: false,
+            inspect: None,
         }
     }
 }
@@ -432,6 +438,9 @@ impl Default for AgentConfig {
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        if let Some(i) = &self.inspect {
+            i.validate()?;
+        }
         if !crate::proto::valid_session_name(&self.session) {
             return Err(format!(
                 "--session {:?}: 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",

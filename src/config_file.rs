@@ -140,6 +140,7 @@ pub struct AgentFile {
     pub slot_timeout: Option<f64>,
     pub handshake_timeout: Option<f64>,
     pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub admin_listen: Option<String>,
     pub heartbeat_interval: Option<f64>,
     pub shutdown_grace: Option<f64>,
@@ -151,6 +152,11 @@ pub struct AgentFile {
     pub key: Option<PathBuf>,
     /// Like `--tcp` (repeatable): ["22", "5432=20100"].
     pub tcp: Option<Vec<String>>,
+    pub quiet: Option<bool>,
+    pub inspect: Option<String>,
+    pub inspect_max: Option<usize>,
+    pub inspect_body_bytes: Option<usize>,
+    pub inspect_mask: Option<Vec<String>>,
 }
 
 /// Reads and parses a file. The error starts with the path; toml's part

@@ -607,6 +607,7 @@ fn silent_peers_are_detected_by_heartbeat() {
                 max_streams: 16,
                 capabilities: 0,
                 tcp: Vec::new(),
+                public: None,
             };
             proto::encode(&Frame::accept(&accept), &mut out);
             c.write_all(&out).unwrap();

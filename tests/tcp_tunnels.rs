@@ -798,12 +798,9 @@ fn older_gateway_without_tcp_tunnels_stops_the_agent() {
                 max_streams: 16,
                 capabilities: 0,
                 tcp: Vec::new(),
+                public: None,
             });
-            let old = Frame::new(
-                FrameType::Accept,
-                0,
-                new.payload.slice(..Accept::ENCODED_LEN),
-            );
+            let old = Frame::new(FrameType::Accept, 0, new.payload.slice(..Accept::BASE_LEN));
             let mut out = BytesMut::new();
             proto::encode(&old, &mut out);
             c.write_all(&out).unwrap();

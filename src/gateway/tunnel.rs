@@ -32,10 +32,43 @@ use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::proto::{
+    Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+};
 use crate::scope::{self, Verdict};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
+
+thread_local! {
+    static TLS_ON_PLAIN: std::cell::RefCell<crate::limits::LogLimiter> =
+        std::cell::RefCell::new(crate::limits::LogLimiter::new(std::time::Duration::from_secs(60)));
+}
+
+/// A WARN at most once a minute per core, counting the ones left out.
+pub(crate) fn log_once_a_minute(
+    limiter: &'static std::thread::LocalKey<std::cell::RefCell<crate::limits::LogLimiter>>,
+    what: &str,
+) {
+    limiter.with(|l| {
+        if let Some(n) = l.borrow_mut().allow(std::time::Instant::now()) {
+            if n > 0 {
+                tracing::warn!("{what} ({n} more since the last such line)");
+            } else {
+                tracing::warn!("{what}");
+            }
+        }
+    });
+}
+
+/// The start of an HTTP request line (`GET / HTTP/1.1`): a method token
+/// then a space, where a HELLO starts with its length. Read as a frame
+/// header, "GET " is a 1.2 GB payload length.
+pub(crate) fn looks_like_http_request(b: &[u8]) -> bool {
+    let Some(sp) = b.iter().take(16).position(|&c| c == b' ') else {
+        return false;
+    };
+    sp > 0 && b[..sp].iter().all(u8::is_ascii_uppercase)
+}
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
     super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
@@ -65,7 +98,7 @@ async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str
     let peer = super::guard::peer_of(conn.fd());
     tracing::warn!(
         core = core.index,
-        peer = ?peer,
+        peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
         reason = ?crate::limits::log_safe(reason),
         "uplink refused"
     );
@@ -136,13 +169,28 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         Ok(f) => f,
         Err(e) => {
             core.stats.error(ErrorKind::Protocol);
+            if !conn.is_tls() && looks_like_http_request(&leftover) {
+                // A browser or curl on the tunnel port: tell it where to go.
+                let public = match (core.shared.public_addr, core.shared.https_addr) {
+                    (Some(a), _) => format!("HTTP port ({a})"),
+                    (None, Some(a)) => format!("HTTPS port ({a})"),
+                    (None, None) => "public port".into(),
+                };
+                let msg =
+                    format!("this is the ringtunnel tunnel port (for agents); use the {public}\n");
+                if let Ok(mut s) = conn.into_plain() {
+                    let resp = crate::http::simple_response(400, &msg, true, &[]);
+                    let _ = crate::io::write_all(&mut s, resp).await;
+                }
+                return;
+            }
             // The agent cannot tell this case from a dropped connection
-            // (it retries), so the hint is here.
+            // (it retries), so the hint is here, once per minute per core.
             if !conn.is_tls() && leftover.starts_with(&[0x16, 0x03]) {
-                tracing::warn!(
-                    core = core.index,
-                    "a TLS client connected to the plaintext tunnel listener: give the \
-                     gateway --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS"
+                log_once_a_minute(
+                    &TLS_ON_PLAIN,
+                    "a TLS client connected to the plaintext tunnel listener: give the gateway \
+                     --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS",
                 );
             } else {
                 tracing::debug!(error = %e, "uplink handshake failed");
@@ -240,6 +288,30 @@ pub(super) fn adopt(
     });
 }
 
+/// What ACCEPT tells the agent about the public side, so it can print
+/// the URL its session is served at: the public listener's port and
+/// scheme (HTTPS when `--https-listen` is set), and `--domain`.
+fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
+    // A DNS name is at most 253 bytes; anything longer is not sent.
+    let domain = shared
+        .cfg
+        .domain
+        .as_deref()
+        .filter(|d| d.len() <= 255)
+        .unwrap_or("");
+    // HTTPS when the gateway terminates it: the URL to hand out.
+    let (scheme, port) = match (shared.https_addr, shared.public_addr) {
+        (Some(a), _) => ("https", a.port()),
+        (None, Some(a)) => ("http", a.port()),
+        (None, None) => ("http", 0),
+    };
+    PublicEndpoint {
+        scheme: scheme.into(),
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        port,
+    }
+}
+
 async fn finish(
     core: Rc<Core>,
     mut conn: Transport,
@@ -258,8 +330,9 @@ async fn finish(
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
         // Only what the agent asked for and this gateway does.
-        capabilities: hello.capabilities & crate::proto::tcp::KNOWN_CAPS,
+        capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL),
         tcp,
+        public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

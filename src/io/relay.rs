@@ -123,6 +123,10 @@ impl Deadlines<'_> {
     }
 }
 
+/// Sees every body byte a pump moves, de-framed, in order (the agent's
+/// request inspector keeps the first ones). `None` costs nothing.
+pub type Tap<'a> = Option<&'a dyn Fn(&[u8])>;
+
 /// A body read from the socket -> DATA frames, then END. `buf` holds bytes
 /// already read; bytes after the body stay in it (pipelining).
 pub async fn body_to_stream<R: AsyncReadRent>(
@@ -132,12 +136,27 @@ pub async fn body_to_stream<R: AsyncReadRent>(
     kind: BodyKind,
     t: Deadlines<'_>,
 ) -> Result<u64, PumpError> {
+    body_to_stream_tapped(r, buf, stream, kind, t, None).await
+}
+
+/// [`body_to_stream`], showing each piece of the body to `tap`.
+pub async fn body_to_stream_tapped<R: AsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    stream: &Stream,
+    kind: BodyKind,
+    t: Deadlines<'_>,
+    tap: Tap<'_>,
+) -> Result<u64, PumpError> {
     let mut dec = BodyDecoder::new(kind);
     let mut total = 0u64;
     loop {
         match dec.decode(buf, DATA_CHUNK) {
             Ok(Some(piece)) => {
                 total += piece.len() as u64;
+                if let Some(tap) = tap {
+                    tap(&piece);
+                }
                 stream.send_data(piece).await?;
             }
             Ok(None) if dec.is_done() => {
@@ -198,6 +217,18 @@ pub async fn stream_to_writer<W: AsyncWriteRent>(
     prefix: Option<Bytes>,
     t: Deadlines<'_>,
 ) -> Result<u64, PumpError> {
+    stream_to_writer_tapped(w, stream, framing, prefix, t, None).await
+}
+
+/// [`stream_to_writer`], showing each accepted DATA payload to `tap`.
+pub async fn stream_to_writer_tapped<W: AsyncWriteRent>(
+    w: &mut W,
+    stream: &Stream,
+    framing: OutFraming,
+    prefix: Option<Bytes>,
+    t: Deadlines<'_>,
+    tap: Tap<'_>,
+) -> Result<u64, PumpError> {
     let mut total = 0u64;
     let mut prefix = prefix;
     let mut parts = Parts::new();
@@ -245,6 +276,9 @@ pub async fn stream_to_writer<W: AsyncWriteRent>(
                         break;
                     }
                     total += n;
+                    if let Some(tap) = tap {
+                        tap(c.bytes());
+                    }
                     if framing == OutFraming::Chunked {
                         parts.push_chunk(c.bytes().clone());
                     } else {

@@ -15,6 +15,10 @@ use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
 use super::tcp::{put_ports, CAP_TCP, MAX_TCP_TUNNELS};
 
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Capability bit: the agent can read the gateway's public endpoint, and
+/// (in ACCEPT) the endpoint follows the capabilities field.
+pub const CAP_PUBLIC_URL: u32 = 0x0000_0002;
 pub const MAGIC: [u8; 4] = *b"RTNL";
 
 /// Longest session name: a DNS label, so `<session>.<domain>` stays a
@@ -186,17 +190,52 @@ pub struct Accept {
     pub max_streams: u32,
     /// Capability bits the gateway enabled on this uplink (a subset of the
     /// HELLO's). Appended after `max_streams`; absent (an older gateway)
-    /// reads as 0.
+    /// reads as 0. The optional parts follow in bit order: `CAP_TCP`'s
+    /// ports, then `CAP_PUBLIC_URL`'s endpoint.
     pub capabilities: u32,
     /// With `CAP_TCP`: the public port granted for each port of the HELLO,
     /// in the same order.
     pub tcp: Vec<u16>,
+    /// With `CAP_PUBLIC_URL`: where the public reaches this gateway's
+    /// sessions, so the agent can print its URL.
+    pub public: Option<PublicEndpoint>,
+}
+
+/// The gateway's public HTTP endpoint as clients should type it: a
+/// session NAME is served at `scheme://NAME.domain:port/`, or, with no
+/// domain, at any Host `NAME` (the gateway routes by Host alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicEndpoint {
+    /// "http" or "https"; at most 255 bytes.
+    pub scheme: String,
+    /// `--domain`, empty when the gateway has none.
+    pub domain: String,
+    pub port: u16,
+}
+
+impl PublicEndpoint {
+    /// The URL of `session`, when the gateway has a domain; without one
+    /// only a Host header (or `--default-session`) reaches it.
+    pub fn url_for(&self, session: &str) -> Option<String> {
+        if self.domain.is_empty() {
+            return None;
+        }
+        let default_port = matches!(
+            (self.scheme.as_str(), self.port),
+            ("http", 80) | ("https", 443)
+        );
+        Some(if default_port {
+            format!("{}://{session}.{}", self.scheme, self.domain)
+        } else {
+            format!("{}://{session}.{}:{}", self.scheme, self.domain, self.port)
+        })
+    }
 }
 
 impl Accept {
-    /// version, gateway_cores, core, reserved, then four u32: the layout
-    /// of version 1 without capabilities.
-    pub const ENCODED_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+    /// version, gateway_cores, core, reserved, then four u32: the layout of
+    /// the first revision, which every ACCEPT starts with.
+    pub const BASE_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
 
     pub fn encoded_len(&self) -> usize {
         let tcp = if self.capabilities & CAP_TCP != 0 {
@@ -204,7 +243,11 @@ impl Accept {
         } else {
             0
         };
-        Self::ENCODED_LEN + 4 + tcp
+        let public = self
+            .public
+            .as_ref()
+            .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len());
+        Self::BASE_LEN + 4 + tcp + public
     }
 
     /// What the gateway should check once, at start-up: an agent refuses an
@@ -220,9 +263,28 @@ impl Accept {
                 "ACCEPT max_frame outside 64 KiB..=16 MiB",
             ));
         }
+        if self.public.is_some() != (self.capabilities & CAP_PUBLIC_URL != 0) {
+            return Err(ProtoError::BadPayload(
+                "ACCEPT public endpoint without CAP_PUBLIC_URL, or the reverse",
+            ));
+        }
+        if let Some(p) = &self.public {
+            if p.scheme.is_empty() || p.scheme.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public scheme empty or longer than 255 bytes",
+                ));
+            }
+            if p.domain.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public domain longer than 255 bytes",
+                ));
+            }
+        }
         Ok(())
     }
 
+    /// # Panics
+    /// If `public` breaks the length rules `validate` checks.
     pub fn encode(&self, dst: &mut BytesMut) {
         dst.reserve(self.encoded_len());
         dst.put_u16(self.version);
@@ -237,6 +299,13 @@ impl Accept {
         if self.capabilities & CAP_TCP != 0 {
             put_ports(dst, &self.tcp);
         }
+        if let Some(p) = &self.public {
+            dst.put_u16(p.port);
+            let len = u8::try_from(p.scheme.len()).expect("scheme longer than 255 bytes");
+            dst.put_u8(len);
+            dst.put_slice(p.scheme.as_bytes());
+            put_str16(dst, &p.domain);
+        }
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
@@ -250,26 +319,41 @@ impl Accept {
         if r.u16()? != 0 {
             return Err(ProtoError::ReservedBits);
         }
-        let (max_frame, stream_window, conn_window, max_streams) =
-            (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
-        // A version-1 gateway without capabilities ends here.
-        let capabilities = if r.rest.is_empty() { 0 } else { r.u32()? };
-        let tcp = if capabilities & CAP_TCP != 0 {
-            r.ports()?
-        } else {
-            Vec::new()
-        };
-        let accept = Self {
+        let mut accept = Self {
             version,
             gateway_cores,
             core,
-            max_frame,
-            stream_window,
-            conn_window,
-            max_streams,
-            capabilities,
-            tcp,
+            max_frame: r.u32()?,
+            stream_window: r.u32()?,
+            conn_window: r.u32()?,
+            max_streams: r.u32()?,
+            capabilities: 0,
+            tcp: Vec::new(),
+            public: None,
         };
+        // A gateway without capabilities ends here.
+        if !r.rest.is_empty() {
+            accept.capabilities = r.u32()?;
+        }
+        if accept.capabilities & CAP_TCP != 0 {
+            accept.tcp = r.ports()?;
+        }
+        if accept.capabilities & CAP_PUBLIC_URL != 0 {
+            let port = r.u16()?;
+            let scheme_len = r.array::<1>()?[0];
+            let scheme = r.bytes(usize::from(scheme_len))?;
+            let domain = r.str16()?;
+            let text = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .map(str::to_owned)
+                    .map_err(|_| ProtoError::BadPayload("ACCEPT public endpoint is not UTF-8"))
+            };
+            accept.public = Some(PublicEndpoint {
+                scheme: text(scheme)?,
+                domain: text(domain)?,
+                port,
+            });
+        }
         accept.validate()?;
         Ok(accept)
     }
@@ -341,7 +425,8 @@ fn parse_code_and_reason(frame: &Frame) -> Result<(ErrorCode, String), ProtoErro
     Ok((code, reason))
 }
 
-fn truncate_at_char(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -455,8 +540,22 @@ mod tests {
             stream_window: DEFAULT_STREAM_WINDOW,
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
-            capabilities: 0,
+            capabilities: CAP_PUBLIC_URL,
             tcp: Vec::new(),
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "tunnel.example.com".into(),
+                port: 8080,
+            }),
+        }
+    }
+
+    /// An ACCEPT without capabilities.
+    fn base_accept() -> Accept {
+        Accept {
+            capabilities: 0,
+            public: None,
+            ..accept()
         }
     }
 
@@ -573,10 +672,28 @@ mod tests {
                 max_streams: rng.next_u32(),
                 capabilities: rng.next_u32(),
                 tcp: Vec::new(),
+                public: None,
             };
             let a = Accept {
                 tcp: random_ports(&mut rng, a.capabilities),
                 ..a
+            };
+            // Half of them with a public endpoint.
+            let a = if rng.below(2) == 0 {
+                Accept {
+                    capabilities: a.capabilities & !CAP_PUBLIC_URL,
+                    ..a
+                }
+            } else {
+                Accept {
+                    capabilities: a.capabilities | CAP_PUBLIC_URL,
+                    public: Some(PublicEndpoint {
+                        scheme: random_text(&mut rng, 8).replace('\0', "s") + "h",
+                        domain: random_text(&mut rng, 60),
+                        port: rng.next_u32() as u16,
+                    }),
+                    ..a
+                }
             };
             assert_eq!(a.validate(), Ok(()));
             assert_eq!(Accept::decode(&accept_bytes(&a)), Ok(a.clone()));
@@ -636,7 +753,7 @@ mod tests {
         bytes.extend_from_slice(&[0xff; 9]);
         assert_eq!(Accept::decode(&bytes), Ok(accept()));
         let tcp = Accept {
-            capabilities: CAP_TCP,
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
             tcp: vec![20000, 20022],
             ..accept()
         };
@@ -649,7 +766,10 @@ mod tests {
     fn tcp_ports_travel_only_with_the_capability() {
         // An older gateway's ACCEPT (no capabilities field) enables nothing.
         let bytes = accept_bytes(&accept());
-        assert_eq!(Accept::decode(&bytes[..Accept::ENCODED_LEN]), Ok(accept()));
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
         // HELLO: the list follows the session with CAP_TCP, else nothing
         // does (and a list without the bit is refused before encoding).
         let h = Hello {
@@ -685,6 +805,76 @@ mod tests {
             Hello::decode(&bytes),
             Err(ProtoError::BadPayload(_))
         ));
+    }
+
+    #[test]
+    fn accept_without_capabilities_has_no_public_endpoint() {
+        let bytes = accept_bytes(&base_accept());
+        assert_eq!(bytes.len(), Accept::BASE_LEN + 4);
+        assert_eq!(Accept::decode(&bytes), Ok(base_accept()));
+        // A gateway that predates capabilities sends the first 24 bytes.
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
+        // The extended one starts with the same 24 bytes, so an agent that
+        // knows no capability reads it as before and ignores the rest.
+        let extended = accept_bytes(&accept());
+        assert_eq!(extended[..Accept::BASE_LEN], bytes[..Accept::BASE_LEN]);
+        // Pinned layout: capabilities, port, scheme (u8 length), domain.
+        assert_eq!(
+            &extended[Accept::BASE_LEN..Accept::BASE_LEN + 10],
+            &[0, 0, 0, 2, 0x1f, 0x90, 4, b'h', b't', b't']
+        );
+        // The bit and the field go together.
+        for a in [
+            Accept {
+                capabilities: 0,
+                ..accept()
+            },
+            Accept {
+                public: None,
+                ..accept()
+            },
+        ] {
+            assert!(matches!(a.validate(), Err(ProtoError::BadPayload(_))));
+        }
+    }
+
+    /// The example of docs/PROTOCOL.md, section 13.
+    #[test]
+    fn documented_public_endpoint_bytes() {
+        let a = Accept {
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "t.example.com".into(),
+                port: 8080,
+            }),
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
+        assert_eq!(bytes.len(), 50);
+        let mut want = vec![0, 0, 0, 2, 0x1f, 0x90, 4];
+        want.extend_from_slice(b"http");
+        want.extend_from_slice(&[0, 13]);
+        want.extend_from_slice(b"t.example.com");
+        assert_eq!(&bytes[Accept::BASE_LEN..], &want[..]);
+    }
+
+    #[test]
+    fn public_urls() {
+        let mut p = accept().public.unwrap();
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com:8080")
+        );
+        p.port = 80;
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com")
+        );
+        p.domain.clear();
+        assert_eq!(p.url_for("myapp"), None);
     }
 
     #[test]
@@ -729,13 +919,13 @@ mod tests {
     #[test]
     fn every_truncated_accept_is_bad_length() {
         let a = Accept {
-            capabilities: CAP_TCP,
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
             tcp: vec![20000],
             ..accept()
         };
         let bytes = accept_bytes(&a);
-        // Cut right after max_streams it is an older gateway's ACCEPT.
-        for cut in (0..bytes.len()).filter(|&c| c != Accept::ENCODED_LEN) {
+        // A cut right after the first revision's fields is that revision.
+        for cut in (0..bytes.len()).filter(|&c| c != Accept::BASE_LEN) {
             assert_eq!(
                 Accept::decode(&bytes[..cut]),
                 Err(ProtoError::BadLength {

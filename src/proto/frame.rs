@@ -388,6 +388,7 @@ mod tests {
             max_streams: 4096,
             capabilities: 0,
             tcp: Vec::new(),
+            public: None,
         }
     }
 

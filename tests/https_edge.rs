@@ -735,3 +735,49 @@ fn idle_https_connections_cost_bounded_memory() {
     drop(warm);
     wait_idle(&gw, base);
 }
+
+/// Mid-transfer faults over HTTPS: a client that vanishes (RST) in the
+/// middle of a 64 MiB download, and one that never reads it. Both are
+/// closed (the second by --write-stall-timeout, on the HTTP side and on
+/// the TLS side of the relay) and everything returns to its baseline.
+#[test]
+fn https_client_that_vanishes_or_never_reads_mid_transfer_is_cleaned_up() {
+    let pki = Pki::new();
+    let gw = https_gateway("uring", &pki.wild, &["--write-stall-timeout", "1"]);
+    let (_echo, _agent) = echo_stack("uring", &gw, &[]);
+    let base = baseline(&gw, gw.addr("admin"));
+    let cfg = client_config(&pki.ca);
+    let host = "demo.tunnel.test";
+    let big = format!("GET /bytes/{} HTTP/1.1\r\nHost: {host}\r\n\r\n", 64 << 20);
+
+    // Vanishes after the first MiB.
+    let mut s = tls_connect(&gw, &cfg, host);
+    s.write_all(big.as_bytes()).unwrap();
+    let mut got = 0;
+    let mut tmp = [0u8; 65536];
+    while got < 1 << 20 {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed early");
+        got += n;
+    }
+    abort(s.sock);
+    wait_idle(&gw, base);
+
+    // Never reads (a small receive buffer, so the stall starts at once).
+    let stalls = || metric(&gw, "ringtunnel_errors_total", "kind=\"write_stall\"");
+    let before = stalls();
+    let mut s = tls_over(connect_small_rcvbuf(gw.addr("https"), 4096), &cfg, host);
+    s.write_all(big.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let t = Instant::now();
+    while https_conns(&gw) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a client that never reads was kept"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stalls() > before, "the stall was not counted");
+    drop(s);
+    wait_idle(&gw, base);
+}

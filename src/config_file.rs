@@ -77,6 +77,10 @@ pub struct GatewayFile {
     pub session_rate: Option<String>,
     pub session_burst: Option<u32>,
     pub admin_token: Option<String>,
+    /// Like `--rate-per-ip`: "10/s" per client IP within each session.
+    pub rate_per_ip: Option<String>,
+    pub burst_per_ip: Option<u32>,
+    pub rate_ip_table: Option<usize>,
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
@@ -106,6 +110,9 @@ pub struct TokenEntry {
     pub max_uplinks: Option<u32>,
     pub rate: Option<String>,
     pub burst: Option<u32>,
+    /// Per client IP within each session claimed with this token.
+    pub rate_per_ip: Option<String>,
+    pub burst_per_ip: Option<u32>,
     pub pool: Option<bool>,
 }
 
@@ -207,6 +214,10 @@ impl TokenEntry {
             Some(r) => Some(r.parse::<Rate>()?),
             None => None,
         };
+        let rate_per_ip = match &self.rate_per_ip {
+            Some(r) => Some(r.parse::<Rate>().map_err(|e| format!("rate_per_ip: {e}"))?),
+            None => None,
+        };
         Ok(TokenRule {
             secret,
             sessions: self.sessions.clone(),
@@ -214,6 +225,8 @@ impl TokenEntry {
             max_uplinks: self.max_uplinks,
             rate,
             burst: self.burst,
+            rate_per_ip,
+            burst_per_ip: self.burst_per_ip,
             pool: self.pool.unwrap_or(false),
         })
     }
@@ -233,6 +246,8 @@ impl TokenEntry {
             max_uplinks: rule.max_uplinks,
             rate: rule.rate.map(|r| r.to_string()),
             burst: rule.burst,
+            rate_per_ip: rule.rate_per_ip.map(|r| r.to_string()),
+            burst_per_ip: rule.burst_per_ip,
             pool: Some(rule.pool),
         }
     }
@@ -281,6 +296,8 @@ max_sessions = 10
 max_uplinks = 32
 rate = "50/s"
 burst = 10
+rate_per_ip = "5/s"
+burst_per_ip = 2
 pool = false
 
 [[tokens]]
@@ -298,6 +315,9 @@ sessions = ["*"]
         assert!(rules[0].allows("team-a") && !rules[0].allows("beta"));
         assert_eq!(rules[0].rate, Some("50/s".parse().unwrap()));
         assert_eq!(rules[0].max_uplinks, Some(32));
+        assert_eq!(rules[0].rate_per_ip, Some("5/s".parse().unwrap()));
+        assert_eq!(rules[0].burst_per_ip, Some(2));
+        assert_eq!(rules[1].rate_per_ip, None);
         // sha256("hello")
         assert_eq!(
             crate::scope::authorize(&rules[1..], "hello", "anything-at-all"),
@@ -345,6 +365,8 @@ sessions = ["*"]
         }
         let e = rule(&format!("{s}sessions = [\"a\"]\nrate = \"5/d\"")).unwrap_err();
         assert!(e.contains("unit"), "{e}");
+        let e = rule(&format!("{s}sessions = [\"a\"]\nrate_per_ip = \"0/s\"")).unwrap_err();
+        assert!(e.contains("rate_per_ip") && e.contains("at least 1"), "{e}");
         assert!(rule(&format!("{s}sessions = [\"a\", \"team-*\", \"*\"]")).is_ok());
     }
 
@@ -365,6 +387,7 @@ sessions = ["*"]
         assert!(out.contains("secret = \"***\""), "{out}");
         assert!(out.contains("2cf24dba5fb0a30e"), "{out}");
         assert!(out.contains("rate = \"50/s\""), "{out}");
+        assert!(out.contains("rate_per_ip = \"5/s\""), "{out}");
         // What is printed reads back as the same rules.
         let back: GatewayFile = parse(&out).unwrap();
         assert_eq!(back.tokens.len(), 2);

@@ -240,6 +240,19 @@ struct LimitArgs {
     /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
     #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Requests per client IP within each session, e.g. 10/s (a token
+    /// rule's rate_per_ip wins; trusted proxies exempt) [default:
+    /// unlimited]. Over it: 429 with Retry-After.
+    #[arg(long)]
+    rate_per_ip: Option<ringtunnel::scope::Rate>,
+    /// Requests one client IP may send at once above --rate-per-ip
+    /// [default: the rate's N].
+    #[arg(long)]
+    burst_per_ip: Option<u32>,
+    /// Per-(session, client IP) rate cells kept, all sessions together;
+    /// when full of active clients, new IPs get only the session's rate.
+    #[arg(long, default_value_t = cfgdef::RATE_IP_TABLE)]
+    rate_ip_table: usize,
 }
 
 impl LimitArgs {
@@ -257,6 +270,9 @@ impl LimitArgs {
             },
             session_rate: self.session_rate,
             session_burst: self.session_burst,
+            rate_per_ip: self.rate_per_ip,
+            burst_per_ip: self.burst_per_ip,
+            rate_ip_table: self.rate_ip_table,
         })
     }
 }
@@ -470,10 +486,16 @@ fn gateway_args(
     }
     lay_under!(m, f, a.limits;
         max_conns, max_conns_per_ip, fd_reserve, max_handshakes, handshake_fail_limit,
-        handshake_fail_window, handshake_ban, session_burst, admin_token);
+        handshake_fail_window, handshake_ban, session_burst, admin_token,
+        burst_per_ip, rate_ip_table);
     if let Some(r) = f.session_rate.take() {
         if !given(m, "session_rate") {
             a.limits.session_rate = Some(r.parse().map_err(|e| format!("session_rate: {e}"))?);
+        }
+    }
+    if let Some(r) = f.rate_per_ip.take() {
+        if !given(m, "rate_per_ip") {
+            a.limits.rate_per_ip = Some(r.parse().map_err(|e| format!("rate_per_ip: {e}"))?);
         }
     }
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
@@ -541,6 +563,9 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         session_rate: a.limits.session_rate.map(|r| r.to_string()),
         session_burst: a.limits.session_burst,
         admin_token: a.limits.admin_token.as_ref().map(|_| MASK.to_string()),
+        rate_per_ip: a.limits.rate_per_ip.map(|r| r.to_string()),
+        burst_per_ip: a.limits.burst_per_ip,
+        rate_ip_table: Some(a.limits.rate_ip_table),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
     }
 }
@@ -698,7 +723,8 @@ fn reload_gateway(
 }
 
 /// Keys whose value differs between two effective configurations, except
-/// the ones `Gateway::reload` applies (tokens and TLS files).
+/// the ones `Gateway::reload` applies (tokens, TLS files and
+/// `config::RELOADABLE`).
 fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
     const LIVE: [&str; 8] = [
         "tokens",
@@ -710,6 +736,7 @@ fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
         "https_key",
         "https_certs",
     ];
+    let live = |k: &str| LIVE.contains(&k) || ringtunnel::config::RELOADABLE.contains(&k);
     let table = |f: &GatewayFile| match toml::Value::try_from(f) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
@@ -718,7 +745,7 @@ fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
     let mut keys: Vec<String> = a
         .keys()
         .chain(b.keys())
-        .filter(|k| !LIVE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .filter(|k| !live(k.as_str()) && a.get(*k) != b.get(*k))
         .cloned()
         .collect();
     keys.sort();

@@ -357,7 +357,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             cfg.domain.as_deref(),
             cfg.default_session.as_deref(),
             // A reserved session (its agent restarting) keeps its Host.
-            |n| core.is_present(n) || core.shared.reserved(n),
+            |n| core.is_present(n) || core.is_reserved(n),
         );
         let host_txt = head.host.clone().unwrap_or_default();
         let Some(session) = session else {
@@ -400,7 +400,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                     return;
                 }
             }
-            if !held && core.shared.reserved(&session) {
+            if !held && core.is_reserved(&session) {
                 // Its agent is restarting: wait for it instead of failing.
                 held = true;
                 match core.hold(&session).await {
@@ -420,6 +420,17 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                         }
                         break;
                     }
+                    Held::ShuttingDown => {
+                        CoreStats::inc(&core.stats.requests);
+                        core.stats.error(ErrorKind::AgentGone);
+                        let msg = format!(
+                            "the gateway is shutting down; session '{session}' had no agent \
+                             connected, retry shortly\n"
+                        );
+                        let retry = [("Retry-After", "1")];
+                        send_simple(&mut wh, 503, &msg, true, &retry).await;
+                        break;
+                    }
                     Held::TimedOut => {}
                 }
             }
@@ -437,12 +448,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         buf.advance(head.head_len);
         // Counted only for a session that is here (its cell is shared by
         // all cores), so handoffs are not charged twice.
-        if let Err(wait) = core.limits.check_rate(&core.shared.limits, &session, || {
-            core.shared.rate_for(&session)
-        }) {
-            core.stats.error(ErrorKind::RateLimited);
-            core.shared.limits.count_refused(core.index, &session);
-            let (msg, secs) = guard::too_many(&session, wait);
+        if let Err((msg, secs)) = guard::check_rate(&core, &session, client) {
             if refuse_request(&mut wh, &head, 429, &msg, &[("Retry-After", &secs)]).await {
                 continue;
             }

@@ -197,7 +197,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     };
     if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
         // The target core is gone (shutdown): give the claim back, close.
-        core.shared.release(&hello.session, target);
+        core.shared.release(&hello.session, target, false);
         // SAFETY: we own the fd again since the send failed.
         drop(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     }
@@ -219,7 +219,7 @@ pub(super) fn adopt(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt uplink socket");
-            core.shared.release(&hello.session, core.index);
+            core.shared.release(&hello.session, core.index, false);
             return;
         }
     };
@@ -242,7 +242,7 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");
-        core.shared.release(&hello.session, core.index);
+        core.shared.release(&hello.session, core.index, false);
         return;
     }
     tracing::info!(

@@ -29,6 +29,8 @@ pub mod defaults {
     pub const HOLD_QUEUE: usize = 1024;
     /// How long a stopping agent lets its streams finish.
     pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Public connections at once per TCP tunnel port.
+    pub const TCP_MAX_CONNS_PER_PORT: usize = 1024;
 
     // Limits (`crate::limits`). --max-conns and --fd-reserve default to
     // values derived from RLIMIT_NOFILE at start-up.
@@ -193,6 +195,12 @@ pub struct GatewayConfig {
     pub https_listen: Option<String>,
     /// Its certificates, chosen by SNI; the first is the default.
     pub https_certs: Vec<crate::sni::CertFiles>,
+    /// Ports agents may open raw TCP tunnels on (`--tcp-ports`); empty =
+    /// no TCP tunnels.
+    pub tcp_ports: crate::proto::tcp::PortRanges,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once.
+    pub tcp_max_conns_per_port: usize,
 }
 
 impl Default for GatewayConfig {
@@ -225,6 +233,8 @@ impl Default for GatewayConfig {
             admin_token: None,
             https_listen: None,
             https_certs: Vec::new(),
+            tcp_ports: crate::proto::tcp::PortRanges::none(),
+            tcp_max_conns_per_port: defaults::TCP_MAX_CONNS_PER_PORT,
         }
     }
 }
@@ -253,13 +263,15 @@ pub const RELOADABLE: [&str; 14] = [
 
 impl GatewayConfig {
     /// This (running) configuration with the [`RELOADABLE`] settings, the
-    /// tokens and the TLS certificates (tunnel and HTTPS) taken from `new`; everything else (addresses, cores,
-    /// driver, windows, TLS listener choice, fd reserve, handshake limits,
-    /// trusted proxies…) stays as started.
+    /// tokens and the TLS certificates (tunnel and HTTPS) taken from
+    /// `new`; everything else (addresses, cores, driver, windows, TLS
+    /// listener choice, fd reserve, handshake limits, trusted proxies…)
+    /// stays as started.
     pub fn with_reloaded(&self, new: &GatewayConfig) -> GatewayConfig {
         let mut c = self.clone();
         c.tokens = new.tokens.clone();
         c.tunnel_tls = new.tunnel_tls.clone();
+        // The HTTPS listener stays as started; its certificates reload.
         c.https_certs = new.https_certs.clone();
         c.hold_timeout = new.hold_timeout;
         c.hold_queue = new.hold_queue;
@@ -289,6 +301,9 @@ impl GatewayConfig {
                 "--hold-queue must be at least 1 (use --session-lease 0 to never hold requests)"
                     .into(),
             );
+        }
+        if self.tcp_max_conns_per_port == 0 {
+            return Err("--tcp-max-conns-per-port must be at least 1".into());
         }
         if self.admin_token.as_deref() == Some("") {
             return Err("--admin-token must not be empty".into());
@@ -385,6 +400,8 @@ pub struct AgentConfig {
     /// derived from host name, session and backend, so a restarted agent
     /// is the same owner.
     pub agent_id: Option<u64>,
+    /// Raw TCP tunnels to ask the gateway for (`--tcp`).
+    pub tcp: Vec<crate::proto::tcp::TcpSpec>,
 }
 
 impl Default for AgentConfig {
@@ -408,6 +425,7 @@ impl Default for AgentConfig {
             tls: None,
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
+            tcp: Vec::new(),
         }
     }
 }
@@ -426,6 +444,12 @@ impl AgentConfig {
         }
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
+        }
+        if self.tcp.len() > crate::proto::tcp::MAX_TCP_TUNNELS {
+            return Err(format!(
+                "--tcp: at most {} TCP tunnels per agent",
+                crate::proto::tcp::MAX_TCP_TUNNELS
+            ));
         }
         if let Some(t) = &self.tls {
             if t.cert.is_some() != t.key.is_some() {

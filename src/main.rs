@@ -199,6 +199,14 @@ struct GatewayArgs {
     https_certs: Vec<ringtunnel::sni::CertFiles>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Ports agents may open raw TCP tunnels on: "20000-20999",
+    /// "20000-20099,21000", or "none" (no TCP tunnels).
+    #[arg(long, default_value = "none")]
+    tcp_ports: String,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once (counted).
+    #[arg(long, default_value_t = cfgdef::TCP_MAX_CONNS_PER_PORT)]
+    tcp_max_conns_per_port: usize,
 }
 
 /// The gateway's limits (README, "Limits").
@@ -349,6 +357,10 @@ struct AgentArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Expose a local TCP service through the gateway: PORT or HOST:PORT,
+    /// optionally =PUBLIC_PORT (else the gateway picks one); repeatable.
+    #[arg(long)]
+    tcp: Vec<String>,
 }
 
 #[derive(Args)]
@@ -471,7 +483,8 @@ fn gateway_args(
         hold_queue, body_idle_timeout,
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
-        insecure_plaintext, trusted_proxies, proxy_protocol);
+        insecure_plaintext, trusted_proxies, proxy_protocol, tcp_ports,
+        tcp_max_conns_per_port);
     lay_under!(m, f, a; https_listen, https_cert, https_key);
     a.https_certs = f
         .https_certs
@@ -566,6 +579,8 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         rate_per_ip: a.limits.rate_per_ip.map(|r| r.to_string()),
         burst_per_ip: a.limits.burst_per_ip,
         rate_ip_table: Some(a.limits.rate_ip_table),
+        tcp_ports: Some(a.tcp_ports.clone()),
+        tcp_max_conns_per_port: Some(a.tcp_max_conns_per_port),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
     }
 }
@@ -635,6 +650,9 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
             .into_iter()
             .chain(a.https_certs)
             .collect(),
+        tcp_ports: ringtunnel::proto::tcp::PortRanges::parse(&a.tcp_ports)
+            .map_err(|e| format!("--tcp-ports {}: {e}", a.tcp_ports))?,
+        tcp_max_conns_per_port: a.tcp_max_conns_per_port,
     })
 }
 
@@ -647,7 +665,7 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
     lay_under!(m, f, a;
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
-        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key);
+        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key, tcp);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
     if a.cert.is_some() != a.key.is_some() {
         return Err("cert and key go together".into());
@@ -680,6 +698,7 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         server_name: a.server_name.clone(),
         cert: a.cert.clone(),
         key: a.key.clone(),
+        tcp: (!a.tcp.is_empty()).then(|| a.tcp.clone()),
     }
 }
 
@@ -803,9 +822,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 session: a
                     .session
                     .ok_or("--session is required (or session = \"...\" in --config)")?,
-                to: a
-                    .to
-                    .ok_or("--to is required (or to = \"...\" in --config)")?,
+                // A TCP-only agent needs no HTTP backend: its HTTP
+                // requests get 502 from the default address.
+                to: match (a.to, a.tcp.is_empty()) {
+                    (Some(to), _) => to,
+                    (None, false) => AgentConfig::default().to,
+                    (None, true) => {
+                        return Err("--to is required (or to = \"...\" in --config)".into())
+                    }
+                },
+                tcp: a
+                    .tcp
+                    .iter()
+                    .map(|t| ringtunnel::proto::tcp::TcpSpec::parse(t))
+                    .collect::<Result<_, _>>()?,
                 uplinks: a.uplinks,
                 cores: a.core.cores(),
                 backend_concurrency: a.backend_concurrency,

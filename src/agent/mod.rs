@@ -13,6 +13,7 @@
 //! the requests held meanwhile go to it.
 
 mod backend;
+mod tcp;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -29,6 +30,7 @@ use crate::io::stats::CoreStats;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
+use crate::proto::tcp::CAP_TCP;
 use crate::proto::{ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
 use crate::runtime::notify::WaitList;
 
@@ -47,6 +49,8 @@ pub(crate) struct AgentShared {
     fatal: std::sync::Mutex<Option<String>>,
     /// TLS to the gateway, and the name its certificate must carry.
     tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
+    /// `--tcp` tunnels: local targets and the ports granted.
+    tcp: tcp::TcpTunnels,
 }
 
 impl crate::admin::StatsSource for AgentShared {
@@ -138,6 +142,11 @@ fn derived_agent_id(cfg: &AgentConfig) -> u64 {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
+    // Other --tcp tunnels make another owner (the gateway keeps a
+    // session's ports for its owner); none keeps the id of before.
+    for t in &cfg.tcp {
+        h.update(format!("tcp {}={}", t.local, t.remote).as_bytes());
+    }
     let d = h.finalize();
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -173,6 +182,11 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         }
         None => None,
     };
+    let tcp_targets = cfg
+        .tcp
+        .iter()
+        .map(|t| crate::runtime::resolve(&t.local))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let n = cfg.cores.cores;
     let shared = Arc::new(AgentShared {
         total: AtomicUsize::new(cfg.uplinks.unwrap_or(0)),
@@ -185,6 +199,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         connected: AtomicUsize::new(0),
         fatal: std::sync::Mutex::new(None),
         tls,
+        tcp: tcp::TcpTunnels::new(tcp_targets),
     });
     if let Some(a) = &cfg.admin_listen {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
@@ -289,6 +304,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         | ErrorCode::BadSession
                         | ErrorCode::UnsupportedVersion
                         | ErrorCode::ProtocolError
+                        | ErrorCode::PortRefused
                 ) {
                     give_up(&core, format!("gateway refused this agent: {e}"));
                     return;
@@ -423,12 +439,13 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let total = core.shared.total.load(Ordering::SeqCst);
     let hello = Hello {
         version: PROTOCOL_VERSION,
-        capabilities: 0,
+        capabilities: if cfg.tcp.is_empty() { 0 } else { CAP_TCP },
         agent_id: core.shared.agent_id,
         uplink_index: k as u16,
         uplinks_total: total.max(k + 1) as u16,
         token: cfg.token.clone(),
         session: cfg.session.clone(),
+        tcp: cfg.tcp.iter().map(|t| t.remote).collect(),
     };
     // A gateway that accepts the connection and never answers must not
     // hold this uplink: the watchdog shuts the socket down at the deadline.
@@ -478,6 +495,17 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }
     let acc = f.parse_accept().map_err(|e| Retry(e.to_string()))?;
+    if !cfg.tcp.is_empty() {
+        if acc.capabilities & CAP_TCP == 0 || acc.tcp.len() != cfg.tcp.len() {
+            return Err(Refused(
+                "the gateway does not offer TCP tunnels (a version without them)".into(),
+                ErrorCode::PortRefused,
+            ));
+        }
+        core.shared
+            .tcp
+            .accepted(&tcp::gateway_host(&cfg.gateway), &acc.tcp);
+    }
     if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
         let _ = core
@@ -514,6 +542,12 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let c = core.clone();
     up.set_open_handler(move |stream, head| {
         let c = c.clone();
+        if crate::proto::tcp::is_tcp_open(&head) {
+            crate::runtime::spawn_isolated("agent-tcp-stream", async move {
+                tcp::serve_stream(c, stream, head).await;
+            });
+            return;
+        }
         crate::runtime::spawn_isolated("agent-stream", async move {
             backend::serve_stream(c, stream, head).await;
         });

@@ -54,6 +54,12 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
+    if code == ErrorCode::PortRefused {
+        core.shared
+            .tcp_counters
+            .port_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
     // Reasons can carry agent-supplied text (a session name): escaped and
     // truncated. A refusal counts toward the peer's handshake ban.
     let peer = super::guard::peer_of(conn.fd());
@@ -92,6 +98,7 @@ fn claimant(live: &super::Live, hello: &Hello) -> Result<Claimant, (ErrorCode, S
         pool: rule.is_some_and(|r| r.pool),
         max_sessions: rule.and_then(|r| r.max_sessions),
         max_uplinks: rule.and_then(|r| r.max_uplinks),
+        tcp_ports: rule.and_then(|r| r.tcp_ports.clone()),
     })
 }
 
@@ -172,8 +179,10 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         return;
     }
     let movable = !conn.is_tls();
-    let claimed = core.shared.claim(&hello.session, &who, core.index, movable);
-    let target = match claimed {
+    let claimed = core
+        .shared
+        .claim_with_ports(&hello, &who, core.index, movable);
+    let (target, tcp) = match claimed {
         Ok(t) => t,
         Err(r) => {
             refuse(&mut conn, &core, r.code, &r.reason).await;
@@ -183,9 +192,9 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     let id = core.shared.next_uplink.fetch_add(1, Ordering::Relaxed);
     let stream = match conn.into_plain() {
         Ok(s) if target != core.index => s,
-        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id).await,
+        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id, tcp).await,
         // The claim kept a TLS uplink here (target == core.index).
-        Err(tls) => return finish(core, tls, leftover, hello, id).await,
+        Err(tls) => return finish(core, tls, leftover, hello, id, tcp).await,
     };
     // Move the socket to the chosen core. No op holds the fd now.
     let fd = stream.into_raw_fd();
@@ -194,6 +203,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         leftover: leftover.freeze(),
         hello,
         id,
+        tcp,
     };
     if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
         // The target core is gone (shutdown): give the claim back, close.
@@ -210,6 +220,7 @@ pub(super) fn adopt(
     leftover: Bytes,
     hello: Hello,
     id: u64,
+    tcp: Vec<u16>,
 ) {
     // SAFETY: the fd was handed over by the sending core, which no longer
     // uses it.
@@ -225,11 +236,18 @@ pub(super) fn adopt(
     };
     crate::runtime::spawn_isolated("uplink-adopt", async move {
         let conn = Transport::plain(stream);
-        finish(core, conn, BytesMut::from(&leftover[..]), hello, id).await;
+        finish(core, conn, BytesMut::from(&leftover[..]), hello, id, tcp).await;
     });
 }
 
-async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: Hello, id: u64) {
+async fn finish(
+    core: Rc<Core>,
+    mut conn: Transport,
+    leftover: BytesMut,
+    hello: Hello,
+    id: u64,
+    tcp: Vec<u16>,
+) {
     let limits = core.cfg().limits;
     let accept = Accept {
         version: PROTOCOL_VERSION,
@@ -239,6 +257,9 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
         stream_window: limits.stream_window,
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
+        // Only what the agent asked for and this gateway does.
+        capabilities: hello.capabilities & crate::proto::tcp::KNOWN_CAPS,
+        tcp,
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::{ErrorCode, ProtoError};
 use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
+use super::tcp::{put_ports, CAP_TCP, MAX_TCP_TUNNELS};
 
 pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAGIC: [u8; 4] = *b"RTNL";
@@ -57,6 +58,9 @@ pub struct Hello {
     pub uplinks_total: u16,
     pub token: String,
     pub session: String,
+    /// TCP tunnel ports asked for (0: any free one), present on the wire
+    /// only with `CAP_TCP` in `capabilities` (see `tcp.rs`).
+    pub tcp: Vec<u16>,
 }
 
 impl Hello {
@@ -79,11 +83,23 @@ impl Hello {
                 "HELLO uplink_index is not below uplinks_total",
             ));
         }
+        if self.tcp.len() > MAX_TCP_TUNNELS
+            || (!self.tcp.is_empty() && self.capabilities & CAP_TCP == 0)
+        {
+            return Err(ProtoError::BadPayload(
+                "HELLO TCP ports without CAP_TCP, or more than 64",
+            ));
+        }
         Ok(())
     }
 
     pub fn encoded_len(&self) -> usize {
-        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len()
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len() + tcp
     }
 
     /// # Panics
@@ -99,6 +115,9 @@ impl Hello {
         dst.put_u16(self.uplinks_total);
         put_str16(dst, &self.token);
         put_str16(dst, &self.session);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
     }
 
     /// Checks magic, then version, before anything else, so a peer of
@@ -129,6 +148,11 @@ impl Hello {
                 ))
             }
         };
+        let tcp = if capabilities & CAP_TCP != 0 {
+            r.ports()?
+        } else {
+            Vec::new()
+        };
         // Trailing bytes: fields of a later minor revision, ignored.
         let hello = Self {
             version,
@@ -138,6 +162,7 @@ impl Hello {
             uplinks_total,
             token,
             session,
+            tcp,
         };
         hello.validate()?;
         Ok(hello)
@@ -159,11 +184,28 @@ pub struct Accept {
     pub conn_window: u32,
     /// Concurrent streams per uplink.
     pub max_streams: u32,
+    /// Capability bits the gateway enabled on this uplink (a subset of the
+    /// HELLO's). Appended after `max_streams`; absent (an older gateway)
+    /// reads as 0.
+    pub capabilities: u32,
+    /// With `CAP_TCP`: the public port granted for each port of the HELLO,
+    /// in the same order.
+    pub tcp: Vec<u16>,
 }
 
 impl Accept {
-    /// version, gateway_cores, core, reserved, then four u32.
+    /// version, gateway_cores, core, reserved, then four u32: the layout
+    /// of version 1 without capabilities.
     pub const ENCODED_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+
+    pub fn encoded_len(&self) -> usize {
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        Self::ENCODED_LEN + 4 + tcp
+    }
 
     /// What the gateway should check once, at start-up: an agent refuses an
     /// ACCEPT that fails this.
@@ -182,7 +224,7 @@ impl Accept {
     }
 
     pub fn encode(&self, dst: &mut BytesMut) {
-        dst.reserve(Self::ENCODED_LEN);
+        dst.reserve(self.encoded_len());
         dst.put_u16(self.version);
         dst.put_u16(self.gateway_cores);
         dst.put_u16(self.core);
@@ -191,6 +233,10 @@ impl Accept {
         dst.put_u32(self.stream_window);
         dst.put_u32(self.conn_window);
         dst.put_u32(self.max_streams);
+        dst.put_u32(self.capabilities);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
@@ -204,14 +250,25 @@ impl Accept {
         if r.u16()? != 0 {
             return Err(ProtoError::ReservedBits);
         }
+        let (max_frame, stream_window, conn_window, max_streams) =
+            (r.u32()?, r.u32()?, r.u32()?, r.u32()?);
+        // A version-1 gateway without capabilities ends here.
+        let capabilities = if r.rest.is_empty() { 0 } else { r.u32()? };
+        let tcp = if capabilities & CAP_TCP != 0 {
+            r.ports()?
+        } else {
+            Vec::new()
+        };
         let accept = Self {
             version,
             gateway_cores,
             core,
-            max_frame: r.u32()?,
-            stream_window: r.u32()?,
-            conn_window: r.u32()?,
-            max_streams: r.u32()?,
+            max_frame,
+            stream_window,
+            conn_window,
+            max_streams,
+            capabilities,
+            tcp,
         };
         accept.validate()?;
         Ok(accept)
@@ -238,7 +295,7 @@ impl Frame {
     }
 
     pub fn accept(accept: &Accept) -> Self {
-        let mut buf = BytesMut::with_capacity(Accept::ENCODED_LEN);
+        let mut buf = BytesMut::with_capacity(accept.encoded_len());
         accept.encode(&mut buf);
         Self::new(FrameType::Accept, 0, buf.freeze())
     }
@@ -357,6 +414,16 @@ impl<'a> Reader<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.rest)
     }
+
+    /// A TCP port list (`tcp.rs`): count u16, then that many u16, at most
+    /// `MAX_TCP_TUNNELS`.
+    fn ports(&mut self) -> Result<Vec<u16>, ProtoError> {
+        let n = usize::from(self.u16()?);
+        if n > MAX_TCP_TUNNELS {
+            return Err(ProtoError::BadPayload("more than 64 TCP ports"));
+        }
+        (0..n).map(|_| self.u16()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +442,7 @@ mod tests {
             uplinks_total: 2,
             token: "secret".into(),
             session: "demo".into(),
+            tcp: Vec::new(),
         }
     }
 
@@ -387,6 +455,8 @@ mod tests {
             stream_window: DEFAULT_STREAM_WINDOW,
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
+            capabilities: 0,
+            tcp: Vec::new(),
         }
     }
 
@@ -400,7 +470,7 @@ mod tests {
     fn accept_bytes(a: &Accept) -> Vec<u8> {
         let mut buf = BytesMut::new();
         a.encode(&mut buf);
-        assert_eq!(buf.len(), Accept::ENCODED_LEN);
+        assert_eq!(buf.len(), a.encoded_len());
         buf.to_vec()
     }
 
@@ -422,6 +492,15 @@ mod tests {
                 let set = if i == 0 || i == len - 1 { EDGE } else { INNER };
                 char::from(*rng.pick(set))
             })
+            .collect()
+    }
+
+    fn random_ports(rng: &mut XorShift, caps: u32) -> Vec<u16> {
+        if caps & CAP_TCP == 0 {
+            return Vec::new();
+        }
+        (0..rng.below(MAX_TCP_TUNNELS + 1))
+            .map(|_| rng.next_u32() as u16)
             .collect()
     }
 
@@ -466,6 +545,11 @@ mod tests {
                 uplinks_total: total,
                 token: random_text(&mut rng, 40),
                 session: random_session(&mut rng),
+                tcp: Vec::new(),
+            };
+            let h = Hello {
+                tcp: random_ports(&mut rng, h.capabilities),
+                ..h
             };
             assert_eq!(h.validate(), Ok(()));
             assert_eq!(Hello::decode(&hello_bytes(&h)), Ok(h.clone()));
@@ -487,6 +571,12 @@ mod tests {
                 stream_window: rng.next_u32(),
                 conn_window: rng.next_u32(),
                 max_streams: rng.next_u32(),
+                capabilities: rng.next_u32(),
+                tcp: Vec::new(),
+            };
+            let a = Accept {
+                tcp: random_ports(&mut rng, a.capabilities),
+                ..a
             };
             assert_eq!(a.validate(), Ok(()));
             assert_eq!(Accept::decode(&accept_bytes(&a)), Ok(a.clone()));
@@ -545,6 +635,56 @@ mod tests {
         let mut bytes = accept_bytes(&accept());
         bytes.extend_from_slice(&[0xff; 9]);
         assert_eq!(Accept::decode(&bytes), Ok(accept()));
+        let tcp = Accept {
+            capabilities: CAP_TCP,
+            tcp: vec![20000, 20022],
+            ..accept()
+        };
+        let mut bytes = accept_bytes(&tcp);
+        bytes.extend_from_slice(&[0xff; 9]);
+        assert_eq!(Accept::decode(&bytes), Ok(tcp));
+    }
+
+    #[test]
+    fn tcp_ports_travel_only_with_the_capability() {
+        // An older gateway's ACCEPT (no capabilities field) enables nothing.
+        let bytes = accept_bytes(&accept());
+        assert_eq!(Accept::decode(&bytes[..Accept::ENCODED_LEN]), Ok(accept()));
+        // HELLO: the list follows the session with CAP_TCP, else nothing
+        // does (and a list without the bit is refused before encoding).
+        let h = Hello {
+            capabilities: CAP_TCP,
+            tcp: vec![0, 20022],
+            ..hello()
+        };
+        let bytes = hello_bytes(&h);
+        assert_eq!(&bytes[bytes.len() - 6..], &[0, 2, 0, 0, 0x4e, 0x36]);
+        assert_eq!(Hello::decode(&bytes), Ok(h.clone()));
+        // An older gateway reading it ignores the list as trailing bytes;
+        // this one refuses a truncated list.
+        for cut in bytes.len() - 5..bytes.len() {
+            assert!(matches!(
+                Hello::decode(&bytes[..cut]),
+                Err(ProtoError::BadLength { .. })
+            ));
+        }
+        let no_cap = Hello {
+            capabilities: 0,
+            ..h.clone()
+        };
+        assert!(no_cap.validate().is_err());
+        let too_many = Hello {
+            tcp: vec![0; MAX_TCP_TUNNELS + 1],
+            ..h
+        };
+        assert!(too_many.validate().is_err());
+        let mut bytes = hello_bytes(&hello());
+        bytes[9] = 1; // capabilities = CAP_TCP
+        bytes.extend_from_slice(&[0, 65]);
+        assert!(matches!(
+            Hello::decode(&bytes),
+            Err(ProtoError::BadPayload(_))
+        ));
     }
 
     #[test]
@@ -588,8 +728,14 @@ mod tests {
 
     #[test]
     fn every_truncated_accept_is_bad_length() {
-        let bytes = accept_bytes(&accept());
-        for cut in 0..bytes.len() {
+        let a = Accept {
+            capabilities: CAP_TCP,
+            tcp: vec![20000],
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
+        // Cut right after max_streams it is an older gateway's ACCEPT.
+        for cut in (0..bytes.len()).filter(|&c| c != Accept::ENCODED_LEN) {
             assert_eq!(
                 Accept::decode(&bytes[..cut]),
                 Err(ProtoError::BadLength {

@@ -861,5 +861,6 @@ pub fn fake_hello(session: &str) -> ringtunnel::proto::Frame {
         uplinks_total: 1,
         token: String::new(),
         session: session.into(),
+        tcp: Vec::new(),
     })
 }

@@ -43,7 +43,7 @@ use bytes::Bytes;
 
 use crate::config::GatewayConfig;
 use crate::http::Scheme;
-use crate::io::stats::CoreStats;
+use crate::io::stats::{CoreStats, SessionWindows, WindowWriter};
 use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
@@ -125,6 +125,8 @@ pub(crate) struct Shared {
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
+    /// Per core: the sessions' last-minute windows (dashboard, /stats).
+    pub(crate) windows: Vec<Arc<SessionWindows>>,
 }
 
 impl Shared {
@@ -238,6 +240,8 @@ pub(crate) struct Core {
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
     pub(crate) limits: crate::limits::gate::CoreLimits,
+    /// This core's writer of the sessions' windows.
+    pub(crate) windows: WindowWriter,
 }
 
 impl Core {
@@ -259,6 +263,15 @@ impl Core {
             }
         }
         None
+    }
+
+    /// Counts a request of `session` in its window, now: timed from
+    /// `started` when it reached the agent, and whether it failed.
+    pub(crate) fn count_request(&self, session: &str, started: Option<Instant>, error: bool) {
+        let end = Instant::now();
+        let latency = started.map(|t| end.saturating_duration_since(t).as_micros() as u64);
+        let now = crate::io::stats::window_second(end);
+        self.windows.record(session, now, latency, error);
     }
 
     pub(crate) fn has_local(&self, session: &str) -> bool {
@@ -302,6 +315,7 @@ impl Core {
             .or_default()
             .uplinks
             .push(up.clone());
+        self.windows.open(&session);
         self.refresh_presence(&session);
         let me = Rc::downgrade(self);
         let name = session.clone();
@@ -354,6 +368,8 @@ impl Core {
             if s.uplinks.is_empty() {
                 let announced = s.announced;
                 sessions.remove(session);
+                let now = crate::io::stats::window_second(Instant::now());
+                self.windows.close(session, now);
                 announced
             } else {
                 false
@@ -563,6 +579,9 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
+        windows: (0..n)
+            .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
+            .collect(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -637,6 +656,7 @@ async fn core_main(
         inflight: Cell::new(0),
         idle: Notify::new(),
         limits: Default::default(),
+        windows: WindowWriter::new(shared.windows[index].clone()),
     });
     let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
@@ -732,15 +752,11 @@ impl crate::admin::StatsSource for Shared {
         self.limit_metrics()
     }
 
-    fn extra_json(&self) -> String {
-        let sessions: Vec<String> = self
-            .placement()
-            .into_iter()
-            .map(|(name, per_core)| {
-                let v: Vec<String> = per_core.iter().map(|n| n.to_string()).collect();
-                format!("\"{name}\":{{\"uplinks_per_core\":[{}]}}", v.join(","))
-            })
-            .collect();
-        format!("\"sessions\":{{{}}}", sessions.join(","))
+    fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
+        Some(self.placement())
+    }
+
+    fn windows(&self) -> &[Arc<SessionWindows>] {
+        &self.windows
     }
 }

@@ -14,6 +14,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod dashboard;
 mod webdriver;
 
 use std::io::{Read, Write};

@@ -104,6 +104,10 @@ pub fn start_with(
     Ok(local)
 }
 
+/// Requests the admin endpoints of this process have read (any path):
+/// `admin_requests` in `/stats`, e.g. to see a dashboard's polls.
+static ADMIN_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOptions) {
     let mut buf = [0u8; 4096];
     let mut got = 0;
@@ -121,6 +125,7 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
             }
         }
     }
+    ADMIN_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let line = String::from_utf8_lossy(&buf[..got]);
     let target = line.split_whitespace().nth(1).unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
@@ -529,9 +534,10 @@ pub fn render_json_with(src: &dyn StatsSource, q: &StatsQuery) -> String {
     extra.push(src.extra_json());
     extra.retain(|e| !e.is_empty());
     format!(
-        "{{\"role\":\"{}\",\"task_panics\":{},\"cores\":[{}],{}}}\n",
+        "{{\"role\":\"{}\",\"task_panics\":{},\"admin_requests\":{},\"cores\":[{}],{}}}\n",
         src.role(),
         crate::runtime::task_panics(),
+        ADMIN_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
         cores.join(","),
         extra.join(",")
     )

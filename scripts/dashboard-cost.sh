@@ -1,0 +1,151 @@
+#!/usr/bin/env bash
+# What an open dashboard costs the gateway: the same load with no page and
+# with a headless Chromium showing the dashboard, alternating. See --help.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/dashboard-cost.sh [options]
+
+Starts echo, a gateway and an agent on 127.0.0.1, then runs
+`ringtunnel bench -c C` through the tunnel for --duration, --runs times in
+each mode, alternating:
+  none       nobody looks at the admin endpoint
+  dashboard  a headless Chromium (Debian's chromium, installed if missing)
+             has the dashboard (GET /) open for the whole run, polling
+             /stats?limit=25 every second
+
+Per mode it prints requests/s and p99 (from bench), the gateway's CPU per
+request (utime+stime of the gateway process from /proc/PID/stat over the
+measured run, divided by the requests; the admin thread is part of that
+process) and how many admin requests were served during the run
+(`admin_requests` of /stats, less the script's own read), then the
+dashboard/none ratio of each median.
+
+Options:
+  --delay-ms MS    backend delay (default 0: the gateway as busy as it gets)
+  --conns C        concurrency (default 50)
+  --duration D     measured time per run (default 10s)
+  --runs N         runs of each mode (default 3); medians reported
+  --cores N        --cores for echo, gateway and agent (default: all)
+  --out DIR        output directory (default results/)
+  -h, --help       this text
+EOF
+}
+
+delay=0 conns=50 duration=10s runs=3 cores="" out=""
+while (($#)); do
+  case $1 in
+    --delay-ms) rt_need_arg "$@"; delay=$2; shift 2 ;;
+    --conns) rt_need_arg "$@"; conns=$2; shift 2 ;;
+    --duration) rt_need_arg "$@"; duration=$2; shift 2 ;;
+    --runs) rt_need_arg "$@"; runs=$2; shift 2 ;;
+    --cores) rt_need_arg "$@"; cores=$2; shift 2 ;;
+    --out) rt_need_arg "$@"; out=$2; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; exit 2 ;;
+  esac
+done
+
+rt_init dashboard-cost
+rt_bin
+out=${out:-$RT_ROOT/results}
+mkdir -p "$out"
+report=$out/dashboard-cost.md
+core_args=()
+[[ -n $cores ]] && core_args=(--cores "$cores")
+
+if ! command -v chromium >/dev/null 2>&1; then
+  rt_log "installing chromium (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+
+rt_echo echo "$delay" "${core_args[@]}"
+rt_gateway gw "${core_args[@]}"
+gw_pid=$RT_GW_PID public=$RT_GW_PUBLIC admin=$RT_GW_ADMIN
+rt_agent agent "$RT_GW_TUNNEL" bench "$RT_ECHO_ADDR" "${core_args[@]}"
+secs=$(rt_secs "$duration")
+tck=$(rt_clk_tck)
+results=$RT_TMP/results.tsv
+: >"$results"
+
+# Requests the admin endpoint has served (this read included).
+admin_requests() {
+  rt_get "$admin" /stats | python3 -c 'import json, sys; print(json.load(sys.stdin)["admin_requests"])'
+}
+
+# one_run MODE RUN: one bench run, one TSV row.
+one_run() {
+  local mode=$1 run=$2 browser=""
+  if [[ $mode == dashboard ]]; then
+    local profile=$RT_TMP/profile-$run
+    mkdir -p "$profile"
+    rt_start "chromium-$run" chromium --headless --no-sandbox --disable-gpu \
+      --disable-quic --no-first-run --disable-background-networking \
+      --disable-component-update --disable-sync --user-data-dir="$profile" \
+      "http://$admin/"
+    browser=$RT_LAST_PID
+    # The page loads and starts polling before the measurement.
+    sleep 3
+  fi
+  local polls0 g0 g1 polls1
+  polls0=$(admin_requests)
+  g0=$(rt_cpu_ticks "$gw_pid")
+  local txt=$RT_TMP/bench-$mode-$run.txt
+  rt_run_bounded $((secs + 60)) "$txt" "${RT_BENCH[@]}" "http://$public/" --host bench \
+    -c "$conns" -d "$duration" --warmup 0s || true
+  g1=$(rt_cpu_ticks "$gw_pid")
+  polls1=$(admin_requests)
+  [[ -n $browser ]] && rt_stop "$browser"
+  # bench prints: label requests RPS p50 p90 p99 ...
+  awk -v m="$mode" -v r="$run" -v g=$((g1 - g0)) -v t="$tck" -v p=$((polls1 - polls0 - 1)) '
+    $1 ~ /^c=/ && $2 > 0 {
+      printf "%s\t%s\t%s\t%s\t%s\t%.2f\t%d\n", m, r, $2, $3, $6, g / t * 1e6 / $2, p
+    }' "$txt" >>"$results"
+}
+
+# Warm-up (pools, windows), unmeasured.
+rt_run_bounded 60 "$RT_TMP/warm.txt" "${RT_BENCH[@]}" "http://$public/" --host bench \
+  -c "$conns" -d 2s --warmup 0s || true
+for ((r = 1; r <= runs; r++)); do
+  one_run none "$r"
+  one_run dashboard "$r"
+done
+
+summary=$(python3 - "$results" <<'PY'
+import statistics as st, sys
+rows = [l.rstrip('\n').split('\t') for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for mode, run, req, rps, p99, cpu, polls in rows:
+    by.setdefault(mode, []).append((float(rps), float(p99), float(cpu), int(polls)))
+print("mode       runs  RPS(med)  p99 ms(med)  gateway CPU us/req (med, range)  admin polls/run")
+med = {}
+for mode in ("none", "dashboard"):
+    v = by.get(mode, [])
+    if not v:
+        continue
+    rps = st.median(x[0] for x in v); p99 = st.median(x[1] for x in v)
+    cpu = [x[2] for x in v]
+    med[mode] = (rps, st.median(cpu))
+    polls = ",".join(str(x[3]) for x in v)
+    print(f"{mode:10} {len(v):<5} {rps:<9.0f} {p99:<12.2f} {st.median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}]{'':14} {polls}")
+if "none" in med and "dashboard" in med:
+    n, d = med["none"], med["dashboard"]
+    print()
+    print(f"dashboard/none: RPS {d[0]/n[0]:.3f}x, gateway CPU per request {d[1]/n[1]:.3f}x")
+PY
+)
+echo "$summary"
+{
+  echo "# Dashboard cost, ${delay} ms backend, c=$conns"
+  echo
+  rt_machine_facts
+  echo
+  echo "Command: scripts/dashboard-cost.sh --delay-ms $delay --conns $conns --duration $duration --runs $runs${cores:+ --cores $cores}"
+  echo
+  rt_fenced <<<"$summary"
+} >"$report"
+rt_log "wrote $(rt_rel "$report")"

@@ -21,8 +21,12 @@ Per mode it prints requests/s and p99 (from bench), the gateway's CPU per
 request (utime+stime of the gateway process from /proc/PID/stat over the
 measured run, divided by the requests; the admin thread is part of that
 process) and how many admin requests were served during the run
-(`admin_requests` of /stats, less the script's own read), then the
-dashboard/none ratio of each median.
+(`admin_requests` of /stats, less the script's own read) with the CPU
+the gateway's admin thread used per request (its /proc/PID/task entry:
+the cost of one poll, independent of the noise in the totals), and the
+CPU the browser itself used (its process tree, in % of one core: on this
+shared machine it competes with the roles and the load generator), then
+the dashboard/none ratio of each median.
 
 Options:
   --delay-ms MS    backend delay (default 0: the gateway as busy as it gets)
@@ -77,6 +81,32 @@ admin_requests() {
   rt_get "$admin" /stats | python3 -c 'import json, sys; print(json.load(sys.stdin)["admin_requests"])'
 }
 
+# CPU ticks of PID and its descendants (the browser's renderer, GPU and
+# utility processes are its children or grandchildren).
+tree_ticks() {
+  local pid=$1 t c
+  t=$(rt_cpu_ticks "$pid" 2>/dev/null || echo 0)
+  for c in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+    t=$((t + $(tree_ticks "$c")))
+  done
+  echo "$t"
+}
+
+# The TID of the gateway's admin thread (named "admin").
+admin_tid=""
+for t in /proc/"$gw_pid"/task/*; do
+  if [[ $(<"$t/comm") == admin ]]; then admin_tid=${t##*/}; fi
+done
+[[ -n $admin_tid ]] || rt_die "no thread named admin in the gateway"
+
+# Nanoseconds the admin thread has run (schedstat: clock ticks are too
+# coarse for a thread that works a few hundred microseconds a second).
+admin_ns() {
+  local ns _
+  read -r ns _ <"/proc/$gw_pid/task/$admin_tid/schedstat"
+  echo "$ns"
+}
+
 # one_run MODE RUN: one bench run, one TSV row.
 one_run() {
   local mode=$1 run=$2 browser=""
@@ -91,19 +121,24 @@ one_run() {
     # The page loads and starts polling before the measurement.
     sleep 3
   fi
-  local polls0 g0 g1 polls1
+  local polls0 g0 g1 polls1 b0=0 b1=0 a0 a1
   polls0=$(admin_requests)
+  a0=$(admin_ns)
+  [[ -n $browser ]] && b0=$(tree_ticks "$browser")
   g0=$(rt_cpu_ticks "$gw_pid")
   local txt=$RT_TMP/bench-$mode-$run.txt
   rt_run_bounded $((secs + 60)) "$txt" "${RT_BENCH[@]}" "http://$public/" --host bench \
     -c "$conns" -d "$duration" --warmup 0s || true
   g1=$(rt_cpu_ticks "$gw_pid")
+  [[ -n $browser ]] && b1=$(tree_ticks "$browser")
   polls1=$(admin_requests)
+  a1=$(admin_ns)
   [[ -n $browser ]] && rt_stop "$browser"
   # bench prints: label requests RPS p50 p90 p99 ...
-  awk -v m="$mode" -v r="$run" -v g=$((g1 - g0)) -v t="$tck" -v p=$((polls1 - polls0 - 1)) '
+  awk -v m="$mode" -v r="$run" -v g=$((g1 - g0)) -v t="$tck" -v p=$((polls1 - polls0 - 1)) \
+    -v b=$((b1 - b0)) -v s="$secs" -v a=$((a1 - a0)) '
     $1 ~ /^c=/ && $2 > 0 {
-      printf "%s\t%s\t%s\t%s\t%s\t%.2f\t%d\n", m, r, $2, $3, $6, g / t * 1e6 / $2, p
+      printf "%s\t%s\t%s\t%s\t%s\t%.2f\t%d\t%.1f\t%d\n", m, r, $2, $3, $6, g / t * 1e6 / $2, p, b / t * 100 / s, a / 1000
     }' "$txt" >>"$results"
 }
 
@@ -119,9 +154,9 @@ summary=$(python3 - "$results" <<'PY'
 import statistics as st, sys
 rows = [l.rstrip('\n').split('\t') for l in open(sys.argv[1]) if l.strip()]
 by = {}
-for mode, run, req, rps, p99, cpu, polls in rows:
-    by.setdefault(mode, []).append((float(rps), float(p99), float(cpu), int(polls)))
-print("mode       runs  RPS(med)  p99 ms(med)  gateway CPU us/req (med, range)  admin polls/run")
+for mode, run, req, rps, p99, cpu, polls, browser, admin_us in rows:
+    by.setdefault(mode, []).append((float(rps), float(p99), float(cpu), int(polls), float(browser), int(admin_us)))
+print("mode       runs  RPS(med)  p99 ms(med)  gateway CPU us/req (med, range)  admin polls/run  browser CPU % of a core")
 med = {}
 for mode in ("none", "dashboard"):
     v = by.get(mode, [])
@@ -131,7 +166,15 @@ for mode in ("none", "dashboard"):
     cpu = [x[2] for x in v]
     med[mode] = (rps, st.median(cpu))
     polls = ",".join(str(x[3]) for x in v)
-    print(f"{mode:10} {len(v):<5} {rps:<9.0f} {p99:<12.2f} {st.median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}]{'':14} {polls}")
+    browser = ",".join(f"{x[4]:.1f}" for x in v)
+    print(f"{mode:10} {len(v):<5} {rps:<9.0f} {p99:<12.2f} {st.median(cpu):.2f} [{min(cpu):.2f}-{max(cpu):.2f}]{'':14} {polls:<16} {browser}")
+# Between the two readings: the page's polls and the script's second read.
+polls = sum(x[3] + 1 for x in by.get("dashboard", []))
+admin_us = sum(x[5] for x in by.get("dashboard", []))
+if polls:
+    print()
+    print(f"gateway admin thread: {admin_us} us of CPU for {polls} admin requests in the dashboard runs "
+          f"({admin_us / polls:.0f} us each)")
 if "none" in med and "dashboard" in med:
     n, d = med["none"], med["dashboard"]
     print()

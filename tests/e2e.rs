@@ -542,6 +542,8 @@ fn stats_session_window_counts_requests_errors_and_latency() {
         );
         serde_json::from_slice(&r.body).expect("JSON")
     };
+    // The set-up's last requests are counted just after their answers.
+    std::thread::sleep(Duration::from_millis(100));
     let before = json("")["sessions"]["demo"]["window"]["requests"]
         .as_u64()
         .unwrap();
@@ -558,7 +560,16 @@ fn stats_session_window_counts_requests_errors_and_latency() {
         "POST /echo HTTP/1.1\r\nHost: demo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     );
     assert_eq!(r.status, 400);
-    let w = json("")["sessions"]["demo"]["window"].clone();
+    // A request is counted once its exchange is over, which may be just
+    // after its client has the answer.
+    let t = std::time::Instant::now();
+    let w = loop {
+        let w = json("")["sessions"]["demo"]["window"].clone();
+        if w["requests"].as_u64().unwrap() >= before + 31 || t.elapsed() > Duration::from_secs(2) {
+            break w;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(w["requests"].as_u64().unwrap(), before + 31, "{w}");
     assert_eq!(w["errors"].as_u64().unwrap(), 1, "{w}");
     // The echo waits 3 ms: the median is in the (2, 5] ms bucket or above.
@@ -603,4 +614,16 @@ fn stats_session_window_counts_requests_errors_and_latency() {
         (Some(0), Some(0))
     );
     assert_eq!(json("")["window"]["max_sessions_per_core"], 2048);
+    // Garbage in the query is ignored, never an error; limit=0 is an
+    // empty page.
+    for q in ["?limit=%zz&offset=-3&q=%", "?&&==&q", "?limit=0"] {
+        let v = json(q);
+        assert_eq!(v["role"], "gateway", "{q}");
+        if let Some(rows) = v["sessions_page"]["rows"].as_array() {
+            assert!(rows.is_empty(), "{q}");
+        }
+    }
+    // Every request to the admin endpoint is counted.
+    let n = json("")["admin_requests"].as_u64().unwrap();
+    assert_eq!(json("")["admin_requests"].as_u64().unwrap(), n + 1);
 }

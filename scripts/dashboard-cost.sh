@@ -34,12 +34,17 @@ Options:
   --duration D     measured time per run (default 10s)
   --runs N         runs of each mode (default 3); medians reported
   --cores N        --cores for echo, gateway and agent (default: all)
+  --sessions N     sessions the gateway holds (default 1): N-1 idle ones
+                   are claimed by fake uplinks (a Python helper sending
+                   HELLO and holding the connection; the gateway then runs
+                   with --heartbeat-interval 60 so they are not closed as
+                   silent), to see what a poll costs with many sessions
   --out DIR        output directory (default results/)
   -h, --help       this text
 EOF
 }
 
-delay=0 conns=50 duration=10s runs=3 cores="" out=""
+delay=0 conns=50 duration=10s runs=3 cores="" out="" sessions=1
 while (($#)); do
   case $1 in
     --delay-ms) rt_need_arg "$@"; delay=$2; shift 2 ;;
@@ -47,6 +52,7 @@ while (($#)); do
     --duration) rt_need_arg "$@"; duration=$2; shift 2 ;;
     --runs) rt_need_arg "$@"; runs=$2; shift 2 ;;
     --cores) rt_need_arg "$@"; cores=$2; shift 2 ;;
+    --sessions) rt_need_arg "$@"; sessions=$2; shift 2 ;;
     --out) rt_need_arg "$@"; out=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
@@ -57,7 +63,7 @@ rt_init dashboard-cost
 rt_bin
 out=${out:-$RT_ROOT/results}
 mkdir -p "$out"
-report=$out/dashboard-cost.md
+report=$out/dashboard-cost-s$sessions.md
 core_args=()
 [[ -n $cores ]] && core_args=(--cores "$cores")
 
@@ -68,9 +74,33 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 rt_echo echo "$delay" "${core_args[@]}"
-rt_gateway gw "${core_args[@]}"
+gw_extra=()
+((sessions > 1)) && gw_extra=(--heartbeat-interval 60)
+rt_gateway gw "${core_args[@]}" "${gw_extra[@]}"
 gw_pid=$RT_GW_PID public=$RT_GW_PUBLIC admin=$RT_GW_ADMIN
 rt_agent agent "$RT_GW_TUNNEL" bench "$RT_ECHO_ADDR" "${core_args[@]}"
+if ((sessions > 1)); then
+  # Fake agents: one uplink each (docs/PROTOCOL.md 2 and 4.1), held open
+  # and silent for at most 10 minutes.
+  cat >"$RT_TMP/idle-sessions.py" <<'PY'
+import socket, struct, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+held = []
+for i in range(int(sys.argv[2])):
+    name = b"idle-%04d" % i
+    hello = b"RTNL" + struct.pack(">HIQHHH", 1, 0, 1000 + i, 0, 1, 0) + struct.pack(">H", len(name)) + name
+    s = socket.create_connection((host, int(port)))
+    s.sendall(struct.pack(">IBBHI", len(hello), 0x01, 0, 0, 0) + hello)
+    head = s.recv(12)
+    if len(head) < 12 or head[4] != 0x02:
+        sys.exit("no ACCEPT for %s" % name.decode())
+    held.append(s)
+print("idle sessions ready", flush=True)
+time.sleep(600)
+PY
+  rt_start idle-sessions python3 "$RT_TMP/idle-sessions.py" "$RT_GW_TUNNEL" $((sessions - 1))
+  rt_wait_ready idle-sessions "idle sessions ready" 120
+fi
 secs=$(rt_secs "$duration")
 tck=$(rt_clk_tck)
 results=$RT_TMP/results.tsv
@@ -183,11 +213,11 @@ PY
 )
 echo "$summary"
 {
-  echo "# Dashboard cost, ${delay} ms backend, c=$conns"
+  echo "# Dashboard cost, ${delay} ms backend, c=$conns, $sessions session(s)"
   echo
   rt_machine_facts
   echo
-  echo "Command: scripts/dashboard-cost.sh --delay-ms $delay --conns $conns --duration $duration --runs $runs${cores:+ --cores $cores}"
+  echo "Command: scripts/dashboard-cost.sh --delay-ms $delay --conns $conns --duration $duration --runs $runs --sessions $sessions${cores:+ --cores $cores}"
   echo
   rt_fenced <<<"$summary"
 } >"$report"

@@ -231,3 +231,33 @@ fn a_thousand_sessions_stay_one_page_at_a_time() {
     traffic.join().unwrap();
     drop(fakes);
 }
+
+#[test]
+fn dashboard_says_when_the_gateway_is_gone() {
+    let Some(b) = Browser::start("dashboard_says_when_the_gateway_is_gone") else {
+        return;
+    };
+    let mut gw = gateway("uring", &[]);
+    let admin = gw.addr("admin");
+    b.goto(&format!("http://{admin}/"));
+    b.wait_for("the first data", WAIT, |b| {
+        b.text_of("#status")?.starts_with("updated").then_some(())
+    });
+    // The gateway goes away under the open page: the page says so instead
+    // of showing stale numbers as current.
+    gw.kill();
+    let status = b.wait_for("the page to notice", WAIT, |b| {
+        let s = b.text_of("#status")?;
+        s.starts_with("cannot read /stats").then_some(s)
+    });
+    assert!(
+        b.execute(
+            "return document.getElementById('status').className;",
+            vec![]
+        )
+        .as_str()
+        .unwrap_or_default()
+        .contains("bad"),
+        "{status}"
+    );
+}

@@ -40,6 +40,10 @@ pub mod defaults {
     pub const HANDSHAKE_FAIL_WINDOW: Duration = Duration::from_secs(60);
     pub const HANDSHAKE_BAN: Duration = Duration::from_secs(10);
     pub const HANDSHAKE_MAX_BAN: Duration = Duration::from_secs(600);
+    /// Per-(session, client IP) rate cells kept, all sessions together
+    /// (`--rate-ip-table`): about 150 bytes each, plus up to as many
+    /// cache entries per core.
+    pub const RATE_IP_TABLE: usize = 16384;
 }
 
 /// The backend address as people type it: `3000` or `:3000` means
@@ -185,6 +189,10 @@ pub struct GatewayConfig {
     pub edge_limits: crate::limits::LimitsConfig,
     /// `--admin-token`: the admin endpoint wants `Authorization: Bearer`.
     pub admin_token: Option<String>,
+    /// `--https-listen`: the public HTTPS listener (TLS terminated here).
+    pub https_listen: Option<String>,
+    /// Its certificates, chosen by SNI; the first is the default.
+    pub https_certs: Vec<crate::sni::CertFiles>,
 }
 
 impl Default for GatewayConfig {
@@ -215,13 +223,66 @@ impl Default for GatewayConfig {
             proxy_protocol: false,
             edge_limits: crate::limits::LimitsConfig::default(),
             admin_token: None,
+            https_listen: None,
+            https_certs: Vec::new(),
         }
     }
 }
 
+/// Gateway settings (config-file keys) a SIGHUP reload applies without a
+/// restart, besides the tokens and the tunnel's TLS files: each is read
+/// once per connection, request or held request, never per frame, so a
+/// new value simply applies from the next one. See
+/// [`GatewayConfig::with_reloaded`].
+pub const RELOADABLE: [&str; 14] = [
+    "max_conns",
+    "max_conns_per_ip",
+    "session_rate",
+    "session_burst",
+    "rate_per_ip",
+    "burst_per_ip",
+    "hold_timeout",
+    "hold_queue",
+    "header_timeout",
+    "idle_timeout",
+    "body_idle_timeout",
+    "write_stall_timeout",
+    "response_timeout",
+    "max_head",
+];
+
 impl GatewayConfig {
+    /// This (running) configuration with the [`RELOADABLE`] settings and
+    /// the tokens taken from `new`; everything else (addresses, cores,
+    /// driver, windows, TLS listener choice, fd reserve, handshake limits,
+    /// trusted proxies…) stays as started.
+    pub fn with_reloaded(&self, new: &GatewayConfig) -> GatewayConfig {
+        let mut c = self.clone();
+        c.tokens = new.tokens.clone();
+        c.tunnel_tls = new.tunnel_tls.clone();
+        // The HTTPS listener stays as started; its certificates reload.
+        c.https_certs = new.https_certs.clone();
+        c.hold_timeout = new.hold_timeout;
+        c.hold_queue = new.hold_queue;
+        c.header_timeout = new.header_timeout;
+        c.idle_timeout = new.idle_timeout;
+        c.body_idle_timeout = new.body_idle_timeout;
+        c.write_stall_timeout = new.write_stall_timeout;
+        c.response_timeout = new.response_timeout;
+        c.max_head = new.max_head;
+        let (l, n) = (&mut c.edge_limits, &new.edge_limits);
+        l.max_conns = n.max_conns;
+        l.max_conns_per_ip = n.max_conns_per_ip;
+        l.session_rate = n.session_rate;
+        l.session_burst = n.session_burst;
+        l.rate_per_ip = n.rate_per_ip;
+        l.burst_per_ip = n.burst_per_ip;
+        c
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        self.check_https()?;
         self.check_plaintext_exposure()?;
         self.edge_limits.validate()?;
         if self.hold_queue == 0 {
@@ -256,6 +317,21 @@ impl GatewayConfig {
             );
         }
         Ok(())
+    }
+
+    /// `--listen off` is allowed when HTTPS serves instead; certificates
+    /// need a listener and the other way round.
+    fn check_https(&self) -> Result<(), String> {
+        match (&self.https_listen, self.https_certs.is_empty()) {
+            (Some(_), true) => Err("--https-listen needs --https-cert FILE --https-key FILE \
+                 (or [[https_certs]] tables in --config)"
+                .into()),
+            (None, false) => Err("HTTPS certificates given without --https-listen".into()),
+            (None, true) if self.listen == "off" => {
+                Err("--listen off leaves no public listener: give --https-listen".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A plaintext tunnel listener is only allowed on loopback (or when
@@ -393,6 +469,69 @@ mod tests {
         assert_eq!(gateway_addr("[::1]"), "[::1]:7000");
         assert_eq!(gateway_addr("127.0.0.1"), "127.0.0.1:7000");
         assert_eq!(gateway_addr("::1"), "[::1]:7000");
+    }
+
+    #[test]
+    fn a_reload_takes_the_reloadable_settings_only() {
+        let running = GatewayConfig::default();
+        let s = Duration::from_secs(77);
+        let rate = Some("7/s".parse().unwrap());
+        let new = GatewayConfig {
+            listen: "127.0.0.1:1".into(),
+            shutdown_grace: s,
+            session_lease: s,
+            hold_timeout: s,
+            hold_queue: 7,
+            header_timeout: s,
+            idle_timeout: s,
+            body_idle_timeout: s,
+            write_stall_timeout: s,
+            response_timeout: s,
+            max_head: 7777,
+            edge_limits: crate::limits::LimitsConfig {
+                max_conns: Some(7),
+                max_conns_per_ip: Some(7),
+                session_rate: rate,
+                session_burst: Some(7),
+                rate_per_ip: rate,
+                burst_per_ip: Some(7),
+                rate_ip_table: 7,
+                max_handshakes: 7,
+                ..Default::default()
+            },
+            ..GatewayConfig::default()
+        };
+        let c = running.with_reloaded(&new);
+        // One per RELOADABLE key.
+        let took = [
+            c.edge_limits.max_conns == Some(7),
+            c.edge_limits.max_conns_per_ip == Some(7),
+            c.edge_limits.session_rate == rate,
+            c.edge_limits.session_burst == Some(7),
+            c.edge_limits.rate_per_ip == rate,
+            c.edge_limits.burst_per_ip == Some(7),
+            c.hold_timeout == s,
+            c.hold_queue == 7,
+            c.header_timeout == s,
+            c.idle_timeout == s,
+            c.body_idle_timeout == s,
+            c.write_stall_timeout == s,
+            c.response_timeout == s,
+            c.max_head == 7777,
+        ];
+        assert_eq!(took.len(), RELOADABLE.len());
+        assert!(took.iter().all(|t| *t), "{took:?}");
+        assert_eq!(c.listen, running.listen);
+        assert_eq!(c.shutdown_grace, running.shutdown_grace);
+        assert_eq!(c.session_lease, running.session_lease);
+        assert_eq!(
+            c.edge_limits.rate_ip_table,
+            running.edge_limits.rate_ip_table
+        );
+        assert_eq!(
+            c.edge_limits.max_handshakes,
+            running.edge_limits.max_handshakes
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct GatewayFile {
     pub insecure_plaintext: Option<bool>,
     pub trusted_proxies: Option<String>,
     pub proxy_protocol: Option<bool>,
+    pub https_listen: Option<String>,
+    pub https_cert: Option<PathBuf>,
+    pub https_key: Option<PathBuf>,
     pub max_conns: Option<usize>,
     pub max_conns_per_ip: Option<u32>,
     pub fd_reserve: Option<usize>,
@@ -74,9 +77,25 @@ pub struct GatewayFile {
     pub session_rate: Option<String>,
     pub session_burst: Option<u32>,
     pub admin_token: Option<String>,
+    /// Like `--rate-per-ip`: "10/s" per client IP within each session.
+    pub rate_per_ip: Option<String>,
+    pub burst_per_ip: Option<u32>,
+    pub rate_ip_table: Option<usize>,
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
+    /// HTTPS certificates chosen by SNI, after `https_cert` (the first of
+    /// all is the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub https_certs: Vec<HttpsCertEntry>,
+}
+
+/// One `[[https_certs]]` table: a PEM certificate chain and its key.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsCertEntry {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One `[[tokens]]` table. The key names are a stable interface.
@@ -91,6 +110,9 @@ pub struct TokenEntry {
     pub max_uplinks: Option<u32>,
     pub rate: Option<String>,
     pub burst: Option<u32>,
+    /// Per client IP within each session claimed with this token.
+    pub rate_per_ip: Option<String>,
+    pub burst_per_ip: Option<u32>,
     pub pool: Option<bool>,
 }
 
@@ -192,6 +214,10 @@ impl TokenEntry {
             Some(r) => Some(r.parse::<Rate>()?),
             None => None,
         };
+        let rate_per_ip = match &self.rate_per_ip {
+            Some(r) => Some(r.parse::<Rate>().map_err(|e| format!("rate_per_ip: {e}"))?),
+            None => None,
+        };
         Ok(TokenRule {
             secret,
             sessions: self.sessions.clone(),
@@ -199,6 +225,8 @@ impl TokenEntry {
             max_uplinks: self.max_uplinks,
             rate,
             burst: self.burst,
+            rate_per_ip,
+            burst_per_ip: self.burst_per_ip,
             pool: self.pool.unwrap_or(false),
         })
     }
@@ -218,6 +246,8 @@ impl TokenEntry {
             max_uplinks: rule.max_uplinks,
             rate: rule.rate.map(|r| r.to_string()),
             burst: rule.burst,
+            rate_per_ip: rule.rate_per_ip.map(|r| r.to_string()),
+            burst_per_ip: rule.burst_per_ip,
             pool: Some(rule.pool),
         }
     }
@@ -266,6 +296,8 @@ max_sessions = 10
 max_uplinks = 32
 rate = "50/s"
 burst = 10
+rate_per_ip = "5/s"
+burst_per_ip = 2
 pool = false
 
 [[tokens]]
@@ -283,6 +315,9 @@ sessions = ["*"]
         assert!(rules[0].allows("team-a") && !rules[0].allows("beta"));
         assert_eq!(rules[0].rate, Some("50/s".parse().unwrap()));
         assert_eq!(rules[0].max_uplinks, Some(32));
+        assert_eq!(rules[0].rate_per_ip, Some("5/s".parse().unwrap()));
+        assert_eq!(rules[0].burst_per_ip, Some(2));
+        assert_eq!(rules[1].rate_per_ip, None);
         // sha256("hello")
         assert_eq!(
             crate::scope::authorize(&rules[1..], "hello", "anything-at-all"),
@@ -330,6 +365,8 @@ sessions = ["*"]
         }
         let e = rule(&format!("{s}sessions = [\"a\"]\nrate = \"5/d\"")).unwrap_err();
         assert!(e.contains("unit"), "{e}");
+        let e = rule(&format!("{s}sessions = [\"a\"]\nrate_per_ip = \"0/s\"")).unwrap_err();
+        assert!(e.contains("rate_per_ip") && e.contains("at least 1"), "{e}");
         assert!(rule(&format!("{s}sessions = [\"a\", \"team-*\", \"*\"]")).is_ok());
     }
 
@@ -350,6 +387,7 @@ sessions = ["*"]
         assert!(out.contains("secret = \"***\""), "{out}");
         assert!(out.contains("2cf24dba5fb0a30e"), "{out}");
         assert!(out.contains("rate = \"50/s\""), "{out}");
+        assert!(out.contains("rate_per_ip = \"5/s\""), "{out}");
         // What is printed reads back as the same rules.
         let back: GatewayFile = parse(&out).unwrap();
         assert_eq!(back.tokens.len(), 2);

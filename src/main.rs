@@ -37,6 +37,9 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up; boxing the gateway's flags would only make
+// every use of them noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Public HTTP listener + uplink listener; routes requests by Host.
@@ -180,6 +183,20 @@ struct GatewayArgs {
     /// (from a load balancer; only from --trusted-proxies when set).
     #[arg(long)]
     proxy_protocol: bool,
+    /// Public HTTPS listen address (TLS terminated here, certificates by
+    /// SNI); with it, --listen may be "off".
+    #[arg(long)]
+    https_listen: Option<String>,
+    /// Certificate chain (PEM) of --https-listen; the default for clients
+    /// naming no other certificate's name ([[https_certs]] adds more).
+    #[arg(long, requires = "https_key")]
+    https_cert: Option<PathBuf>,
+    /// Private key (PEM) of --https-cert.
+    #[arg(long, requires = "https_cert")]
+    https_key: Option<PathBuf>,
+    /// The file's [[https_certs]] tables (no flag form).
+    #[arg(skip)]
+    https_certs: Vec<ringtunnel::sni::CertFiles>,
     #[command(flatten)]
     limits: LimitArgs,
 }
@@ -223,6 +240,19 @@ struct LimitArgs {
     /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
     #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
     admin_token: Option<String>,
+    /// Requests per client IP within each session, e.g. 10/s (a token
+    /// rule's rate_per_ip wins; trusted proxies exempt) [default:
+    /// unlimited]. Over it: 429 with Retry-After.
+    #[arg(long)]
+    rate_per_ip: Option<ringtunnel::scope::Rate>,
+    /// Requests one client IP may send at once above --rate-per-ip
+    /// [default: the rate's N].
+    #[arg(long)]
+    burst_per_ip: Option<u32>,
+    /// Per-(session, client IP) rate cells kept, all sessions together;
+    /// when full of active clients, new IPs get only the session's rate.
+    #[arg(long, default_value_t = cfgdef::RATE_IP_TABLE)]
+    rate_ip_table: usize,
 }
 
 impl LimitArgs {
@@ -240,6 +270,9 @@ impl LimitArgs {
             },
             session_rate: self.session_rate,
             session_burst: self.session_burst,
+            rate_per_ip: self.rate_per_ip,
+            burst_per_ip: self.burst_per_ip,
+            rate_ip_table: self.rate_ip_table,
         })
     }
 }
@@ -439,12 +472,30 @@ fn gateway_args(
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
         insecure_plaintext, trusted_proxies, proxy_protocol);
+    lay_under!(m, f, a; https_listen, https_cert, https_key);
+    a.https_certs = f
+        .https_certs
+        .iter()
+        .map(|e| ringtunnel::sni::CertFiles {
+            cert: e.cert.clone(),
+            key: e.key.clone(),
+        })
+        .collect();
+    if a.https_cert.is_some() != a.https_key.is_some() {
+        return Err("https_cert and https_key go together".into());
+    }
     lay_under!(m, f, a.limits;
         max_conns, max_conns_per_ip, fd_reserve, max_handshakes, handshake_fail_limit,
-        handshake_fail_window, handshake_ban, session_burst, admin_token);
+        handshake_fail_window, handshake_ban, session_burst, admin_token,
+        burst_per_ip, rate_ip_table);
     if let Some(r) = f.session_rate.take() {
         if !given(m, "session_rate") {
             a.limits.session_rate = Some(r.parse().map_err(|e| format!("session_rate: {e}"))?);
+        }
+    }
+    if let Some(r) = f.rate_per_ip.take() {
+        if !given(m, "rate_per_ip") {
+            a.limits.rate_per_ip = Some(r.parse().map_err(|e| format!("rate_per_ip: {e}"))?);
         }
     }
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
@@ -491,6 +542,17 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         insecure_plaintext: Some(a.insecure_plaintext),
         trusted_proxies: a.trusted_proxies.clone(),
         proxy_protocol: Some(a.proxy_protocol),
+        https_listen: a.https_listen.clone(),
+        https_cert: a.https_cert.clone(),
+        https_key: a.https_key.clone(),
+        https_certs: a
+            .https_certs
+            .iter()
+            .map(|c| config_file::HttpsCertEntry {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            })
+            .collect(),
         max_conns: a.limits.max_conns,
         max_conns_per_ip: a.limits.max_conns_per_ip,
         fd_reserve: a.limits.fd_reserve,
@@ -501,6 +563,9 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         session_rate: a.limits.session_rate.map(|r| r.to_string()),
         session_burst: a.limits.session_burst,
         admin_token: a.limits.admin_token.as_ref().map(|_| MASK.to_string()),
+        rate_per_ip: a.limits.rate_per_ip.map(|r| r.to_string()),
+        burst_per_ip: a.limits.burst_per_ip,
+        rate_ip_table: Some(a.limits.rate_ip_table),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
     }
 }
@@ -561,6 +626,15 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         proxy_protocol: a.proxy_protocol,
         edge_limits: a.limits.config()?,
         admin_token: a.limits.admin_token,
+        https_listen: a.https_listen,
+        // The flag's pair first: it is the default certificate.
+        https_certs: a
+            .https_cert
+            .zip(a.https_key)
+            .map(|(cert, key)| ringtunnel::sni::CertFiles { cert, key })
+            .into_iter()
+            .chain(a.https_certs)
+            .collect(),
     })
 }
 
@@ -649,15 +723,20 @@ fn reload_gateway(
 }
 
 /// Keys whose value differs between two effective configurations, except
-/// the ones `Gateway::reload` applies (tokens and TLS files).
+/// the ones `Gateway::reload` applies (tokens, TLS files and
+/// `config::RELOADABLE`).
 fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
-    const LIVE: [&str; 5] = [
+    const LIVE: [&str; 8] = [
         "tokens",
         "token",
         "tunnel_tls_cert",
         "tunnel_tls_key",
         "client_ca",
+        "https_cert",
+        "https_key",
+        "https_certs",
     ];
+    let live = |k: &str| LIVE.contains(&k) || ringtunnel::config::RELOADABLE.contains(&k);
     let table = |f: &GatewayFile| match toml::Value::try_from(f) {
         Ok(toml::Value::Table(t)) => t,
         _ => toml::Table::new(),
@@ -666,7 +745,7 @@ fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
     let mut keys: Vec<String> = a
         .keys()
         .chain(b.keys())
-        .filter(|k| !LIVE.contains(&k.as_str()) && a.get(*k) != b.get(*k))
+        .filter(|k| !live(k.as_str()) && a.get(*k) != b.get(*k))
         .cloned()
         .collect();
     keys.sort();
@@ -693,13 +772,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             // kill the process (its default action).
             ringtunnel::signals::install();
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
+            let or_off = |a: Option<std::net::SocketAddr>| {
+                a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+            };
             println!(
-                "ringtunnel gateway ready public={} tunnel={} admin={}",
-                gw.public_addr(),
+                "ringtunnel gateway ready public={} tunnel={} admin={} https={}",
+                or_off(gw.listen_addr()),
                 gw.tunnel_addr(),
-                gw.admin_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "off".into())
+                or_off(gw.admin_addr()),
+                or_off(gw.https_addr()),
             );
             while !ringtunnel::signals::terminated() {
                 if ringtunnel::signals::take_hangup() {

@@ -100,6 +100,9 @@ pub struct TokenRule {
     /// Requests per session claimed with this token.
     pub rate: Option<Rate>,
     pub burst: Option<u32>,
+    /// Requests per client IP within each session claimed with this token.
+    pub rate_per_ip: Option<Rate>,
+    pub burst_per_ip: Option<u32>,
     /// Several agents (agent ids) may serve one session together.
     pub pool: bool,
 }
@@ -114,6 +117,8 @@ impl TokenRule {
             max_uplinks: None,
             rate: None,
             burst: None,
+            rate_per_ip: None,
+            burst_per_ip: None,
             pool: false,
         }
     }

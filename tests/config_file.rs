@@ -449,3 +449,116 @@ fn sighup_rotates_the_tunnel_certificate_without_dropping_uplinks() {
     );
     wait_routable(public, "new2");
 }
+
+/// A GET on an open keep-alive connection; its status, 0 if the
+/// connection was closed instead (a connection refused at accept gets a
+/// 503 or just the close).
+fn get_on(s: &mut std::net::TcpStream, host: &str) -> u16 {
+    use std::io::Write;
+    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return 0;
+    }
+    read_response(s, &mut Vec::new(), false).map_or(0, |r| r.status)
+}
+
+#[test]
+fn sighup_lowers_max_conns_per_ip_for_new_connections_only() {
+    let dir = Dir::new("cfg");
+    let echo = echo("legacy", 0);
+    let name = "gw.toml";
+    let tokens = token_table(ALPHA, "[\"alpha\"]");
+    let file = dir.write(
+        name,
+        &gw_file("legacy", &format!("max_conns_per_ip = 10\n{tokens}")),
+    );
+    let gw = gateway_from(&file, &[]);
+    let public = gw.proc.addr("public");
+    let _a = agent_with(&gw.proc, "alpha", echo.addr("listen"), &["--token", ALPHA]);
+    wait_routable(public, "alpha");
+    let mut held: Vec<_> = (0..3).map(|_| connect(public)).collect();
+    for s in &mut held {
+        assert_eq!(get_on(s, "alpha"), 200);
+    }
+    dir.write(
+        name,
+        &gw_file("legacy", &format!("max_conns_per_ip = 2\n{tokens}")),
+    );
+    reload(&gw, true);
+    assert!(
+        !gw.stderr().contains("next restart"),
+        "max_conns_per_ip applies live; stderr:\n{}",
+        gw.stderr()
+    );
+    // The three connections admitted under the old limit stay.
+    for s in &mut held {
+        assert_eq!(get_on(s, "alpha"), 200);
+    }
+    // A new one is over the new limit.
+    let mut extra = connect(public);
+    let status = get_on(&mut extra, "alpha");
+    assert!(status == 503 || status == 0, "admitted: {status}");
+    // Down to one held: exactly one more fits (once the closes are seen).
+    held.truncate(1);
+    let t = Instant::now();
+    let mut fits = loop {
+        let mut s = connect(public);
+        if get_on(&mut s, "alpha") == 200 {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "slots never freed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut over = connect(public);
+    let status = get_on(&mut over, "alpha");
+    assert!(status == 503 || status == 0, "admitted: {status}");
+    assert_eq!(get_on(&mut fits, "alpha"), 200);
+    assert_eq!(get_on(&mut held[0], "alpha"), 200);
+}
+
+/// `n` requests for `host`, each on a fresh connection; their statuses.
+fn statuses(public: SocketAddr, host: &str, n: usize) -> Vec<u16> {
+    (0..n).map(|_| get(public, host, "/").status).collect()
+}
+
+#[test]
+fn sighup_changes_session_and_per_ip_rates() {
+    let dir = Dir::new("cfg");
+    let echo = echo("legacy", 0);
+    let name = "gw.toml";
+    let tokens = token_table(ALPHA, "[\"alpha\"]");
+    // Generous at first: waiting for the session spends some of it.
+    let v1 = gw_file(
+        "legacy",
+        &format!("session_rate = \"1/h\"\nsession_burst = 1000\n{tokens}"),
+    );
+    let file = dir.write(name, &v1);
+    let gw = gateway_from(&file, &[]);
+    let public = gw.proc.addr("public");
+    let _a = agent_with(&gw.proc, "alpha", echo.addr("listen"), &["--token", ALPHA]);
+    wait_routable(public, "alpha");
+    assert_eq!(statuses(public, "alpha", 3), [200, 200, 200]);
+
+    // A new burst of 3: a new cell, so exactly 3 pass from now on.
+    let v2 = gw_file(
+        "legacy",
+        &format!("session_rate = \"1/h\"\nsession_burst = 3\n{tokens}"),
+    );
+    dir.write(name, &v2);
+    reload(&gw, true);
+    assert!(!gw.stderr().contains("next restart"), "{}", gw.stderr());
+    let got = statuses(public, "alpha", 6);
+    assert_eq!(got, [200, 200, 200, 429, 429, 429]);
+
+    // The session rate goes; the token's rule limits each client IP to 2.
+    let v3 = gw_file(
+        "legacy",
+        &format!("{tokens}rate_per_ip = \"1/h\"\nburst_per_ip = 2\n"),
+    );
+    dir.write(name, &v3);
+    reload(&gw, true);
+    let got = statuses(public, "alpha", 4);
+    assert_eq!(got, [200, 200, 429, 429]);
+    let r = get(public, "alpha", "/");
+    assert!(r.text().contains("your address"), "{}", r.text());
+}

@@ -225,12 +225,7 @@ fn session_rate_allows_exactly_the_burst_then_429() {
     let (public, admin) = (gw.addr("public"), gw.addr("admin"));
     // Wait without spending the burst: an uplink on every core (requests
     // then never hop), seen in /stats.
-    let t = Instant::now();
-    while session_placement(&stats_json(admin), "demo") != Some(vec![1, 1]) {
-        assert!(t.elapsed() < Duration::from_secs(10), "uplinks not placed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_millis(200));
+    wait_placed_without_requests(admin);
     let rs: Vec<Resp> = (0..8)
         .map(|_| {
             request(
@@ -259,6 +254,172 @@ fn session_rate_allows_exactly_the_burst_then_429() {
         "{m}"
     );
     assert_eq!(errors(admin, "rate_limited"), 3);
+}
+
+/// A connection to `dst` from the loopback address `src` (127.0.0.0/8
+/// is all local on Linux, so each source is a distinct client IP).
+fn connect_from(src: std::net::Ipv4Addr, dst: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(d) = dst else {
+        panic!("IPv4 only: {dst}")
+    };
+    let sa = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let s = TcpStream::from_raw_fd(fd);
+        let local = sa(src, 0);
+        let r = libc::bind(fd, &local as *const _ as *const libc::sockaddr, len);
+        assert_eq!(r, 0, "bind {src}: {}", std::io::Error::last_os_error());
+        let remote = sa(*d.ip(), d.port());
+        let r = libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len);
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    }
+}
+
+/// One `GET /` for session demo on a fresh connection, after `prefix`
+/// (a PROXY header, or nothing).
+fn get_with(mut s: TcpStream, prefix: &[u8]) -> Resp {
+    let mut req = prefix.to_vec();
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n");
+    s.write_all(&req).unwrap();
+    read_response(&mut s, &mut Vec::new(), false).expect("a response")
+}
+
+/// Waits until the session has an uplink on each of the gateway's two
+/// cores, without sending requests (they would spend the rates).
+fn wait_placed_without_requests(admin: SocketAddr) {
+    let t = Instant::now();
+    while session_placement(&stats_json(admin), "demo") != Some(vec![1, 1]) {
+        assert!(t.elapsed() < Duration::from_secs(10), "uplinks not placed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+fn statuses(rs: &[Resp]) -> Vec<u16> {
+    rs.iter().map(|r| r.status).collect()
+}
+
+#[test]
+fn rate_per_ip_limits_one_client_and_leaves_the_other_alone() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(
+        DRIVER,
+        &[
+            "--rate-per-ip",
+            "1/h",
+            "--burst-per-ip",
+            "3",
+            "--trusted-proxies",
+            "127.0.0.3",
+        ],
+    );
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_placed_without_requests(admin);
+    let base = baseline(&gw, admin);
+    let (one, two) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+    // Fresh connections: the kernel spreads them over both cores; the
+    // count is one per IP all the same.
+    let first: Vec<Resp> = (0..5)
+        .map(|_| get_with(connect_from(one, public), b""))
+        .collect();
+    assert_eq!(statuses(&first), [200, 200, 200, 429, 429]);
+    for r in &first[3..] {
+        let secs: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+        assert!((3590..=3600).contains(&secs), "Retry-After {secs}");
+        assert!(
+            r.text().contains("your address is over its request rate"),
+            "{}",
+            r.text()
+        );
+    }
+    // The other client is unaffected, and has its own 3.
+    let second: Vec<Resp> = (0..4)
+        .map(|_| get_with(connect_from(two, public), b""))
+        .collect();
+    assert_eq!(statuses(&second), [200, 200, 200, 429]);
+    // A trusted proxy carries many clients: exempt.
+    let proxy = "127.0.0.3".parse().unwrap();
+    let third: Vec<Resp> = (0..5)
+        .map(|_| get_with(connect_from(proxy, public), b""))
+        .collect();
+    assert_eq!(statuses(&third), [200; 5]);
+    // Keep-alive: a refused request without a body keeps its connection.
+    let mut s = connect_from(one, public);
+    assert_eq!(get_on(&mut s, "demo"), 429);
+    assert_eq!(get_on(&mut s, "demo"), 429);
+    drop(s);
+    let m = metrics(admin);
+    let refused = |scope: &str| {
+        metric_sum(
+            &m,
+            "ringtunnel_rate_limited_total",
+            &format!("session=\"demo\",scope=\"{scope}\""),
+        )
+    };
+    assert_eq!((refused("ip"), refused("session")), (5, 0), "{m}");
+    assert_eq!(errors(admin, "rate_limited"), 5);
+    assert!(m.contains("ringtunnel_rate_ip_cells 2\n"), "{m}");
+    wait_baseline(&gw, admin, base, Duration::from_secs(5));
+}
+
+#[test]
+fn rate_per_ip_table_is_bounded_and_full_means_untracked_not_refused() {
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(
+        DRIVER,
+        &[
+            "--proxy-protocol",
+            "--rate-per-ip",
+            "1/h",
+            "--burst-per-ip",
+            "1",
+            "--rate-ip-table",
+            "8",
+        ],
+    );
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_placed_without_requests(admin);
+    let from = |ip: &str| {
+        let hdr = format!("PROXY TCP4 {ip} 127.0.0.1 40000 8080\r\n");
+        get_with(connect(public), hdr.as_bytes()).status
+    };
+    // Eight clients fill the table, each spending its burst of one.
+    for n in 1..=8 {
+        assert_eq!(from(&format!("10.0.0.{n}")), 200, "client {n}");
+    }
+    for n in 1..=8 {
+        assert_eq!(from(&format!("10.0.0.{n}")), 429, "client {n}");
+    }
+    // A ninth, with every cell in use: served under the session's rate
+    // (none here) rather than refused, and counted.
+    assert_eq!(from("10.0.1.1"), 200);
+    assert_eq!(from("10.0.1.1"), 200);
+    // Many more addresses never grow the table past its bound.
+    for n in 0..500u32 {
+        assert_eq!(from(&format!("10.1.{}.{}", n / 250, n % 250)), 200);
+    }
+    let m = metrics(admin);
+    assert!(m.contains("ringtunnel_rate_ip_cells 8\n"), "{m}");
+    assert!(
+        m.contains("ringtunnel_rate_ip_untracked_total 502\n"),
+        "{m}"
+    );
+    // The tracked ones are still held to their rate.
+    assert_eq!(from("10.0.0.3"), 429);
 }
 
 fn admin_get(admin: SocketAddr, auth: Option<&str>) -> Resp {

@@ -448,3 +448,116 @@ fn sigkill_restarts_lose_at_most_the_requests_in_flight() {
     // 8 clients, one request each in flight per kill.
     assert!(failed <= 3 * 8, "{failed} failed");
 }
+
+#[test]
+fn a_draining_agent_does_not_count_toward_max_uplinks() {
+    let rules = vec![TokenRule {
+        max_uplinks: Some(2),
+        ..rule("two-uplinks-key", &["*"])
+    }];
+    let gw = gateway_with(rules, Duration::from_secs(30), Duration::from_secs(5));
+    let public = gw.public_addr();
+    let echo = echo("uring", 0);
+    let args = [
+        "--token",
+        "two-uplinks-key",
+        "--agent-id",
+        "21",
+        "--uplinks",
+        "2",
+    ];
+    let mut old = agent_ready(&gw, "drain", echo.addr("listen"), &args);
+    // A response that takes 6 s keeps one old uplink draining.
+    let inflight = std::thread::spawn(move || get(public, "drain", "/drip?bytes=60&delay_ms=100"));
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe {
+        libc::kill(old.pid() as i32, libc::SIGTERM);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // The same agent id, restarted: its 2 uplinks are accepted although
+    // the old process still holds a draining one (before, this waited for
+    // the drain to end: max_uplinks counted it).
+    let _new = agent_ready(&gw, "drain", tag_backend("new"), &args);
+    assert!(
+        old.child.try_wait().unwrap().is_none(),
+        "the old agent should still be draining"
+    );
+    assert!(!inflight.is_finished(), "the long response ended too soon");
+    let r = get(public, "drain", "/");
+    assert!(r.text().starts_with("backend=new\n"), "{}", r.text());
+    // The drained request finishes whole, then the old agent exits.
+    let r = inflight.join().unwrap();
+    assert_eq!((r.status, r.body.len()), (200, 60), "{}", r.text());
+    let t = Instant::now();
+    while old.child.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < 10 * SEC, "the old agent never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn held_requests_get_503_when_the_gateway_shuts_down() {
+    let driver = "uring";
+    let mut gw = gateway(
+        driver,
+        &[
+            "--session-lease",
+            "30",
+            "--hold-timeout",
+            "30",
+            "--shutdown-grace",
+            "5",
+        ],
+    );
+    let public = gw.addr("public");
+    let mut a = agent(driver, &gw, "away", tag_backend("A"), &["--agent-id", "5"]);
+    wait_routable(public, "away");
+    a.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    let waiting: Vec<_> = (0..3)
+        .map(|i| std::thread::spawn(move || get(public, "away", &format!("/h{i}"))))
+        .collect();
+    // One more held client goes away before the shutdown (reset).
+    let mut gone = connect(public);
+    gone.write_all(b"GET /gone HTTP/1.1\r\nHost: away\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.iter().all(|w| !w.is_finished()), "not held");
+    abort(gone);
+    std::thread::sleep(Duration::from_millis(100));
+    // The hold timeout is 30 s; the gateway must answer them and exit
+    // within its 5 s grace instead.
+    assert!(gw.terminate(Duration::from_secs(7)), "gateway did not exit");
+    for w in waiting {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(r.text().contains("shutting down"), "{}", r.text());
+        assert_eq!(r.header("Retry-After"), Some("1"));
+        assert_eq!(r.header("Connection"), Some("close"));
+    }
+}
+
+#[test]
+fn requests_for_unknown_or_leased_hosts_never_take_the_claims_lock() {
+    let hold = Duration::from_millis(300);
+    let gw = gateway_with(vec![], Duration::from_secs(30), hold);
+    let public = gw.public_addr();
+    let mut a = agent_ready(&gw, "leased", tag_backend("L"), &["--agent-id", "4"]);
+    a.kill();
+    // The uplinks' release (which locks the registry) is over.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = gw.claims_lock_count();
+    // A flood for names nobody holds: 502 at once.
+    for i in 0..300 {
+        let r = get(public, &format!("nobody-{i}"), "/");
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    // Requests for the leased name are held, then 502.
+    let held: Vec<_> = (0..16)
+        .map(|i| std::thread::spawn(move || get(public, "leased", &format!("/{i}"))))
+        .collect();
+    for h in held {
+        assert_eq!(h.join().unwrap().status, 502);
+    }
+    assert_eq!(gw.claims_lock_count(), before);
+}

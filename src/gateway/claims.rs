@@ -3,9 +3,11 @@
 //! for its owner after its last uplink went.
 //!
 //! Pure bookkeeping (time is passed in); the gateway keeps one behind a
-//! `Mutex` taken when an uplink connects or goes away, and on the slow
-//! path of a request for a session no core holds (to decide between
-//! waiting for the owner and answering 502). Never per frame.
+//! `Mutex` taken when an uplink connects, starts draining or goes away,
+//! never per request or frame. Whether a name is reserved (what a request
+//! for a session no core holds needs to know: wait for the owner, or 502)
+//! is told to every core as a [`Reservation`] when it changes, and each
+//! core keeps a [`LeaseReplica`] of it, so the request path takes no lock.
 //!
 //! Owner rules:
 //! - a name is owned by the token (its rule, or on an open gateway the
@@ -16,6 +18,13 @@
 //! - when the last uplink goes, the name stays reserved for the owner
 //!   (token + agent id; pool sessions: the token) for the lease, then is
 //!   free for anyone.
+//!
+//! Draining uplinks (GOAWAY sent or received, streams finishing) keep the
+//! name owned but do not count toward the token's `max_uplinks`: an agent
+//! restarting with SIGTERM leaves its old uplinks draining while the new
+//! process connects as many again. So that restarts cannot pile up
+//! without bound, live plus draining uplinks of a token stay within
+//! `2 × max_uplinks`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -68,15 +77,23 @@ struct Claim {
     /// the token may join).
     agent: u64,
     pool: bool,
+    /// Live uplinks (taking new streams) per core: what placement balances.
     per_core: Vec<u32>,
+    /// Uplinks that stopped taking new streams but have not closed yet.
+    draining: u32,
     /// Set while no uplink is left: the name is kept for its owner until
     /// then.
     lease_until: Option<Instant>,
 }
 
 impl Claim {
+    /// Live uplinks (draining ones excluded).
     fn uplinks(&self) -> u32 {
         self.per_core.iter().sum()
+    }
+
+    fn connected(&self) -> u32 {
+        self.uplinks() + self.draining
     }
 
     fn expired(&self, now: Instant) -> bool {
@@ -157,16 +174,24 @@ impl Claims {
             }
         }
         if let Some(max) = who.max_uplinks {
-            let held: u32 = self
+            let (live, draining) = self
                 .map
                 .values()
                 .filter(|c| c.holder.same(&who.holder))
-                .map(Claim::uplinks)
-                .sum();
-            if held >= max {
+                .fold((0u32, 0u32), |(l, d), c| (l + c.uplinks(), d + c.draining));
+            if live >= max {
                 return Err(Refusal {
                     code: ErrorCode::Overloaded,
                     reason: format!("token may hold at most {max} uplinks"),
+                });
+            }
+            if live + draining >= max.saturating_mul(2) {
+                return Err(Refusal {
+                    code: ErrorCode::Overloaded,
+                    reason: format!(
+                        "token may hold at most {max} uplinks, and {draining} of its \
+                         uplinks are still draining"
+                    ),
                 });
             }
         }
@@ -179,6 +204,7 @@ impl Claims {
                 agent: who.agent,
                 pool: who.pool,
                 per_core: vec![0; cores],
+                draining: 0,
                 lease_until: None,
             });
         c.lease_until = None;
@@ -192,14 +218,31 @@ impl Claims {
         Ok(target)
     }
 
-    /// One uplink of `session` on `core` went. After the last one the
-    /// name is leased to its owner (or freed at once with no lease).
-    pub(crate) fn release(&mut self, session: &str, core: usize, now: Instant) {
+    /// One live uplink of `session` on `core` stopped taking new streams:
+    /// it no longer counts toward `max_uplinks` nor placement, but keeps
+    /// the name owned until it closes (`release` with `drained`).
+    pub(crate) fn drain(&mut self, session: &str, core: usize) {
+        if let Some(c) = self.map.get_mut(session) {
+            if c.per_core[core] > 0 {
+                c.per_core[core] -= 1;
+                c.draining += 1;
+            }
+        }
+    }
+
+    /// One uplink of `session` on `core` went (`drained`: it was counted
+    /// as draining by [`Claims::drain`]). After the last one the name is
+    /// leased to its owner (or freed at once with no lease).
+    pub(crate) fn release(&mut self, session: &str, core: usize, drained: bool, now: Instant) {
         let Some(c) = self.map.get_mut(session) else {
             return;
         };
-        c.per_core[core] = c.per_core[core].saturating_sub(1);
-        if c.uplinks() == 0 {
+        if drained {
+            c.draining = c.draining.saturating_sub(1);
+        } else {
+            c.per_core[core] = c.per_core[core].saturating_sub(1);
+        }
+        if c.connected() == 0 {
             if self.lease.is_zero() {
                 self.map.remove(session);
             } else {
@@ -208,18 +251,26 @@ impl Claims {
         }
     }
 
-    /// Whether `session` is owned now: uplinks connected (perhaps all
-    /// draining) or a lease running. Requests for it may wait.
-    pub(crate) fn reserved(&self, session: &str, now: Instant) -> bool {
-        self.map.get(session).is_some_and(|c| !c.expired(now))
+    /// Whether `session` is owned now, and until when: what the cores'
+    /// [`LeaseReplica`]s are told whenever it changes.
+    pub(crate) fn reservation(&self, session: &str, now: Instant) -> Reservation {
+        match self.map.get(session) {
+            None => Reservation::Free,
+            Some(c) if c.expired(now) => Reservation::Free,
+            Some(c) => match c.lease_until {
+                Some(t) => Reservation::Until(t),
+                None => Reservation::Held,
+            },
+        }
     }
 
-    /// Uplinks per core of every session with uplinks (for /stats).
     /// Who holds `session` now (a live or leased claim).
     pub(crate) fn holder(&self, session: &str) -> Option<Holder> {
         self.map.get(session).map(|c| c.holder.clone())
     }
 
+    /// Live uplinks per core of every session with live uplinks (for
+    /// /stats).
     pub(crate) fn placement(&self) -> Vec<(String, Vec<u32>)> {
         let mut v: Vec<_> = self
             .map
@@ -229,6 +280,62 @@ impl Claims {
             .collect();
         v.sort();
         v
+    }
+}
+
+/// Whether a session name is owned, as the cores' replicas see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Reservation {
+    /// Uplinks are connected (perhaps all draining): owned until further
+    /// notice.
+    Held,
+    /// No uplink left: leased to its owner until then.
+    Until(Instant),
+    Free,
+}
+
+/// One core's copy of which names are reserved, kept up to date by the
+/// [`Reservation`] messages the claim registry sends when one changes
+/// (in the registry's order: they are sent under its lock). Read on the
+/// slow path of a request for a session no core holds, without a lock.
+///
+/// Memory: one entry per name with a claim or a lease; expired leases are
+/// dropped whenever a message arrives, so the replica never holds more
+/// names than the registry did since the last message.
+#[derive(Default)]
+pub(crate) struct LeaseReplica {
+    /// `None`: held by uplinks; `Some(t)`: leased until `t`.
+    map: HashMap<String, Option<Instant>>,
+}
+
+impl LeaseReplica {
+    pub(crate) fn apply(&mut self, session: String, r: Reservation, now: Instant) {
+        self.map.retain(|_, until| until.map_or(true, |t| now < t));
+        match r {
+            Reservation::Held => {
+                self.map.insert(session, None);
+            }
+            Reservation::Until(t) => {
+                self.map.insert(session, Some(t));
+            }
+            Reservation::Free => {
+                self.map.remove(&session);
+            }
+        }
+    }
+
+    /// Whether `session` is reserved at `now` (asked only for a lease).
+    pub(crate) fn reserved(&self, session: &str, now: impl FnOnce() -> Instant) -> bool {
+        match self.map.get(session) {
+            None => false,
+            Some(None) => true,
+            Some(Some(t)) => now() < *t,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
     }
 }
 
@@ -247,6 +354,10 @@ mod tests {
     }
 
     const LEASE: Duration = Duration::from_secs(30);
+
+    fn reserved(c: &Claims, s: &str, now: Instant) -> bool {
+        c.reservation(s, now) != Reservation::Free
+    }
 
     #[test]
     fn owner_is_token_and_agent_unless_pooled() {
@@ -275,8 +386,8 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Claims::new(1, LEASE);
         c.claim("s", &who(0, 1), 0, true, t0).unwrap();
-        c.release("s", 0, t0);
-        assert!(c.reserved("s", t0 + Duration::from_secs(29)));
+        c.release("s", 0, false, t0);
+        assert!(reserved(&c, "s", t0 + Duration::from_secs(29)));
         assert!(c.placement().is_empty(), "a lease holds no uplinks");
         let e = c
             .claim("s", &who(0, 2), 0, true, t0 + Duration::from_millis(500))
@@ -288,11 +399,11 @@ mod tests {
         // The owner is back in time: no lease any more.
         c.claim("s", &who(0, 1), 0, true, t0 + Duration::from_secs(10))
             .unwrap();
-        assert!(c.reserved("s", t0 + Duration::from_secs(100)));
-        c.release("s", 0, t0 + Duration::from_secs(10));
+        assert!(reserved(&c, "s", t0 + Duration::from_secs(100)));
+        c.release("s", 0, false, t0 + Duration::from_secs(10));
         // Lease over: anyone.
         let late = t0 + Duration::from_secs(41);
-        assert!(!c.reserved("s", late));
+        assert!(!reserved(&c, "s", late));
         assert!(c.claim("s", &who(7, 9), 0, true, late).is_ok());
     }
 
@@ -301,8 +412,8 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Claims::new(1, Duration::ZERO);
         c.claim("s", &who(0, 1), 0, true, t0).unwrap();
-        c.release("s", 0, t0);
-        assert!(!c.reserved("s", t0));
+        c.release("s", 0, false, t0);
+        assert!(!reserved(&c, "s", t0));
         assert!(c.claim("s", &who(1, 2), 0, true, t0).is_ok());
     }
 
@@ -337,5 +448,75 @@ mod tests {
         c.claim("s", &open("aaa"), 0, true, t0).unwrap();
         assert!(c.claim("s", &open("aab"), 0, true, t0).is_err());
         assert!(c.claim("s", &open("aaa"), 0, true, t0).is_ok());
+    }
+
+    #[test]
+    fn draining_uplinks_do_not_count_toward_max_uplinks_up_to_twice_the_limit() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(2, LEASE);
+        let k = Claimant {
+            max_uplinks: Some(2),
+            ..who(0, 1)
+        };
+        assert_eq!(c.claim("s", &k, 0, true, t0), Ok(0));
+        assert_eq!(c.claim("s", &k, 0, true, t0), Ok(1));
+        assert!(c.claim("s", &k, 0, true, t0).is_err());
+        // The agent restarts politely: both uplinks drain, the new process
+        // connects two more, placed over the cores as if alone.
+        c.drain("s", 0);
+        c.drain("s", 1);
+        assert!(c.placement().is_empty(), "draining uplinks are not placed");
+        assert_eq!(c.claim("s", &k, 1, true, t0), Ok(1));
+        assert_eq!(c.claim("s", &k, 1, true, t0), Ok(0));
+        assert_eq!(c.placement(), vec![("s".to_string(), vec![1, 1])]);
+        // Live at the limit.
+        let e = c.claim("s", &k, 0, true, t0).unwrap_err();
+        assert_eq!(e.reason, "token may hold at most 2 uplinks");
+        // Another restart while the first one still drains: live + draining
+        // would pass 2 x max_uplinks.
+        c.drain("s", 0);
+        let e = c.claim("s", &k, 0, true, t0).unwrap_err();
+        assert!(e.reason.contains("still draining"), "{}", e.reason);
+        // An old uplink finishes: room again.
+        c.release("s", 0, true, t0);
+        assert!(c.claim("s", &k, 0, true, t0).is_ok());
+        // The name stays held while any uplink, draining or not, is there.
+        for (core, drained) in [(1, true), (0, false), (1, false), (0, true)] {
+            assert_eq!(c.reservation("s", t0), Reservation::Held);
+            c.release("s", core, drained, t0);
+        }
+        assert_eq!(c.reservation("s", t0), Reservation::Until(t0 + LEASE));
+    }
+
+    #[test]
+    fn replica_follows_the_registry_and_expires_leases_by_itself() {
+        let t0 = Instant::now();
+        let mut c = Claims::new(1, LEASE);
+        let mut r = LeaseReplica::default();
+        let sync = |c: &Claims, r: &mut LeaseReplica, now| {
+            r.apply("s".into(), c.reservation("s", now), now);
+        };
+        assert!(!r.reserved("s", || t0));
+        c.claim("s", &who(0, 1), 0, true, t0).unwrap();
+        sync(&c, &mut r, t0);
+        // Held by an uplink: no clock needed to answer.
+        assert!(r.reserved("s", || unreachable!("no lease, no clock")));
+        c.release("s", 0, false, t0);
+        sync(&c, &mut r, t0);
+        assert!(r.reserved("s", || t0 + Duration::from_secs(29)));
+        assert!(!r.reserved("s", || t0 + LEASE));
+        // An expired lease is dropped when any later message comes.
+        r.apply("other".into(), Reservation::Held, t0 + LEASE);
+        assert_eq!(r.len(), 1);
+        r.apply("other".into(), Reservation::Free, t0 + LEASE);
+        assert_eq!(r.len(), 0);
+        // No lease configured: freed at once.
+        let mut c = Claims::new(1, Duration::ZERO);
+        c.claim("s", &who(0, 1), 0, true, t0).unwrap();
+        sync(&c, &mut r, t0);
+        c.release("s", 0, false, t0);
+        assert_eq!(c.reservation("s", t0), Reservation::Free);
+        sync(&c, &mut r, t0);
+        assert!(!r.reserved("s", || t0));
     }
 }

@@ -7,12 +7,15 @@ use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use monoio::net::TcpStream;
+use std::cell::Cell;
+use std::time::Instant;
+
+use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, Shared};
+use crate::io::stats::ErrorKind;
 use crate::limits::gate::{rate_with_burst, HandshakeSlot};
-use crate::limits::ConnPermit;
-use crate::scope::Rate;
+use crate::limits::{AcceptBackoff, ConnPermit, RateScope, SessionRates};
 
 /// Sent, best effort and without waiting, to a public connection refused
 /// at accept: one non-blocking send on a fresh socket always fits its
@@ -22,11 +25,13 @@ Content-Length: 37\r\nRetry-After: 1\r\nConnection: close\r\n\r\n\
 too many connections, retry shortly\r\n";
 
 impl Shared {
-    /// The request rate of `session`: the rate of the token rule that
-    /// claimed it, else `--session-rate`/`--session-burst`; `None`:
-    /// unlimited. Called once per session per core (then cached), so the
-    /// claims lock stays off the request path.
-    pub(crate) fn rate_for(&self, session: &str) -> Option<(Rate, u32)> {
+    /// The request rates of `session`, each from the token rule that
+    /// claimed it if the rule sets it, else from the gateway's flags:
+    /// `rate`/`burst` or `--session-rate`/`--session-burst`, and
+    /// `rate_per_ip`/`burst_per_ip` or `--rate-per-ip`/`--burst-per-ip`.
+    /// Called once per session per core (then cached), so the claims lock
+    /// stays off the request path.
+    pub(crate) fn rates_for(&self, session: &str) -> SessionRates {
         // The claim names its rule by the SHA-256 of the rule's secret;
         // the rules are the ones in force now (reloads swap them).
         let owner = match self.claims().holder(session) {
@@ -39,28 +44,61 @@ impl Shared {
                 .iter()
                 .find(|r| r.secret.sha256() == h && r.allows(session))
         });
-        let lim = &self.cfg.edge_limits;
-        match rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))) {
+        let lim = &live.cfg.edge_limits;
+        let session_rate = match rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))) {
             Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
             None => lim
                 .session_rate
                 .map(|r| rate_with_burst(r, lim.session_burst)),
+        };
+        let per_ip = match rule.and_then(|r| r.rate_per_ip.map(|rate| (rate, r.burst_per_ip))) {
+            Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
+            None => lim
+                .rate_per_ip
+                .map(|r| rate_with_burst(r, lim.burst_per_ip)),
+        };
+        SessionRates {
+            session: session_rate,
+            per_ip,
         }
     }
 
-    /// `ringtunnel_rate_limited_total{session}`: only sessions that
+    /// `ringtunnel_rate_limited_total{session,scope}`: only sessions that
     /// exist ever get a 429, and at most `MAX_RATE_SESSIONS` names per
-    /// core are kept, so the label set stays bounded.
+    /// core are kept, so the label set stays bounded. `scope="session"`:
+    /// the session's rate refused; `scope="ip"`: a client IP's rate within
+    /// the session did.
     pub(crate) fn limit_metrics(&self) -> String {
         let mut out = String::new();
         let name = "ringtunnel_rate_limited_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Requests refused with 429 (session rate).\n# TYPE {name} counter"
+            "# HELP {name} Requests refused with 429 (session rate, or a client IP's rate \
+             within the session).\n# TYPE {name} counter"
         );
         for (session, n) in self.limits.refused_by_session() {
-            let _ = writeln!(out, "{name}{{session={session:?}}} {n}");
+            for scope in [RateScope::Session, RateScope::Ip] {
+                let (label, v) = (scope.label(), n[scope as usize]);
+                let _ = writeln!(out, "{name}{{session={session:?},scope=\"{label}\"}} {v}");
+            }
         }
+        let ip = &self.limits.ip_cells;
+        let _ = writeln!(
+            out,
+            "# HELP ringtunnel_rate_ip_cells Per-(session, client IP) rate cells kept.\n\
+             # TYPE ringtunnel_rate_ip_cells gauge\n\
+             ringtunnel_rate_ip_cells {}\n\
+             # HELP ringtunnel_rate_ip_cells_max --rate-ip-table.\n\
+             # TYPE ringtunnel_rate_ip_cells_max gauge\n\
+             ringtunnel_rate_ip_cells_max {}\n\
+             # HELP ringtunnel_rate_ip_untracked_total Requests served under the session \
+             rate only: the per-IP table was full of active clients.\n\
+             # TYPE ringtunnel_rate_ip_untracked_total counter\n\
+             ringtunnel_rate_ip_untracked_total {}",
+            ip.len(),
+            ip.cap(),
+            ip.untracked()
+        );
         let l = &self.limits;
         let _ = writeln!(
             out,
@@ -75,8 +113,8 @@ impl Shared {
              # HELP ringtunnel_gateway_banned_peers_tracked IPs in the failed-handshake table.\n\
              # TYPE ringtunnel_gateway_banned_peers_tracked gauge\n\
              ringtunnel_gateway_banned_peers_tracked {}",
-            l.max_conns,
-            l.max_conns_per_ip,
+            l.max_conns(),
+            l.max_conns_per_ip(),
             l.fd_ceiling,
             l.conns.total(),
             l.strikes.len()
@@ -86,11 +124,14 @@ impl Shared {
 }
 
 /// Admits an accepted public connection, or refuses it (counted; a 503
-/// sent best effort) and the caller drops the socket.
+/// sent best effort when `answer`) and the caller drops the socket. The
+/// HTTPS listener does not answer: a cleartext 503 is garbage to a TLS
+/// client, and a handshake is not worth spending on a refused peer.
 pub(super) fn admit_public(
     core: &Core,
     stream: &TcpStream,
     peer: SocketAddr,
+    answer: bool,
 ) -> Option<ConnPermit> {
     let trusted = core.cfg().trusted_proxies.contains(peer.ip());
     match core
@@ -101,6 +142,9 @@ pub(super) fn admit_public(
         Ok(p) => Some(p),
         Err(kind) => {
             core.stats.error(kind);
+            if !answer {
+                return None;
+            }
             // SAFETY: a send on a socket we own; MSG_DONTWAIT never blocks
             // the core, MSG_NOSIGNAL keeps a reset peer from raising SIGPIPE.
             unsafe {
@@ -112,6 +156,37 @@ pub(super) fn admit_public(
                 );
             }
             None
+        }
+    }
+}
+
+/// Accepts connections until `stop` is set, handing each to `each`. An
+/// accept error (EMFILE and friends leave the pending connection queued,
+/// so retrying at once would spin) waits with back-off and logs at most
+/// once per 10 s (`AcceptBackoff`). `what` names the listener in logs.
+pub(super) async fn accept_until_stopped(
+    listener: TcpListener,
+    what: &'static str,
+    stop: &Cell<bool>,
+    mut each: impl FnMut(TcpStream, SocketAddr),
+) {
+    let mut backoff = AcceptBackoff::new(what);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if stop.get() {
+                    return;
+                }
+                backoff.succeeded();
+                each(stream, peer);
+            }
+            Err(e) => {
+                if stop.get() {
+                    return;
+                }
+                let wait = backoff.failed(&e, Instant::now());
+                monoio::time::sleep(wait).await;
+            }
         }
     }
 }
@@ -136,12 +211,31 @@ pub(super) fn peer_of(fd: RawFd) -> Option<SocketAddr> {
     s.peer_addr().ok()
 }
 
-/// What the gateway sends a request over its session's rate. The wait is
-/// rounded up to whole seconds.
-pub(super) fn too_many(session: &str, wait: std::time::Duration) -> (String, String) {
+/// Admits one request of `session` from `client` under the session's
+/// rates, or counts the refusal and returns the 429's body and
+/// `Retry-After` (the wait rounded up to whole seconds). A client that is a
+/// trusted proxy is exempt from the per-IP rate: it carries many clients.
+pub(super) fn check_rate(
+    core: &Core,
+    session: &str,
+    client: SocketAddr,
+) -> Result<(), (String, String)> {
+    let ip = client.ip().to_canonical();
+    let ip = (!core.cfg().trusted_proxies.contains(ip)).then_some(ip);
+    let verdict = core
+        .limits
+        .check_rate(&core.shared.limits, session, ip, || {
+            core.shared.rates_for(session)
+        });
+    let Err((scope, wait)) = verdict else {
+        return Ok(());
+    };
+    core.stats.error(ErrorKind::RateLimited);
+    core.shared.limits.count_refused(core.index, session, scope);
     let secs = crate::limits::rate::retry_after_secs(wait);
-    (
-        format!("session '{session}' is over its request rate, retry in {secs} s\n"),
-        secs.to_string(),
-    )
+    let whose = match scope {
+        RateScope::Session => format!("session '{session}' is over its request rate"),
+        RateScope::Ip => format!("your address is over its request rate for session '{session}'"),
+    };
+    Err((format!("{whose}, retry in {secs} s\n"), secs.to_string()))
 }

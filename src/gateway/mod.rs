@@ -2,31 +2,40 @@
 //! tables and the session directory.
 //!
 //! Every core runs the same `core_main`: its own SO_REUSEPORT listeners
-//! (public and tunnel), its mailbox, and the uplinks placed on it. A
+//! (public, HTTPS if configured, and tunnel), its mailbox, and the uplinks placed on it. A
 //! session's uplinks on this core live in `Core::sessions` (plain
 //! `RefCell`); which *other* cores hold the session is a per-core replica
 //! (`Core::replica`) updated by directory messages, read once per new
 //! public request and never per frame.
 //!
 //! The only lock is `Shared::claims` (`claims.rs`), taken when an uplink
-//! connects or goes away: it keeps a session name owned by one token and
-//! agent, counts uplinks per core for placement, and keeps the name leased
-//! to its owner for a while after the last uplink went. It is also read on
-//! the slow path of a request whose session no core holds, to decide
-//! whether the request waits for the owner (`Core::hold`) or gets 502.
+//! connects, starts draining or goes away: it keeps a session name owned
+//! by one token and agent, counts uplinks per core for placement, and
+//! keeps the name leased to its owner for a while after the last uplink
+//! went. Whether a name is reserved reaches every core as a `Lease`
+//! message (sent under that lock, so in its order) and lives in the
+//! per-core `Core::leases` replica: a request whose session no core holds
+//! decides there, without a lock, whether it waits for the owner
+//! (`Core::hold`) or gets 502.
 //!
 //! A core announces a session as present while it holds an uplink of it
 //! that takes new streams: an uplink that got or sent GOAWAY is withdrawn
 //! from routing at once, even though its streams in flight go on.
 //!
 //! What a SIGHUP reload may change (tokens with their scopes and limits,
-//! the tunnel's TLS configuration) is `Shared::live`: an `Arc<Live>`
-//! swapped whole under a `RwLock`, read once per uplink handshake and
-//! never on the frame or request path. Everything else in
-//! `Shared::cfg` is fixed at start-up.
+//! the tunnel's TLS configuration, the HTTPS edge's certificates, and the
+//! edge limits and timeouts of
+//! `config::RELOADABLE`) is `Shared::live`: an `Arc<Live>` swapped whole
+//! under a `RwLock`, read once per uplink handshake and once per session
+//! per core (its rates), never on the frame or request path. Each core
+//! keeps its own copy of the effective configuration (`Core::cfg`, an
+//! `Rc` replaced by the `Reloaded` message), read once per connection or
+//! request; connection limits are atomics in `crate::limits`. Everything
+//! else in `Shared::cfg` is fixed at start-up.
 
 mod claims;
 mod guard;
+mod https;
 mod public;
 mod tunnel;
 
@@ -48,12 +57,15 @@ use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::{Notify, WaitList};
-use claims::{Claimant, Claims, Refusal};
+use claims::{Claimant, Claims, LeaseReplica, Refusal, Reservation};
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
     /// A public connection to serve here: its socket and the bytes already
-    /// read from it (at least one request head).
+    /// read from it (at least one request head). The socket is TCP, or
+    /// for an HTTPS connection the plaintext end of the `socketpair`
+    /// through which its TLS core relays it (`https.rs`): either is a
+    /// stream socket served the same way.
     ///
     /// `client` is the client as the first core saw it: the PROXY header's
     /// source under `--proxy-protocol` (consumed there, not in `buf`),
@@ -80,9 +92,15 @@ pub(crate) enum CoreMsg {
         core: usize,
         present: bool,
     },
-    /// Tokens were reloaded: close this core's uplinks whose claim's
-    /// token no longer covers their session.
-    Revoke,
+    /// Lease replica update: whether `session` is reserved now changed.
+    Lease {
+        session: String,
+        state: Reservation,
+    },
+    /// The configuration was reloaded: take the new effective settings,
+    /// forget cached rates, and close this core's uplinks whose claim's
+    /// token no longer covers their session; then say so on the channel.
+    Reloaded(crossbeam_channel::Sender<()>),
     Shutdown,
 }
 
@@ -93,9 +111,16 @@ pub(crate) struct Live {
     /// TLS on the tunnel listener; `None` = plaintext uplinks. A new
     /// acceptor only affects handshakes that start after the swap.
     pub(crate) tls: Option<monoio_rustls::TlsAcceptor>,
+    /// The effective configuration: the start-up one with the reloadable
+    /// settings of the last reload (`GatewayConfig::with_reloaded`).
+    pub(crate) cfg: GatewayConfig,
+    /// TLS of the public HTTPS listener (certificates by SNI); `None`
+    /// without `--https-listen`. Same swap rule as `tls`.
+    pub(crate) https: Option<monoio_rustls::TlsAcceptor>,
 }
 
 impl Live {
+    /// `cfg`: the effective configuration (already merged).
     fn from_cfg(cfg: &GatewayConfig) -> Result<Live, String> {
         // Certificates are loaded before anything is swapped, so a bad
         // file leaves the running configuration untouched.
@@ -105,9 +130,17 @@ impl Live {
             )?)),
             None => None,
         };
+        let https = match &cfg.https_listen {
+            Some(_) => Some(monoio_rustls::TlsAcceptor::from(
+                crate::sni::edge_server_config(&cfg.https_certs)?,
+            )),
+            None => None,
+        };
         Ok(Live {
             tokens: cfg.tokens.clone(),
             tls,
+            cfg: cfg.clone(),
+            https,
         })
     }
 }
@@ -117,10 +150,15 @@ pub(crate) struct Shared {
     pub(crate) cfg: GatewayConfig,
     pub(crate) mailboxes: Vec<MailboxSender<CoreMsg>>,
     claims: Mutex<Claims>,
+    /// Times `claims` was locked: a diagnostic that lets a test show the
+    /// request path never takes it.
+    claims_locked: AtomicU64,
     pub(crate) stats: Vec<Arc<CoreStats>>,
     next_uplink: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
-    pub(crate) public_addr: SocketAddr,
+    /// `None`: `--listen off` (HTTPS only).
+    pub(crate) public_addr: Option<SocketAddr>,
+    pub(crate) https_addr: Option<SocketAddr>,
     pub(crate) tunnel_addr: SocketAddr,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
@@ -131,6 +169,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
+        self.claims_locked.fetch_add(1, Ordering::Relaxed);
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -143,18 +182,35 @@ impl Shared {
         here: usize,
         movable: bool,
     ) -> Result<usize, Refusal> {
-        self.claims()
-            .claim(session, who, here, movable, Instant::now())
+        self.update_claims(session, |c, now| c.claim(session, who, here, movable, now))
     }
 
-    fn release(&self, session: &str, core: usize) {
-        self.claims().release(session, core, Instant::now());
+    /// A live uplink of `session` on `core` stopped taking new streams.
+    fn drain(&self, session: &str, core: usize) {
+        self.claims().drain(session, core);
     }
 
-    /// Whether `session` has an owner now (uplinks, perhaps draining, or a
-    /// lease): a request for it may wait for an uplink.
-    pub(crate) fn reserved(&self, session: &str) -> bool {
-        self.claims().reserved(session, Instant::now())
+    /// An uplink of `session` on `core` closed (`drained`: after `drain`).
+    fn release(&self, session: &str, core: usize, drained: bool) {
+        self.update_claims(session, |c, now| c.release(session, core, drained, now));
+    }
+
+    /// Runs `f` on the registry and, still under its lock (so every core
+    /// sees the changes in the registry's order), tells the cores if the
+    /// reservation of `session` changed.
+    fn update_claims<T>(&self, session: &str, f: impl FnOnce(&mut Claims, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut c = self.claims();
+        let before = c.reservation(session, now);
+        let out = f(&mut c, now);
+        let after = c.reservation(session, now);
+        if after != before {
+            self.broadcast(|| CoreMsg::Lease {
+                session: session.to_string(),
+                state: after,
+            });
+        }
+        out
     }
 
     /// Uplinks per core of every session (for /stats).
@@ -168,13 +224,29 @@ impl Shared {
         self.live.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Asks every core to close (GOAWAY AUTH_FAILED) the uplinks whose
-    /// claim's token no longer covers their session under the current
-    /// `live().tokens`. Cores act on it from their mailbox, between other
-    /// work; an uplink that connects meanwhile was already checked
-    /// against the new tokens.
-    pub(crate) fn revoke_uplinks_not_allowed(&self) {
-        self.broadcast(|| CoreMsg::Revoke);
+    /// Tells every core that `live()` changed: each takes the new
+    /// settings (`Core::reloaded`), forgets its cached rates, and closes
+    /// (GOAWAY AUTH_FAILED) the uplinks whose claim's token no longer
+    /// covers their session under the new tokens. Cores act on it from
+    /// their mailbox, between other work; an uplink that connects
+    /// meanwhile was already checked against the new tokens.
+    ///
+    /// Waits (up to a second) until every core has confirmed, so that once
+    /// a reload is reported, every request that starts is judged by the
+    /// new settings. Called by `Gateway::reload` on the caller's thread,
+    /// never from a core (it would wait for itself).
+    pub(crate) fn reload_cores(&self) {
+        let (tx, rx) = crossbeam_channel::bounded(self.mailboxes.len());
+        self.broadcast(|| CoreMsg::Reloaded(tx.clone()));
+        drop(tx);
+        let deadline = Instant::now() + std::time::Duration::from_secs(1);
+        for _ in 0..self.mailboxes.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                tracing::warn!("a core did not confirm the reload within 1 s; it applies it later");
+                return;
+            }
+        }
     }
 
     /// Whether the uplinks of `session` (as claimed now) may stay under
@@ -225,18 +297,29 @@ pub(crate) enum Held {
     TimedOut,
     /// The queue of this session on this core is full.
     Full,
+    /// The gateway is shutting down: answer at once rather than be
+    /// dropped with the core.
+    ShuttingDown,
 }
 
 /// One gateway core's state; never leaves its thread.
 pub(crate) struct Core {
     pub(crate) index: usize,
     pub(crate) shared: Arc<Shared>,
+    /// This core's copy of the effective configuration (see the module
+    /// doc); replaced on reload, so callers take it once per connection
+    /// or request and keep it.
+    cfg: RefCell<Rc<GatewayConfig>>,
     pub(crate) stats: Arc<CoreStats>,
     sessions: RefCell<HashMap<String, LocalSession>>,
     /// session -> bitmask of cores holding it (replica of the directory).
     replica: RefCell<HashMap<String, u64>>,
+    /// Which names are reserved (replica of the claim registry's leases).
+    leases: RefCell<LeaseReplica>,
     /// Requests waiting for a reserved session to come back, per session.
     holds: RefCell<HashMap<String, Rc<HoldQueue>>>,
+    /// Requests being served or held on this core: a stopping core waits
+    /// for them (up to `--shutdown-grace`).
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
     pub(crate) limits: crate::limits::gate::CoreLimits,
@@ -245,8 +328,18 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub(crate) fn cfg(&self) -> &GatewayConfig {
-        &self.shared.cfg
+    /// The effective configuration now (a non-atomic `Rc` clone).
+    pub(crate) fn cfg(&self) -> Rc<GatewayConfig> {
+        self.cfg.borrow().clone()
+    }
+
+    /// A reload reached this core: new settings for what starts from now
+    /// on, rates re-read, revoked uplinks closed.
+    fn reloaded(&self) {
+        let live = self.shared.live();
+        *self.cfg.borrow_mut() = Rc::new(live.cfg.clone());
+        self.limits.forget_all();
+        self.revoke_not_allowed(&live);
     }
 
     /// Picks a local uplink of `session` with room for a stream, round
@@ -296,6 +389,13 @@ impl Core {
                 .is_some_and(|m| *m & others != 0)
     }
 
+    /// Whether `session` has an owner now (uplinks, perhaps all draining,
+    /// or a lease running), per this core's replica: a request for it may
+    /// wait for an uplink. No lock.
+    pub(crate) fn is_reserved(&self, session: &str) -> bool {
+        self.leases.borrow().reserved(session, Instant::now)
+    }
+
     /// Another core holding `session`, spreading by a hint (e.g. the
     /// client port) so handoffs do not all land on one core.
     pub(crate) fn remote_core_for(&self, session: &str, hint: usize) -> Option<usize> {
@@ -317,18 +417,28 @@ impl Core {
             .push(up.clone());
         self.windows.open(&session);
         self.refresh_presence(&session);
+        // Whether the registry counts this uplink as draining; set by
+        // whichever handler runs first (a close may come without a drain).
+        let drained = Rc::new(Cell::new(false));
+        let closed = Rc::new(Cell::new(false));
         let me = Rc::downgrade(self);
         let name = session.clone();
+        let (d, c) = (drained.clone(), closed.clone());
         up.set_drain_handler(move || {
             if let Some(core) = me.upgrade() {
+                if !c.get() {
+                    d.set(true);
+                    core.shared.drain(&name, core.index);
+                }
                 core.refresh_presence(&name);
             }
         });
         let me = Rc::downgrade(self);
         let id = up.id;
         up.set_close_handler(move || {
+            closed.set(true);
             if let Some(core) = me.upgrade() {
-                core.remove_uplink(&session, id);
+                core.remove_uplink(&session, id, drained.get());
             }
         });
     }
@@ -358,7 +468,7 @@ impl Core {
         }
     }
 
-    fn remove_uplink(&self, session: &str, id: u64) {
+    fn remove_uplink(&self, session: &str, id: u64, drained: bool) {
         let withdraw = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(s) = sessions.get_mut(session) else {
@@ -375,7 +485,7 @@ impl Core {
                 false
             }
         };
-        self.shared.release(session, self.index);
+        self.shared.release(session, self.index, drained);
         tracing::info!(core = self.index, session, uplink = id, "uplink removed");
         if withdraw {
             let core = self.index;
@@ -415,8 +525,14 @@ impl Core {
     /// again, for a request whose session is reserved but has no uplink
     /// taking streams: its agent is restarting. Woken by the directory
     /// message that says the session is back.
+    ///
+    /// A held request counts as in flight, so a stopping core waits for
+    /// it; the shutdown wakes it (`wake_held`) and it ends `ShuttingDown`.
     pub(crate) async fn hold(&self, session: &str) -> Held {
         let cfg = self.cfg();
+        if self.stopping() {
+            return Held::ShuttingDown;
+        }
         let q = self
             .holds
             .borrow_mut()
@@ -427,6 +543,7 @@ impl Core {
             return Held::Full;
         }
         q.waiting.set(q.waiting.get() + 1);
+        self.inflight.set(self.inflight.get() + 1);
         // Leaves the queue however the wait ends (the task may be dropped).
         struct Leave<'a>(&'a Core, &'a str, Rc<HoldQueue>);
         impl Drop for Leave<'_> {
@@ -436,20 +553,39 @@ impl Core {
                 if n == 0 {
                     self.0.holds.borrow_mut().remove(self.1);
                 }
+                let core = self.0;
+                core.inflight.set(core.inflight.get() - 1);
+                if core.inflight.get() == 0 {
+                    core.idle.notify();
+                }
             }
         }
         let _leave = Leave(self, session, q.clone());
-        let back = crate::runtime::notify::wait_until(&q.wake, || self.is_present(session));
+        let back = crate::runtime::notify::wait_until(&q.wake, || {
+            self.is_present(session) || self.stopping()
+        });
         match monoio::time::timeout(cfg.hold_timeout, back).await {
-            Ok(()) => Held::Back,
+            Ok(()) if self.is_present(session) => Held::Back,
+            Ok(()) => Held::ShuttingDown,
             Err(_) => Held::TimedOut,
         }
     }
 
+    fn stopping(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Wakes every held request of this core (shutdown: they see
+    /// `stopping` and are answered).
+    fn wake_held(&self) {
+        for q in self.holds.borrow().values() {
+            q.wake.wake_all();
+        }
+    }
+
     /// Closes this core's uplinks whose token was revoked (see
-    /// [`Shared::revoke_uplinks_not_allowed`]).
-    fn revoke_not_allowed(&self) {
-        let live = self.shared.live();
+    /// [`Shared::reload_cores`]).
+    fn revoke_not_allowed(&self, live: &Live) {
         let revoked: Vec<Rc<Uplink>> = self
             .sessions
             .borrow()
@@ -485,8 +621,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The plain HTTP listener's address (panics with `--listen off`; see
+    /// [`Gateway::listen_addr`]).
     pub fn public_addr(&self) -> SocketAddr {
+        self.listen_addr()
+            .expect("--listen off: the gateway has no plain HTTP listener")
+    }
+
+    /// The plain HTTP listener's address, `None` with `--listen off`.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.shared.public_addr
+    }
+
+    /// The HTTPS listener's address (`--https-listen`).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.shared.https_addr
     }
 
     pub fn tunnel_addr(&self) -> SocketAddr {
@@ -501,6 +650,14 @@ impl Gateway {
         &self.shared.stats
     }
 
+    /// How many times the claim registry's lock was taken (uplinks
+    /// connecting, draining, closing; a session's rate looked up once per
+    /// core; /stats). Diagnostic: requests for hosts without a local
+    /// uplink must not move it.
+    pub fn claims_lock_count(&self) -> u64 {
+        self.shared.claims_locked.load(Ordering::Relaxed)
+    }
+
     /// Stops accepting, lets in-flight requests finish (up to the grace
     /// period), sends GOAWAY to agents, then returns.
     pub fn shutdown(mut self) {
@@ -511,20 +668,28 @@ impl Gateway {
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
-    /// limits) and the tunnel's TLS certificates, then closes uplinks
-    /// whose token no longer covers their session. Connections are not
-    /// dropped otherwise: established TLS uplinks keep their session, new
-    /// handshakes use the new certificate. On error nothing changed.
+    /// limits), the tunnel's TLS certificates, the HTTPS edge's
+    /// certificates (new handshakes only) and the settings of
+    /// `config::RELOADABLE` (connection limits, rates, hold and client
+    /// timeouts), then closes uplinks whose token no longer covers their
+    /// session. Connections are not dropped otherwise: established TLS
+    /// uplinks keep their session, new handshakes use the new certificate;
+    /// connections over a lowered limit stay, new ones are refused; a
+    /// timeout applies from the next connection, request or wait that
+    /// starts. On error nothing changed.
     ///
-    /// Other settings (addresses, cores, timeouts, windows) are fixed at
-    /// start-up; changing them needs a restart.
+    /// Other settings (addresses, cores, driver, windows, fd reserve,
+    /// handshake limits…) are fixed at start-up; changing them needs a
+    /// restart.
     pub fn reload(&self, cfg: &GatewayConfig) -> Result<(), String> {
         cfg.validate()?;
-        let live = Live::from_cfg(cfg)?;
+        let live = Live::from_cfg(&self.shared.cfg.with_reloaded(cfg))?;
         let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
+        let https_certs = cfg.https_certs.len();
+        self.shared.limits.apply(&live.cfg.edge_limits);
         *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
-        self.shared.revoke_uplinks_not_allowed();
-        tracing::info!(tokens, tls, "configuration reloaded");
+        self.shared.reload_cores();
+        tracing::info!(tokens, tls, https_certs, "configuration reloaded");
         Ok(())
     }
 
@@ -558,7 +723,14 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     // Certificates first: a bad file must stop start-up before any bind.
     let live = Live::from_cfg(&cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let public_addr = crate::runtime::reserve_listen_addr(&cfg.listen)?;
+    let public_addr = match cfg.listen.as_str() {
+        "off" => None,
+        a => Some(crate::runtime::reserve_listen_addr(a)?),
+    };
+    let https_addr = match &cfg.https_listen {
+        Some(a) => Some(crate::runtime::reserve_listen_addr(a)?),
+        None => None,
+    };
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
     let mut senders = Vec::with_capacity(n);
@@ -572,10 +744,12 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         cfg: cfg.clone(),
         mailboxes: senders,
         claims: Mutex::new(Claims::new(n, cfg.session_lease)),
+        claims_locked: AtomicU64::new(0),
         stats: (0..n).map(|_| Arc::new(CoreStats::default())).collect(),
         next_uplink: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         public_addr,
+        https_addr,
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
@@ -616,7 +790,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
             }
         }
     }
-    tracing::info!(%public_addr, %tunnel_addr, cores = n, "gateway listening");
+    tracing::info!(public_addr = ?public_addr, https_addr = ?https_addr, %tunnel_addr, cores = n, "gateway listening");
     if cfg.proxy_protocol || !cfg.trusted_proxies.is_empty() {
         tracing::info!(
             proxy_protocol = cfg.proxy_protocol,
@@ -637,9 +811,12 @@ async fn core_main(
     rx: MailboxReceiver<CoreMsg>,
     ready: crossbeam_channel::Sender<Result<(), String>>,
 ) {
-    let listeners = crate::runtime::bind_reuseport(shared.public_addr)
-        .and_then(|p| crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, t)));
-    let (public_l, tunnel_l) = match listeners {
+    let bind = |a: Option<SocketAddr>| a.map(crate::runtime::bind_reuseport).transpose();
+    let listeners = bind(shared.public_addr).and_then(|p| {
+        let h = bind(shared.https_addr)?;
+        crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, h, t))
+    });
+    let (public_l, https_l, tunnel_l) = match listeners {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("core {index}: cannot bind listeners: {e}")));
@@ -648,28 +825,39 @@ async fn core_main(
     };
     let core = Rc::new(Core {
         index,
+        cfg: RefCell::new(Rc::new(shared.live().cfg.clone())),
         stats: shared.stats[index].clone(),
         shared: shared.clone(),
         sessions: RefCell::new(HashMap::new()),
         replica: RefCell::new(HashMap::new()),
+        leases: RefCell::new(LeaseReplica::default()),
         holds: RefCell::new(HashMap::new()),
         inflight: Cell::new(0),
         idle: Notify::new(),
         limits: Default::default(),
         windows: WindowWriter::new(shared.windows[index].clone()),
     });
-    let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
+    let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
     let _ = ready.send(Ok(()));
     drop(ready);
 
     let stop = Rc::new(Cell::new(false));
-    let c = core.clone();
-    let s = stop.clone();
-    crate::runtime::spawn_isolated("public-accept", async move {
-        // Plain HTTP: a TLS listener would pass Scheme::Https.
-        public::accept_loop(c, public_l, Scheme::Http, s).await;
-    });
+    if let Some(l) = public_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("public-accept", async move {
+            public::accept_loop(c, l, s).await;
+        });
+    }
+    if let Some(l) = https_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("https-accept", async move {
+            https::accept_loop(c, l, s).await;
+        });
+    }
     let c = core.clone();
     let s = stop.clone();
     crate::runtime::spawn_isolated("tunnel-accept", async move {
@@ -706,14 +894,24 @@ async fn core_main(
                 core: c,
                 present,
             } => core.apply_directory(session, c, present),
-            CoreMsg::Revoke => core.revoke_not_allowed(),
+            CoreMsg::Lease { session, state } => {
+                core.leases
+                    .borrow_mut()
+                    .apply(session, state, Instant::now())
+            }
+            CoreMsg::Reloaded(done) => {
+                core.reloaded();
+                let _ = done.send(());
+            }
             CoreMsg::Shutdown => {}
         });
     }
     stop.set(true);
     // shutdown(2) on a listening socket fails its pending accept, so the
     // accept loops end and drop (close) their listeners.
-    crate::io::shutdown_fd(public_fd, libc::SHUT_RDWR);
+    for fd in [public_fd, https_fd].into_iter().flatten() {
+        crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
+    }
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace
@@ -721,6 +919,10 @@ async fn core_main(
     for up in core.all_uplinks() {
         up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
     }
+    // Requests waiting for an agent to come back get their answer now
+    // (503) instead of being dropped with the core; they count in
+    // `inflight`, so the loop below waits for that answer.
+    core.wake_held();
     let grace = shared.cfg.shutdown_grace;
     let deadline = std::time::Instant::now() + grace;
     while core.inflight.get() > 0 && std::time::Instant::now() < deadline {

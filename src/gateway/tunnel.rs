@@ -38,33 +38,18 @@ use crate::scope::{self, Verdict};
 const HANDSHAKE_MAX: u32 = 64 * 1024;
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
-    let mut backoff = crate::limits::AcceptBackoff::new("tunnel");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if stop.get() {
-                    return;
-                }
-                backoff.succeeded();
-                // Banned IP or too many handshakes here: closed unread.
-                let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
-                    continue;
-                };
-                let c = core.clone();
-                crate::runtime::spawn_isolated("uplink-handshake", async move {
-                    handshake(c, stream).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                if stop.get() {
-                    return;
-                }
-                let wait = backoff.failed(&e, std::time::Instant::now());
-                monoio::time::sleep(wait).await;
-            }
-        }
-    }
+    super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
+        // Banned IP or too many handshakes here: closed unread.
+        let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
+            return;
+        };
+        let c = core.clone();
+        crate::runtime::spawn_isolated("uplink-handshake", async move {
+            handshake(c, stream).await;
+            drop(slot);
+        });
+    })
+    .await;
 }
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
@@ -212,7 +197,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     };
     if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
         // The target core is gone (shutdown): give the claim back, close.
-        core.shared.release(&hello.session, target);
+        core.shared.release(&hello.session, target, false);
         // SAFETY: we own the fd again since the send failed.
         drop(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     }
@@ -234,7 +219,7 @@ pub(super) fn adopt(
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot adopt uplink socket");
-            core.shared.release(&hello.session, core.index);
+            core.shared.release(&hello.session, core.index, false);
             return;
         }
     };
@@ -257,7 +242,7 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");
-        core.shared.release(&hello.session, core.index);
+        core.shared.release(&hello.session, core.index, false);
         return;
     }
     tracing::info!(

@@ -15,11 +15,15 @@
 //!
 //! The total is one atomic: incremented first, undone if over the limit,
 //! so it never exceeds the limit even when cores race.
+//!
+//! The two limits are atomics too, so a configuration reload can change
+//! them ([`ConnTable::set_limits`]): connections already admitted stay,
+//! new ones are judged against the new limits.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 64;
@@ -34,8 +38,8 @@ pub enum ConnRefusal {
 }
 
 pub struct ConnTable {
-    max_total: usize,
-    max_per_ip: u32,
+    max_total: AtomicUsize,
+    max_per_ip: AtomicU32,
     total: AtomicUsize,
     shards: Vec<Mutex<HashMap<IpAddr, u32>>>,
     hasher: std::collections::hash_map::RandomState,
@@ -44,8 +48,8 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(max_total: usize, max_per_ip: u32) -> Arc<ConnTable> {
         Arc::new(ConnTable {
-            max_total,
-            max_per_ip,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicU32::new(max_per_ip),
             total: AtomicUsize::new(0),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: Default::default(),
@@ -60,14 +64,14 @@ impl ConnTable {
     /// per-IP limit (a trusted proxy carries many clients). The permit
     /// gives the slot back when dropped, on whichever core that happens.
     pub fn acquire(self: &Arc<Self>, ip: IpAddr, per_ip: bool) -> Result<ConnPermit, ConnRefusal> {
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total() {
             self.total.fetch_sub(1, Ordering::AcqRel);
             return Err(ConnRefusal::Total);
         }
         if per_ip {
             let mut m = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
             let n = m.entry(ip).or_insert(0);
-            if *n >= self.max_per_ip {
+            if *n >= self.max_per_ip() {
                 drop(m);
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(ConnRefusal::PerIp);
@@ -78,6 +82,20 @@ impl ConnTable {
             table: self.clone(),
             ip: per_ip.then_some(ip),
         })
+    }
+
+    /// Replaces both limits (a reload); admitted connections stay.
+    pub fn set_limits(&self, max_total: usize, max_per_ip: u32) {
+        self.max_total.store(max_total, Ordering::Release);
+        self.max_per_ip.store(max_per_ip, Ordering::Release);
+    }
+
+    pub fn max_total(&self) -> usize {
+        self.max_total.load(Ordering::Acquire)
+    }
+
+    pub fn max_per_ip(&self) -> u32 {
+        self.max_per_ip.load(Ordering::Acquire)
     }
 
     /// Open connections admitted (all cores).
@@ -190,5 +208,27 @@ mod tests {
         assert_eq!(t.total(), 7);
         drop(held);
         assert_eq!(t.total(), 0);
+    }
+
+    #[test]
+    fn lowered_limits_refuse_new_connections_and_keep_the_old() {
+        let t = ConnTable::new(10, 3);
+        let held: Vec<_> = (0..3)
+            .map(|_| t.acquire(ip("10.0.0.1"), true).unwrap())
+            .collect();
+        t.set_limits(10, 1);
+        assert_eq!(
+            t.acquire(ip("10.0.0.1"), true).err(),
+            Some(ConnRefusal::PerIp)
+        );
+        assert_eq!(t.of(ip("10.0.0.1")), 3);
+        let _b = t.acquire(ip("10.0.0.2"), true).unwrap();
+        t.set_limits(4, 1);
+        assert_eq!(
+            t.acquire(ip("10.0.0.3"), true).err(),
+            Some(ConnRefusal::Total)
+        );
+        drop(held);
+        assert!(t.acquire(ip("10.0.0.1"), true).is_ok());
     }
 }

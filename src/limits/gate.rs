@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::conns::{ConnPermit, ConnRefusal, ConnTable};
+use super::ip_rate::{IpCache, IpCells};
 use super::rate::Gcra;
 use super::strikes::{Strike, Strikes, StrikesConfig};
 use crate::io::stats::ErrorKind;
@@ -39,6 +40,13 @@ pub struct LimitsConfig {
     /// unless the token rule that claimed it has its own.
     pub session_rate: Option<Rate>,
     pub session_burst: Option<u32>,
+    /// `--rate-per-ip` / `--burst-per-ip`: requests per client IP within
+    /// each session unless the token rule has its own `rate_per_ip`.
+    pub rate_per_ip: Option<Rate>,
+    pub burst_per_ip: Option<u32>,
+    /// `--rate-ip-table`: per-IP rate cells kept (all sessions), and per
+    /// core cached.
+    pub rate_ip_table: usize,
 }
 
 impl Default for LimitsConfig {
@@ -57,6 +65,9 @@ impl Default for LimitsConfig {
             },
             session_rate: None,
             session_burst: None,
+            rate_per_ip: None,
+            burst_per_ip: None,
+            rate_ip_table: d::RATE_IP_TABLE,
         }
     }
 }
@@ -85,7 +96,40 @@ impl LimitsConfig {
         if self.session_burst.is_some() && self.session_rate.is_none() {
             return Err("--session-burst needs --session-rate".into());
         }
+        if self.burst_per_ip == Some(0) {
+            return Err("--burst-per-ip must be at least 1".into());
+        }
+        if self.burst_per_ip.is_some() && self.rate_per_ip.is_none() {
+            return Err("--burst-per-ip needs --rate-per-ip".into());
+        }
+        if self.rate_ip_table == 0 {
+            return Err("--rate-ip-table must be at least 1".into());
+        }
         Ok(())
+    }
+}
+
+/// The request rates of one session: its own, and each client IP's
+/// within it (`None`: unlimited).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionRates {
+    pub session: Option<(Rate, u32)>,
+    pub per_ip: Option<(Rate, u32)>,
+}
+
+/// Which rate refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateScope {
+    Session,
+    Ip,
+}
+
+impl RateScope {
+    pub fn label(self) -> &'static str {
+        match self {
+            RateScope::Session => "session",
+            RateScope::Ip => "ip",
+        }
     }
 }
 
@@ -94,22 +138,38 @@ pub fn rate_with_burst(rate: Rate, burst: Option<u32>) -> (Rate, u32) {
     (rate, burst.unwrap_or(rate.n).max(1))
 }
 
+/// `--max-conns` and `--max-conns-per-ip`, defaults resolved.
+fn conn_limits(cfg: &LimitsConfig, fd_ceiling: u64) -> (usize, u32) {
+    // Each public connection is one fd; the ceiling already leaves the
+    // reserve for everything else.
+    let max_conns = cfg.max_conns.unwrap_or(fd_ceiling as usize).max(1);
+    // One IP may hold a quarter of the slots: a local benchmark at 1000
+    // connections fits a default-sized gateway, a single remote host
+    // cannot take all of it.
+    let max_conns_per_ip = cfg.max_conns_per_ip.unwrap_or_else(|| {
+        let quarter = u32::try_from(max_conns / 4).unwrap_or(u32::MAX);
+        quarter.max(crate::config::defaults::MIN_CONNS_PER_IP)
+    });
+    (max_conns, max_conns_per_ip)
+}
+
 /// Shared by every core of one gateway.
 pub struct GatewayLimits {
     pub cfg: LimitsConfig,
     pub conns: Arc<ConnTable>,
     /// Public accepts stop at this fd number (RLIMIT_NOFILE - reserve).
     pub fd_ceiling: u64,
-    pub max_conns: usize,
-    pub max_conns_per_ip: u32,
     pub strikes: Strikes,
     /// Time origin of the rate cells.
     epoch: Instant,
     /// session -> its cell; taken the first time a core sees a session.
     cells: Mutex<HashMap<String, Arc<Gcra>>>,
-    /// Per core: session -> requests refused with 429; each core locks
-    /// only its own map, and only on a 429 (the admin thread reads them).
-    refused: Vec<Mutex<HashMap<String, u64>>>,
+    /// Per core: session -> requests refused with 429 [by the session's
+    /// rate, by a client IP's]; each core locks only its own map, and only
+    /// on a 429 (the admin thread reads them).
+    refused: Vec<Mutex<HashMap<String, [u64; 2]>>>,
+    /// Per-(session, client IP) cells.
+    pub ip_cells: IpCells,
 }
 
 impl GatewayLimits {
@@ -120,27 +180,37 @@ impl GatewayLimits {
         let nofile = if nofile == 0 { 1024 } else { nofile };
         let reserve = cfg.reserve_for(nofile);
         let fd_ceiling = nofile.saturating_sub(reserve);
-        // Each public connection is one fd; the ceiling already leaves the
-        // reserve for everything else.
-        let max_conns = cfg.max_conns.unwrap_or(fd_ceiling as usize).max(1);
-        // One IP may hold a quarter of the slots: a local benchmark at
-        // 1000 connections fits a default-sized gateway, a single remote
-        // host cannot take all of it.
-        let max_conns_per_ip = cfg.max_conns_per_ip.unwrap_or_else(|| {
-            let quarter = u32::try_from(max_conns / 4).unwrap_or(u32::MAX);
-            quarter.max(crate::config::defaults::MIN_CONNS_PER_IP)
-        });
+        let (max_conns, max_conns_per_ip) = conn_limits(&cfg, fd_ceiling);
         GatewayLimits {
             conns: ConnTable::new(max_conns, max_conns_per_ip),
-            max_conns_per_ip,
             fd_ceiling,
-            max_conns,
             strikes: Strikes::new(cfg.strikes),
             epoch: Instant::now(),
             cells: Mutex::new(HashMap::new()),
             refused: (0..cores).map(|_| Mutex::new(HashMap::new())).collect(),
+            ip_cells: IpCells::new(cfg.rate_ip_table),
             cfg,
         }
+    }
+
+    /// `--max-conns` in force.
+    pub fn max_conns(&self) -> usize {
+        self.conns.max_total()
+    }
+
+    /// `--max-conns-per-ip` in force.
+    pub fn max_conns_per_ip(&self) -> u32 {
+        self.conns.max_per_ip()
+    }
+
+    /// A reload: applies the new connection limits (defaults derived from
+    /// the fd ceiling fixed at start-up, as then). Rates are read from the
+    /// reloaded configuration by each core once its cache is cleared;
+    /// everything else here (fd reserve, handshake cap and bans, the size
+    /// of the per-IP rate table) stays as started.
+    pub fn apply(&self, cfg: &LimitsConfig) {
+        let (total, per_ip) = conn_limits(cfg, self.fd_ceiling);
+        self.conns.set_limits(total, per_ip);
     }
 
     /// Admits a public connection whose accepted fd is `fd`. The kernel
@@ -215,26 +285,32 @@ impl GatewayLimits {
     }
 
     /// Counts a 429 for `session` on `core`.
-    pub fn count_refused(&self, core: usize, session: &str) {
+    pub fn count_refused(&self, core: usize, session: &str, scope: RateScope) {
         let Some(m) = self.refused.get(core) else {
             return;
         };
+        let i = scope as usize;
         let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = m.get_mut(session) {
-            *n += 1;
+            n[i] += 1;
         } else if m.len() < MAX_RATE_SESSIONS {
-            m.insert(session.to_string(), 1);
+            let mut n = [0; 2];
+            n[i] = 1;
+            m.insert(session.to_string(), n);
         } else {
-            *m.entry("_other".to_string()).or_insert(0) += 1;
+            m.entry("_other".to_string()).or_insert([0; 2])[i] += 1;
         }
     }
 
-    /// 429s per session, all cores summed, sorted by name.
-    pub fn refused_by_session(&self) -> Vec<(String, u64)> {
-        let mut all: HashMap<String, u64> = HashMap::new();
+    /// 429s per session ([session rate, client IP rate]), all cores
+    /// summed, sorted by name.
+    pub fn refused_by_session(&self) -> Vec<(String, [u64; 2])> {
+        let mut all: HashMap<String, [u64; 2]> = HashMap::new();
         for m in &self.refused {
             for (k, v) in m.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                *all.entry(k.clone()).or_insert(0) += v;
+                let a = all.entry(k.clone()).or_insert([0; 2]);
+                a[0] += v[0];
+                a[1] += v[1];
             }
         }
         let mut v: Vec<_> = all.into_iter().collect();
@@ -243,12 +319,20 @@ impl GatewayLimits {
     }
 }
 
+/// A session's rates as a core caches them.
+struct CachedRates {
+    cell: Option<Arc<Gcra>>,
+    per_ip: Option<(Rate, u32)>,
+}
+
 /// One core's part: its handshakes in progress and its cache of rate
-/// cells (so the shared map's lock is taken once per session per core).
+/// cells (so the shared maps' locks are taken once per session, and once
+/// per (session, IP), per core).
 #[derive(Default)]
 pub struct CoreLimits {
     handshakes: Rc<Cell<usize>>,
-    cells: RefCell<HashMap<String, Option<Arc<Gcra>>>>,
+    cells: RefCell<HashMap<String, CachedRates>>,
+    ips: IpCache,
 }
 
 impl CoreLimits {
@@ -256,39 +340,68 @@ impl CoreLimits {
         self.handshakes.get()
     }
 
-    /// Admits one request of `session` under `limit` (from the rule that
-    /// claimed it, else the gateway's default; `None`: unlimited), or
-    /// returns how long until one would pass.
+    /// Admits one request of `session` from client `ip` (`None`: exempt
+    /// from the per-IP rate, e.g. a trusted proxy) under `limits` (from the
+    /// rule that claimed it, else the gateway's defaults), or says which
+    /// rate refused it and how long until one would pass. The client's
+    /// rate is checked first, so a client over its own rate does not spend
+    /// the session's.
     pub fn check_rate(
         &self,
         shared: &GatewayLimits,
         session: &str,
-        limit: impl FnOnce() -> Option<(Rate, u32)>,
-    ) -> Result<(), Duration> {
+        ip: Option<IpAddr>,
+        limits: impl FnOnce() -> SessionRates,
+    ) -> Result<(), (RateScope, Duration)> {
+        let now = shared.now_ns();
         // The common case, a cached entry, is checked in place: no clone of
         // the shared `Arc` (whose count is a cache line every core touches).
         if let Some(cached) = self.cells.borrow().get(session) {
-            return match cached {
-                Some(c) => c.check(shared.now_ns()),
-                None => Ok(()),
-            };
+            return self.check_cached(shared, session, ip, cached, now);
         }
-        let c = limit().map(|l| shared.cell(session, l));
-        let verdict = match &c {
-            Some(c) => c.check(shared.now_ns()),
-            None => Ok(()),
+        let l = limits();
+        let cached = CachedRates {
+            cell: l.session.map(|l| shared.cell(session, l)),
+            per_ip: l.per_ip,
         };
+        let verdict = self.check_cached(shared, session, ip, &cached, now);
         let mut m = self.cells.borrow_mut();
         if m.len() >= MAX_RATE_SESSIONS {
             m.clear();
         }
-        m.insert(session.to_string(), c);
+        m.insert(session.to_string(), cached);
         verdict
     }
 
-    /// Forgets the cached limit of `session` (its claim changed).
+    fn check_cached(
+        &self,
+        shared: &GatewayLimits,
+        session: &str,
+        ip: Option<IpAddr>,
+        c: &CachedRates,
+        now: u64,
+    ) -> Result<(), (RateScope, Duration)> {
+        if let (Some(lim), Some(ip)) = (c.per_ip, ip) {
+            self.ips
+                .check(&shared.ip_cells, session, ip, lim, now)
+                .map_err(|w| (RateScope::Ip, w))?;
+        }
+        match &c.cell {
+            Some(g) => g.check(now).map_err(|w| (RateScope::Session, w)),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the cached limits of `session` (its claim changed).
     pub fn forget(&self, session: &str) {
         self.cells.borrow_mut().remove(session);
+        self.ips.forget(session);
+    }
+
+    /// Forgets every cached limit (a reload may have changed them).
+    pub fn forget_all(&self) {
+        self.cells.borrow_mut().clear();
+        self.ips.clear();
     }
 }
 
@@ -313,10 +426,16 @@ mod tests {
         assert_eq!(c.reserve_for(100), 50);
         let g = GatewayLimits::new(c, 1024, 2);
         assert_eq!(g.fd_ceiling, 960);
-        assert_eq!(g.max_conns, 960);
-        assert_eq!(g.max_conns_per_ip, 256);
+        assert_eq!(g.max_conns(), 960);
+        assert_eq!(g.max_conns_per_ip(), 256);
         let g = GatewayLimits::new(LimitsConfig::default(), 65536, 2);
-        assert_eq!(g.max_conns_per_ip, (65536 - 3276) / 4);
+        assert_eq!(g.max_conns_per_ip(), (65536 - 3276) / 4);
+        // A reload resolves the defaults against the same ceiling.
+        g.apply(&LimitsConfig {
+            max_conns: Some(100),
+            ..LimitsConfig::default()
+        });
+        assert_eq!((g.max_conns(), g.max_conns_per_ip()), (100, 256));
     }
 
     #[test]
@@ -351,17 +470,47 @@ mod tests {
     fn one_cell_per_session_across_cores() {
         let g = GatewayLimits::new(LimitsConfig::default(), 1024, 2);
         let (c0, c1) = (CoreLimits::default(), CoreLimits::default());
-        let lim = || Some(rate_with_burst("1/h".parse().unwrap(), Some(3)));
+        let lim = || SessionRates {
+            session: Some(rate_with_burst("1/h".parse().unwrap(), Some(3))),
+            per_ip: None,
+        };
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let ok = (0..4)
             .filter(|i| {
                 let c = if i % 2 == 0 { &c0 } else { &c1 };
-                c.check_rate(&g, "s", lim).is_ok()
+                c.check_rate(&g, "s", Some(ip), lim).is_ok()
             })
             .count();
         assert_eq!(ok, 3);
-        assert!(c0.check_rate(&g, "other", || None).is_ok());
-        g.count_refused(1, "s");
-        g.count_refused(0, "s");
-        assert_eq!(g.refused_by_session(), vec![("s".to_string(), 2)]);
+        let none = SessionRates::default;
+        assert!(c0.check_rate(&g, "other", Some(ip), none).is_ok());
+        g.count_refused(1, "s", RateScope::Session);
+        g.count_refused(0, "s", RateScope::Session);
+        g.count_refused(0, "s", RateScope::Ip);
+        assert_eq!(g.refused_by_session(), vec![("s".to_string(), [2, 1])]);
+    }
+
+    #[test]
+    fn a_client_over_its_rate_does_not_spend_the_sessions() {
+        let g = GatewayLimits::new(LimitsConfig::default(), 1024, 1);
+        let core = CoreLimits::default();
+        let lim = || SessionRates {
+            session: Some(rate_with_burst("1/h".parse().unwrap(), Some(4))),
+            per_ip: Some(rate_with_burst("1/h".parse().unwrap(), Some(2))),
+        };
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let verdicts: Vec<_> = (0..4)
+            .map(|_| core.check_rate(&g, "s", Some(a), lim).map_err(|e| e.0))
+            .collect();
+        assert_eq!(
+            verdicts,
+            vec![Ok(()), Ok(()), Err(RateScope::Ip), Err(RateScope::Ip)]
+        );
+        // The session had 4; `a` spent 2, `b` gets the other 2, then the
+        // session's own rate refuses (an exempt client counts there only).
+        assert!(core.check_rate(&g, "s", Some(b), lim).is_ok());
+        assert!(core.check_rate(&g, "s", None, lim).is_ok());
+        let e = core.check_rate(&g, "s", Some(b), lim).unwrap_err();
+        assert_eq!(e.0, RateScope::Session);
     }
 }

@@ -10,6 +10,8 @@
 //!   table taken at accept and at close, never per request);
 //! - [`rate`]: per-session request rate, one lock-free GCRA cell per
 //!   session shared by all cores;
+//! - [`ip_rate`]: per-client-IP rate within a session, one such cell per
+//!   (session, IP) in a bounded table, cached per core;
 //! - [`strikes`]: failed handshakes per IP and the growing ban that
 //!   follows;
 //! - [`backoff`]: accept-error back-off and log-line rate limiting, so an
@@ -22,12 +24,13 @@
 pub mod backoff;
 pub mod conns;
 pub mod gate;
+pub mod ip_rate;
 pub mod rate;
 pub mod strikes;
 
 pub use backoff::{AcceptBackoff, LogLimiter};
 pub use conns::{ConnPermit, ConnRefusal, ConnTable};
-pub use gate::{GatewayLimits, LimitsConfig};
+pub use gate::{GatewayLimits, LimitsConfig, RateScope, SessionRates};
 pub use rate::Gcra;
 pub use strikes::Strikes;
 

@@ -48,6 +48,12 @@ impl Gcra {
         }
     }
 
+    /// Whether the cell carries no state at `now_ns`: it would admit its
+    /// full burst, exactly like a fresh cell, so it may be forgotten.
+    pub fn idle(&self, now_ns: u64) -> bool {
+        self.tat.load(Ordering::Acquire) <= now_ns
+    }
+
     /// Admits one request at `now_ns` (ns since the epoch all callers
     /// share), or says how long until one would be admitted.
     pub fn check(&self, now_ns: u64) -> Result<(), Duration> {

@@ -34,11 +34,13 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Flags for a quiet, reproducible headless Chromium on a shared machine:
 /// no GPU, no network of its own (updates, sync, QUIC probes), no sandbox
-/// (tests run as root in CI).
-const CHROMIUM_ARGS: [&str; 9] = [
+/// (tests run as root in CI), no reliance on a large /dev/shm
+/// (containers).
+const CHROMIUM_ARGS: [&str; 10] = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-dev-shm-usage",
     "--disable-quic",
     "--no-first-run",
     "--disable-background-networking",

@@ -261,3 +261,30 @@ fn dashboard_says_when_the_gateway_is_gone() {
         "{status}"
     );
 }
+
+#[test]
+fn an_agents_admin_serves_the_page_without_sessions() {
+    let Some(b) = Browser::start("an_agents_admin_serves_the_page_without_sessions") else {
+        return;
+    };
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &[]);
+    // The agent's ready line does not carry its admin address: pick one.
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let _agent = agent(
+        "uring",
+        &gw,
+        "demo",
+        echo.addr("listen"),
+        &["--admin-listen", &admin],
+    );
+    b.goto(&format!("http://{admin}/"));
+    b.wait_for("the agent's data", WAIT, |b| {
+        (b.text_of("#role")? == "agent").then_some(())
+    });
+    assert!(is_hidden(&b, "sessions-panel"));
+    assert_eq!(b.texts("#cores tbody tr").len(), 2);
+}

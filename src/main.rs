@@ -991,7 +991,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 if ringtunnel::signals::take_hangup() {
                     reload_gateway(&gw, &flags, m, &mut running);
                 }
-                std::thread::sleep(Duration::from_millis(50));
+                // Asleep until a signal: an idle gateway's main thread
+                // never wakes.
+                ringtunnel::signals::wait(None);
             }
             eprintln!(
                 "ringtunnel gateway: shutting down (finishing in-flight requests; \
@@ -1095,7 +1097,9 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                     }
                     announced = true;
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // Asleep until a signal or a nudge from the agent's cores
+                // (an uplink accepted, lost or refused).
+                ringtunnel::signals::wait(None);
             }
             eprintln!(
                 "ringtunnel agent: stopping (finishing in-flight requests, up to {} s; \

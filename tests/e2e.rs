@@ -312,6 +312,25 @@ both_drivers!(unknown_host_and_bad_requests, |d| {
     );
 });
 
+/// Nothing polls: an idle gateway and agent sleep until an event or a
+/// timer with work behind it (the 15 s heartbeat) wakes them. Before,
+/// the agent's threads woke ~140 times a second and the gateway's ~20.
+#[test]
+fn idle_gateway_and_agent_do_not_wake_up() {
+    let echo = echo("uring", 0);
+    let gw = gateway("uring", &[]);
+    let agent = agent("uring", &gw, "idle", echo.addr("listen"), &[]);
+    wait_routable(gw.addr("public"), "idle");
+    // Let the start-up settle (connects, first directory messages).
+    std::thread::sleep(Duration::from_millis(500));
+    let (g0, a0) = (gw.wakeups(), agent.wakeups());
+    std::thread::sleep(Duration::from_secs(3));
+    let (g, a) = (gw.wakeups() - g0, agent.wakeups() - a0);
+    // A heartbeat may fall in the window: a few wake-ups, not hundreds.
+    assert!(g <= 10, "gateway woke {g} times in 3 s while idle");
+    assert!(a <= 10, "agent woke {a} times in 3 s while idle");
+}
+
 #[test]
 fn slow_header_gets_408() {
     let echo = echo("uring", 0);

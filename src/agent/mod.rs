@@ -40,6 +40,7 @@ use crate::proto::tcp::CAP_TCP;
 use crate::proto::{
     ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
 };
+use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::WaitList;
 
 pub(crate) struct AgentShared {
@@ -67,6 +68,25 @@ pub(crate) struct AgentShared {
     /// The request inspector's end on the data path (`--inspect`).
     pub(crate) recorder: Option<crate::inspect::Recorder>,
     inspect_addr: Option<std::net::SocketAddr>,
+    /// One per core: wakes the core's lifecycle waits (`AgentCore::events`)
+    /// when `stop` or `total` changes, so nothing polls them.
+    lifecycle: Vec<MailboxSender<()>>,
+}
+
+impl AgentShared {
+    /// `stop` or `total` changed: every core re-checks (and the main
+    /// thread, which reports them).
+    fn changed(&self) {
+        for tx in &self.lifecycle {
+            let _ = tx.send(());
+        }
+        crate::signals::nudge();
+    }
+
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.changed();
+    }
 }
 
 impl crate::admin::StatsSource for AgentShared {
@@ -88,11 +108,31 @@ pub(crate) struct AgentCore {
     pub(crate) running: Cell<usize>,
     pub(crate) waiting: Cell<usize>,
     pub(crate) slot_free: WaitList,
+    /// Lifecycle waiters (the core's spawn loop, uplink keepers), woken
+    /// when `AgentShared::changed` says so or a keeper ends.
+    events: WaitList,
 }
 
 impl AgentCore {
     pub(crate) fn cfg(&self) -> &AgentConfig {
         &self.shared.cfg
+    }
+
+    /// Resolves once `cond` holds; re-checked at every lifecycle event,
+    /// never on a timer.
+    async fn until(&self, cond: impl Fn() -> bool) {
+        std::future::poll_fn(|cx| {
+            if cond() {
+                return std::task::Poll::Ready(());
+            }
+            self.events.register(cx.waker());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+
+    async fn stopped(&self) {
+        self.until(|| self.shared.stop.load(Ordering::SeqCst)).await
     }
 }
 
@@ -138,7 +178,7 @@ impl Agent {
     }
 
     pub fn stop(mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.request_stop();
         if let Some(w) = self.workers.take() {
             w.join();
         }
@@ -153,7 +193,7 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.request_stop();
         if let Some(w) = self.workers.take() {
             w.join();
         }
@@ -298,7 +338,14 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         None => (None, None),
     };
     let n = cfg.cores.cores;
+    let (lifecycle, receivers): (Vec<_>, Vec<_>) = (0..n)
+        .map(|_| {
+            let (tx, rx) = mailbox::<()>();
+            (tx, Some(rx))
+        })
+        .unzip();
     let shared = Arc::new(AgentShared {
+        lifecycle,
         public: OnceLock::new(),
         gateway_host: host_of(&gateway_text),
         recorder,
@@ -319,8 +366,13 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
     }
     let sh = shared.clone();
-    let workers =
-        crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| core_main(i, sh.clone()))?;
+    let receivers = std::sync::Mutex::new(receivers);
+    let workers = crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| {
+        let rx = receivers.lock().unwrap_or_else(|e| e.into_inner())[i]
+            .take()
+            .expect("one receiver per core");
+        core_main(i, sh.clone(), rx)
+    })?;
     Ok(Agent {
         shared,
         workers: Some(workers),
@@ -338,7 +390,7 @@ fn warn_if_nothing_listens(backend: std::net::SocketAddr, to: &str) {
     }
 }
 
-async fn core_main(index: usize, shared: Arc<AgentShared>) {
+async fn core_main(index: usize, shared: Arc<AgentShared>, events: MailboxReceiver<()>) {
     let core = Rc::new(AgentCore {
         index,
         stats: shared.stats[index].clone(),
@@ -347,20 +399,27 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
         running: Cell::new(0),
         waiting: Cell::new(0),
         slot_free: WaitList::new(),
+        events: WaitList::new(),
+    });
+    // Lifecycle messages from other threads wake this core's waiters. The
+    // task is dropped with the runtime when this function returns.
+    let c = core.clone();
+    crate::runtime::spawn_isolated("agent-lifecycle", async move {
+        while events.recv().await.is_some() {
+            c.events.wake_all();
+        }
     });
     let cores = shared.cfg.cores.cores;
     // Until the first ACCEPT says how many cores the gateway has, only
     // uplink 0 connects; then every core opens its share.
-    let mut total = shared.total.load(Ordering::SeqCst);
-    while total == 0 {
-        if index == 0 {
-            break;
-        }
+    if index != 0 {
+        core.until(|| {
+            shared.total.load(Ordering::SeqCst) != 0 || shared.stop.load(Ordering::SeqCst)
+        })
+        .await;
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        monoio::time::sleep(Duration::from_millis(20)).await;
-        total = shared.total.load(Ordering::SeqCst);
     }
     let live = Rc::new(Cell::new(0usize));
     let mut next = index;
@@ -372,20 +431,24 @@ async fn core_main(index: usize, shared: Arc<AgentShared>) {
             let k = next;
             l.set(l.get() + 1);
             crate::runtime::spawn_isolated("uplink-keeper", async move {
-                keep_uplink(c, k).await;
+                keep_uplink(c.clone(), k).await;
                 l.set(l.get() - 1);
+                c.events.wake_all();
             });
             next += cores;
         }
         if shared.stop.load(Ordering::SeqCst) {
             break;
         }
-        monoio::time::sleep(Duration::from_millis(50)).await;
+        // Woken when `total` grows (first ACCEPT) or the agent stops.
+        let seen = total;
+        core.until(|| {
+            shared.total.load(Ordering::SeqCst).max(1) != seen || shared.stop.load(Ordering::SeqCst)
+        })
+        .await;
     }
     // Own the tasks until they end (block_on would drop them otherwise).
-    while live.get() > 0 {
-        monoio::time::sleep(Duration::from_millis(20)).await;
-    }
+    core.until(|| live.get() == 0).await;
 }
 
 /// Connects, handshakes and serves uplink `k` until stopped; reconnects
@@ -401,16 +464,18 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
             Ok(up) => {
                 backoff = Duration::from_millis(100);
                 core.shared.connected.fetch_add(1, Ordering::SeqCst);
-                // Poll for stop while the uplink lives.
-                while !up.is_closed() {
-                    if core.shared.stop.load(Ordering::SeqCst) {
-                        drain(&core, &up).await;
-                        break;
-                    }
-                    let _ =
-                        monoio::time::timeout(Duration::from_millis(100), up.wait_closed()).await;
+                crate::signals::nudge();
+                // Until the uplink closes or the agent stops (both are
+                // events: no polling while it lives).
+                let stopping = monoio::select! {
+                    _ = up.wait_closed() => false,
+                    _ = core.stopped() => true,
+                };
+                if stopping && !up.is_closed() {
+                    drain(&core, &up).await;
                 }
                 core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+                crate::signals::nudge();
                 if core.shared.stop.load(Ordering::SeqCst) {
                     tracing::debug!(uplink = k, "uplink closed: agent stopping");
                     return;
@@ -459,11 +524,9 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
             core.shared.gateway,
             wait.as_secs_f64()
         );
-        let mut slept = Duration::ZERO;
-        while slept < wait && !core.shared.stop.load(Ordering::SeqCst) {
-            let step = (wait - slept).min(Duration::from_millis(50));
-            monoio::time::sleep(step).await;
-            slept += step;
+        monoio::select! {
+            _ = monoio::time::sleep(wait) => {}
+            _ = core.stopped() => {}
         }
         backoff = (backoff * 2).min(core.cfg().reconnect_max);
     }
@@ -512,7 +575,7 @@ fn give_up(core: &AgentCore, why: String) {
     if let Ok(mut g) = core.shared.fatal.lock() {
         g.get_or_insert(why);
     }
-    core.shared.stop.store(true, Ordering::SeqCst);
+    core.shared.request_stop();
 }
 
 enum ConnectError {
@@ -654,10 +717,15 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let _ = core.shared.public.set(acc.public.clone());
     if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
-        let _ = core
+        if core
             .shared
             .total
-            .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst);
+            .compare_exchange(0, t, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            // The other cores wait for this to open their uplinks.
+            core.shared.changed();
+        }
     }
     tracing::info!(
         core = core.index,

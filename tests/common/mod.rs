@@ -647,6 +647,24 @@ pub fn tag_backend(tag: &str) -> SocketAddr {
 // ---------------------------------------------------------------------
 
 impl Proc {
+    /// Context switches of all the process's threads so far (voluntary and
+    /// not): each sleep that ends, a wake-up.
+    pub fn wakeups(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .map(|t| {
+                let s = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+                s.lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// Open file descriptors of the process (`/proc/PID/fd` entries).
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))

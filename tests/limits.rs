@@ -101,6 +101,27 @@ fn per_ip_limit_refuses_the_extra_connection_only() {
 }
 
 #[test]
+fn default_per_ip_cap_leaves_loopback_clients_alone() {
+    // --max-conns 600: the default per-IP cap is 256 (its floor), which a
+    // local load generator or proxy on 127.0.0.1 must not meet.
+    let echo = echo(DRIVER, 0);
+    let gw = gateway(DRIVER, &["--max-conns", "600"]);
+    let _agent = agent(DRIVER, &gw, "demo", echo.addr("listen"), &[]);
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_routable(public, "demo");
+    wait_admitted(admin, 0);
+    let before = errors(admin, "conn_limit");
+    let mut held: Vec<TcpStream> = (0..300).map(|_| connect(public)).collect();
+    for s in held.iter_mut().step_by(50) {
+        assert_eq!(get_on(s, "demo"), 200);
+    }
+    wait_admitted(admin, 300);
+    assert_eq!(errors(admin, "conn_limit"), before);
+    drop(held);
+    wait_admitted(admin, 0);
+}
+
+#[test]
 fn total_limit_counts_across_cores() {
     let echo = echo(DRIVER, 0);
     let gw = gateway(DRIVER, &["--max-conns", "4"]);

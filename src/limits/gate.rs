@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,9 @@ pub struct GatewayLimits {
     /// Public accepts stop at this fd number (RLIMIT_NOFILE - reserve).
     pub fd_ceiling: u64,
     pub strikes: Strikes,
+    /// Whether loopback clients skip the per-IP cap: while it is the
+    /// default one (no `--max-conns-per-ip`); a reload may change it.
+    loopback_exempt: AtomicBool,
     /// Time origin of the rate cells.
     epoch: Instant,
     /// session -> its cell; taken the first time a core sees a session.
@@ -184,6 +188,7 @@ impl GatewayLimits {
         GatewayLimits {
             conns: ConnTable::new(max_conns, max_conns_per_ip),
             fd_ceiling,
+            loopback_exempt: AtomicBool::new(cfg.max_conns_per_ip.is_none()),
             strikes: Strikes::new(cfg.strikes),
             epoch: Instant::now(),
             cells: Mutex::new(HashMap::new()),
@@ -211,6 +216,8 @@ impl GatewayLimits {
     pub fn apply(&self, cfg: &LimitsConfig) {
         let (total, per_ip) = conn_limits(cfg, self.fd_ceiling);
         self.conns.set_limits(total, per_ip);
+        self.loopback_exempt
+            .store(cfg.max_conns_per_ip.is_none(), Ordering::Relaxed);
     }
 
     /// Admits a public connection whose accepted fd is `fd`. The kernel
@@ -227,7 +234,12 @@ impl GatewayLimits {
         if fd as u64 + 1 >= self.fd_ceiling {
             return Err(ErrorKind::FdReserve);
         }
-        self.conns.acquire(ip, !trusted_proxy).map_err(|r| match r {
+        // The default per-IP cap is for remote hosts: a loopback client is
+        // the gateway's own host (a local proxy, a load generator), which
+        // could take every slot anyway. A cap set explicitly applies to it.
+        let loopback_exempt = self.loopback_exempt.load(Ordering::Relaxed) && ip.is_loopback();
+        let per_ip = !trusted_proxy && !loopback_exempt;
+        self.conns.acquire(ip, per_ip).map_err(|r| match r {
             ConnRefusal::Total | ConnRefusal::PerIp => ErrorKind::ConnLimit,
         })
     }
@@ -447,6 +459,40 @@ mod tests {
             g.admit_public(959, ip, false).err(),
             Some(ErrorKind::FdReserve)
         );
+    }
+
+    #[test]
+    fn default_per_ip_cap_spares_loopback_an_explicit_one_does_not() {
+        let cfg = |per_ip| LimitsConfig {
+            max_conns_per_ip: per_ip,
+            ..LimitsConfig::default()
+        };
+        let (lo, remote): (IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "192.0.2.7".parse().unwrap());
+        // Default cap: 256 (the floor) on a 1024-fd gateway.
+        let g = GatewayLimits::new(cfg(None), 1024, 1);
+        let mut held = Vec::new();
+        for fd in 0..300 {
+            held.push(g.admit_public(10 + fd, lo, false).expect("loopback spared"));
+        }
+        for fd in 0..256 {
+            held.push(g.admit_public(400 + fd, remote, false).unwrap());
+        }
+        assert_eq!(
+            g.admit_public(700, remote, false).err(),
+            Some(ErrorKind::ConnLimit)
+        );
+        drop(held);
+        // Set explicitly, it applies to loopback too; a reload back to the
+        // default spares it again.
+        let g = GatewayLimits::new(cfg(Some(2)), 1024, 1);
+        let _a = (g.admit_public(10, lo, false), g.admit_public(11, lo, false));
+        assert_eq!(
+            g.admit_public(12, lo, false).err(),
+            Some(ErrorKind::ConnLimit)
+        );
+        g.apply(&cfg(None));
+        assert!(g.admit_public(12, lo, false).is_ok());
     }
 
     #[test]

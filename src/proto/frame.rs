@@ -385,7 +385,7 @@ mod tests {
             max_frame: 256 * 1024,
             stream_window: 256 * 1024,
             conn_window: 16 * 1024 * 1024,
-            max_streams: 4096,
+            max_streams: 16384,
             capabilities: 0,
             tcp: Vec::new(),
             public: None,
@@ -513,7 +513,7 @@ mod tests {
             0, 4, 0, 0,  // max_frame 256 KiB
             0, 4, 0, 0,  // stream_window 256 KiB (the default)
             1, 0, 0, 0,  // conn_window 16 MiB
-            0, 0, 16, 0, // max_streams 4096
+            0, 0, 64, 0, // max_streams 16384 (the default)
             0, 0, 0, 0,  // capabilities: none enabled
         ];
         assert_eq!(enc(&Frame::accept(&sample_accept())), want);

@@ -15,8 +15,14 @@ use std::time::Duration;
 pub const DEFAULT_STREAM_WINDOW: u32 = 256 * 1024;
 /// Default initial credit per uplink, in each direction.
 pub const DEFAULT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
-/// Default limit on concurrent streams per uplink.
-pub const DEFAULT_MAX_STREAMS: u32 = 4096;
+/// Default limit on concurrent streams per uplink. Sized so that one
+/// uplink alone carries 10000 concurrent requests of a session (a public
+/// request is served on the core that accepted it, over that core's
+/// uplink, and the kernel may put most connections on one core), with
+/// room to spare; the memory behind streams is bounded by the uplink's
+/// credit (`DEFAULT_CONN_WINDOW`), not by this count. Shedding (503) is
+/// then for a backend that cannot keep up, not for the default.
+pub const DEFAULT_MAX_STREAMS: u32 = 16384;
 /// Default largest frame payload (must cover the 64 KiB head limit).
 pub const DEFAULT_MAX_FRAME: u32 = 256 * 1024;
 

@@ -484,22 +484,35 @@ both_drivers!(
             &["--uplinks", "1"],
         );
         let base = baseline(&gw, admin);
-        // Held open together, so both cores' accepts are busy.
-        let conns: Vec<TcpStream> = (0..40).map(|_| public(p0)).collect();
-        for (i, c) in conns.iter().enumerate() {
-            let mut r = BufReader::new(c.try_clone().unwrap());
-            assert!(read_line(&mut r).starts_with("SSH-2.0"), "connection {i}");
-            (&*c).write_all(format!("ping {i}\n").as_bytes()).unwrap();
-            assert_eq!(read_line(&mut r), format!("pong {i}\n"));
+        // Which core's accept the kernel wakes is its choice: batches of
+        // 40, held open together and each served, until one was handed
+        // off (at most 10 batches).
+        let (mut handoffs, mut served) = (0, 0u64);
+        for _ in 0..10 {
+            let conns: Vec<TcpStream> = (0..40).map(|_| public(p0)).collect();
+            for (i, c) in conns.iter().enumerate() {
+                let mut r = BufReader::new(c.try_clone().unwrap());
+                assert!(read_line(&mut r).starts_with("SSH-2.0"), "connection {i}");
+                (&*c).write_all(format!("ping {i}\n").as_bytes()).unwrap();
+                assert_eq!(read_line(&mut r), format!("pong {i}\n"));
+            }
+            served += 40;
+            let m = metrics(admin);
+            handoffs = metric_sum(&m, "ringtunnel_gateway_handoffs_total", "core=");
+            if handoffs > 0 {
+                break;
+            }
         }
-        let m = metrics(admin);
-        let handoffs = metric_sum(&m, "ringtunnel_gateway_handoffs_total", "core=");
-        eprintln!("{driver}: {handoffs} of 40 TCP connections handed off");
-        // The kernel wakes either core's accept (measured: 19 to 40 of 40
-        // land on the core without the uplink): the handoff path ran.
-        assert!(handoffs > 0, "no connection was handed off");
-        assert_eq!(metric(admin, "ringtunnel_tcp_connections_total"), 40);
-        drop(conns);
+        eprintln!("{driver}: {handoffs} of {served} TCP connections handed off");
+        assert_eq!(metric(admin, "ringtunnel_tcp_connections_total"), served);
+        // io_uring queues the cores' accepts in turn (measured: 9 to 40 of
+        // 40 land on the core without the uplink). epoll wakes both cores
+        // and the first to run wins, which on a loaded machine can be the
+        // same core for a whole run: there the connections above must be
+        // served, but a handoff is not guaranteed.
+        if driver == "uring" {
+            assert!(handoffs > 0, "no connection was handed off");
+        }
         back_to_baseline(&gw, base, Some(&a));
     }
 );

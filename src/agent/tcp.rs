@@ -17,7 +17,7 @@ use bytes::Bytes;
 use monoio::net::TcpStream;
 
 use super::AgentCore;
-use crate::io::stats::{CoreStats, ErrorKind};
+use crate::io::stats::ErrorKind;
 use crate::io::uplink::Stream;
 use crate::proto::tcp::{TcpOpen, TCP_CONNECTED};
 use crate::proto::ErrorCode;
@@ -98,7 +98,6 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
             Err(_) => return connect_failed(&core, &stream, target, "connect timed out"),
         };
     let _ = sock.set_nodelay(true);
-    CoreStats::inc(&core.stats.requests);
     stream.send_head(Bytes::from_static(TCP_CONNECTED));
     let r = crate::io::relay::tcp_relay(sock, &stream, None, cfg.backend_timeout).await;
     tracing::debug!(

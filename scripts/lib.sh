@@ -265,7 +265,7 @@ rt_agent() {
   local name=$1 tunnel=$2 session=$3 backend=$4
   shift 4
   rt_start "$name" env RUST_LOG="${RUST_LOG:-info}" "$RT_BIN" agent \
-    --gateway "$tunnel" --session "$session" --to "$backend" "$@"
+    --gateway "$tunnel" --session "$session" --to "$backend" --quiet "$@"
   RT_AGENT_PID=$RT_LAST_PID
   rt_wait_ready "$name" "ringtunnel agent ready"
 }

@@ -78,22 +78,33 @@ pub fn start_with(
     src: Arc<dyn StatsSource>,
     opts: AdminOptions,
 ) -> std::io::Result<SocketAddr> {
+    serve_blocking("admin", addr, move |conn| handle(conn, &*src, &opts))
+}
+
+/// Binds `addr` and serves it on a service thread named `name` until the
+/// process ends, one connection at a time, each read and write bounded by
+/// [`CONN_DEADLINE`]. Returns the bound address.
+pub(crate) fn serve_blocking(
+    name: &'static str,
+    addr: &str,
+    mut handle: impl FnMut(std::net::TcpStream) + Send + 'static,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("cannot listen on admin address {addr}: {e}"),
+            format!("cannot listen on {name} address {addr}: {e}"),
         )
     })?;
     let local = listener.local_addr()?;
-    crate::runtime::spawn_service_thread("admin", move || {
-        let mut backoff = crate::limits::AcceptBackoff::new("admin");
+    crate::runtime::spawn_service_thread(name, move || {
+        let mut backoff = crate::limits::AcceptBackoff::new(name);
         loop {
             match listener.accept() {
                 Ok((conn, _)) => {
                     backoff.succeeded();
                     let _ = conn.set_read_timeout(Some(CONN_DEADLINE));
                     let _ = conn.set_write_timeout(Some(CONN_DEADLINE));
-                    handle(conn, &*src, &opts);
+                    handle(conn);
                 }
                 // At EMFILE the connection stays queued and accept fails
                 // at once, forever: wait instead of spinning.
@@ -108,12 +119,16 @@ pub fn start_with(
 /// `admin_requests` in `/stats`, e.g. to see a dashboard's polls.
 static ADMIN_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOptions) {
-    let mut buf = [0u8; 4096];
+/// Reads a request head into `buf` (until its empty line, a full buffer,
+/// EOF or `deadline`); the bytes read. The socket's timeout bounds each
+/// read; the deadline bounds them all (a client trickling one byte per
+/// second).
+pub(crate) fn read_head(
+    conn: &mut std::net::TcpStream,
+    buf: &mut [u8],
+    deadline: Instant,
+) -> usize {
     let mut got = 0;
-    // The socket timeout bounds each read; this bounds them all (a client
-    // trickling one byte per second).
-    let deadline = Instant::now() + CONN_DEADLINE;
     while got < buf.len() && Instant::now() < deadline {
         match conn.read(&mut buf[got..]) {
             Ok(0) | Err(_) => break,
@@ -125,6 +140,12 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
             }
         }
     }
+    got
+}
+
+fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOptions) {
+    let mut buf = [0u8; 4096];
+    let got = read_head(&mut conn, &mut buf, Instant::now() + CONN_DEADLINE);
     ADMIN_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let line = String::from_utf8_lossy(&buf[..got]);
     let target = line.split_whitespace().nth(1).unwrap_or("/");
@@ -172,7 +193,7 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
 
 /// Writes what the peer takes before `deadline`; a peer that stops
 /// reading is dropped (each write is bounded by the socket's timeout).
-fn write_until(conn: &mut std::net::TcpStream, mut data: &[u8], deadline: Instant) {
+pub(crate) fn write_until(conn: &mut std::net::TcpStream, mut data: &[u8], deadline: Instant) {
     while !data.is_empty() && Instant::now() < deadline {
         match conn.write(data) {
             Ok(0) | Err(_) => return,

@@ -29,6 +29,8 @@ pub mod defaults {
     pub const HOLD_QUEUE: usize = 1024;
     /// How long a stopping agent lets its streams finish.
     pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Public connections at once per TCP tunnel port.
+    pub const TCP_MAX_CONNS_PER_PORT: usize = 1024;
 
     // Limits (`crate::limits`). --max-conns and --fd-reserve default to
     // values derived from RLIMIT_NOFILE at start-up.
@@ -193,6 +195,12 @@ pub struct GatewayConfig {
     pub https_listen: Option<String>,
     /// Its certificates, chosen by SNI; the first is the default.
     pub https_certs: Vec<crate::sni::CertFiles>,
+    /// Ports agents may open raw TCP tunnels on (`--tcp-ports`); empty =
+    /// no TCP tunnels.
+    pub tcp_ports: crate::proto::tcp::PortRanges,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once.
+    pub tcp_max_conns_per_port: usize,
 }
 
 impl Default for GatewayConfig {
@@ -225,6 +233,8 @@ impl Default for GatewayConfig {
             admin_token: None,
             https_listen: None,
             https_certs: Vec::new(),
+            tcp_ports: crate::proto::tcp::PortRanges::none(),
+            tcp_max_conns_per_port: defaults::TCP_MAX_CONNS_PER_PORT,
         }
     }
 }
@@ -290,6 +300,9 @@ impl GatewayConfig {
                 "--hold-queue must be at least 1 (use --session-lease 0 to never hold requests)"
                     .into(),
             );
+        }
+        if self.tcp_max_conns_per_port == 0 {
+            return Err("--tcp-max-conns-per-port must be at least 1".into());
         }
         if self.admin_token.as_deref() == Some("") {
             return Err("--admin-token must not be empty".into());
@@ -386,6 +399,12 @@ pub struct AgentConfig {
     /// derived from host name, session and backend, so a restarted agent
     /// is the same owner.
     pub agent_id: Option<u64>,
+    /// Raw TCP tunnels to ask the gateway for (`--tcp`).
+    pub tcp: Vec<crate::proto::tcp::TcpSpec>,
+    /// No line per request (`--quiet`).
+    pub quiet: bool,
+    /// The request inspector (`--inspect ADDR`), off when `None`.
+    pub inspect: Option<crate::inspect::InspectConfig>,
 }
 
 impl Default for AgentConfig {
@@ -409,6 +428,9 @@ impl Default for AgentConfig {
             tls: None,
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
+            tcp: Vec::new(),
+            quiet: false,
+            inspect: None,
         }
     }
 }
@@ -416,6 +438,9 @@ impl Default for AgentConfig {
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        if let Some(i) = &self.inspect {
+            i.validate()?;
+        }
         if !crate::proto::valid_session_name(&self.session) {
             return Err(format!(
                 "--session {:?}: 1..=63 characters of a-z, 0-9 and '-', not starting or ending with '-'",
@@ -427,6 +452,12 @@ impl AgentConfig {
         }
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
+        }
+        if self.tcp.len() > crate::proto::tcp::MAX_TCP_TUNNELS {
+            return Err(format!(
+                "--tcp: at most {} TCP tunnels per agent",
+                crate::proto::tcp::MAX_TCP_TUNNELS
+            ));
         }
         if let Some(t) = &self.tls {
             if t.cert.is_some() != t.key.is_some() {

@@ -70,7 +70,13 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     let public = gw.public_addr();
     println!("ringtunnel demo: echo backend {}, gateway {} (admin {}), agent with {} uplinks, session 'demo'",
         echo.addr(), public, gw.admin_addr().map(|x| x.to_string()).unwrap_or_default(), agent.connected_uplinks());
-    println!("try:  curl -H 'Host: demo' http://{public}/headers");
+    let lifetime = if a.serve {
+        "until Ctrl-C"
+    } else {
+        "while the benchmark below runs; --serve keeps serving after it until Ctrl-C"
+    };
+    println!("try ({lifetime}):");
+    println!("      curl -H 'Host: demo' http://{public}/headers");
     println!("      curl -H 'Host: demo' http://{public}/bytes/1048576 | wc -c");
     println!();
 
@@ -129,13 +135,20 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             &format!("direct  {direct}")
         )
     );
+    println!(
+        "columns: rps = requests per second; p50 / p99 = median and 99th percentile latency;\n  \
+         A/B = tunnel divided by direct (1.00x: no cost); A-B = what the tunnel adds, in ms;\n  \
+         errors = connect/timeout/5xx/other failures on each side"
+    );
     println!("gateway uplink writer, per tunnel row (warmup included):");
     for l in &writer_lines {
         println!("  {l}");
     }
     if a.serve {
-        println!("serving; Ctrl-C to stop");
+        println!("serving on http://{public} (Host: demo); Ctrl-C to stop");
         crate::signals::wait_for_termination();
+    } else {
+        println!("done: the demo's servers stop now (--serve keeps them up until Ctrl-C)");
     }
     agent.stop();
     gw.shutdown();

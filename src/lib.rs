@@ -54,6 +54,7 @@ pub mod demo;
 pub mod echo;
 pub mod gateway;
 pub mod http;
+pub mod inspect;
 pub mod io;
 pub mod limits;
 pub mod proto;

@@ -46,6 +46,10 @@ enum Cmd {
     Gateway(GatewayArgs),
     /// Connects to a gateway, claims a session, forwards to a backend.
     Agent(AgentArgs),
+    /// One-liner agent: `ringtunnel http 3000` exposes 127.0.0.1:3000 under
+    /// a generated name (defaults from RINGTUNNEL_GATEWAY, RINGTUNNEL_TOKEN
+    /// and ~/.config/ringtunnel/agent.toml).
+    Http(HttpArgs),
     /// Built-in httpbin-like backend for tests, demos and benchmarks.
     Echo(EchoArgs),
     /// Load generator (closed/open loop, sweeps, ramps, comparisons).
@@ -97,9 +101,10 @@ struct GatewayArgs {
     /// Public HTTP listen address.
     #[arg(long, default_value = "0.0.0.0:8080")]
     listen: String,
-    /// Uplink (agent) listen address.
-    #[arg(long, default_value = "0.0.0.0:7000")]
-    tunnel_listen: String,
+    /// Uplink (agent) listen address [default: 0.0.0.0:7000 with
+    /// --tunnel-tls-cert, else 127.0.0.1:7000].
+    #[arg(long)]
+    tunnel_listen: Option<String>,
     /// Admin endpoint (/metrics, /stats); "off" disables it.
     #[arg(long, default_value = "127.0.0.1:9090")]
     admin_listen: String,
@@ -112,7 +117,7 @@ struct GatewayArgs {
     #[arg(long)]
     default_session: Option<String>,
     /// Token(s) agents must present, comma separated [env RINGTUNNEL_TOKEN; none = open].
-    #[arg(long, env = "RINGTUNNEL_TOKEN")]
+    #[arg(long, env = "RINGTUNNEL_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Largest request head accepted (bytes); larger gets 431.
     #[arg(long, default_value_t = 64 * 1024)]
@@ -199,6 +204,14 @@ struct GatewayArgs {
     https_certs: Vec<ringtunnel::sni::CertFiles>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Ports agents may open raw TCP tunnels on: "20000-20999",
+    /// "20000-20099,21000", or "none" (no TCP tunnels).
+    #[arg(long, default_value = "none")]
+    tcp_ports: String,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once (counted).
+    #[arg(long, default_value_t = cfgdef::TCP_MAX_CONNS_PER_PORT)]
+    tcp_max_conns_per_port: usize,
 }
 
 /// The gateway's limits (README, "Limits").
@@ -238,7 +251,7 @@ struct LimitArgs {
     #[arg(long)]
     session_burst: Option<u32>,
     /// Bearer token the admin endpoint requires [env RINGTUNNEL_ADMIN_TOKEN].
-    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN")]
+    #[arg(long, env = "RINGTUNNEL_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
     /// Requests per client IP within each session, e.g. 10/s (a token
     /// rule's rate_per_ip wins; trusted proxies exempt) [default:
@@ -286,8 +299,8 @@ struct AgentArgs {
     /// Print the effective configuration as TOML (token masked), then exit.
     #[arg(long)]
     print_config: bool,
-    /// Gateway tunnel address.
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    /// Gateway tunnel address [env RINGTUNNEL_GATEWAY].
+    #[arg(long, env = "RINGTUNNEL_GATEWAY", default_value = "127.0.0.1:7000")]
     gateway: String,
     /// Session name to claim (required, here or in --config).
     #[arg(long)]
@@ -317,8 +330,18 @@ struct AgentArgs {
     #[arg(long, default_value_t = cfgdef::HANDSHAKE_TIMEOUT.as_secs_f64())]
     handshake_timeout: f64,
     /// Token presented to the gateway [env RINGTUNNEL_TOKEN].
-    #[arg(long, env = "RINGTUNNEL_TOKEN", default_value = "")]
+    #[arg(
+        long,
+        env = "RINGTUNNEL_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     token: String,
+    /// File holding the token (its first line), e.g. a systemd credential
+    /// ($CREDENTIALS_DIRECTORY/token); beats RINGTUNNEL_TOKEN and the
+    /// config file's `token`.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
     /// Seconds in-flight requests get to finish on SIGTERM (after GOAWAY).
     #[arg(long, default_value_t = cfgdef::AGENT_SHUTDOWN_GRACE.as_secs_f64())]
     shutdown_grace: f64,
@@ -349,6 +372,146 @@ struct AgentArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Expose a local TCP service through the gateway: PORT or HOST:PORT,
+    /// optionally =PUBLIC_PORT (else the gateway picks one); repeatable.
+    #[arg(long)]
+    tcp: Vec<String>,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// What the agent shows: request lines and the inspector.
+#[derive(Args, Clone)]
+struct ShowArgs {
+    /// No line per request.
+    #[arg(long)]
+    quiet: bool,
+    /// Request inspector (page, JSON API, replay) on this address, e.g.
+    /// 127.0.0.1:4040 [default: off].
+    #[arg(long)]
+    inspect: Option<String>,
+    /// Requests the inspector keeps.
+    #[arg(long, default_value_t = 100)]
+    inspect_max: usize,
+    /// Bytes kept of each request and response body.
+    #[arg(long, default_value_t = 1024)]
+    inspect_body_bytes: usize,
+    /// Header whose value the inspector masks, besides Authorization,
+    /// Proxy-Authorization, Cookie and Set-Cookie (repeatable, or comma
+    /// separated).
+    #[arg(long, value_delimiter = ',')]
+    inspect_mask: Vec<String>,
+}
+
+impl ShowArgs {
+    fn inspect(&self) -> Option<ringtunnel::inspect::InspectConfig> {
+        self.inspect
+            .as_ref()
+            .map(|l| ringtunnel::inspect::InspectConfig {
+                listen: l.clone(),
+                max: self.inspect_max,
+                body_bytes: self.inspect_body_bytes,
+                mask: self.inspect_mask.clone(),
+            })
+    }
+}
+
+/// `ringtunnel http PORT`: an agent with defaults for a quick try.
+#[derive(Args, Clone)]
+struct HttpArgs {
+    /// The local app: a port (3000), host:port, or http://host:port.
+    to: String,
+    /// Session name [default: generated, e.g. brave-otter-3f2a].
+    #[arg(long)]
+    name: Option<String>,
+    /// Gateway tunnel address [env RINGTUNNEL_GATEWAY, then the user
+    /// config file, then 127.0.0.1:7000].
+    #[arg(long, env = "RINGTUNNEL_GATEWAY")]
+    gateway: Option<String>,
+    /// Token [env RINGTUNNEL_TOKEN, then the user config file].
+    #[arg(long, env = "RINGTUNNEL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Agent config file [default: $XDG_CONFIG_HOME/ringtunnel/agent.toml,
+    /// else ~/.config/ringtunnel/agent.toml, when it exists].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// TLS to the gateway (system roots).
+    #[arg(long)]
+    tls: bool,
+    /// TLS, trusting only this CA (PEM).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Worker cores [default: all].
+    #[arg(long)]
+    cores: Option<usize>,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// The user's agent config file, if there is one: `ringtunnel http` reads
+/// it without being told (XDG base directory rules).
+fn user_agent_file() -> Option<PathBuf> {
+    let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME")?).join(".config"),
+    };
+    let path = base.join("ringtunnel").join("agent.toml");
+    path.is_file().then_some(path)
+}
+
+/// The command line of the equivalent `ringtunnel agent`: the one-liner
+/// is that, with a generated name and the user's file as `--config`, so
+/// both share every rule (precedence, validation, output).
+fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
+    let mut argv: Vec<std::ffi::OsString> = vec!["ringtunnel".into(), "agent".into()];
+    let mut push = |flag: &str, v: std::ffi::OsString| {
+        argv.push(flag.into());
+        argv.push(v);
+    };
+    push("--to", h.to.clone().into());
+    let file = h.config.clone().or_else(user_agent_file);
+    let file_session = match &file {
+        Some(p) => config_file::load::<AgentFile>(p)?.session,
+        None => None,
+    };
+    if let Some(p) = &file {
+        push("--config", p.clone().into());
+    }
+    match (&h.name, file_session) {
+        (Some(n), _) => push("--session", n.into()),
+        (None, Some(_)) => {}
+        (None, None) => push("--session", ringtunnel::agent::generated_name().into()),
+    }
+    if let Some(g) = &h.gateway {
+        push("--gateway", g.into());
+    }
+    if let Some(t) = &h.token {
+        push("--token", t.into());
+    }
+    if let Some(c) = &h.ca {
+        push("--ca", c.clone().into());
+    }
+    if let Some(c) = h.cores {
+        push("--cores", c.to_string().into());
+    }
+    if let Some(i) = &h.show.inspect {
+        push("--inspect", i.into());
+        push("--inspect-max", h.show.inspect_max.to_string().into());
+        push(
+            "--inspect-body-bytes",
+            h.show.inspect_body_bytes.to_string().into(),
+        );
+    }
+    for m in &h.show.inspect_mask {
+        push("--inspect-mask", m.into());
+    }
+    if h.tls {
+        argv.push("--tls".into());
+    }
+    if h.show.quiet {
+        argv.push("--quiet".into());
+    }
+    Ok(argv)
 }
 
 #[derive(Args)]
@@ -471,7 +634,8 @@ fn gateway_args(
         hold_queue, body_idle_timeout,
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
-        insecure_plaintext, trusted_proxies, proxy_protocol);
+        insecure_plaintext, trusted_proxies, proxy_protocol, tcp_ports,
+        tcp_max_conns_per_port);
     lay_under!(m, f, a; https_listen, https_cert, https_key);
     a.https_certs = f
         .https_certs
@@ -513,7 +677,7 @@ fn gateway_args(
 fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
     GatewayFile {
         listen: Some(a.listen.clone()),
-        tunnel_listen: Some(a.tunnel_listen.clone()),
+        tunnel_listen: Some(tunnel_listen(a)),
         admin_listen: Some(a.admin_listen.clone()),
         cores: Some(a.core.cores().cores),
         pin: Some(a.core.pin && !a.core.no_pin),
@@ -566,7 +730,20 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         rate_per_ip: a.limits.rate_per_ip.map(|r| r.to_string()),
         burst_per_ip: a.limits.burst_per_ip,
         rate_ip_table: Some(a.limits.rate_ip_table),
+        tcp_ports: Some(a.tcp_ports.clone()),
+        tcp_max_conns_per_port: Some(a.tcp_max_conns_per_port),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
+    }
+}
+
+/// The tunnel listener. Left to its default, it faces the network only
+/// with TLS: a plaintext one stays on loopback, so `ringtunnel gateway`
+/// alone starts (a local trial) instead of refusing a plaintext 0.0.0.0.
+fn tunnel_listen(a: &GatewayArgs) -> String {
+    match (&a.tunnel_listen, &a.tunnel_tls_cert) {
+        (Some(l), _) => l.clone(),
+        (None, Some(_)) => "0.0.0.0:7000".into(),
+        (None, None) => "127.0.0.1:7000".into(),
     }
 }
 
@@ -585,9 +762,10 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         })
         .unwrap_or_default();
     tokens.extend(file_rules);
+    let tunnel_listen = tunnel_listen(&a);
     Ok(GatewayConfig {
         listen: a.listen,
-        tunnel_listen: a.tunnel_listen,
+        tunnel_listen,
         admin_listen: (a.admin_listen != "off").then_some(a.admin_listen),
         cores: a.core.cores(),
         domain: a.domain,
@@ -635,7 +813,24 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
             .into_iter()
             .chain(a.https_certs)
             .collect(),
+        tcp_ports: ringtunnel::proto::tcp::PortRanges::parse(&a.tcp_ports)
+            .map_err(|e| format!("--tcp-ports {}: {e}", a.tcp_ports))?,
+        tcp_max_conns_per_port: a.tcp_max_conns_per_port,
     })
+}
+
+/// The token in `path`: its first line, without surrounding blanks.
+fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    if token.is_empty() {
+        return Err(format!(
+            "--token-file {}: the file is empty",
+            path.display()
+        ));
+    }
+    Ok(token.to_string())
 }
 
 /// The agent's flags with `--config` laid under them.
@@ -647,7 +842,10 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
     lay_under!(m, f, a;
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
-        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key);
+        heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key,
+        token_file, tcp);
+    lay_under!(m, f, a.show;
+        quiet, inspect, inspect_max, inspect_body_bytes, inspect_mask);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
     if a.cert.is_some() != a.key.is_some() {
         return Err("cert and key go together".into());
@@ -671,6 +869,7 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         slot_timeout: Some(a.slot_timeout),
         handshake_timeout: Some(a.handshake_timeout),
         token: (!a.token.is_empty()).then(|| MASK.to_string()),
+        token_file: a.token_file.clone(),
         admin_listen: a.admin_listen.clone(),
         heartbeat_interval: Some(a.heartbeat_interval),
         shutdown_grace: Some(a.shutdown_grace),
@@ -680,6 +879,12 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         server_name: a.server_name.clone(),
         cert: a.cert.clone(),
         key: a.key.clone(),
+        tcp: (!a.tcp.is_empty()).then(|| a.tcp.clone()),
+        quiet: Some(a.show.quiet),
+        inspect: a.show.inspect.clone(),
+        inspect_max: Some(a.show.inspect_max),
+        inspect_body_bytes: Some(a.show.inspect_body_bytes),
+        inspect_mask: Some(a.show.inspect_mask.clone()),
     }
 }
 
@@ -788,12 +993,30 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            eprintln!("ringtunnel gateway: shutting down (finishing in-flight requests)");
+            eprintln!(
+                "ringtunnel gateway: shutting down (finishing in-flight requests; \
+                 Ctrl-C again to exit now)"
+            );
             gw.shutdown();
             Ok(())
         }
+        Cmd::Http(h) => {
+            // Parsed again as the `agent` it stands for.
+            let m = Cli::command()
+                .try_get_matches_from(http_as_agent(&h)?)
+                .map_err(|e| e.to_string())?;
+            let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
+            run(cli, &m)
+        }
         Cmd::Agent(a) => {
-            let a = agent_args(a, sub(matches, "agent"))?;
+            let m = sub(matches, "agent");
+            let mut a = agent_args(a, m)?;
+            if let Some(path) = &a.token_file {
+                if m.value_source("token") == Some(ValueSource::CommandLine) {
+                    return Err("give --token or --token-file, not both".into());
+                }
+                a.token = read_token_file(path)?;
+            }
             if a.print_config {
                 print!("{}", config_file::print(&agent_shown(&a))?);
                 return Ok(());
@@ -803,9 +1026,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 session: a
                     .session
                     .ok_or("--session is required (or session = \"...\" in --config)")?,
-                to: a
-                    .to
-                    .ok_or("--to is required (or to = \"...\" in --config)")?,
+                // A TCP-only agent needs no HTTP backend: its HTTP
+                // requests get 502 from the default address.
+                to: match (a.to, a.tcp.is_empty()) {
+                    (Some(to), _) => to,
+                    (None, false) => AgentConfig::default().to,
+                    (None, true) => {
+                        return Err("--to is required (or to = \"...\" in --config)".into())
+                    }
+                },
+                tcp: a
+                    .tcp
+                    .iter()
+                    .map(|t| ringtunnel::proto::tcp::TcpSpec::parse(t))
+                    .collect::<Result<_, _>>()?,
                 uplinks: a.uplinks,
                 cores: a.core.cores(),
                 backend_concurrency: a.backend_concurrency,
@@ -818,6 +1052,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 heartbeat: heartbeat(a.heartbeat_interval)?,
                 shutdown_grace: secs(a.shutdown_grace, "shutdown-grace")?,
                 agent_id: a.agent_id,
+                quiet: a.show.quiet,
+                inspect: a.show.inspect(),
                 // Every TLS flag implies TLS: asking for a CA or a name and
                 // silently getting plaintext would be the worst outcome.
                 tls: (a.tls || a.ca.is_some() || a.server_name.is_some() || a.cert.is_some())
@@ -830,9 +1066,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 ..AgentConfig::default()
             };
             ringtunnel::signals::install();
+            let shutdown_grace = cfg.shutdown_grace;
             let agent = ringtunnel::agent::start(cfg).map_err(|e| e.to_string())?;
             let mut announced = false;
+            let mut forwarding = false;
+            if let Some(addr) = agent.inspect_addr() {
+                println!("Inspector http://{addr}/");
+            }
             while !ringtunnel::signals::terminated() {
+                if !forwarding {
+                    if let Some(line) = agent.forwarding() {
+                        println!("{line}");
+                        forwarding = true;
+                    }
+                }
                 if let Some(e) = agent.fatal_error() {
                     agent.stop();
                     // e says who refused whom: "gateway refused this
@@ -842,11 +1089,19 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
                 if !announced && total > 0 && up >= total {
                     // Scripts and tests wait for this line.
-                    println!("ringtunnel agent ready uplinks={up}");
+                    match agent.inspect_addr() {
+                        Some(i) => println!("ringtunnel agent ready uplinks={up} inspect={i}"),
+                        None => println!("ringtunnel agent ready uplinks={up}"),
+                    }
                     announced = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+            eprintln!(
+                "ringtunnel agent: stopping (finishing in-flight requests, up to {} s; \
+                 Ctrl-C again to exit now)",
+                shutdown_grace.as_secs_f64()
+            );
             agent.stop();
             Ok(())
         }
@@ -901,6 +1156,9 @@ fn main() -> ExitCode {
     // one-shot tools print tables and stay quiet unless RUST_LOG asks.
     let default_level = match cli.cmd {
         Cmd::Bench(_) | Cmd::Demo(_) => "warn",
+        // The one-liner shows its URL and one line per request, and
+        // warnings; not every worker's start-up.
+        Cmd::Http(_) => "warn,ringtunnel::request=info",
         _ => "info",
     };
     tracing_subscriber::fmt()

@@ -1,5 +1,6 @@
 //! Process signals as flags the main thread polls: SIGTERM / SIGINT ask
-//! to stop, SIGHUP asks the gateway to reload its configuration. The
+//! to stop (a second one exits at once, status 130, saying so), SIGHUP
+//! asks the gateway to reload its configuration. The
 //! handlers only store atomics, which is async-signal-safe; the work
 //! (draining, re-reading files) happens on the main thread.
 
@@ -9,8 +10,19 @@ use std::time::Duration;
 static TERM: AtomicBool = AtomicBool::new(false);
 static HUP: AtomicBool = AtomicBool::new(false);
 
+/// Said by a second SIGTERM/SIGINT, which ends the process at once.
+const FORCED: &[u8] = b"ringtunnel: second stop signal: exiting now, in-flight requests are cut\n";
+
 extern "C" fn on_signal(_sig: libc::c_int) {
-    TERM.store(true, Ordering::SeqCst);
+    if TERM.swap(true, Ordering::SeqCst) {
+        // A second Ctrl-C while draining: the operator does not want to
+        // wait. write(2) and _exit(2) are async-signal-safe.
+        // SAFETY: a static buffer and its length; _exit does not return.
+        unsafe {
+            libc::write(2, FORCED.as_ptr().cast(), FORCED.len());
+            libc::_exit(130);
+        }
+    }
 }
 
 extern "C" fn on_hangup(_sig: libc::c_int) {

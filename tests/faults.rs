@@ -605,6 +605,9 @@ fn silent_peers_are_detected_by_heartbeat() {
                 stream_window: 512 * 1024,
                 conn_window: 16 * 1024 * 1024,
                 max_streams: 16,
+                capabilities: 0,
+                tcp: Vec::new(),
+                public: None,
             };
             proto::encode(&Frame::accept(&accept), &mut out);
             c.write_all(&out).unwrap();

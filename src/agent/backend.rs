@@ -15,8 +15,15 @@
 //! a connection can never carry half of someone else's exchange. A request
 //! is replayed on a fresh connection only when it is idempotent, had no
 //! body, and no byte of its response was forwarded.
+//!
+//! Every request ends with one INFO line on target `ringtunnel::request`
+//! (method, path, status, ms; `--quiet` turns it off) and, with
+//! `--inspect`, one record for the inspector. A backend failure (refused,
+//! timed out, reset) is logged at WARN with the backend's address, at
+//! most once per [`WARN_EVERY`] per core (the lines in between are counted
+//! in the next one), so a dead backend under load cannot flood the log.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::task::Poll;
@@ -28,10 +35,11 @@ use monoio::net::TcpStream;
 
 use super::AgentCore;
 use crate::http::{self, BodyKind, RequestHead};
+use crate::inspect::Capture;
 use crate::io::read_append;
 use crate::io::relay::{
-    body_to_stream, raw_to_stream, stream_to_raw, stream_to_writer, Deadlines, OutFraming,
-    PumpError, Upgrade, UpgradeGate,
+    body_to_stream_tapped, raw_to_stream, stream_to_raw, stream_to_writer, stream_to_writer_tapped,
+    Deadlines, OutFraming, PumpError, Upgrade, UpgradeGate,
 };
 use crate::io::shutdown_fd;
 use crate::io::stats::{CoreStats, ErrorKind};
@@ -41,6 +49,113 @@ use crate::proto::ErrorCode;
 
 /// Idle backend connections kept per core.
 const POOL_MAX: usize = 512;
+
+/// At most one backend-failure WARN per core this often.
+pub const WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+thread_local! {
+    static BACKEND_WARN: RefCell<crate::limits::LogLimiter> =
+        RefCell::new(crate::limits::LogLimiter::new(WARN_EVERY));
+}
+
+/// What became of one request, for its log line and inspector record.
+struct Obs {
+    start: std::time::Instant,
+    status: Cell<Option<u16>>,
+    /// The failure that ended it, as the gateway reports it.
+    failed: Cell<Option<ErrorCode>>,
+    cap: Option<Capture>,
+}
+
+impl Obs {
+    /// Ends the stream with `code`, counted as `kind`. Backend trouble is
+    /// logged at WARN (rate-limited) with the backend's address.
+    fn fail(&self, core: &AgentCore, stream: &Stream, code: ErrorCode, kind: ErrorKind, why: &str) {
+        core.stats.error(kind);
+        stream.reset(code);
+        if self.failed.get().is_none() {
+            self.failed.set(Some(code));
+        }
+        if matches!(
+            code,
+            ErrorCode::BackendConnect | ErrorCode::BackendTimeout | ErrorCode::BackendReset
+        ) {
+            let backend = core.shared.backend;
+            BACKEND_WARN.with(|l| {
+                if let Some(n) = l.borrow_mut().allow(std::time::Instant::now()) {
+                    let more = if n > 0 {
+                        format!(" ({n} more backend failures on this core since the last line)")
+                    } else {
+                        String::new()
+                    };
+                    tracing::warn!("backend {backend}: {why}{more}");
+                }
+            });
+        }
+    }
+}
+
+impl Obs {
+    fn backend_reset(&self, core: &AgentCore, stream: &Stream, why: &str) {
+        self.fail(
+            core,
+            stream,
+            ErrorCode::BackendReset,
+            ErrorKind::BackendReset,
+            why,
+        );
+    }
+
+    fn backend_timeout(&self, core: &AgentCore, stream: &Stream, why: &str) {
+        self.fail(
+            core,
+            stream,
+            ErrorCode::BackendTimeout,
+            ErrorKind::BackendTimeout,
+            why,
+        );
+    }
+}
+
+/// The status the public client gets for a stream reset with `code`
+/// (the gateway's mapping), and a few words on why.
+fn failure_status(code: ErrorCode) -> (u16, &'static str) {
+    match code {
+        ErrorCode::BackendConnect => (502, "backend refused or unreachable"),
+        ErrorCode::BackendTimeout => (504, "backend timed out"),
+        ErrorCode::BackendReset => (502, "backend reset or sent garbage"),
+        ErrorCode::Overloaded | ErrorCode::RefusedStream => (503, "agent at its backend limit"),
+        ErrorCode::Cancel => (0, "client went away"),
+        _ => (502, "aborted"),
+    }
+}
+
+/// The request's INFO line and inspector record.
+fn report(core: &AgentCore, req: &RequestHead, obs: Obs) {
+    let ms = obs.start.elapsed().as_secs_f64() * 1e3;
+    let failure = obs.failed.get().map(failure_status);
+    if !core.cfg().quiet {
+        let path = crate::inspect::cut_str(&req.target, 200);
+        match (obs.status.get(), failure) {
+            (Some(s), None) => {
+                tracing::info!(target: "ringtunnel::request", "{} {path} {s} {ms:.1} ms", req.method)
+            }
+            (_, Some((0, why))) => {
+                tracing::info!(target: "ringtunnel::request", "{} {path} - {ms:.1} ms ({why})", req.method)
+            }
+            (_, Some((s, why))) => {
+                tracing::info!(target: "ringtunnel::request", "{} {path} {s} {ms:.1} ms ({why})", req.method)
+            }
+            (None, None) => {
+                tracing::info!(target: "ringtunnel::request", "{} {path} - {ms:.1} ms (stream ended)", req.method)
+            }
+        }
+    }
+    if let (Some(rec), Some(cap)) = (&core.shared.recorder, obs.cap) {
+        let error = failure.map(|(_, why)| why.to_string());
+        rec.finish(cap, error);
+    }
+}
 
 /// A backend connection with its deadline watchdog.
 pub(crate) struct BackendConn {
@@ -100,21 +215,52 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
             return;
         }
     };
+    let obs = Obs {
+        start: std::time::Instant::now(),
+        status: Cell::new(None),
+        failed: Cell::new(None),
+        cap: core
+            .shared
+            .recorder
+            .as_ref()
+            .map(|r| Capture::new(r, &req.method, &req.target, &head)),
+    };
+    serve_parsed(&core, &stream, &head, &req, &obs).await;
+    report(&core, &req, obs);
+}
+
+async fn serve_parsed(
+    core: &Rc<AgentCore>,
+    stream: &Stream,
+    head: &Bytes,
+    req: &RequestHead,
+    obs: &Obs,
+) {
     if req.upgrade.is_some() && req.body != BodyKind::Empty {
         // The gateway refuses these; never let one near a pooled connection.
-        core.stats.error(ErrorKind::Protocol);
-        stream.reset(ErrorCode::ProtocolError);
+        obs.fail(
+            core,
+            stream,
+            ErrorCode::ProtocolError,
+            ErrorKind::Protocol,
+            "",
+        );
         return;
     }
     let limit = core.cfg().backend_concurrency;
     if core.running.get() >= limit {
         if core.waiting.get() >= core.cfg().backend_queue {
-            core.stats.error(ErrorKind::Overloaded);
-            stream.reset(ErrorCode::Overloaded);
+            obs.fail(
+                core,
+                stream,
+                ErrorCode::Overloaded,
+                ErrorKind::Overloaded,
+                "",
+            );
             return;
         }
         core.waiting.set(core.waiting.get() + 1);
-        let r = wait_slot(&core, &stream, limit).await;
+        let r = wait_slot(core, stream, limit).await;
         core.waiting.set(core.waiting.get() - 1);
         match r {
             SlotWait::Got => {}
@@ -123,16 +269,22 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
                 if core.running.get() < limit {
                     core.slot_free.wake_one();
                 }
-                if let SlotWait::TimedOut = r {
-                    core.stats.error(ErrorKind::Overloaded);
-                    stream.reset(ErrorCode::Overloaded);
+                match r {
+                    SlotWait::TimedOut => obs.fail(
+                        core,
+                        stream,
+                        ErrorCode::Overloaded,
+                        ErrorKind::Overloaded,
+                        "",
+                    ),
+                    _ => obs.failed.set(Some(ErrorCode::Cancel)),
                 }
                 return;
             }
         }
     }
     core.running.set(core.running.get() + 1);
-    let _slot = SlotGuard(&core);
+    let _slot = SlotGuard(core);
 
     // A pooled connection may have been closed by the backend meanwhile.
     let mut attempts = 0;
@@ -141,12 +293,17 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
         let pooled = core.pool.borrow_mut().pop();
         let (conn, was_pooled) = match pooled {
             Some(c) => (c, true),
-            None => match connect(&core).await {
+            None => match connect(core).await {
                 Ok(c) => (c, false),
                 Err(e) => {
-                    tracing::debug!(error = %e, "backend connect failed");
-                    core.stats.error(ErrorKind::BackendConnect);
-                    stream.reset(ErrorCode::BackendConnect);
+                    let why = format!("cannot connect: {e}");
+                    obs.fail(
+                        core,
+                        stream,
+                        ErrorCode::BackendConnect,
+                        ErrorKind::BackendConnect,
+                        &why,
+                    );
                     return;
                 }
             },
@@ -156,7 +313,7 @@ pub(super) async fn serve_stream(core: Rc<AgentCore>, stream: Stream, head: Byte
             && req.body == BodyKind::Empty
             && req.upgrade.is_none()
             && idempotent(&req.method);
-        match exchange(&core, conn, &stream, &head, &req, retry_ok).await {
+        match exchange(core, conn, stream, head, req, retry_ok, obs).await {
             Outcome::Done(Some(conn)) => {
                 let mut pool = core.pool.borrow_mut();
                 if pool.len() < POOL_MAX {
@@ -205,6 +362,7 @@ async fn exchange(
     head: &Bytes,
     req: &RequestHead,
     retry_ok: bool,
+    obs: &Obs,
 ) -> Outcome {
     let BackendConn { stream: bs, wd } = conn;
     let fd = bs.as_raw_fd();
@@ -218,8 +376,8 @@ async fn exchange(
         if retry_ok {
             return Outcome::RetryFresh;
         }
-        core.stats.error(ErrorKind::BackendReset);
-        stream.reset(ErrorCode::BackendReset);
+        let why = "connection closed before the request head was written";
+        obs.backend_reset(core, stream, why);
         return Outcome::Done(None);
     }
     let gate = UpgradeGate::default();
@@ -238,7 +396,14 @@ async fn exchange(
             }
             stream_to_writer(&mut wh, stream, OutFraming::Empty, None, t).await
         } else {
-            stream_to_writer(&mut wh, stream, OutFraming::of(req.body), None, t).await
+            let tap = |b: &[u8]| {
+                if let Some(c) = &obs.cap {
+                    c.request_body(b);
+                }
+            };
+            let tap: &dyn Fn(&[u8]) = &tap;
+            let tap = obs.cap.as_ref().map(|_| tap);
+            stream_to_writer_tapped(&mut wh, stream, OutFraming::of(req.body), None, t, tap).await
         };
         match r {
             Ok(_) => {
@@ -251,6 +416,10 @@ async fn exchange(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "request body to the backend failed");
+                if matches!(e, PumpError::Reset(_) | PumpError::Gone) && obs.failed.get().is_none()
+                {
+                    obs.failed.set(Some(ErrorCode::Cancel));
+                }
                 aborted.set(true);
                 shutdown_fd(fd, libc::SHUT_RDWR);
                 false
@@ -258,7 +427,10 @@ async fn exchange(
         }
     };
     let pump_resp = async {
-        let r = backend_to_stream(core, &mut rh, stream, req, &wd, retry_ok, &aborted, &gate).await;
+        let r = backend_to_stream(
+            core, &mut rh, stream, req, &wd, retry_ok, &aborted, &gate, obs,
+        )
+        .await;
         gate.decide(Upgrade::Refused);
         r
     };
@@ -296,6 +468,7 @@ async fn backend_to_stream(
     retry_ok: bool,
     aborted: &Cell<bool>,
     gate: &UpgradeGate,
+    obs: &Obs,
 ) -> Resp {
     let mut buf = crate::io::carve(16 * 1024);
     let max_head = crate::http::DEFAULT_MAX_HEAD;
@@ -304,6 +477,10 @@ async fn backend_to_stream(
         match http::parse_response(&buf, max_head, req.is_head()) {
             Ok(Some(h)) => {
                 let raw = buf.split_to(h.head_len).freeze();
+                obs.status.set(Some(h.status));
+                if let Some(c) = &obs.cap {
+                    c.response_head(h.status, &raw);
+                }
                 stream.send_head(raw);
                 forwarded = true;
                 if (100..200).contains(&h.status) && h.status != 101 {
@@ -313,9 +490,8 @@ async fn backend_to_stream(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(error = %e, "bad backend response head");
-                core.stats.error(ErrorKind::BackendReset);
-                stream.reset(ErrorCode::BackendReset);
+                let why = format!("invalid response head: {e}");
+                obs.backend_reset(core, stream, &why);
                 return Resp::Closed;
             }
         }
@@ -326,15 +502,18 @@ async fn backend_to_stream(
                 return Resp::Closed;
             }
             if wd.fired() {
-                core.stats.error(ErrorKind::BackendTimeout);
-                stream.reset(ErrorCode::BackendTimeout);
+                let why = format!(
+                    "no response within --backend-timeout ({} s)",
+                    core.cfg().backend_timeout.as_secs_f64()
+                );
+                obs.backend_timeout(core, stream, &why);
                 return Resp::Closed;
             }
             if retry_ok && buf.is_empty() && !forwarded {
                 return Resp::Stale;
             }
-            core.stats.error(ErrorKind::BackendReset);
-            stream.reset(ErrorCode::BackendReset);
+            let why = "connection closed or reset before a complete response head";
+            obs.backend_reset(core, stream, why);
             return Resp::Closed;
         }
     };
@@ -351,19 +530,26 @@ async fn backend_to_stream(
         read_idle: Some(core.cfg().backend_timeout),
         write_stall: None,
     };
-    match body_to_stream(rh, &mut buf, stream, resp.body, t).await {
+    let tap = |b: &[u8]| {
+        if let Some(c) = &obs.cap {
+            c.response_body(b);
+        }
+    };
+    let tap: &dyn Fn(&[u8]) = &tap;
+    let tap = obs.cap.as_ref().map(|_| tap);
+    match body_to_stream_tapped(rh, &mut buf, stream, resp.body, t, tap).await {
         // Bytes after the response are not ours to forward: such a
         // connection is not reused.
         Ok(_) if resp.keep_alive && resp.body != BodyKind::Eof && buf.is_empty() => Resp::Reusable,
         Ok(_) => Resp::Closed,
         Err(PumpError::TimedOut(_)) => {
-            core.stats.error(ErrorKind::BackendTimeout);
-            stream.reset(ErrorCode::BackendTimeout);
+            let why = "response body paused longer than --backend-timeout";
+            obs.backend_timeout(core, stream, why);
             Resp::Closed
         }
-        Err(PumpError::Closed | PumpError::BadBody(_)) if !aborted.get() => {
-            core.stats.error(ErrorKind::BackendReset);
-            stream.reset(ErrorCode::BackendReset);
+        Err(e @ (PumpError::Closed | PumpError::BadBody(_))) if !aborted.get() => {
+            let why = format!("response body cut short: {e}");
+            obs.backend_reset(core, stream, &why);
             Resp::Closed
         }
         Err(_) => Resp::Closed,

@@ -11,13 +11,20 @@
 //! done or `--shutdown-grace` has passed. With the gateway's session lease
 //! a restarted agent (same id: see `agent_id`) takes its name back and
 //! the requests held meanwhile go to it.
+//!
+//! What the user sees: the first ACCEPT carries the gateway's public
+//! endpoint, from which [`forwarding_line`] says where the app is
+//! reachable; each request ends with one INFO line (target
+//! `ringtunnel::request`, off with `--quiet`), and backend failures with a
+//! WARN naming the backend (`backend.rs`).
 
 mod backend;
+mod tcp;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -29,7 +36,10 @@ use crate::io::stats::CoreStats;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::proto::tcp::CAP_TCP;
+use crate::proto::{
+    ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+};
 use crate::runtime::notify::WaitList;
 
 pub(crate) struct AgentShared {
@@ -47,6 +57,16 @@ pub(crate) struct AgentShared {
     fatal: std::sync::Mutex<Option<String>>,
     /// TLS to the gateway, and the name its certificate must carry.
     tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
+    /// `--tcp` tunnels: local targets and the ports granted.
+    tcp: tcp::TcpTunnels,
+    /// The gateway's public endpoint from the first ACCEPT (`None` inside:
+    /// a gateway that does not send it).
+    public: OnceLock<Option<PublicEndpoint>>,
+    /// The host part of `--gateway`, for hints.
+    gateway_host: String,
+    /// The request inspector's end on the data path (`--inspect`).
+    pub(crate) recorder: Option<crate::inspect::Recorder>,
+    inspect_addr: Option<std::net::SocketAddr>,
 }
 
 impl crate::admin::StatsSource for AgentShared {
@@ -99,6 +119,24 @@ impl Agent {
         self.shared.total.load(Ordering::SeqCst)
     }
 
+    /// `Forwarding http://NAME.DOMAIN:PORT -> BACKEND` (with a hint when
+    /// the gateway has no domain), once the first uplink is accepted.
+    pub fn forwarding(&self) -> Option<String> {
+        let s = &self.shared;
+        let public = s.public.get()?;
+        Some(forwarding_line(
+            public.as_ref(),
+            &s.cfg.session,
+            &s.gateway_host,
+            s.backend,
+        ))
+    }
+
+    /// Where the request inspector listens (`--inspect`).
+    pub fn inspect_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.inspect_addr
+    }
+
     pub fn stop(mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(w) = self.workers.take() {
@@ -122,6 +160,72 @@ impl Drop for Agent {
     }
 }
 
+/// What the agent prints once connected: where the public reaches the
+/// session, and where requests go.
+pub fn forwarding_line(
+    public: Option<&PublicEndpoint>,
+    session: &str,
+    gateway_host: &str,
+    backend: std::net::SocketAddr,
+) -> String {
+    match public {
+        Some(p) => match p.url_for(session) {
+            Some(url) => format!("Forwarding {url} -> {backend}"),
+            None => format!(
+                "Forwarding {scheme}://{session} -> {backend} (the gateway has no --domain: send \
+                 'Host: {session}', e.g. curl -H 'Host: {session}' {scheme}://{gateway_host}:{port}/, \
+                 or start the gateway with --domain or --default-session {session})",
+                scheme = p.scheme,
+                port = p.port,
+            ),
+        },
+        None => format!(
+            "Forwarding session {session} -> {backend} (this gateway does not announce its public \
+             address: requests with Host '{session}' or '{session}.<its --domain>' reach it)"
+        ),
+    }
+}
+
+/// A readable session name for `ringtunnel http`: adjective, animal and 4
+/// hex digits (`brave-otter-3f2a`), 16 bits of which come from the
+/// kernel's random source, so two one-liners rarely pick the same name.
+pub fn generated_name() -> String {
+    const ADJ: [&str; 32] = [
+        "amber", "brave", "calm", "clever", "cosmic", "crisp", "eager", "fancy", "gentle", "happy",
+        "jolly", "keen", "lively", "lucky", "merry", "mighty", "nimble", "proud", "quick", "quiet",
+        "rapid", "shiny", "silent", "sunny", "swift", "tidy", "vivid", "warm", "wise", "witty",
+        "young", "zesty",
+    ];
+    const ANIMAL: [&str; 32] = [
+        "badger", "beaver", "bison", "camel", "crane", "dingo", "eagle", "falcon", "ferret",
+        "gecko", "heron", "ibex", "koala", "lemur", "lynx", "marten", "moose", "newt", "otter",
+        "panda", "puffin", "quail", "raven", "salmon", "seal", "stoat", "tapir", "tiger", "viper",
+        "walrus", "yak", "zebra",
+    ];
+    let mut b = [0u8; 8];
+    // SAFETY: the buffer and its length are valid for writes.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let r = if n == b.len() as isize {
+        u64::from_ne_bytes(b)
+    } else {
+        random_u64()
+    };
+    format!(
+        "{}-{}-{:04x}",
+        ADJ[(r & 31) as usize],
+        ANIMAL[((r >> 5) & 31) as usize],
+        (r >> 16) & 0xffff
+    )
+}
+
+/// The host of a `--gateway` address, without port or brackets.
+fn host_of(addr: &str) -> String {
+    match addr.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or("").to_string(),
+        None => addr.rsplit_once(':').map_or(addr, |(h, _)| h).to_string(),
+    }
+}
+
 /// An id that stays the same when the same agent restarts (same host,
 /// session and backend), so the gateway gives it its leased name back;
 /// two agents of one host for one session but different backends differ.
@@ -137,6 +241,11 @@ fn derived_agent_id(cfg: &AgentConfig) -> u64 {
     for part in [&cfg.session, &cfg.to, &cfg.gateway] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
+    }
+    // Other --tcp tunnels make another owner (the gateway keeps a
+    // session's ports for its owner); none keeps the id of before.
+    for t in &cfg.tcp {
+        h.update(format!("tcp {}={}", t.local, t.remote).as_bytes());
     }
     let d = h.finalize();
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
@@ -173,8 +282,27 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         }
         None => None,
     };
+    let tcp_targets = cfg
+        .tcp
+        .iter()
+        .map(|t| crate::runtime::resolve(&t.local))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    warn_if_nothing_listens(backend, &cfg.to);
+    let (recorder, inspect_addr) = match &cfg.inspect {
+        Some(i) => {
+            let (rec, store) = crate::inspect::channel(i.clone(), backend)?;
+            let addr = crate::inspect::start(store)?;
+            tracing::info!(%addr, "request inspector listening");
+            (Some(rec), Some(addr))
+        }
+        None => (None, None),
+    };
     let n = cfg.cores.cores;
     let shared = Arc::new(AgentShared {
+        public: OnceLock::new(),
+        gateway_host: host_of(&gateway_text),
+        recorder,
+        inspect_addr,
         total: AtomicUsize::new(cfg.uplinks.unwrap_or(0)),
         cfg: cfg.clone(),
         gateway,
@@ -185,6 +313,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         connected: AtomicUsize::new(0),
         fatal: std::sync::Mutex::new(None),
         tls,
+        tcp: tcp::TcpTunnels::new(tcp_targets),
     });
     if let Some(a) = &cfg.admin_listen {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
@@ -196,6 +325,17 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         shared,
         workers: Some(workers),
     })
+}
+
+/// `--to` is checked once at start: an app not started yet is normal
+/// (requests get 502 until it is), but worth a line.
+fn warn_if_nothing_listens(backend: std::net::SocketAddr, to: &str) {
+    if let Err(e) = std::net::TcpStream::connect_timeout(&backend, Duration::from_secs(1)) {
+        tracing::warn!(
+            "nothing answers on {backend} (--to {to}) yet: {e}; requests will get 502 until \
+             the app listens there"
+        );
+    }
 }
 
 async fn core_main(index: usize, shared: Arc<AgentShared>) {
@@ -257,7 +397,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
     // uplinks should not retry in the same rhythm as before.
     let mut seed = random_u64() ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     while !core.shared.stop.load(Ordering::SeqCst) {
-        match connect_uplink(&core, k).await {
+        let why = match connect_uplink(&core, k).await {
             Ok(up) => {
                 backoff = Duration::from_millis(100);
                 core.shared.connected.fetch_add(1, Ordering::SeqCst);
@@ -275,35 +415,37 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                     tracing::debug!(uplink = k, "uplink closed: agent stopping");
                     return;
                 }
-                tracing::warn!(uplink = k, reason = ?up.close_reason(), "uplink lost; reconnecting");
+                let reason = up.close_reason().unwrap_or_else(|| "closed".into());
+                format!("uplink lost ({reason})")
             }
             Err(Refused(e, code)) => {
-                tracing::error!(uplink = k, "gateway refused the uplink: {e}");
-                eprintln!("ringtunnel agent: gateway refused the uplink: {e}");
                 // A wrong token, an invalid name or another protocol
                 // version will not fix itself: stop instead of hammering
-                // the gateway. A taken name or a busy gateway might.
+                // the gateway (`main` says why, once). A taken name or a
+                // busy gateway might.
+                let why = format!("gateway refused the uplink: {e}");
                 if matches!(
                     code,
                     ErrorCode::AuthFailed
                         | ErrorCode::BadSession
                         | ErrorCode::UnsupportedVersion
                         | ErrorCode::ProtocolError
+                        | ErrorCode::PortRefused
                 ) {
-                    give_up(&core, format!("gateway refused this agent: {e}"));
+                    give_up(&core, why);
                     return;
                 }
+                why
             }
             Err(Fatal(e)) => {
                 // A certificate the agent does not trust (or the gateway's
-                // verdict on ours) stays so until someone changes files.
-                tracing::error!(uplink = k, "TLS with the gateway failed: {e}");
-                eprintln!("ringtunnel agent: TLS with the gateway failed: {e}");
-                give_up(&core, format!("TLS with the gateway failed: {e}"));
+                // verdict on ours), or a port that is not a tunnel port,
+                // stays so until someone changes files or flags.
+                give_up(&core, e);
                 return;
             }
-            Err(Retry(e)) => tracing::warn!(uplink = k, "cannot reach gateway: {e}"),
-        }
+            Err(Retry(e)) => format!("cannot reach the gateway: {e}"),
+        };
         if core.shared.stop.load(Ordering::SeqCst) {
             return;
         }
@@ -312,6 +454,11 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
         seed ^= seed << 17;
         let jitter = 0.5 + (seed % 1000) as f64 / 1000.0;
         let wait = backoff.mul_f64(jitter);
+        tracing::warn!(
+            "{why}; uplink {k} reconnects to {} in {:.1} s",
+            core.shared.gateway,
+            wait.as_secs_f64()
+        );
         let mut slept = Duration::ZERO;
         while slept < wait && !core.shared.stop.load(Ordering::SeqCst) {
             let step = (wait - slept).min(Duration::from_millis(50));
@@ -373,10 +520,17 @@ enum ConnectError {
     Retry(String),
     /// REFUSE from the gateway; its code decides whether to retry.
     Refused(String, ErrorCode),
-    /// A verdict retrying cannot change (TLS verification, either way).
+    /// A verdict retrying cannot change (TLS verification, either way; a
+    /// port that is not a tunnel port), as a whole sentence.
     Fatal(String),
 }
 use ConnectError::{Fatal, Refused, Retry};
+
+/// An HTTP server's answer: the agent was pointed at a public HTTP port.
+/// (Read as a frame header, "HTTP" is a 1.2 GB length.)
+fn looks_like_http(b: &[u8]) -> bool {
+    b.starts_with(b"HTTP/1.")
+}
 
 /// The first bytes of a TLS record (an alert or a handshake message,
 /// versions 3.x), as a TLS gateway answers a plaintext HELLO.
@@ -395,13 +549,19 @@ fn handshake_error(
     if conn_is_tls {
         if let Some((_, name)) = &core.shared.tls {
             if let Some(why) = crate::tls::agent_fatal(&e, name) {
-                return Fatal(why);
+                return Fatal(format!("TLS with the gateway failed: {why}"));
             }
         }
+    } else if looks_like_http(got) {
+        return Fatal(format!(
+            "{} is an HTTP port, not a tunnel port: point --gateway at the gateway's \
+             --tunnel-listen port (7000 by default)",
+            core.shared.gateway
+        ));
     } else if looks_like_tls(got) {
         return Fatal(
-            "the gateway answered with TLS; start the agent with --tls (system roots) \
-             or --ca FILE"
+            "TLS with the gateway failed: the gateway answered with TLS; start the agent \
+             with --tls (system roots) or --ca FILE"
                 .into(),
         );
     }
@@ -423,12 +583,14 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let total = core.shared.total.load(Ordering::SeqCst);
     let hello = Hello {
         version: PROTOCOL_VERSION,
-        capabilities: 0,
+        // It prints the URL the gateway announces.
+        capabilities: CAP_PUBLIC_URL | if cfg.tcp.is_empty() { 0 } else { CAP_TCP },
         agent_id: core.shared.agent_id,
         uplink_index: k as u16,
         uplinks_total: total.max(k + 1) as u16,
         token: cfg.token.clone(),
         session: cfg.session.clone(),
+        tcp: cfg.tcp.iter().map(|t| t.remote).collect(),
     };
     // A gateway that accepts the connection and never answers must not
     // hold this uplink: the watchdog shuts the socket down at the deadline.
@@ -473,11 +635,23 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         FrameType::Accept => {}
         FrameType::Refuse => {
             let (code, reason) = f.parse_refuse().map_err(|e| Retry(e.to_string()))?;
-            return Err(Refused(format!("{reason} ({code:?})"), code));
+            return Err(Refused(format!("{reason} ({code})"), code));
         }
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }
     let acc = f.parse_accept().map_err(|e| Retry(e.to_string()))?;
+    if !cfg.tcp.is_empty() {
+        if acc.capabilities & CAP_TCP == 0 || acc.tcp.len() != cfg.tcp.len() {
+            return Err(Refused(
+                "the gateway does not offer TCP tunnels (a version without them)".into(),
+                ErrorCode::PortRefused,
+            ));
+        }
+        core.shared
+            .tcp
+            .accepted(&tcp::gateway_host(&cfg.gateway), &acc.tcp);
+    }
+    let _ = core.shared.public.set(acc.public.clone());
     if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
         let _ = core
@@ -514,6 +688,12 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let c = core.clone();
     up.set_open_handler(move |stream, head| {
         let c = c.clone();
+        if crate::proto::tcp::is_tcp_open(&head) {
+            crate::runtime::spawn_isolated("agent-tcp-stream", async move {
+                tcp::serve_stream(c, stream, head).await;
+            });
+            return;
+        }
         crate::runtime::spawn_isolated("agent-stream", async move {
             backend::serve_stream(c, stream, head).await;
         });

@@ -23,7 +23,7 @@
 
 mod client;
 mod load;
-mod report;
+pub(crate) mod report;
 pub mod response;
 mod svg;
 pub mod target;

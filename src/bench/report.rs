@@ -227,7 +227,9 @@ fn num(v: Option<f64>) -> String {
     }
 }
 
-fn push_str_json(out: &mut String, s: &str) {
+/// A JSON string literal (`<` escaped too, so a string can never close
+/// an HTML page's script).
+pub(crate) fn push_str_json(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -236,7 +238,7 @@ fn push_str_json(out: &mut String, s: &str) {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
+            c if (c as u32) < 0x20 || c == '<' => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.push(c),

@@ -37,6 +37,7 @@ mod claims;
 mod guard;
 mod https;
 mod public;
+mod tcp;
 mod tunnel;
 
 use std::cell::{Cell, RefCell};
@@ -57,7 +58,7 @@ use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::{Notify, WaitList};
-use claims::{Claimant, Claims, LeaseReplica, Refusal, Reservation};
+use claims::{Claims, LeaseReplica, Reservation};
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
@@ -85,6 +86,8 @@ pub(crate) enum CoreMsg {
         leftover: Bytes,
         hello: Hello,
         id: u64,
+        /// TCP tunnel ports granted to the session (for ACCEPT).
+        tcp: Vec<u16>,
     },
     /// Directory replica update: `core` now does / no longer holds `session`.
     Directory {
@@ -101,6 +104,15 @@ pub(crate) enum CoreMsg {
     /// forget cached rates, and close this core's uplinks whose claim's
     /// token no longer covers their session; then say so on the channel.
     Reloaded(crossbeam_channel::Sender<()>),
+    /// A TCP tunnel port was opened: accept on it here too.
+    TcpListen(Arc<tcp::PortListener>),
+    /// A TCP tunnel connection to serve here (no uplink of its session on
+    /// the core that accepted it).
+    TcpConn {
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        slot: tcp::TcpSlot,
+    },
     Shutdown,
 }
 
@@ -165,24 +177,16 @@ pub(crate) struct Shared {
     pub(crate) limits: crate::limits::GatewayLimits,
     /// Per core: the sessions' last-minute windows (dashboard, /stats).
     pub(crate) windows: Vec<Arc<SessionWindows>>,
+    /// Open TCP tunnel ports (`tcp.rs`); locked after `claims`, never
+    /// before.
+    tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
+    tcp_counters: tcp::TcpCounters,
 }
 
 impl Shared {
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claims_locked.fetch_add(1, Ordering::Relaxed);
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Claims one more uplink of `session` (see `claims.rs` for who may);
-    /// returns the core it goes to.
-    fn claim(
-        &self,
-        session: &str,
-        who: &Claimant,
-        here: usize,
-        movable: bool,
-    ) -> Result<usize, Refusal> {
-        self.update_claims(session, |c, now| c.claim(session, who, here, movable, now))
     }
 
     /// A live uplink of `session` on `core` stopped taking new streams.
@@ -192,7 +196,11 @@ impl Shared {
 
     /// An uplink of `session` on `core` closed (`drained`: after `drain`).
     fn release(&self, session: &str, core: usize, drained: bool) {
-        self.update_claims(session, |c, now| c.release(session, core, drained, now));
+        self.update_claims(session, |c, now| {
+            c.release(session, core, drained, now);
+            // Without a lease the claim, and its TCP ports, end now.
+            self.sync_tcp(c);
+        });
     }
 
     /// Runs `f` on the registry and, still under its lock (so every core
@@ -203,6 +211,13 @@ impl Shared {
         let mut c = self.claims();
         let before = c.reservation(session, now);
         let out = f(&mut c, now);
+        self.announce(&c, session, before, now);
+        out
+    }
+
+    /// Tells the cores the reservation of `session` if it is no longer
+    /// `before`. Called with the claims lock held (`c` is its guard).
+    fn announce(&self, c: &Claims, session: &str, before: Reservation, now: Instant) {
         let after = c.reservation(session, now);
         if after != before {
             self.broadcast(|| CoreMsg::Lease {
@@ -210,7 +225,6 @@ impl Shared {
                 state: after,
             });
         }
-        out
     }
 
     /// Uplinks per core of every session (for /stats).
@@ -756,6 +770,8 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         windows: (0..n)
             .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
             .collect(),
+        tcp: Mutex::new(HashMap::new()),
+        tcp_counters: Default::default(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -863,6 +879,18 @@ async fn core_main(
     crate::runtime::spawn_isolated("tunnel-accept", async move {
         tunnel::accept_loop(c, tunnel_l, s).await;
     });
+    if index == 0 && !shared.cfg.tcp_ports.is_empty() {
+        // Leases expire lazily (at the next claim); TCP ports must close
+        // when theirs does, so core 0 looks once a second.
+        let sh = shared.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("tcp-lease-expiry", async move {
+            while !s.get() {
+                monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+                sh.expire_tcp();
+            }
+        });
+    }
 
     // The worker's main future is the mailbox loop: it owns the lifetime
     // of every task on this core (block_on drops unfinished tasks).
@@ -888,7 +916,8 @@ async fn core_main(
                 leftover,
                 hello,
                 id,
-            } => tunnel::adopt(core.clone(), fd, leftover, hello, id),
+                tcp,
+            } => tunnel::adopt(core.clone(), fd, leftover, hello, id, tcp),
             CoreMsg::Directory {
                 session,
                 core: c,
@@ -903,6 +932,11 @@ async fn core_main(
                 core.reloaded();
                 let _ = done.send(());
             }
+            CoreMsg::TcpListen(pl) => tcp::listen(core, pl),
+            CoreMsg::TcpConn { fd, peer, slot } => {
+                CoreStats::inc(&core.stats.handoffs_in);
+                tcp::adopt(core.clone(), fd, peer, slot);
+            }
             CoreMsg::Shutdown => {}
         });
     }
@@ -913,6 +947,7 @@ async fn core_main(
         crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
     }
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
+    shared.close_tcp();
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace
     // period.
@@ -951,7 +986,7 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics()
+        self.limit_metrics() + &self.tcp_metrics()
     }
 
     fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
@@ -960,5 +995,9 @@ impl crate::admin::StatsSource for Shared {
 
     fn windows(&self) -> &[Arc<SessionWindows>] {
         &self.windows
+    }
+
+    fn extra_json(&self) -> String {
+        self.tcp_json()
     }
 }

@@ -234,6 +234,24 @@ async fn read_head(
     }
 }
 
+/// The 502 body for a Host that names no session: how hosts map to
+/// sessions here, and nothing else (no list of sessions).
+fn no_tunnel_text(host: &str, domain: Option<&str>) -> String {
+    let hosts = match domain {
+        Some(d) => format!("NAME.{d} (or NAME)"),
+        None => "NAME".to_string(),
+    };
+    format!(
+        "no tunnel for host '{host}'\nThis gateway serves Host {hosts} for an agent connected \
+         with session NAME (ringtunnel http PORT --name NAME).\n"
+    )
+}
+
+thread_local! {
+    static TLS_ON_PUBLIC: std::cell::RefCell<crate::limits::LogLimiter> =
+        std::cell::RefCell::new(crate::limits::LogLimiter::new(Duration::from_secs(60)));
+}
+
 async fn send_simple(
     wh: &mut TcpOwnedWriteHalf,
     status: u16,
@@ -324,6 +342,16 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                 }
                 break;
             }
+            HeadRead::Bad(_) if first && buf.starts_with(&[0x16, 0x03]) => {
+                // A TLS ClientHello: an HTTP answer would be garbage to it.
+                core.stats.error(ErrorKind::BadRequest);
+                super::tunnel::log_once_a_minute(
+                    &TLS_ON_PUBLIC,
+                    "a TLS client (https://) connected to the plain HTTP listener; it serves \
+                     http:// only (put a TLS terminator in front of it)",
+                );
+                break;
+            }
             HeadRead::Bad(e) => {
                 tracing::debug!(%client, error = %e, "bad request head");
                 core.stats.error(if e.status() == 431 {
@@ -364,7 +392,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
             buf.advance(head.head_len);
-            let msg = format!("no tunnel for host '{host_txt}'\n");
+            let msg = no_tunnel_text(&host_txt, cfg.domain.as_deref());
             if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
                 continue;
             }
@@ -440,7 +468,10 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             core.stats.error(ErrorKind::NoSession);
             core.count_request(&session, None, true);
             buf.advance(head.head_len);
-            let msg = format!("no agent connected for host '{host_txt}' (session '{session}')\n");
+            let msg = format!(
+                "no agent connected for host '{host_txt}' (session '{session}')\n\
+                 An agent serves it once connected: ringtunnel http PORT --name {session}\n"
+            );
             if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
                 continue;
             }

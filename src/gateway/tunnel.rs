@@ -32,10 +32,43 @@ use super::{Core, CoreMsg};
 use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
-use crate::proto::{Accept, ErrorCode, Frame, FrameType, Hello, PROTOCOL_VERSION};
+use crate::proto::{
+    Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+};
 use crate::scope::{self, Verdict};
 
 const HANDSHAKE_MAX: u32 = 64 * 1024;
+
+thread_local! {
+    static TLS_ON_PLAIN: std::cell::RefCell<crate::limits::LogLimiter> =
+        std::cell::RefCell::new(crate::limits::LogLimiter::new(std::time::Duration::from_secs(60)));
+}
+
+/// A WARN at most once a minute per core, counting the ones left out.
+pub(crate) fn log_once_a_minute(
+    limiter: &'static std::thread::LocalKey<std::cell::RefCell<crate::limits::LogLimiter>>,
+    what: &str,
+) {
+    limiter.with(|l| {
+        if let Some(n) = l.borrow_mut().allow(std::time::Instant::now()) {
+            if n > 0 {
+                tracing::warn!("{what} ({n} more since the last such line)");
+            } else {
+                tracing::warn!("{what}");
+            }
+        }
+    });
+}
+
+/// The start of an HTTP request line (`GET / HTTP/1.1`): a method token
+/// then a space, where a HELLO starts with its length. Read as a frame
+/// header, "GET " is a 1.2 GB payload length.
+pub(crate) fn looks_like_http_request(b: &[u8]) -> bool {
+    let Some(sp) = b.iter().take(16).position(|&c| c == b' ') else {
+        return false;
+    };
+    sp > 0 && b[..sp].iter().all(u8::is_ascii_uppercase)
+}
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
     super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
@@ -54,12 +87,18 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
+    if code == ErrorCode::PortRefused {
+        core.shared
+            .tcp_counters
+            .port_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
     // Reasons can carry agent-supplied text (a session name): escaped and
     // truncated. A refusal counts toward the peer's handshake ban.
     let peer = super::guard::peer_of(conn.fd());
     tracing::warn!(
         core = core.index,
-        peer = ?peer,
+        peer = %peer.map_or("unknown".to_string(), |p| p.to_string()),
         reason = ?crate::limits::log_safe(reason),
         "uplink refused"
     );
@@ -92,6 +131,7 @@ fn claimant(live: &super::Live, hello: &Hello) -> Result<Claimant, (ErrorCode, S
         pool: rule.is_some_and(|r| r.pool),
         max_sessions: rule.and_then(|r| r.max_sessions),
         max_uplinks: rule.and_then(|r| r.max_uplinks),
+        tcp_ports: rule.and_then(|r| r.tcp_ports.clone()),
     })
 }
 
@@ -129,13 +169,28 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         Ok(f) => f,
         Err(e) => {
             core.stats.error(ErrorKind::Protocol);
+            if !conn.is_tls() && looks_like_http_request(&leftover) {
+                // A browser or curl on the tunnel port: tell it where to go.
+                let public = match (core.shared.public_addr, core.shared.https_addr) {
+                    (Some(a), _) => format!("HTTP port ({a})"),
+                    (None, Some(a)) => format!("HTTPS port ({a})"),
+                    (None, None) => "public port".into(),
+                };
+                let msg =
+                    format!("this is the ringtunnel tunnel port (for agents); use the {public}\n");
+                if let Ok(mut s) = conn.into_plain() {
+                    let resp = crate::http::simple_response(400, &msg, true, &[]);
+                    let _ = crate::io::write_all(&mut s, resp).await;
+                }
+                return;
+            }
             // The agent cannot tell this case from a dropped connection
-            // (it retries), so the hint is here.
+            // (it retries), so the hint is here, once per minute per core.
             if !conn.is_tls() && leftover.starts_with(&[0x16, 0x03]) {
-                tracing::warn!(
-                    core = core.index,
-                    "a TLS client connected to the plaintext tunnel listener: give the \
-                     gateway --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS"
+                log_once_a_minute(
+                    &TLS_ON_PLAIN,
+                    "a TLS client connected to the plaintext tunnel listener: give the gateway \
+                     --tunnel-tls-cert/--tunnel-tls-key, or run the agent without TLS",
                 );
             } else {
                 tracing::debug!(error = %e, "uplink handshake failed");
@@ -172,8 +227,10 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         return;
     }
     let movable = !conn.is_tls();
-    let claimed = core.shared.claim(&hello.session, &who, core.index, movable);
-    let target = match claimed {
+    let claimed = core
+        .shared
+        .claim_with_ports(&hello, &who, core.index, movable);
+    let (target, tcp) = match claimed {
         Ok(t) => t,
         Err(r) => {
             refuse(&mut conn, &core, r.code, &r.reason).await;
@@ -183,9 +240,9 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     let id = core.shared.next_uplink.fetch_add(1, Ordering::Relaxed);
     let stream = match conn.into_plain() {
         Ok(s) if target != core.index => s,
-        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id).await,
+        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id, tcp).await,
         // The claim kept a TLS uplink here (target == core.index).
-        Err(tls) => return finish(core, tls, leftover, hello, id).await,
+        Err(tls) => return finish(core, tls, leftover, hello, id, tcp).await,
     };
     // Move the socket to the chosen core. No op holds the fd now.
     let fd = stream.into_raw_fd();
@@ -194,6 +251,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         leftover: leftover.freeze(),
         hello,
         id,
+        tcp,
     };
     if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
         // The target core is gone (shutdown): give the claim back, close.
@@ -210,6 +268,7 @@ pub(super) fn adopt(
     leftover: Bytes,
     hello: Hello,
     id: u64,
+    tcp: Vec<u16>,
 ) {
     // SAFETY: the fd was handed over by the sending core, which no longer
     // uses it.
@@ -225,11 +284,42 @@ pub(super) fn adopt(
     };
     crate::runtime::spawn_isolated("uplink-adopt", async move {
         let conn = Transport::plain(stream);
-        finish(core, conn, BytesMut::from(&leftover[..]), hello, id).await;
+        finish(core, conn, BytesMut::from(&leftover[..]), hello, id, tcp).await;
     });
 }
 
-async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: Hello, id: u64) {
+/// What ACCEPT tells the agent about the public side, so it can print
+/// the URL its session is served at: the public listener's port and
+/// scheme (HTTPS when `--https-listen` is set), and `--domain`.
+fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
+    // A DNS name is at most 253 bytes; anything longer is not sent.
+    let domain = shared
+        .cfg
+        .domain
+        .as_deref()
+        .filter(|d| d.len() <= 255)
+        .unwrap_or("");
+    // HTTPS when the gateway terminates it: the URL to hand out.
+    let (scheme, port) = match (shared.https_addr, shared.public_addr) {
+        (Some(a), _) => ("https", a.port()),
+        (None, Some(a)) => ("http", a.port()),
+        (None, None) => ("http", 0),
+    };
+    PublicEndpoint {
+        scheme: scheme.into(),
+        domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+        port,
+    }
+}
+
+async fn finish(
+    core: Rc<Core>,
+    mut conn: Transport,
+    leftover: BytesMut,
+    hello: Hello,
+    id: u64,
+    tcp: Vec<u16>,
+) {
     let limits = core.cfg().limits;
     let accept = Accept {
         version: PROTOCOL_VERSION,
@@ -239,6 +329,10 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
         stream_window: limits.stream_window,
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
+        // Only what the agent asked for and this gateway does.
+        capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL),
+        tcp,
+        public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

@@ -209,6 +209,12 @@ pub struct CoreStats {
     /// HTTPS connections whose TLS side is on this core (handshake or
     /// relay); their HTTP side counts in `public_conns` wherever it is.
     pub https_conns: AtomicU64,
+    /// Public TCP tunnel connections open now / served (gateway).
+    pub tcp_conns: AtomicU64,
+    pub tcp_conns_total: AtomicU64,
+    /// TCP tunnel bytes from public clients / to public clients (gateway).
+    pub tcp_bytes_in: AtomicU64,
+    pub tcp_bytes_out: AtomicU64,
 }
 
 impl CoreStats {

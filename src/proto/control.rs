@@ -12,8 +12,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::{ErrorCode, ProtoError};
 use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
+use super::tcp::{put_ports, CAP_TCP, MAX_TCP_TUNNELS};
 
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Capability bit: the agent can read the gateway's public endpoint, and
+/// (in ACCEPT) the endpoint follows the capabilities field.
+pub const CAP_PUBLIC_URL: u32 = 0x0000_0002;
 pub const MAGIC: [u8; 4] = *b"RTNL";
 
 /// Longest session name: a DNS label, so `<session>.<domain>` stays a
@@ -57,6 +62,9 @@ pub struct Hello {
     pub uplinks_total: u16,
     pub token: String,
     pub session: String,
+    /// TCP tunnel ports asked for (0: any free one), present on the wire
+    /// only with `CAP_TCP` in `capabilities` (see `tcp.rs`).
+    pub tcp: Vec<u16>,
 }
 
 impl Hello {
@@ -79,11 +87,23 @@ impl Hello {
                 "HELLO uplink_index is not below uplinks_total",
             ));
         }
+        if self.tcp.len() > MAX_TCP_TUNNELS
+            || (!self.tcp.is_empty() && self.capabilities & CAP_TCP == 0)
+        {
+            return Err(ProtoError::BadPayload(
+                "HELLO TCP ports without CAP_TCP, or more than 64",
+            ));
+        }
         Ok(())
     }
 
     pub fn encoded_len(&self) -> usize {
-        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len()
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len() + tcp
     }
 
     /// # Panics
@@ -99,6 +119,9 @@ impl Hello {
         dst.put_u16(self.uplinks_total);
         put_str16(dst, &self.token);
         put_str16(dst, &self.session);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
     }
 
     /// Checks magic, then version, before anything else, so a peer of
@@ -129,6 +152,11 @@ impl Hello {
                 ))
             }
         };
+        let tcp = if capabilities & CAP_TCP != 0 {
+            r.ports()?
+        } else {
+            Vec::new()
+        };
         // Trailing bytes: fields of a later minor revision, ignored.
         let hello = Self {
             version,
@@ -138,6 +166,7 @@ impl Hello {
             uplinks_total,
             token,
             session,
+            tcp,
         };
         hello.validate()?;
         Ok(hello)
@@ -159,11 +188,67 @@ pub struct Accept {
     pub conn_window: u32,
     /// Concurrent streams per uplink.
     pub max_streams: u32,
+    /// Capability bits the gateway enabled on this uplink (a subset of the
+    /// HELLO's). Appended after `max_streams`; absent (an older gateway)
+    /// reads as 0. The optional parts follow in bit order: `CAP_TCP`'s
+    /// ports, then `CAP_PUBLIC_URL`'s endpoint.
+    pub capabilities: u32,
+    /// With `CAP_TCP`: the public port granted for each port of the HELLO,
+    /// in the same order.
+    pub tcp: Vec<u16>,
+    /// With `CAP_PUBLIC_URL`: where the public reaches this gateway's
+    /// sessions, so the agent can print its URL.
+    pub public: Option<PublicEndpoint>,
+}
+
+/// The gateway's public HTTP endpoint as clients should type it: a
+/// session NAME is served at `scheme://NAME.domain:port/`, or, with no
+/// domain, at any Host `NAME` (the gateway routes by Host alone).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublicEndpoint {
+    /// "http" or "https"; at most 255 bytes.
+    pub scheme: String,
+    /// `--domain`, empty when the gateway has none.
+    pub domain: String,
+    pub port: u16,
+}
+
+impl PublicEndpoint {
+    /// The URL of `session`, when the gateway has a domain; without one
+    /// only a Host header (or `--default-session`) reaches it.
+    pub fn url_for(&self, session: &str) -> Option<String> {
+        if self.domain.is_empty() {
+            return None;
+        }
+        let default_port = matches!(
+            (self.scheme.as_str(), self.port),
+            ("http", 80) | ("https", 443)
+        );
+        Some(if default_port {
+            format!("{}://{session}.{}", self.scheme, self.domain)
+        } else {
+            format!("{}://{session}.{}:{}", self.scheme, self.domain, self.port)
+        })
+    }
 }
 
 impl Accept {
-    /// version, gateway_cores, core, reserved, then four u32.
-    pub const ENCODED_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+    /// version, gateway_cores, core, reserved, then four u32: the layout of
+    /// the first revision, which every ACCEPT starts with.
+    pub const BASE_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
+
+    pub fn encoded_len(&self) -> usize {
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        let public = self
+            .public
+            .as_ref()
+            .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len());
+        Self::BASE_LEN + 4 + tcp + public
+    }
 
     /// What the gateway should check once, at start-up: an agent refuses an
     /// ACCEPT that fails this.
@@ -178,11 +263,30 @@ impl Accept {
                 "ACCEPT max_frame outside 64 KiB..=16 MiB",
             ));
         }
+        if self.public.is_some() != (self.capabilities & CAP_PUBLIC_URL != 0) {
+            return Err(ProtoError::BadPayload(
+                "ACCEPT public endpoint without CAP_PUBLIC_URL, or the reverse",
+            ));
+        }
+        if let Some(p) = &self.public {
+            if p.scheme.is_empty() || p.scheme.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public scheme empty or longer than 255 bytes",
+                ));
+            }
+            if p.domain.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT public domain longer than 255 bytes",
+                ));
+            }
+        }
         Ok(())
     }
 
+    /// # Panics
+    /// If `public` breaks the length rules `validate` checks.
     pub fn encode(&self, dst: &mut BytesMut) {
-        dst.reserve(Self::ENCODED_LEN);
+        dst.reserve(self.encoded_len());
         dst.put_u16(self.version);
         dst.put_u16(self.gateway_cores);
         dst.put_u16(self.core);
@@ -191,6 +295,17 @@ impl Accept {
         dst.put_u32(self.stream_window);
         dst.put_u32(self.conn_window);
         dst.put_u32(self.max_streams);
+        dst.put_u32(self.capabilities);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
+        if let Some(p) = &self.public {
+            dst.put_u16(p.port);
+            let len = u8::try_from(p.scheme.len()).expect("scheme longer than 255 bytes");
+            dst.put_u8(len);
+            dst.put_slice(p.scheme.as_bytes());
+            put_str16(dst, &p.domain);
+        }
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
@@ -204,7 +319,7 @@ impl Accept {
         if r.u16()? != 0 {
             return Err(ProtoError::ReservedBits);
         }
-        let accept = Self {
+        let mut accept = Self {
             version,
             gateway_cores,
             core,
@@ -212,7 +327,33 @@ impl Accept {
             stream_window: r.u32()?,
             conn_window: r.u32()?,
             max_streams: r.u32()?,
+            capabilities: 0,
+            tcp: Vec::new(),
+            public: None,
         };
+        // A gateway without capabilities ends here.
+        if !r.rest.is_empty() {
+            accept.capabilities = r.u32()?;
+        }
+        if accept.capabilities & CAP_TCP != 0 {
+            accept.tcp = r.ports()?;
+        }
+        if accept.capabilities & CAP_PUBLIC_URL != 0 {
+            let port = r.u16()?;
+            let scheme_len = r.array::<1>()?[0];
+            let scheme = r.bytes(usize::from(scheme_len))?;
+            let domain = r.str16()?;
+            let text = |b: &[u8]| {
+                std::str::from_utf8(b)
+                    .map(str::to_owned)
+                    .map_err(|_| ProtoError::BadPayload("ACCEPT public endpoint is not UTF-8"))
+            };
+            accept.public = Some(PublicEndpoint {
+                scheme: text(scheme)?,
+                domain: text(domain)?,
+                port,
+            });
+        }
         accept.validate()?;
         Ok(accept)
     }
@@ -238,7 +379,7 @@ impl Frame {
     }
 
     pub fn accept(accept: &Accept) -> Self {
-        let mut buf = BytesMut::with_capacity(Accept::ENCODED_LEN);
+        let mut buf = BytesMut::with_capacity(accept.encoded_len());
         accept.encode(&mut buf);
         Self::new(FrameType::Accept, 0, buf.freeze())
     }
@@ -284,7 +425,8 @@ fn parse_code_and_reason(frame: &Frame) -> Result<(ErrorCode, String), ProtoErro
     Ok((code, reason))
 }
 
-fn truncate_at_char(s: &str, max: usize) -> &str {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate_at_char(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }
@@ -357,6 +499,16 @@ impl<'a> Reader<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.rest)
     }
+
+    /// A TCP port list (`tcp.rs`): count u16, then that many u16, at most
+    /// `MAX_TCP_TUNNELS`.
+    fn ports(&mut self) -> Result<Vec<u16>, ProtoError> {
+        let n = usize::from(self.u16()?);
+        if n > MAX_TCP_TUNNELS {
+            return Err(ProtoError::BadPayload("more than 64 TCP ports"));
+        }
+        (0..n).map(|_| self.u16()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -375,6 +527,7 @@ mod tests {
             uplinks_total: 2,
             token: "secret".into(),
             session: "demo".into(),
+            tcp: Vec::new(),
         }
     }
 
@@ -387,6 +540,22 @@ mod tests {
             stream_window: DEFAULT_STREAM_WINDOW,
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
+            capabilities: CAP_PUBLIC_URL,
+            tcp: Vec::new(),
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "tunnel.example.com".into(),
+                port: 8080,
+            }),
+        }
+    }
+
+    /// An ACCEPT without capabilities.
+    fn base_accept() -> Accept {
+        Accept {
+            capabilities: 0,
+            public: None,
+            ..accept()
         }
     }
 
@@ -400,7 +569,7 @@ mod tests {
     fn accept_bytes(a: &Accept) -> Vec<u8> {
         let mut buf = BytesMut::new();
         a.encode(&mut buf);
-        assert_eq!(buf.len(), Accept::ENCODED_LEN);
+        assert_eq!(buf.len(), a.encoded_len());
         buf.to_vec()
     }
 
@@ -422,6 +591,15 @@ mod tests {
                 let set = if i == 0 || i == len - 1 { EDGE } else { INNER };
                 char::from(*rng.pick(set))
             })
+            .collect()
+    }
+
+    fn random_ports(rng: &mut XorShift, caps: u32) -> Vec<u16> {
+        if caps & CAP_TCP == 0 {
+            return Vec::new();
+        }
+        (0..rng.below(MAX_TCP_TUNNELS + 1))
+            .map(|_| rng.next_u32() as u16)
             .collect()
     }
 
@@ -466,6 +644,11 @@ mod tests {
                 uplinks_total: total,
                 token: random_text(&mut rng, 40),
                 session: random_session(&mut rng),
+                tcp: Vec::new(),
+            };
+            let h = Hello {
+                tcp: random_ports(&mut rng, h.capabilities),
+                ..h
             };
             assert_eq!(h.validate(), Ok(()));
             assert_eq!(Hello::decode(&hello_bytes(&h)), Ok(h.clone()));
@@ -487,6 +670,30 @@ mod tests {
                 stream_window: rng.next_u32(),
                 conn_window: rng.next_u32(),
                 max_streams: rng.next_u32(),
+                capabilities: rng.next_u32(),
+                tcp: Vec::new(),
+                public: None,
+            };
+            let a = Accept {
+                tcp: random_ports(&mut rng, a.capabilities),
+                ..a
+            };
+            // Half of them with a public endpoint.
+            let a = if rng.below(2) == 0 {
+                Accept {
+                    capabilities: a.capabilities & !CAP_PUBLIC_URL,
+                    ..a
+                }
+            } else {
+                Accept {
+                    capabilities: a.capabilities | CAP_PUBLIC_URL,
+                    public: Some(PublicEndpoint {
+                        scheme: random_text(&mut rng, 8).replace('\0', "s") + "h",
+                        domain: random_text(&mut rng, 60),
+                        port: rng.next_u32() as u16,
+                    }),
+                    ..a
+                }
             };
             assert_eq!(a.validate(), Ok(()));
             assert_eq!(Accept::decode(&accept_bytes(&a)), Ok(a.clone()));
@@ -545,6 +752,129 @@ mod tests {
         let mut bytes = accept_bytes(&accept());
         bytes.extend_from_slice(&[0xff; 9]);
         assert_eq!(Accept::decode(&bytes), Ok(accept()));
+        let tcp = Accept {
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
+            tcp: vec![20000, 20022],
+            ..accept()
+        };
+        let mut bytes = accept_bytes(&tcp);
+        bytes.extend_from_slice(&[0xff; 9]);
+        assert_eq!(Accept::decode(&bytes), Ok(tcp));
+    }
+
+    #[test]
+    fn tcp_ports_travel_only_with_the_capability() {
+        // An older gateway's ACCEPT (no capabilities field) enables nothing.
+        let bytes = accept_bytes(&accept());
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
+        // HELLO: the list follows the session with CAP_TCP, else nothing
+        // does (and a list without the bit is refused before encoding).
+        let h = Hello {
+            capabilities: CAP_TCP,
+            tcp: vec![0, 20022],
+            ..hello()
+        };
+        let bytes = hello_bytes(&h);
+        assert_eq!(&bytes[bytes.len() - 6..], &[0, 2, 0, 0, 0x4e, 0x36]);
+        assert_eq!(Hello::decode(&bytes), Ok(h.clone()));
+        // An older gateway reading it ignores the list as trailing bytes;
+        // this one refuses a truncated list.
+        for cut in bytes.len() - 5..bytes.len() {
+            assert!(matches!(
+                Hello::decode(&bytes[..cut]),
+                Err(ProtoError::BadLength { .. })
+            ));
+        }
+        let no_cap = Hello {
+            capabilities: 0,
+            ..h.clone()
+        };
+        assert!(no_cap.validate().is_err());
+        let too_many = Hello {
+            tcp: vec![0; MAX_TCP_TUNNELS + 1],
+            ..h
+        };
+        assert!(too_many.validate().is_err());
+        let mut bytes = hello_bytes(&hello());
+        bytes[9] = 1; // capabilities = CAP_TCP
+        bytes.extend_from_slice(&[0, 65]);
+        assert!(matches!(
+            Hello::decode(&bytes),
+            Err(ProtoError::BadPayload(_))
+        ));
+    }
+
+    #[test]
+    fn accept_without_capabilities_has_no_public_endpoint() {
+        let bytes = accept_bytes(&base_accept());
+        assert_eq!(bytes.len(), Accept::BASE_LEN + 4);
+        assert_eq!(Accept::decode(&bytes), Ok(base_accept()));
+        // A gateway that predates capabilities sends the first 24 bytes.
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
+        // The extended one starts with the same 24 bytes, so an agent that
+        // knows no capability reads it as before and ignores the rest.
+        let extended = accept_bytes(&accept());
+        assert_eq!(extended[..Accept::BASE_LEN], bytes[..Accept::BASE_LEN]);
+        // Pinned layout: capabilities, port, scheme (u8 length), domain.
+        assert_eq!(
+            &extended[Accept::BASE_LEN..Accept::BASE_LEN + 10],
+            &[0, 0, 0, 2, 0x1f, 0x90, 4, b'h', b't', b't']
+        );
+        // The bit and the field go together.
+        for a in [
+            Accept {
+                capabilities: 0,
+                ..accept()
+            },
+            Accept {
+                public: None,
+                ..accept()
+            },
+        ] {
+            assert!(matches!(a.validate(), Err(ProtoError::BadPayload(_))));
+        }
+    }
+
+    /// The example of docs/PROTOCOL.md, section 13.
+    #[test]
+    fn documented_public_endpoint_bytes() {
+        let a = Accept {
+            public: Some(PublicEndpoint {
+                scheme: "http".into(),
+                domain: "t.example.com".into(),
+                port: 8080,
+            }),
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
+        assert_eq!(bytes.len(), 50);
+        let mut want = vec![0, 0, 0, 2, 0x1f, 0x90, 4];
+        want.extend_from_slice(b"http");
+        want.extend_from_slice(&[0, 13]);
+        want.extend_from_slice(b"t.example.com");
+        assert_eq!(&bytes[Accept::BASE_LEN..], &want[..]);
+    }
+
+    #[test]
+    fn public_urls() {
+        let mut p = accept().public.unwrap();
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com:8080")
+        );
+        p.port = 80;
+        assert_eq!(
+            p.url_for("myapp").as_deref(),
+            Some("http://myapp.tunnel.example.com")
+        );
+        p.domain.clear();
+        assert_eq!(p.url_for("myapp"), None);
     }
 
     #[test]
@@ -588,8 +918,14 @@ mod tests {
 
     #[test]
     fn every_truncated_accept_is_bad_length() {
-        let bytes = accept_bytes(&accept());
-        for cut in 0..bytes.len() {
+        let a = Accept {
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
+            tcp: vec![20000],
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
+        // A cut right after the first revision's fields is that revision.
+        for cut in (0..bytes.len()).filter(|&c| c != Accept::BASE_LEN) {
             assert_eq!(
                 Accept::decode(&bytes[..cut]),
                 Err(ProtoError::BadLength {

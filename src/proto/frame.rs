@@ -373,6 +373,7 @@ mod tests {
             uplinks_total: 4,
             token: "tk".into(),
             session: "demo".into(),
+            tcp: Vec::new(),
         }
     }
 
@@ -385,6 +386,9 @@ mod tests {
             stream_window: 256 * 1024,
             conn_window: 16 * 1024 * 1024,
             max_streams: 4096,
+            capabilities: 0,
+            tcp: Vec::new(),
+            public: None,
         }
     }
 
@@ -501,7 +505,7 @@ mod tests {
     fn accept_layout() {
         #[rustfmt::skip]
         let want = [
-            0, 0, 0, 24, 0x02, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 28, 0x02, 0, 0, 0, 0, 0, 0, 0,
             0, 1,        // version
             0, 4,        // gateway_cores
             0, 2,        // core
@@ -510,6 +514,7 @@ mod tests {
             0, 4, 0, 0,  // stream_window 256 KiB (the default)
             1, 0, 0, 0,  // conn_window 16 MiB
             0, 0, 16, 0, // max_streams 4096
+            0, 0, 0, 0,  // capabilities: none enabled
         ];
         assert_eq!(enc(&Frame::accept(&sample_accept())), want);
     }

@@ -37,11 +37,12 @@ pub mod frame;
 pub mod invariants;
 pub mod kind;
 pub mod limits;
+pub mod tcp;
 
 pub use conn::{Connection, Event, Inbound, OpenError, Role, StreamError, StreamState};
 pub use control::{
-    valid_session_name, Accept, Hello, MAGIC, MAX_REASON_LEN, MAX_SESSION_NAME, MIN_MAX_FRAME,
-    PROTOCOL_VERSION,
+    valid_session_name, Accept, Hello, PublicEndpoint, CAP_PUBLIC_URL, MAGIC, MAX_REASON_LEN,
+    MAX_SESSION_NAME, MIN_MAX_FRAME, PROTOCOL_VERSION,
 };
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{

@@ -161,7 +161,7 @@ where
                     role = %role,
                     core = i,
                     driver = driver.as_str(),
-                    pinned_cpu = ?pinned,
+                    pinned_cpu = %pinned.map_or("none".to_string(), |c| c.to_string()),
                     "worker started"
                 );
                 run_on_driver(driver, f(i));

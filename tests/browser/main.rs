@@ -8,7 +8,7 @@
 //! (`apt-get install chromium chromium-driver`); CI installs them
 //! (`.ci/run`) and runs them.
 //!
-//! A page module (`dashboard.rs`; the agent's inspector can be another)
+//! A page module (`dashboard.rs`, `inspector.rs`)
 //! gets a [`webdriver::Browser`] from `Browser::start(test_name)` (`None`:
 //! skipped) and the process harness from `common`. For pages that
 //! re-render themselves, read text with `Browser::texts`/`text_of` (one
@@ -19,6 +19,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod dashboard;
+mod inspector;
 mod webdriver;
 
 use std::io::{Read, Write};

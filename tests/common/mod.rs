@@ -470,12 +470,19 @@ impl Bg {
 /// Starts `ringtunnel ARGS` and returns at once (no ready line awaited),
 /// capturing stdout and stderr.
 pub fn spawn_nowait(name: &'static str, args: &[&str]) -> Bg {
+    spawn_nowait_env(name, args, &[])
+}
+
+/// `spawn_nowait` with extra environment variables (they win over the
+/// default `RUST_LOG`).
+pub fn spawn_nowait_env(name: &'static str, args: &[&str], envs: &[(&str, &str)]) -> Bg {
     let mut child = Command::new(BIN)
         .args(args)
         .env(
             "RUST_LOG",
             std::env::var("RT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
         )
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -861,5 +868,20 @@ pub fn fake_hello(session: &str) -> ringtunnel::proto::Frame {
         uplinks_total: 1,
         token: String::new(),
         session: session.into(),
+        tcp: Vec::new(),
     })
+}
+
+/// Waits up to 5 s until `p` holds at most `fds` open descriptors.
+pub fn wait_fds_at_most(p: &Proc, fds: usize) {
+    let t = Instant::now();
+    while p.fd_count() > fds {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{}: {} fds, more than the {fds} before",
+            p.name,
+            p.fd_count()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

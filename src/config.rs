@@ -262,10 +262,11 @@ pub const RELOADABLE: [&str; 14] = [
 ];
 
 impl GatewayConfig {
-    /// This (running) configuration with the [`RELOADABLE`] settings and
-    /// the tokens taken from `new`; everything else (addresses, cores,
-    /// driver, windows, TLS listener choice, fd reserve, handshake limits,
-    /// trusted proxies…) stays as started.
+    /// This (running) configuration with the [`RELOADABLE`] settings, the
+    /// tokens and the TLS certificates (tunnel and HTTPS) taken from
+    /// `new`; everything else (addresses, cores, driver, windows, TLS
+    /// listener choice, fd reserve, handshake limits, trusted proxies…)
+    /// stays as started.
     pub fn with_reloaded(&self, new: &GatewayConfig) -> GatewayConfig {
         let mut c = self.clone();
         c.tokens = new.tokens.clone();

@@ -492,6 +492,30 @@ fn sighup_rotates_the_certificate_while_a_keep_alive_connection_stays_up() {
     let (status, _, _) = get(&mut kept, host, "/bytes/100000");
     assert_eq!(status, 200);
     assert_eq!(served_cert(&kept), old);
+
+    // A reload can also add certificates: api.tunnel.test gets its own.
+    let (api_cert, api_key) = ca.issue_named("edge-api", &["api.tunnel.test"]);
+    let api_cert_path = pki.dir.write("api.pem", &api_cert);
+    let api_key_path = pki.dir.write("api.key", &api_key);
+    let text = std::fs::read_to_string(&file).unwrap();
+    pki.dir.write(
+        "gw.toml",
+        &format!("{text}\n[[https_certs]]\ncert = {api_cert_path:?}\nkey = {api_key_path:?}\n"),
+    );
+    unsafe {
+        libc::kill(gw.pid() as i32, libc::SIGHUP);
+    }
+    let api = der_of(&api_cert_path);
+    let t = Instant::now();
+    while served_cert(&tls_connect(&gw, &cfg, "api.tunnel.test")) != api {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the added certificate is not served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(served_cert(&tls_connect(&gw, &cfg, host)), new);
+    assert_eq!(get(&mut kept, host, "/").0, 200);
     drop(kept);
     wait_idle(&gw, base);
 }
@@ -733,5 +757,56 @@ fn idle_https_connections_cost_bounded_memory() {
     assert_eq!(get(&mut conns[199], host, "/").0, 200);
     drop(conns);
     drop(warm);
+    wait_idle(&gw, base);
+}
+
+/// Mid-transfer faults over HTTPS: a client that vanishes (RST) in the
+/// middle of a 64 MiB download, and one that never reads it. Both are
+/// closed (the second by --write-stall-timeout, on the HTTP side and on
+/// the TLS side of the relay) and everything returns to its baseline.
+#[test]
+fn https_client_that_vanishes_or_never_reads_mid_transfer_is_cleaned_up() {
+    let pki = Pki::new();
+    let gw = https_gateway("uring", &pki.wild, &["--write-stall-timeout", "1"]);
+    let (_echo, _agent) = echo_stack("uring", &gw, &[]);
+    let base = baseline(&gw, gw.addr("admin"));
+    let cfg = client_config(&pki.ca);
+    let host = "demo.tunnel.test";
+    let big = format!("GET /bytes/{} HTTP/1.1\r\nHost: {host}\r\n\r\n", 64 << 20);
+
+    // Vanishes after the first MiB.
+    let mut s = tls_connect(&gw, &cfg, host);
+    s.write_all(big.as_bytes()).unwrap();
+    let mut got = 0;
+    let mut tmp = [0u8; 65536];
+    while got < 1 << 20 {
+        let n = s.read(&mut tmp).unwrap();
+        assert!(n > 0, "closed early");
+        got += n;
+    }
+    abort(s.sock);
+    wait_idle(&gw, base);
+
+    // Never reads (a small receive buffer, so the stall starts at once).
+    // Counted as a write stall, or as a client error when the relay's own
+    // stall deadline closed the socketpair under the HTTP side first.
+    let stalls = || {
+        metric(&gw, "ringtunnel_errors_total", "kind=\"write_stall\"")
+            + metric(&gw, "ringtunnel_errors_total", "kind=\"client_io\"")
+    };
+    let before = stalls();
+    let mut s = tls_over(connect_small_rcvbuf(gw.addr("https"), 4096), &cfg, host);
+    s.write_all(big.as_bytes()).unwrap();
+    s.flush().unwrap();
+    let t = Instant::now();
+    while https_conns(&gw) != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "a client that never reads was kept"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(stalls() > before, "the stall was not counted");
+    drop(s);
     wait_idle(&gw, base);
 }

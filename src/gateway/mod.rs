@@ -175,12 +175,12 @@ pub(crate) struct Shared {
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
-    /// Per core: the sessions' last-minute windows (dashboard, /stats).
-    pub(crate) windows: Vec<Arc<SessionWindows>>,
     /// Open TCP tunnel ports (`tcp.rs`); locked after `claims`, never
     /// before.
     tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
     tcp_counters: tcp::TcpCounters,
+    /// Per core: the sessions' last-minute windows (dashboard, /stats).
+    pub(crate) windows: Vec<Arc<SessionWindows>>,
 }
 
 impl Shared {
@@ -767,11 +767,11 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
+        tcp: Mutex::new(HashMap::new()),
+        tcp_counters: Default::default(),
         windows: (0..n)
             .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
             .collect(),
-        tcp: Mutex::new(HashMap::new()),
-        tcp_counters: Default::default(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -989,15 +989,15 @@ impl crate::admin::StatsSource for Shared {
         self.limit_metrics() + &self.tcp_metrics()
     }
 
+    fn extra_json(&self) -> String {
+        self.tcp_json()
+    }
+
     fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
         Some(self.placement())
     }
 
     fn windows(&self) -> &[Arc<SessionWindows>] {
         &self.windows
-    }
-
-    fn extra_json(&self) -> String {
-        self.tcp_json()
     }
 }

@@ -346,7 +346,10 @@ fn max_sessions_and_max_uplinks_are_enforced_at_claim() {
 /// agent is restarted 3 times. Returns (ok, failed).
 fn restart_under_load(graceful: bool) -> (u64, u64) {
     let echo = echo("uring", 0);
-    let gw = gateway_with(vec![], Duration::from_secs(30), Duration::from_secs(5));
+    // Held requests wait up to the hold timeout for the new agent: 15 s,
+    // because on a loaded 2-core machine starting the new (debug) agent
+    // took more than the default 5 s, and the held requests got 502.
+    let gw = gateway_with(vec![], Duration::from_secs(30), Duration::from_secs(15));
     let public = gw.public_addr();
     let args = ["--agent-id", "11"];
     let mut agent = agent_ready(&gw, "roll", echo.addr("listen"), &args);

@@ -1084,6 +1084,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // The one-liner's lines are for a person: `... INFO GET / 200 1.2 ms`.
+        .with_target(!matches!(cli.cmd, Cmd::Http(_)))
         .init();
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,

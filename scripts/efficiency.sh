@@ -72,13 +72,9 @@ role_args=(--driver "$driver")
 [[ -n $cores ]] && role_args+=(--cores "$cores")
 
 need=()
-[[ ,$tools, == *,wrk,* ]] && ! command -v wrk >/dev/null 2>&1 && need+=(wrk)
-[[ ,$targets, == *,nginx,* ]] && ! command -v nginx >/dev/null 2>&1 && need+=(nginx-light)
-if ((${#need[@]})); then
-  rt_log "installing ${need[*]} (Debian)"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+[[ ,$tools, == *,wrk,* ]] && need+=(wrk:wrk)
+[[ ,$targets, == *,nginx,* ]] && need+=(nginx:nginx-light)
+rt_apt_install "${need[@]}"
 
 secs=$(rt_secs "$duration")
 tck=$(rt_clk_tck)
@@ -109,40 +105,8 @@ nginx_ticks() {
 
 # start_nginx UPSTREAM -> NGINX_ADDR, NGINX_PID
 start_nginx() {
-  local upstream=$1 port dir=$RT_TMP/nginx
-  mkdir -p "$dir/logs"
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  cat >"$dir/nginx.conf" <<EOF
-worker_processes $nginx_workers;
-daemon off;
-pid $dir/nginx.pid;
-error_log $dir/logs/error.log warn;
-events { worker_connections 16384; }
-http {
-  access_log off;
-  upstream echo { server $upstream; keepalive 256; }
-  server {
-    listen 127.0.0.1:$port reuseport backlog=4096;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://echo;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_buffering off;
-    }
-  }
-}
-EOF
-  rt_start nginx nginx -p "$dir" -c "$dir/nginx.conf"
-  NGINX_PID=$RT_LAST_PID
-  NGINX_ADDR=127.0.0.1:$port
-  local i
-  for ((i = 0; i < 100; i++)); do
-    curl -fsS --max-time 1 -o /dev/null "http://$NGINX_ADDR/" 2>/dev/null && return 0
-    sleep 0.05
-  done
-  rt_die "nginx did not start (see $dir/logs/error.log)"
+  local upstream=$1
+  rt_nginx_proxy "$upstream" "$nginx_workers"
 }
 
 # load TOOL MODE CONNS URL HOST OUTFILE: one measured run; prints
@@ -154,11 +118,7 @@ load() {
     [[ $mode == close ]] && hdr=(-H "Connection: close")
     rt_run_bounded $((secs + 30)) "$outf" wrk -t1 -c "$c" -d "$duration" --latency \
       -H "Host: $host" "${hdr[@]}" "$url" || true
-    awk '
-      function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-      $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
-      /requests in/ { req = $1 } /^Requests\/sec:/ { rps = $2 }
-      END { if (req > 0) printf "%d %.1f %.3f %.3f\n", req, rps, p50, p99 }' "$outf"
+    rt_wrk_stats "$outf"
   else
     local ka=()
     [[ $mode == close ]] && ka=(--no-keepalive)

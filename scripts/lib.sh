@@ -21,6 +21,15 @@
 #   rt_get ADDR PATH      HTTP GET from an admin endpoint
 #   rt_metric_sum ADDR NAME   sum of a Prometheus metric over its labels
 #   rt_cpu_ticks PID      utime+stime of PID in clock ticks
+#   rt_tree_ticks PID     the same, summed over PID and its children (nginx)
+#   rt_apt_install CMD:PKG..  installs (Debian) the PKGs whose CMD is missing
+#   rt_free_port          a free TCP port on 127.0.0.1
+#   rt_nginx_proxy UPSTREAM WORKERS [CERT KEY]
+#                         runs nginx as a reverse proxy to UPSTREAM (upstream
+#                         keep-alive, HTTP/1.1), terminating TLS with CERT
+#                         and KEY if given; sets NGINX_ADDR and NGINX_PID
+#   rt_wrk_stats FILE     "requests rps p50_ms p99_ms" of a wrk --latency
+#                         output (nothing if it has no result)
 #   rt_machine_facts      nproc, kernel, CPU, date, rustc, git revision
 #   rt_secs DURATION      "500ms" / "10s" / "2m" / "7" -> whole seconds (ceil)
 #
@@ -299,6 +308,81 @@ rt_cpu_ticks() {
   # rest starts at field 3 (state): utime is field 14 -> index 11.
   read -r -a f <<<"$rest"
   echo $((f[11] + f[12]))
+}
+
+rt_tree_ticks() {
+  local pid total=0 t
+  for pid in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    [[ -r /proc/$pid/stat ]] || continue
+    t=$(rt_cpu_ticks "$pid") || continue
+    total=$((total + t))
+  done
+  echo "$total"
+}
+
+rt_apt_install() {
+  local need=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+  done
+  ((${#need[@]})) || return 0
+  rt_log "installing ${need[*]} (Debian)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
+}
+
+rt_free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+rt_nginx_proxy() {
+  local upstream=$1 workers=$2 cert=${3:-} key=${4:-} dir=$RT_TMP/nginx port scheme=http
+  local tls="" i
+  mkdir -p "$dir/logs"
+  port=$(rt_free_port)
+  if [[ -n $cert ]]; then
+    scheme=https
+    tls="ssl_certificate $cert; ssl_certificate_key $key; ssl_protocols TLSv1.2 TLSv1.3;"
+  fi
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes $workers;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log warn;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  upstream echo { server $upstream; keepalive 256; }
+  server {
+    listen 127.0.0.1:$port ${cert:+ssl }reuseport backlog=4096;
+    $tls
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://echo;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_buffering off;
+    }
+  }
+}
+EOF
+  rt_start nginx nginx -p "$dir" -c "$dir/nginx.conf"
+  NGINX_PID=$RT_LAST_PID
+  NGINX_ADDR=127.0.0.1:$port
+  for ((i = 0; i < 100; i++)); do
+    curl -fsSk --max-time 1 -o /dev/null "$scheme://$NGINX_ADDR/" 2>/dev/null && return 0
+    sleep 0.05
+  done
+  rt_die "nginx did not start (see $dir/logs/error.log)"
+}
+
+rt_wrk_stats() {
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    $1 == "50%" { p50 = ms($2) } $1 == "99%" { p99 = ms($2) }
+    /requests in/ { req = $1 } /^Requests\/sec:/ { rps = $2 }
+    END { if (req > 0) printf "%d %.1f %.3f %.3f\n", req, rps, p50, p99 }' "$1"
 }
 
 rt_clk_tck() { getconf CLK_TCK; }

@@ -216,6 +216,12 @@ pub fn render_metrics(src: &dyn StatsSource) -> String {
         "gauge",
         &|c| get(&c.public_conns),
     );
+    counter(
+        &format!("ringtunnel_{role}_https_connections"),
+        "Open HTTPS connections whose TLS is on this core.",
+        "gauge",
+        &|c| get(&c.https_conns),
+    );
     counter("ringtunnel_uplinks", "Open uplinks.", "gauge", &|c| {
         get(&c.uplinks)
     });

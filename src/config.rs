@@ -29,6 +29,8 @@ pub mod defaults {
     pub const HOLD_QUEUE: usize = 1024;
     /// How long a stopping agent lets its streams finish.
     pub const AGENT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+    /// Public connections at once per TCP tunnel port.
+    pub const TCP_MAX_CONNS_PER_PORT: usize = 1024;
 
     // Limits (`crate::limits`). --max-conns and --fd-reserve default to
     // values derived from RLIMIT_NOFILE at start-up.
@@ -189,6 +191,16 @@ pub struct GatewayConfig {
     pub edge_limits: crate::limits::LimitsConfig,
     /// `--admin-token`: the admin endpoint wants `Authorization: Bearer`.
     pub admin_token: Option<String>,
+    /// `--https-listen`: the public HTTPS listener (TLS terminated here).
+    pub https_listen: Option<String>,
+    /// Its certificates, chosen by SNI; the first is the default.
+    pub https_certs: Vec<crate::sni::CertFiles>,
+    /// Ports agents may open raw TCP tunnels on (`--tcp-ports`); empty =
+    /// no TCP tunnels.
+    pub tcp_ports: crate::proto::tcp::PortRanges,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once.
+    pub tcp_max_conns_per_port: usize,
 }
 
 impl Default for GatewayConfig {
@@ -219,6 +231,10 @@ impl Default for GatewayConfig {
             proxy_protocol: false,
             edge_limits: crate::limits::LimitsConfig::default(),
             admin_token: None,
+            https_listen: None,
+            https_certs: Vec::new(),
+            tcp_ports: crate::proto::tcp::PortRanges::none(),
+            tcp_max_conns_per_port: defaults::TCP_MAX_CONNS_PER_PORT,
         }
     }
 }
@@ -246,14 +262,17 @@ pub const RELOADABLE: [&str; 14] = [
 ];
 
 impl GatewayConfig {
-    /// This (running) configuration with the [`RELOADABLE`] settings and
-    /// the tokens taken from `new`; everything else (addresses, cores,
-    /// driver, windows, TLS listener choice, fd reserve, handshake limits,
-    /// trusted proxies…) stays as started.
+    /// This (running) configuration with the [`RELOADABLE`] settings, the
+    /// tokens and the TLS certificates (tunnel and HTTPS) taken from
+    /// `new`; everything else (addresses, cores, driver, windows, TLS
+    /// listener choice, fd reserve, handshake limits, trusted proxies…)
+    /// stays as started.
     pub fn with_reloaded(&self, new: &GatewayConfig) -> GatewayConfig {
         let mut c = self.clone();
         c.tokens = new.tokens.clone();
         c.tunnel_tls = new.tunnel_tls.clone();
+        // The HTTPS listener stays as started; its certificates reload.
+        c.https_certs = new.https_certs.clone();
         c.hold_timeout = new.hold_timeout;
         c.hold_queue = new.hold_queue;
         c.header_timeout = new.header_timeout;
@@ -274,6 +293,7 @@ impl GatewayConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        self.check_https()?;
         self.check_plaintext_exposure()?;
         self.edge_limits.validate()?;
         if self.hold_queue == 0 {
@@ -281,6 +301,9 @@ impl GatewayConfig {
                 "--hold-queue must be at least 1 (use --session-lease 0 to never hold requests)"
                     .into(),
             );
+        }
+        if self.tcp_max_conns_per_port == 0 {
+            return Err("--tcp-max-conns-per-port must be at least 1".into());
         }
         if self.admin_token.as_deref() == Some("") {
             return Err("--admin-token must not be empty".into());
@@ -308,6 +331,21 @@ impl GatewayConfig {
             );
         }
         Ok(())
+    }
+
+    /// `--listen off` is allowed when HTTPS serves instead; certificates
+    /// need a listener and the other way round.
+    fn check_https(&self) -> Result<(), String> {
+        match (&self.https_listen, self.https_certs.is_empty()) {
+            (Some(_), true) => Err("--https-listen needs --https-cert FILE --https-key FILE \
+                 (or [[https_certs]] tables in --config)"
+                .into()),
+            (None, false) => Err("HTTPS certificates given without --https-listen".into()),
+            (None, true) if self.listen == "off" => {
+                Err("--listen off leaves no public listener: give --https-listen".into())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// A plaintext tunnel listener is only allowed on loopback (or when
@@ -362,6 +400,8 @@ pub struct AgentConfig {
     /// derived from host name, session and backend, so a restarted agent
     /// is the same owner.
     pub agent_id: Option<u64>,
+    /// Raw TCP tunnels to ask the gateway for (`--tcp`).
+    pub tcp: Vec<crate::proto::tcp::TcpSpec>,
     /// No line per request (`--quiet`).
     pub quiet: bool,
     /// The request inspector (`--inspect ADDR`), off when `None`.
@@ -389,6 +429,7 @@ impl Default for AgentConfig {
             tls: None,
             shutdown_grace: defaults::AGENT_SHUTDOWN_GRACE,
             agent_id: None,
+            tcp: Vec::new(),
             quiet: false,
             inspect: None,
         }
@@ -412,6 +453,12 @@ impl AgentConfig {
         }
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
+        }
+        if self.tcp.len() > crate::proto::tcp::MAX_TCP_TUNNELS {
+            return Err(format!(
+                "--tcp: at most {} TCP tunnels per agent",
+                crate::proto::tcp::MAX_TCP_TUNNELS
+            ));
         }
         if let Some(t) = &self.tls {
             if t.cert.is_some() != t.key.is_some() {

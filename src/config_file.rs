@@ -63,6 +63,9 @@ pub struct GatewayFile {
     pub insecure_plaintext: Option<bool>,
     pub trusted_proxies: Option<String>,
     pub proxy_protocol: Option<bool>,
+    pub https_listen: Option<String>,
+    pub https_cert: Option<PathBuf>,
+    pub https_key: Option<PathBuf>,
     pub max_conns: Option<usize>,
     pub max_conns_per_ip: Option<u32>,
     pub fd_reserve: Option<usize>,
@@ -78,9 +81,24 @@ pub struct GatewayFile {
     pub rate_per_ip: Option<String>,
     pub burst_per_ip: Option<u32>,
     pub rate_ip_table: Option<usize>,
+    /// Like `--tcp-ports`: "20000-20999", "20000-20099,21000", "none".
+    pub tcp_ports: Option<String>,
+    pub tcp_max_conns_per_port: Option<usize>,
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
+    /// HTTPS certificates chosen by SNI, after `https_cert` (the first of
+    /// all is the default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub https_certs: Vec<HttpsCertEntry>,
+}
+
+/// One `[[https_certs]]` table: a PEM certificate chain and its key.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsCertEntry {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// One `[[tokens]]` table. The key names are a stable interface.
@@ -99,6 +117,9 @@ pub struct TokenEntry {
     pub rate_per_ip: Option<String>,
     pub burst_per_ip: Option<u32>,
     pub pool: Option<bool>,
+    /// TCP tunnel ports this token may open, e.g. ["20000-20099"]; absent:
+    /// any port of the gateway's `tcp_ports`; [] or ["none"]: none.
+    pub tcp_ports: Option<Vec<String>>,
 }
 
 /// `ringtunnel agent --config FILE`.
@@ -129,6 +150,8 @@ pub struct AgentFile {
     pub server_name: Option<String>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Like `--tcp` (repeatable): ["22", "5432=20100"].
+    pub tcp: Option<Vec<String>>,
     pub quiet: Option<bool>,
     pub inspect: Option<String>,
     pub inspect_max: Option<usize>,
@@ -219,6 +242,13 @@ impl TokenEntry {
             rate_per_ip,
             burst_per_ip: self.burst_per_ip,
             pool: self.pool.unwrap_or(false),
+            tcp_ports: match &self.tcp_ports {
+                Some(list) => Some(
+                    crate::proto::tcp::PortRanges::parse(&list.join(","))
+                        .map_err(|e| format!("tcp_ports: {e}"))?,
+                ),
+                None => None,
+            },
         })
     }
 
@@ -240,6 +270,7 @@ impl TokenEntry {
             rate_per_ip: rule.rate_per_ip.map(|r| r.to_string()),
             burst_per_ip: rule.burst_per_ip,
             pool: Some(rule.pool),
+            tcp_ports: rule.tcp_ports.as_ref().map(|r| vec![r.to_string()]),
         }
     }
 }
@@ -314,6 +345,38 @@ sessions = ["*"]
             crate::scope::authorize(&rules[1..], "hello", "anything-at-all"),
             crate::scope::Verdict::Rule(0)
         );
+    }
+
+    #[test]
+    fn tcp_tunnel_keys() {
+        let f: GatewayFile = parse(
+            "tcp_ports = \"20000-20999\"\ntcp_max_conns_per_port = 10\n[[tokens]]\n\
+             secret = \"alpha-secret-0123456789\"\nsessions = [\"*\"]\n\
+             tcp_ports = [\"20000-20009\", \"20100\"]\n\
+             [[tokens]]\nsecret = \"omega-secret-0123456789\"\nsessions = [\"*\"]\n\
+             tcp_ports = []\n",
+        )
+        .unwrap();
+        assert_eq!(f.tcp_ports.as_deref(), Some("20000-20999"));
+        assert_eq!(f.tcp_max_conns_per_port, Some(10));
+        let rules = f.token_rules().unwrap();
+        let scope = rules[0].tcp_ports.as_ref().unwrap();
+        assert!(scope.contains(20009) && scope.contains(20100) && !scope.contains(20010));
+        // An empty list: this token may open no TCP port.
+        assert!(rules[1].tcp_ports.as_ref().unwrap().is_empty());
+        // The key shown by --print-config parses back to the same rule.
+        let shown = TokenEntry::shown(&rules[0]);
+        assert_eq!(shown.tcp_ports, Some(vec!["20000-20009,20100".to_string()]));
+        let e = parse::<GatewayFile>(
+            "[[tokens]]\nsecret = \"alpha-secret-0123456789\"\nsessions = [\"a\"]\n\
+             tcp_ports = [\"9-1\"]\n",
+        )
+        .unwrap()
+        .token_rules()
+        .unwrap_err();
+        assert!(e.contains("tcp_ports") && e.contains("backwards"), "{e}");
+        let a: AgentFile = parse("tcp = [\"22\", \"5432=20100\"]\n").unwrap();
+        assert_eq!(a.tcp, Some(vec!["22".into(), "5432=20100".into()]));
     }
 
     #[test]

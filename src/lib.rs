@@ -30,7 +30,8 @@
 //!   uplink; [`io::watchdog`] enforces deadlines by shutting sockets down;
 //!   [`io::stats`] holds per-core counters.
 //! - [`tls`]: rustls settings of the uplink, loaded from PEM at start-up,
-//!   and what a failed TLS handshake means for an agent.
+//!   and what a failed TLS handshake means for an agent; [`sni`]: the
+//!   public HTTPS edge's certificates, chosen by SNI.
 //! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
 //! - [`limits`]: connection limits, the fd reserve, per-session rates,
 //!   handshake bans and accept back-off.
@@ -61,5 +62,6 @@ pub mod route;
 pub mod runtime;
 pub mod scope;
 pub mod signals;
+pub mod sni;
 pub mod tls;
 pub mod trust;

@@ -37,6 +37,9 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up; boxing the gateway's flags would only make
+// every use of them noisier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Public HTTP listener + uplink listener; routes requests by Host.
@@ -185,8 +188,30 @@ struct GatewayArgs {
     /// (from a load balancer; only from --trusted-proxies when set).
     #[arg(long)]
     proxy_protocol: bool,
+    /// Public HTTPS listen address (TLS terminated here, certificates by
+    /// SNI); with it, --listen may be "off".
+    #[arg(long)]
+    https_listen: Option<String>,
+    /// Certificate chain (PEM) of --https-listen; the default for clients
+    /// naming no other certificate's name ([[https_certs]] adds more).
+    #[arg(long, requires = "https_key")]
+    https_cert: Option<PathBuf>,
+    /// Private key (PEM) of --https-cert.
+    #[arg(long, requires = "https_cert")]
+    https_key: Option<PathBuf>,
+    /// The file's [[https_certs]] tables (no flag form).
+    #[arg(skip)]
+    https_certs: Vec<ringtunnel::sni::CertFiles>,
     #[command(flatten)]
     limits: LimitArgs,
+    /// Ports agents may open raw TCP tunnels on: "20000-20999",
+    /// "20000-20099,21000", or "none" (no TCP tunnels).
+    #[arg(long, default_value = "none")]
+    tcp_ports: String,
+    /// Public connections at once per TCP tunnel port; more are accepted
+    /// and closed at once (counted).
+    #[arg(long, default_value_t = cfgdef::TCP_MAX_CONNS_PER_PORT)]
+    tcp_max_conns_per_port: usize,
 }
 
 /// The gateway's limits (README, "Limits").
@@ -347,6 +372,10 @@ struct AgentArgs {
     /// Private key (PEM) of --cert.
     #[arg(long, requires = "cert")]
     key: Option<PathBuf>,
+    /// Expose a local TCP service through the gateway: PORT or HOST:PORT,
+    /// optionally =PUBLIC_PORT (else the gateway picks one); repeatable.
+    #[arg(long)]
+    tcp: Vec<String>,
     #[command(flatten)]
     show: ShowArgs,
 }
@@ -605,7 +634,20 @@ fn gateway_args(
         hold_queue, body_idle_timeout,
         write_stall_timeout, response_timeout, stream_window, conn_window, max_streams,
         heartbeat_interval, tunnel_tls_cert, tunnel_tls_key, client_ca,
-        insecure_plaintext, trusted_proxies, proxy_protocol);
+        insecure_plaintext, trusted_proxies, proxy_protocol, tcp_ports,
+        tcp_max_conns_per_port);
+    lay_under!(m, f, a; https_listen, https_cert, https_key);
+    a.https_certs = f
+        .https_certs
+        .iter()
+        .map(|e| ringtunnel::sni::CertFiles {
+            cert: e.cert.clone(),
+            key: e.key.clone(),
+        })
+        .collect();
+    if a.https_cert.is_some() != a.https_key.is_some() {
+        return Err("https_cert and https_key go together".into());
+    }
     lay_under!(m, f, a.limits;
         max_conns, max_conns_per_ip, fd_reserve, max_handshakes, handshake_fail_limit,
         handshake_fail_window, handshake_ban, session_burst, admin_token,
@@ -664,6 +706,17 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         insecure_plaintext: Some(a.insecure_plaintext),
         trusted_proxies: a.trusted_proxies.clone(),
         proxy_protocol: Some(a.proxy_protocol),
+        https_listen: a.https_listen.clone(),
+        https_cert: a.https_cert.clone(),
+        https_key: a.https_key.clone(),
+        https_certs: a
+            .https_certs
+            .iter()
+            .map(|c| config_file::HttpsCertEntry {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+            })
+            .collect(),
         max_conns: a.limits.max_conns,
         max_conns_per_ip: a.limits.max_conns_per_ip,
         fd_reserve: a.limits.fd_reserve,
@@ -677,6 +730,8 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         rate_per_ip: a.limits.rate_per_ip.map(|r| r.to_string()),
         burst_per_ip: a.limits.burst_per_ip,
         rate_ip_table: Some(a.limits.rate_ip_table),
+        tcp_ports: Some(a.tcp_ports.clone()),
+        tcp_max_conns_per_port: Some(a.tcp_max_conns_per_port),
         tokens: rules.iter().map(TokenEntry::shown).collect(),
     }
 }
@@ -749,6 +804,18 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         proxy_protocol: a.proxy_protocol,
         edge_limits: a.limits.config()?,
         admin_token: a.limits.admin_token,
+        https_listen: a.https_listen,
+        // The flag's pair first: it is the default certificate.
+        https_certs: a
+            .https_cert
+            .zip(a.https_key)
+            .map(|(cert, key)| ringtunnel::sni::CertFiles { cert, key })
+            .into_iter()
+            .chain(a.https_certs)
+            .collect(),
+        tcp_ports: ringtunnel::proto::tcp::PortRanges::parse(&a.tcp_ports)
+            .map_err(|e| format!("--tcp-ports {}: {e}", a.tcp_ports))?,
+        tcp_max_conns_per_port: a.tcp_max_conns_per_port,
     })
 }
 
@@ -776,7 +843,7 @@ fn agent_args(mut a: AgentArgs, m: &ArgMatches) -> Result<AgentArgs, String> {
         gateway, session, to, uplinks, backend_concurrency, backend_queue,
         backend_timeout, slot_timeout, handshake_timeout, token, admin_listen,
         heartbeat_interval, shutdown_grace, agent_id, tls, ca, server_name, cert, key,
-        token_file);
+        token_file, tcp);
     lay_under!(m, f, a.show;
         quiet, inspect, inspect_max, inspect_body_bytes, inspect_mask);
     lay_core_under(m, &mut a.core, f.cores, f.pin, f.no_pin, f.driver)?;
@@ -812,6 +879,7 @@ fn agent_shown(a: &AgentArgs) -> AgentFile {
         server_name: a.server_name.clone(),
         cert: a.cert.clone(),
         key: a.key.clone(),
+        tcp: (!a.tcp.is_empty()).then(|| a.tcp.clone()),
         quiet: Some(a.show.quiet),
         inspect: a.show.inspect.clone(),
         inspect_max: Some(a.show.inspect_max),
@@ -863,12 +931,15 @@ fn reload_gateway(
 /// the ones `Gateway::reload` applies (tokens, TLS files and
 /// `config::RELOADABLE`).
 fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
-    const LIVE: [&str; 5] = [
+    const LIVE: [&str; 8] = [
         "tokens",
         "token",
         "tunnel_tls_cert",
         "tunnel_tls_key",
         "client_ca",
+        "https_cert",
+        "https_key",
+        "https_certs",
     ];
     let live = |k: &str| LIVE.contains(&k) || ringtunnel::config::RELOADABLE.contains(&k);
     let table = |f: &GatewayFile| match toml::Value::try_from(f) {
@@ -906,13 +977,15 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             // kill the process (its default action).
             ringtunnel::signals::install();
             let gw = ringtunnel::gateway::start(cfg).map_err(|e| e.to_string())?;
+            let or_off = |a: Option<std::net::SocketAddr>| {
+                a.map(|a| a.to_string()).unwrap_or_else(|| "off".into())
+            };
             println!(
-                "ringtunnel gateway ready public={} tunnel={} admin={}",
-                gw.public_addr(),
+                "ringtunnel gateway ready public={} tunnel={} admin={} https={}",
+                or_off(gw.listen_addr()),
                 gw.tunnel_addr(),
-                gw.admin_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "off".into())
+                or_off(gw.admin_addr()),
+                or_off(gw.https_addr()),
             );
             while !ringtunnel::signals::terminated() {
                 if ringtunnel::signals::take_hangup() {
@@ -953,9 +1026,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 session: a
                     .session
                     .ok_or("--session is required (or session = \"...\" in --config)")?,
-                to: a
-                    .to
-                    .ok_or("--to is required (or to = \"...\" in --config)")?,
+                // A TCP-only agent needs no HTTP backend: its HTTP
+                // requests get 502 from the default address.
+                to: match (a.to, a.tcp.is_empty()) {
+                    (Some(to), _) => to,
+                    (None, false) => AgentConfig::default().to,
+                    (None, true) => {
+                        return Err("--to is required (or to = \"...\" in --config)".into())
+                    }
+                },
+                tcp: a
+                    .tcp
+                    .iter()
+                    .map(|t| ringtunnel::proto::tcp::TcpSpec::parse(t))
+                    .collect::<Result<_, _>>()?,
                 uplinks: a.uplinks,
                 cores: a.core.cores(),
                 backend_concurrency: a.backend_concurrency,

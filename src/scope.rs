@@ -105,6 +105,9 @@ pub struct TokenRule {
     pub burst_per_ip: Option<u32>,
     /// Several agents (agent ids) may serve one session together.
     pub pool: bool,
+    /// TCP tunnel ports this token may open. `None`: any port of the
+    /// gateway's `--tcp-ports`; an empty set: none.
+    pub tcp_ports: Option<crate::proto::tcp::PortRanges>,
 }
 
 impl TokenRule {
@@ -120,6 +123,7 @@ impl TokenRule {
             rate_per_ip: None,
             burst_per_ip: None,
             pool: false,
+            tcp_ports: None,
         }
     }
 

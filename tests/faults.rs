@@ -606,6 +606,7 @@ fn silent_peers_are_detected_by_heartbeat() {
                 conn_window: 16 * 1024 * 1024,
                 max_streams: 16,
                 capabilities: 0,
+                tcp: Vec::new(),
                 public: None,
             };
             proto::encode(&Frame::accept(&accept), &mut out);

@@ -135,6 +135,7 @@ fn hello(tunnel: SocketAddr, token: &str) -> bool {
         uplinks_total: 1,
         token: token.into(),
         session: "banme".into(),
+        tcp: Vec::new(),
     };
     let mut out = BytesMut::new();
     encode(&Frame::hello(&h), &mut out);

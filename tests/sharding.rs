@@ -391,6 +391,7 @@ impl FakeUplink {
             uplinks_total: total,
             token: token.into(),
             session: session.into(),
+            tcp: Vec::new(),
         };
         send_frames(&mut s, &[Frame::hello(&hello)]).unwrap();
         let mut dec = Decoder::new(64 * 1024);

@@ -19,6 +19,7 @@
 //! WARN naming the backend (`backend.rs`).
 
 mod backend;
+mod tcp;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -35,6 +36,7 @@ use crate::io::stats::CoreStats;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
+use crate::proto::tcp::CAP_TCP;
 use crate::proto::{
     ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
 };
@@ -55,6 +57,8 @@ pub(crate) struct AgentShared {
     fatal: std::sync::Mutex<Option<String>>,
     /// TLS to the gateway, and the name its certificate must carry.
     tls: Option<(monoio_rustls::TlsConnector, ServerName<'static>)>,
+    /// `--tcp` tunnels: local targets and the ports granted.
+    tcp: tcp::TcpTunnels,
     /// The gateway's public endpoint from the first ACCEPT (`None` inside:
     /// a gateway that does not send it).
     public: OnceLock<Option<PublicEndpoint>>,
@@ -238,6 +242,11 @@ fn derived_agent_id(cfg: &AgentConfig) -> u64 {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part.as_bytes());
     }
+    // Other --tcp tunnels make another owner (the gateway keeps a
+    // session's ports for its owner); none keeps the id of before.
+    for t in &cfg.tcp {
+        h.update(format!("tcp {}={}", t.local, t.remote).as_bytes());
+    }
     let d = h.finalize();
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
@@ -273,6 +282,11 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         }
         None => None,
     };
+    let tcp_targets = cfg
+        .tcp
+        .iter()
+        .map(|t| crate::runtime::resolve(&t.local))
+        .collect::<std::io::Result<Vec<_>>>()?;
     warn_if_nothing_listens(backend, &cfg.to);
     let (recorder, inspect_addr) = match &cfg.inspect {
         Some(i) => {
@@ -299,6 +313,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         connected: AtomicUsize::new(0),
         fatal: std::sync::Mutex::new(None),
         tls,
+        tcp: tcp::TcpTunnels::new(tcp_targets),
     });
     if let Some(a) = &cfg.admin_listen {
         crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
@@ -415,6 +430,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         | ErrorCode::BadSession
                         | ErrorCode::UnsupportedVersion
                         | ErrorCode::ProtocolError
+                        | ErrorCode::PortRefused
                 ) {
                     give_up(&core, why);
                     return;
@@ -568,12 +584,13 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let hello = Hello {
         version: PROTOCOL_VERSION,
         // It prints the URL the gateway announces.
-        capabilities: CAP_PUBLIC_URL,
+        capabilities: CAP_PUBLIC_URL | if cfg.tcp.is_empty() { 0 } else { CAP_TCP },
         agent_id: core.shared.agent_id,
         uplink_index: k as u16,
         uplinks_total: total.max(k + 1) as u16,
         token: cfg.token.clone(),
         session: cfg.session.clone(),
+        tcp: cfg.tcp.iter().map(|t| t.remote).collect(),
     };
     // A gateway that accepts the connection and never answers must not
     // hold this uplink: the watchdog shuts the socket down at the deadline.
@@ -623,6 +640,17 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         other => return Err(Retry(format!("unexpected {other:?} in handshake"))),
     }
     let acc = f.parse_accept().map_err(|e| Retry(e.to_string()))?;
+    if !cfg.tcp.is_empty() {
+        if acc.capabilities & CAP_TCP == 0 || acc.tcp.len() != cfg.tcp.len() {
+            return Err(Refused(
+                "the gateway does not offer TCP tunnels (a version without them)".into(),
+                ErrorCode::PortRefused,
+            ));
+        }
+        core.shared
+            .tcp
+            .accepted(&tcp::gateway_host(&cfg.gateway), &acc.tcp);
+    }
     let _ = core.shared.public.set(acc.public.clone());
     if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
@@ -660,6 +688,12 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
     let c = core.clone();
     up.set_open_handler(move |stream, head| {
         let c = c.clone();
+        if crate::proto::tcp::is_tcp_open(&head) {
+            crate::runtime::spawn_isolated("agent-tcp-stream", async move {
+                tcp::serve_stream(c, stream, head).await;
+            });
+            return;
+        }
         crate::runtime::spawn_isolated("agent-stream", async move {
             backend::serve_stream(c, stream, head).await;
         });

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use subtle::ConstantTimeEq;
 
+use crate::proto::tcp::PortRanges;
 use crate::proto::ErrorCode;
 
 /// The token side of an owner.
@@ -62,6 +63,9 @@ pub(crate) struct Claimant {
     pub pool: bool,
     pub max_sessions: Option<u32>,
     pub max_uplinks: Option<u32>,
+    /// TCP tunnel ports the token's rule allows (`None`: any of the
+    /// gateway's).
+    pub tcp_ports: Option<PortRanges>,
 }
 
 /// Why a claim was refused: the REFUSE code and its sentence.
@@ -84,6 +88,9 @@ struct Claim {
     /// Set while no uplink is left: the name is kept for its owner until
     /// then.
     lease_until: Option<Instant>,
+    /// TCP tunnel ports granted to the session, in the order its agent
+    /// asked for them. Held as long as the claim (lease included).
+    tcp: Vec<u16>,
 }
 
 impl Claim {
@@ -98,6 +105,18 @@ impl Claim {
 
     fn expired(&self, now: Instant) -> bool {
         self.lease_until.is_some_and(|t| now >= t)
+    }
+
+    fn owned_by(&self, who: &Claimant) -> bool {
+        self.holder.same(&who.holder) && (self.pool || self.agent == who.agent)
+    }
+}
+
+/// A TCP port refusal (REFUSE PORT_REFUSED).
+fn port_refused(reason: String) -> Refusal {
+    Refusal {
+        code: ErrorCode::PortRefused,
+        reason,
     }
 }
 
@@ -141,8 +160,7 @@ impl Claims {
             reason,
         };
         if let Some(c) = self.map.get(session) {
-            let owner = c.holder.same(&who.holder) && (c.pool || c.agent == who.agent);
-            if !owner {
+            if !c.owned_by(who) {
                 return Err(taken(match c.lease_until {
                     Some(t) => format!(
                         "session '{session}' is reserved for its owner for {} more seconds",
@@ -206,6 +224,7 @@ impl Claims {
                 per_core: vec![0; cores],
                 draining: 0,
                 lease_until: None,
+                tcp: Vec::new(),
             });
         c.lease_until = None;
         let min = *c.per_core.iter().min().unwrap_or(&0);
@@ -262,6 +281,124 @@ impl Claims {
                 None => Reservation::Held,
             },
         }
+    }
+
+    /// Drops expired leases (their TCP ports with them).
+    pub(crate) fn expire(&mut self, now: Instant) {
+        self.map.retain(|_, c| !c.expired(now));
+    }
+
+    /// The TCP ports `session` would hold if `who` claims it asking for
+    /// `asked` (0: any free port), checked against the gateway's `range`
+    /// and the token's scope; nothing changes until [`Claims::set_ports`].
+    ///
+    /// A session keeps the ports of its first claim for as long as the
+    /// claim lives (lease included): a later uplink of the session must
+    /// ask for the same list (0 matches whatever was granted), so every
+    /// uplink of an agent gets the same answer and a restarting agent gets
+    /// its ports back. Someone who is not the owner gets no plan here;
+    /// [`Claims::claim`] then refuses them with the reason.
+    pub(crate) fn plan_ports(
+        &self,
+        session: &str,
+        who: &Claimant,
+        asked: &[u16],
+        range: &PortRanges,
+        now: Instant,
+    ) -> Result<Vec<u16>, Refusal> {
+        let live = |c: &&Claim| !c.expired(now);
+        if let Some(c) = self.map.get(session).filter(live) {
+            if !c.owned_by(who) {
+                return Ok(Vec::new());
+            }
+            let same = c.tcp.len() == asked.len()
+                && asked.iter().zip(&c.tcp).all(|(a, g)| *a == 0 || a == g);
+            if !same {
+                return Err(port_refused(format!(
+                    "session '{session}' already holds TCP ports {} (asked for {}); an agent \
+                     with other --tcp ports must use another session name",
+                    list(&c.tcp),
+                    list(asked)
+                )));
+            }
+            return Ok(c.tcp.clone());
+        }
+        if asked.is_empty() {
+            return Ok(Vec::new());
+        }
+        if range.is_empty() {
+            return Err(port_refused(
+                "this gateway has no TCP tunnels (started without --tcp-ports)".into(),
+            ));
+        }
+        let scope = who.tcp_ports.as_ref();
+        let taken: std::collections::HashSet<u16> = self
+            .map
+            .values()
+            .filter(live)
+            .flat_map(|c| c.tcp.iter().copied())
+            .collect();
+        let mut granted: Vec<u16> = Vec::with_capacity(asked.len());
+        for &p in asked.iter().filter(|p| **p != 0) {
+            if !range.contains(p) {
+                return Err(port_refused(format!(
+                    "TCP port {p} is outside the gateway's range ({range})"
+                )));
+            }
+            if let Some(s) = scope.filter(|s| !s.contains(p)) {
+                return Err(port_refused(format!(
+                    "token not allowed to open TCP port {p} (its tcp_ports: {s})"
+                )));
+            }
+            if taken.contains(&p) || granted.contains(&p) {
+                return Err(port_refused(format!(
+                    "TCP port {p} is taken by another session"
+                )));
+            }
+            granted.push(p);
+        }
+        let mut free = range
+            .iter()
+            .filter(|p| scope.map_or(true, |s| s.contains(*p)))
+            .filter(|p| !taken.contains(p) && !asked.contains(p));
+        let mut out = Vec::with_capacity(asked.len());
+        let mut fixed = granted.into_iter();
+        for &p in asked {
+            let g = if p == 0 {
+                free.next().ok_or_else(|| {
+                    port_refused(format!(
+                        "no free TCP port left in the gateway's range ({range}){}",
+                        if scope.is_some() {
+                            " within the token's tcp_ports"
+                        } else {
+                            ""
+                        }
+                    ))
+                })?
+            } else {
+                fixed.next().expect("one grant per fixed port")
+            };
+            out.push(g);
+        }
+        Ok(out)
+    }
+
+    /// Records the ports [`Claims::plan_ports`] planned, once the claim
+    /// succeeded.
+    pub(crate) fn set_ports(&mut self, session: &str, ports: Vec<u16>) {
+        if let Some(c) = self.map.get_mut(session) {
+            c.tcp = ports;
+        }
+    }
+
+    /// Every TCP port held now (expired leases not counted), with its
+    /// session.
+    pub(crate) fn tcp_ports(&self, now: Instant) -> HashMap<u16, String> {
+        self.map
+            .iter()
+            .filter(|(_, c)| !c.expired(now))
+            .flat_map(|(name, c)| c.tcp.iter().map(move |p| (*p, name.clone())))
+            .collect()
     }
 
     /// Who holds `session` now (a live or leased claim).
@@ -339,6 +476,17 @@ impl LeaseReplica {
     }
 }
 
+fn list(ports: &[u16]) -> String {
+    let v: Vec<String> = ports
+        .iter()
+        .map(|p| match p {
+            0 => "any".to_string(),
+            p => p.to_string(),
+        })
+        .collect();
+    format!("[{}]", v.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,7 +498,127 @@ mod tests {
             pool: false,
             max_sessions: None,
             max_uplinks: None,
+            tcp_ports: None,
         }
+    }
+
+    #[test]
+    fn tcp_ports_are_planned_kept_and_freed_with_the_claim() {
+        let t0 = Instant::now();
+        let range = PortRanges::parse("20000-20002").unwrap();
+        let mut c = Claims::new(1, LEASE);
+        let take = |c: &mut Claims, s: &str, w: &Claimant, asked: &[u16], t| {
+            let p = c.plan_ports(s, w, asked, &range, t)?;
+            c.claim(s, w, 0, true, t)?;
+            c.set_ports(s, p.clone());
+            Ok::<_, Refusal>(p)
+        };
+        assert_eq!(
+            take(&mut c, "a", &who(0, 1), &[0, 20002], t0),
+            Ok(vec![20000, 20002])
+        );
+        // A second uplink of the same agent gets the same answer.
+        assert_eq!(
+            take(&mut c, "a", &who(0, 1), &[0, 20002], t0),
+            Ok(vec![20000, 20002])
+        );
+        assert_eq!(
+            take(&mut c, "a", &who(0, 1), &[20000, 0], t0),
+            Ok(vec![20000, 20002])
+        );
+        // Another list for a live session is refused with both lists.
+        let e = take(&mut c, "a", &who(0, 1), &[0], t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PortRefused);
+        assert!(
+            e.reason.contains("[20000, 20002]") && e.reason.contains("[any]"),
+            "{}",
+            e.reason
+        );
+        // Taken, out of range, the range exhausted.
+        let e = take(&mut c, "b", &who(1, 2), &[20002], t0).unwrap_err();
+        assert!(e.reason.contains("20002 is taken"), "{}", e.reason);
+        let e = take(&mut c, "b", &who(1, 2), &[30000], t0).unwrap_err();
+        assert!(
+            e.reason
+                .contains("outside the gateway's range (20000-20002)"),
+            "{}",
+            e.reason
+        );
+        assert_eq!(take(&mut c, "b", &who(1, 2), &[0], t0), Ok(vec![20001]));
+        let e = take(&mut c, "d", &who(1, 2), &[0], t0).unwrap_err();
+        assert!(e.reason.contains("no free TCP port"), "{}", e.reason);
+        // Asking twice for one port in one list.
+        let e = take(&mut c, "e", &who(3, 3), &[20000, 20000], t0).unwrap_err();
+        assert_eq!(e.code, ErrorCode::PortRefused);
+        // Nothing configured.
+        let e = c
+            .plan_ports("f", &who(3, 3), &[0], &PortRanges::none(), t0)
+            .unwrap_err();
+        assert!(e.reason.contains("no TCP tunnels"), "{}", e.reason);
+        // Not the owner: no plan, the claim refuses.
+        assert_eq!(
+            c.plan_ports("a", &who(9, 9), &[20000], &range, t0),
+            Ok(vec![])
+        );
+        let held = c.tcp_ports(t0);
+        assert_eq!(held.get(&20000).map(String::as_str), Some("a"));
+        assert_eq!(held.len(), 3);
+        // The lease keeps them for the owner; expiry frees them.
+        c.release("a", 0, false, t0);
+        c.release("a", 0, false, t0);
+        c.release("a", 0, false, t0);
+        assert_eq!(c.tcp_ports(t0).len(), 3);
+        let e = take(&mut c, "g", &who(4, 4), &[20000], t0).unwrap_err();
+        assert!(e.reason.contains("taken"), "{}", e.reason);
+        assert_eq!(
+            take(&mut c, "a", &who(0, 1), &[0, 0], t0),
+            Ok(vec![20000, 20002])
+        );
+        c.release("a", 0, false, t0);
+        let later = t0 + LEASE + Duration::from_secs(1);
+        c.expire(later);
+        assert_eq!(c.tcp_ports(later).len(), 1);
+        assert_eq!(
+            take(&mut c, "g", &who(4, 4), &[20000], later),
+            Ok(vec![20000])
+        );
+    }
+
+    #[test]
+    fn tcp_ports_within_the_token_scope() {
+        let t0 = Instant::now();
+        let range = PortRanges::parse("20000-20099").unwrap();
+        let c = Claims::new(1, LEASE);
+        let scoped = Claimant {
+            tcp_ports: Some(PortRanges::parse("20050-20051").unwrap()),
+            ..who(0, 1)
+        };
+        assert_eq!(
+            c.plan_ports("a", &scoped, &[0, 0], &range, t0),
+            Ok(vec![20050, 20051])
+        );
+        let e = c
+            .plan_ports("a", &scoped, &[20000], &range, t0)
+            .unwrap_err();
+        assert!(
+            e.reason.contains("not allowed to open TCP port 20000"),
+            "{}",
+            e.reason
+        );
+        let e = c
+            .plan_ports("a", &scoped, &[0, 0, 0], &range, t0)
+            .unwrap_err();
+        assert!(
+            e.reason.contains("within the token's tcp_ports"),
+            "{}",
+            e.reason
+        );
+        let none = Claimant {
+            tcp_ports: Some(PortRanges::none()),
+            ..who(0, 1)
+        };
+        assert!(c.plan_ports("a", &none, &[20000], &range, t0).is_err());
+        assert_eq!(c.plan_ports("a", &none, &[], &range, t0), Ok(vec![]));
     }
 
     const LEASE: Duration = Duration::from_secs(30);

@@ -7,12 +7,15 @@ use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use monoio::net::TcpStream;
+use std::cell::Cell;
+use std::time::Instant;
+
+use monoio::net::{TcpListener, TcpStream};
 
 use super::{Core, Shared};
 use crate::io::stats::ErrorKind;
 use crate::limits::gate::{rate_with_burst, HandshakeSlot};
-use crate::limits::{ConnPermit, RateScope, SessionRates};
+use crate::limits::{AcceptBackoff, ConnPermit, RateScope, SessionRates};
 
 /// Sent, best effort and without waiting, to a public connection refused
 /// at accept: one non-blocking send on a fresh socket always fits its
@@ -121,11 +124,14 @@ impl Shared {
 }
 
 /// Admits an accepted public connection, or refuses it (counted; a 503
-/// sent best effort) and the caller drops the socket.
+/// sent best effort when `answer`) and the caller drops the socket. The
+/// HTTPS listener does not answer: a cleartext 503 is garbage to a TLS
+/// client, and a handshake is not worth spending on a refused peer.
 pub(super) fn admit_public(
     core: &Core,
     stream: &TcpStream,
     peer: SocketAddr,
+    answer: bool,
 ) -> Option<ConnPermit> {
     let trusted = core.cfg().trusted_proxies.contains(peer.ip());
     match core
@@ -136,6 +142,9 @@ pub(super) fn admit_public(
         Ok(p) => Some(p),
         Err(kind) => {
             core.stats.error(kind);
+            if !answer {
+                return None;
+            }
             // SAFETY: a send on a socket we own; MSG_DONTWAIT never blocks
             // the core, MSG_NOSIGNAL keeps a reset peer from raising SIGPIPE.
             unsafe {
@@ -147,6 +156,37 @@ pub(super) fn admit_public(
                 );
             }
             None
+        }
+    }
+}
+
+/// Accepts connections until `stop` is set, handing each to `each`. An
+/// accept error (EMFILE and friends leave the pending connection queued,
+/// so retrying at once would spin) waits with back-off and logs at most
+/// once per 10 s (`AcceptBackoff`). `what` names the listener in logs.
+pub(super) async fn accept_until_stopped(
+    listener: TcpListener,
+    what: &'static str,
+    stop: &Cell<bool>,
+    mut each: impl FnMut(TcpStream, SocketAddr),
+) {
+    let mut backoff = AcceptBackoff::new(what);
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                if stop.get() {
+                    return;
+                }
+                backoff.succeeded();
+                each(stream, peer);
+            }
+            Err(e) => {
+                if stop.get() {
+                    return;
+                }
+                let wait = backoff.failed(&e, Instant::now());
+                monoio::time::sleep(wait).await;
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! tables and the session directory.
 //!
 //! Every core runs the same `core_main`: its own SO_REUSEPORT listeners
-//! (public and tunnel), its mailbox, and the uplinks placed on it. A
+//! (public, HTTPS if configured, and tunnel), its mailbox, and the uplinks placed on it. A
 //! session's uplinks on this core live in `Core::sessions` (plain
 //! `RefCell`); which *other* cores hold the session is a per-core replica
 //! (`Core::replica`) updated by directory messages, read once per new
@@ -23,7 +23,8 @@
 //! from routing at once, even though its streams in flight go on.
 //!
 //! What a SIGHUP reload may change (tokens with their scopes and limits,
-//! the tunnel's TLS configuration, and the edge limits and timeouts of
+//! the tunnel's TLS configuration, the HTTPS edge's certificates, and the
+//! edge limits and timeouts of
 //! `config::RELOADABLE`) is `Shared::live`: an `Arc<Live>` swapped whole
 //! under a `RwLock`, read once per uplink handshake and once per session
 //! per core (its rates), never on the frame or request path. Each core
@@ -34,7 +35,9 @@
 
 mod claims;
 mod guard;
+mod https;
 mod public;
+mod tcp;
 mod tunnel;
 
 use std::cell::{Cell, RefCell};
@@ -55,12 +58,15 @@ use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::{Notify, WaitList};
-use claims::{Claimant, Claims, LeaseReplica, Refusal, Reservation};
+use claims::{Claims, LeaseReplica, Reservation};
 
 /// Messages between gateway cores.
 pub(crate) enum CoreMsg {
     /// A public connection to serve here: its socket and the bytes already
-    /// read from it (at least one request head).
+    /// read from it (at least one request head). The socket is TCP, or
+    /// for an HTTPS connection the plaintext end of the `socketpair`
+    /// through which its TLS core relays it (`https.rs`): either is a
+    /// stream socket served the same way.
     ///
     /// `client` is the client as the first core saw it: the PROXY header's
     /// source under `--proxy-protocol` (consumed there, not in `buf`),
@@ -80,6 +86,8 @@ pub(crate) enum CoreMsg {
         leftover: Bytes,
         hello: Hello,
         id: u64,
+        /// TCP tunnel ports granted to the session (for ACCEPT).
+        tcp: Vec<u16>,
     },
     /// Directory replica update: `core` now does / no longer holds `session`.
     Directory {
@@ -96,6 +104,15 @@ pub(crate) enum CoreMsg {
     /// forget cached rates, and close this core's uplinks whose claim's
     /// token no longer covers their session; then say so on the channel.
     Reloaded(crossbeam_channel::Sender<()>),
+    /// A TCP tunnel port was opened: accept on it here too.
+    TcpListen(Arc<tcp::PortListener>),
+    /// A TCP tunnel connection to serve here (no uplink of its session on
+    /// the core that accepted it).
+    TcpConn {
+        fd: std::os::fd::OwnedFd,
+        peer: SocketAddr,
+        slot: tcp::TcpSlot,
+    },
     Shutdown,
 }
 
@@ -109,6 +126,9 @@ pub(crate) struct Live {
     /// The effective configuration: the start-up one with the reloadable
     /// settings of the last reload (`GatewayConfig::with_reloaded`).
     pub(crate) cfg: GatewayConfig,
+    /// TLS of the public HTTPS listener (certificates by SNI); `None`
+    /// without `--https-listen`. Same swap rule as `tls`.
+    pub(crate) https: Option<monoio_rustls::TlsAcceptor>,
 }
 
 impl Live {
@@ -122,10 +142,17 @@ impl Live {
             )?)),
             None => None,
         };
+        let https = match &cfg.https_listen {
+            Some(_) => Some(monoio_rustls::TlsAcceptor::from(
+                crate::sni::edge_server_config(&cfg.https_certs)?,
+            )),
+            None => None,
+        };
         Ok(Live {
             tokens: cfg.tokens.clone(),
             tls,
             cfg: cfg.clone(),
+            https,
         })
     }
 }
@@ -141,29 +168,23 @@ pub(crate) struct Shared {
     pub(crate) stats: Vec<Arc<CoreStats>>,
     next_uplink: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
-    pub(crate) public_addr: SocketAddr,
+    /// `None`: `--listen off` (HTTPS only).
+    pub(crate) public_addr: Option<SocketAddr>,
+    pub(crate) https_addr: Option<SocketAddr>,
     pub(crate) tunnel_addr: SocketAddr,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
+    /// Open TCP tunnel ports (`tcp.rs`); locked after `claims`, never
+    /// before.
+    tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
+    tcp_counters: tcp::TcpCounters,
 }
 
 impl Shared {
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claims_locked.fetch_add(1, Ordering::Relaxed);
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Claims one more uplink of `session` (see `claims.rs` for who may);
-    /// returns the core it goes to.
-    fn claim(
-        &self,
-        session: &str,
-        who: &Claimant,
-        here: usize,
-        movable: bool,
-    ) -> Result<usize, Refusal> {
-        self.update_claims(session, |c, now| c.claim(session, who, here, movable, now))
     }
 
     /// A live uplink of `session` on `core` stopped taking new streams.
@@ -173,7 +194,11 @@ impl Shared {
 
     /// An uplink of `session` on `core` closed (`drained`: after `drain`).
     fn release(&self, session: &str, core: usize, drained: bool) {
-        self.update_claims(session, |c, now| c.release(session, core, drained, now));
+        self.update_claims(session, |c, now| {
+            c.release(session, core, drained, now);
+            // Without a lease the claim, and its TCP ports, end now.
+            self.sync_tcp(c);
+        });
     }
 
     /// Runs `f` on the registry and, still under its lock (so every core
@@ -184,6 +209,13 @@ impl Shared {
         let mut c = self.claims();
         let before = c.reservation(session, now);
         let out = f(&mut c, now);
+        self.announce(&c, session, before, now);
+        out
+    }
+
+    /// Tells the cores the reservation of `session` if it is no longer
+    /// `before`. Called with the claims lock held (`c` is its guard).
+    fn announce(&self, c: &Claims, session: &str, before: Reservation, now: Instant) {
         let after = c.reservation(session, now);
         if after != before {
             self.broadcast(|| CoreMsg::Lease {
@@ -191,7 +223,6 @@ impl Shared {
                 state: after,
             });
         }
-        out
     }
 
     /// Uplinks per core of every session (for /stats).
@@ -588,8 +619,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The plain HTTP listener's address (panics with `--listen off`; see
+    /// [`Gateway::listen_addr`]).
     pub fn public_addr(&self) -> SocketAddr {
+        self.listen_addr()
+            .expect("--listen off: the gateway has no plain HTTP listener")
+    }
+
+    /// The plain HTTP listener's address, `None` with `--listen off`.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.shared.public_addr
+    }
+
+    /// The HTTPS listener's address (`--https-listen`).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.shared.https_addr
     }
 
     pub fn tunnel_addr(&self) -> SocketAddr {
@@ -622,7 +666,8 @@ impl Gateway {
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
-    /// limits), the tunnel's TLS certificates and the settings of
+    /// limits), the tunnel's TLS certificates, the HTTPS edge's
+    /// certificates (new handshakes only) and the settings of
     /// `config::RELOADABLE` (connection limits, rates, hold and client
     /// timeouts), then closes uplinks whose token no longer covers their
     /// session. Connections are not dropped otherwise: established TLS
@@ -638,10 +683,11 @@ impl Gateway {
         cfg.validate()?;
         let live = Live::from_cfg(&self.shared.cfg.with_reloaded(cfg))?;
         let (tokens, tls) = (live.tokens.len(), live.tls.is_some());
+        let https_certs = cfg.https_certs.len();
         self.shared.limits.apply(&live.cfg.edge_limits);
         *self.shared.live.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(live);
         self.shared.reload_cores();
-        tracing::info!(tokens, tls, "configuration reloaded");
+        tracing::info!(tokens, tls, https_certs, "configuration reloaded");
         Ok(())
     }
 
@@ -675,7 +721,14 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     // Certificates first: a bad file must stop start-up before any bind.
     let live = Live::from_cfg(&cfg)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let public_addr = crate::runtime::reserve_listen_addr(&cfg.listen)?;
+    let public_addr = match cfg.listen.as_str() {
+        "off" => None,
+        a => Some(crate::runtime::reserve_listen_addr(a)?),
+    };
+    let https_addr = match &cfg.https_listen {
+        Some(a) => Some(crate::runtime::reserve_listen_addr(a)?),
+        None => None,
+    };
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
     let mut senders = Vec::with_capacity(n);
@@ -694,9 +747,12 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         next_uplink: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         public_addr,
+        https_addr,
         tunnel_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
+        tcp: Mutex::new(HashMap::new()),
+        tcp_counters: Default::default(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -731,7 +787,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
             }
         }
     }
-    tracing::info!(%public_addr, %tunnel_addr, cores = n, "gateway listening");
+    tracing::info!(public_addr = ?public_addr, https_addr = ?https_addr, %tunnel_addr, cores = n, "gateway listening");
     if cfg.proxy_protocol || !cfg.trusted_proxies.is_empty() {
         tracing::info!(
             proxy_protocol = cfg.proxy_protocol,
@@ -752,9 +808,12 @@ async fn core_main(
     rx: MailboxReceiver<CoreMsg>,
     ready: crossbeam_channel::Sender<Result<(), String>>,
 ) {
-    let listeners = crate::runtime::bind_reuseport(shared.public_addr)
-        .and_then(|p| crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, t)));
-    let (public_l, tunnel_l) = match listeners {
+    let bind = |a: Option<SocketAddr>| a.map(crate::runtime::bind_reuseport).transpose();
+    let listeners = bind(shared.public_addr).and_then(|p| {
+        let h = bind(shared.https_addr)?;
+        crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, h, t))
+    });
+    let (public_l, https_l, tunnel_l) = match listeners {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("core {index}: cannot bind listeners: {e}")));
@@ -774,23 +833,44 @@ async fn core_main(
         idle: Notify::new(),
         limits: Default::default(),
     });
-    let public_fd = std::os::fd::AsRawFd::as_raw_fd(&public_l);
+    let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
     let _ = ready.send(Ok(()));
     drop(ready);
 
     let stop = Rc::new(Cell::new(false));
-    let c = core.clone();
-    let s = stop.clone();
-    crate::runtime::spawn_isolated("public-accept", async move {
-        // Plain HTTP: a TLS listener would pass Scheme::Https.
-        public::accept_loop(c, public_l, Scheme::Http, s).await;
-    });
+    if let Some(l) = public_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("public-accept", async move {
+            public::accept_loop(c, l, s).await;
+        });
+    }
+    if let Some(l) = https_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("https-accept", async move {
+            https::accept_loop(c, l, s).await;
+        });
+    }
     let c = core.clone();
     let s = stop.clone();
     crate::runtime::spawn_isolated("tunnel-accept", async move {
         tunnel::accept_loop(c, tunnel_l, s).await;
     });
+    if index == 0 && !shared.cfg.tcp_ports.is_empty() {
+        // Leases expire lazily (at the next claim); TCP ports must close
+        // when theirs does, so core 0 looks once a second.
+        let sh = shared.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("tcp-lease-expiry", async move {
+            while !s.get() {
+                monoio::time::sleep(std::time::Duration::from_secs(1)).await;
+                sh.expire_tcp();
+            }
+        });
+    }
 
     // The worker's main future is the mailbox loop: it owns the lifetime
     // of every task on this core (block_on drops unfinished tasks).
@@ -816,7 +896,8 @@ async fn core_main(
                 leftover,
                 hello,
                 id,
-            } => tunnel::adopt(core.clone(), fd, leftover, hello, id),
+                tcp,
+            } => tunnel::adopt(core.clone(), fd, leftover, hello, id, tcp),
             CoreMsg::Directory {
                 session,
                 core: c,
@@ -831,14 +912,22 @@ async fn core_main(
                 core.reloaded();
                 let _ = done.send(());
             }
+            CoreMsg::TcpListen(pl) => tcp::listen(core, pl),
+            CoreMsg::TcpConn { fd, peer, slot } => {
+                CoreStats::inc(&core.stats.handoffs_in);
+                tcp::adopt(core.clone(), fd, peer, slot);
+            }
             CoreMsg::Shutdown => {}
         });
     }
     stop.set(true);
     // shutdown(2) on a listening socket fails its pending accept, so the
     // accept loops end and drop (close) their listeners.
-    crate::io::shutdown_fd(public_fd, libc::SHUT_RDWR);
+    for fd in [public_fd, https_fd].into_iter().flatten() {
+        crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
+    }
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
+    shared.close_tcp();
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace
     // period.
@@ -877,7 +966,7 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics()
+        self.limit_metrics() + &self.tcp_metrics()
     }
 
     fn extra_json(&self) -> String {
@@ -889,6 +978,10 @@ impl crate::admin::StatsSource for Shared {
                 format!("\"{name}\":{{\"uplinks_per_core\":[{}]}}", v.join(","))
             })
             .collect();
-        format!("\"sessions\":{{{}}}", sessions.join(","))
+        format!(
+            "\"sessions\":{{{}}},{}",
+            sessions.join(","),
+            self.tcp_json()
+        )
     }
 }

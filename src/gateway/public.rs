@@ -12,6 +12,10 @@
 //! decide the forwarding headers of every request (`http::forwarded`); a
 //! handoff carries the address, never the PROXY header.
 //!
+//! HTTPS connections arrive here too, decrypted: `https.rs` terminates
+//! TLS and hands the plaintext end of a socketpair to [`adopt`] with the
+//! client it settled and the scheme `https`.
+//!
 //! Serving a request runs two pumps side by side: client body -> DATA
 //! frames, and frames -> client response. They share nothing but the
 //! stream handle, so a backend that answers before reading the whole body
@@ -25,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::io::{AsyncWriteRent, Canceller, Splitable};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Canceller, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
@@ -40,7 +44,7 @@ use crate::io::stats::{CoreStats, ErrorKind};
 use crate::io::uplink::{Inbound, Stream};
 use crate::io::watchdog::Watchdog;
 use crate::io::{read_append, shutdown_fd};
-use crate::limits::{AcceptBackoff, ConnPermit};
+use crate::limits::ConnPermit;
 use crate::proto::ErrorCode;
 use crate::runtime::notify::Notify;
 
@@ -54,48 +58,28 @@ const WATCH_AFTER: Duration = Duration::from_millis(50);
 /// session flapping between cores cannot bounce a client forever.
 const MAX_HOPS: u8 = 2;
 
-pub(super) async fn accept_loop(
-    core: Rc<Core>,
-    listener: TcpListener,
-    scheme: Scheme,
-    stop: Rc<Cell<bool>>,
-) {
-    let mut backoff = AcceptBackoff::new("public");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if stop.get() {
-                    return;
-                }
-                backoff.succeeded();
-                // Over a limit: refused here, before any task or buffer.
-                let Some(permit) = guard::admit_public(&core, &stream, peer) else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let c = core.clone();
-                crate::runtime::spawn_isolated("public-conn", async move {
-                    let conn = Conn {
-                        peer,
-                        scheme,
-                        proxy_due: c.cfg().proxy_protocol,
-                        hops: 0,
-                        permit,
-                    };
-                    serve(c, stream, crate::io::carve(8192), conn).await;
-                });
-            }
-            Err(e) => {
-                if stop.get() {
-                    return;
-                }
-                // EMFILE and friends: the pending connection stays queued,
-                // so retrying at once would spin.
-                let wait = backoff.failed(&e, Instant::now());
-                monoio::time::sleep(wait).await;
-            }
-        }
-    }
+/// The plain HTTP listener (`--listen`); HTTPS connections reach `serve`
+/// through `adopt` (`https.rs`).
+pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
+    guard::accept_until_stopped(listener, "public", &stop, |stream, peer| {
+        // Over a limit: refused here, before any task or buffer.
+        let Some(permit) = guard::admit_public(&core, &stream, peer, true) else {
+            return;
+        };
+        let _ = stream.set_nodelay(true);
+        let c = core.clone();
+        crate::runtime::spawn_isolated("public-conn", async move {
+            let conn = Conn {
+                peer,
+                scheme: Scheme::Http,
+                proxy_due: c.cfg().proxy_protocol,
+                hops: 0,
+                permit,
+            };
+            serve(c, stream, crate::io::carve(8192), conn).await;
+        });
+    })
+    .await;
 }
 
 /// Serves a connection handed over by another core.
@@ -151,8 +135,8 @@ enum ProxyRead {
 }
 
 /// Reads and consumes the PROXY header at the front of the connection.
-async fn read_proxy_header(
-    rh: &mut TcpOwnedReadHalf,
+async fn read_proxy_header<R: AsyncReadRent>(
+    rh: &mut R,
     buf: &mut BytesMut,
     wd: &Watchdog,
 ) -> ProxyRead {
@@ -178,9 +162,12 @@ async fn read_proxy_header(
 /// Settles who the client is under `--proxy-protocol`. `None`: the
 /// connection must be closed without an answer (HAProxy's behaviour: an
 /// HTTP answer would be read by the load balancer, not the client).
-async fn settle_proxy_client(
+/// Also the HTTPS edge's first step (`https.rs`), on the raw socket: the
+/// header comes before the TLS ClientHello, and bytes read past it stay
+/// in `buf`.
+pub(super) async fn settle_proxy_client<R: AsyncReadRent>(
     core: &Core,
-    rh: &mut TcpOwnedReadHalf,
+    rh: &mut R,
     buf: &mut BytesMut,
     wd: &Watchdog,
     peer: SocketAddr,

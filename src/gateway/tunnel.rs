@@ -71,37 +71,28 @@ pub(crate) fn looks_like_http_request(b: &[u8]) -> bool {
 }
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
-    let mut backoff = crate::limits::AcceptBackoff::new("tunnel");
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                if stop.get() {
-                    return;
-                }
-                backoff.succeeded();
-                // Banned IP or too many handshakes here: closed unread.
-                let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
-                    continue;
-                };
-                let c = core.clone();
-                crate::runtime::spawn_isolated("uplink-handshake", async move {
-                    handshake(c, stream).await;
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                if stop.get() {
-                    return;
-                }
-                let wait = backoff.failed(&e, std::time::Instant::now());
-                monoio::time::sleep(wait).await;
-            }
-        }
-    }
+    super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
+        // Banned IP or too many handshakes here: closed unread.
+        let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
+            return;
+        };
+        let c = core.clone();
+        crate::runtime::spawn_isolated("uplink-handshake", async move {
+            handshake(c, stream).await;
+            drop(slot);
+        });
+    })
+    .await;
 }
 
 async fn refuse(conn: &mut Transport, core: &Core, code: ErrorCode, reason: &str) {
     core.stats.error(ErrorKind::HandshakeRefused);
+    if code == ErrorCode::PortRefused {
+        core.shared
+            .tcp_counters
+            .port_refused
+            .fetch_add(1, Ordering::Relaxed);
+    }
     // Reasons can carry agent-supplied text (a session name): escaped and
     // truncated. A refusal counts toward the peer's handshake ban.
     let peer = super::guard::peer_of(conn.fd());
@@ -140,6 +131,7 @@ fn claimant(live: &super::Live, hello: &Hello) -> Result<Claimant, (ErrorCode, S
         pool: rule.is_some_and(|r| r.pool),
         max_sessions: rule.and_then(|r| r.max_sessions),
         max_uplinks: rule.and_then(|r| r.max_uplinks),
+        tcp_ports: rule.and_then(|r| r.tcp_ports.clone()),
     })
 }
 
@@ -179,10 +171,13 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
             core.stats.error(ErrorKind::Protocol);
             if !conn.is_tls() && looks_like_http_request(&leftover) {
                 // A browser or curl on the tunnel port: tell it where to go.
-                let msg = format!(
-                    "this is the ringtunnel tunnel port (for agents); use the HTTP port ({})\n",
-                    core.shared.public_addr
-                );
+                let public = match (core.shared.public_addr, core.shared.https_addr) {
+                    (Some(a), _) => format!("HTTP port ({a})"),
+                    (None, Some(a)) => format!("HTTPS port ({a})"),
+                    (None, None) => "public port".into(),
+                };
+                let msg =
+                    format!("this is the ringtunnel tunnel port (for agents); use the {public}\n");
                 if let Ok(mut s) = conn.into_plain() {
                     let resp = crate::http::simple_response(400, &msg, true, &[]);
                     let _ = crate::io::write_all(&mut s, resp).await;
@@ -232,8 +227,10 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         return;
     }
     let movable = !conn.is_tls();
-    let claimed = core.shared.claim(&hello.session, &who, core.index, movable);
-    let target = match claimed {
+    let claimed = core
+        .shared
+        .claim_with_ports(&hello, &who, core.index, movable);
+    let (target, tcp) = match claimed {
         Ok(t) => t,
         Err(r) => {
             refuse(&mut conn, &core, r.code, &r.reason).await;
@@ -243,9 +240,9 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
     let id = core.shared.next_uplink.fetch_add(1, Ordering::Relaxed);
     let stream = match conn.into_plain() {
         Ok(s) if target != core.index => s,
-        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id).await,
+        Ok(s) => return finish(core, Transport::plain(s), leftover, hello, id, tcp).await,
         // The claim kept a TLS uplink here (target == core.index).
-        Err(tls) => return finish(core, tls, leftover, hello, id).await,
+        Err(tls) => return finish(core, tls, leftover, hello, id, tcp).await,
     };
     // Move the socket to the chosen core. No op holds the fd now.
     let fd = stream.into_raw_fd();
@@ -254,6 +251,7 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         leftover: leftover.freeze(),
         hello,
         id,
+        tcp,
     };
     if let Err(CoreMsg::Uplink { fd, hello, .. }) = core.shared.mailboxes[target].send(msg) {
         // The target core is gone (shutdown): give the claim back, close.
@@ -270,6 +268,7 @@ pub(super) fn adopt(
     leftover: Bytes,
     hello: Hello,
     id: u64,
+    tcp: Vec<u16>,
 ) {
     // SAFETY: the fd was handed over by the sending core, which no longer
     // uses it.
@@ -285,13 +284,13 @@ pub(super) fn adopt(
     };
     crate::runtime::spawn_isolated("uplink-adopt", async move {
         let conn = Transport::plain(stream);
-        finish(core, conn, BytesMut::from(&leftover[..]), hello, id).await;
+        finish(core, conn, BytesMut::from(&leftover[..]), hello, id, tcp).await;
     });
 }
 
 /// What ACCEPT tells the agent about the public side, so it can print
-/// the URL its session is served at: the public listener's port, its
-/// scheme, and `--domain`.
+/// the URL its session is served at: the public listener's port and
+/// scheme (HTTPS when `--https-listen` is set), and `--domain`.
 fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
     // A DNS name is at most 253 bytes; anything longer is not sent.
     let domain = shared
@@ -300,14 +299,27 @@ fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
         .as_deref()
         .filter(|d| d.len() <= 255)
         .unwrap_or("");
+    // HTTPS when the gateway terminates it: the URL to hand out.
+    let (scheme, port) = match (shared.https_addr, shared.public_addr) {
+        (Some(a), _) => ("https", a.port()),
+        (None, Some(a)) => ("http", a.port()),
+        (None, None) => ("http", 0),
+    };
     PublicEndpoint {
-        scheme: "http".into(),
+        scheme: scheme.into(),
         domain: domain.trim_end_matches('.').to_ascii_lowercase(),
-        port: shared.public_addr.port(),
+        port,
     }
 }
 
-async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: Hello, id: u64) {
+async fn finish(
+    core: Rc<Core>,
+    mut conn: Transport,
+    leftover: BytesMut,
+    hello: Hello,
+    id: u64,
+    tcp: Vec<u16>,
+) {
     let limits = core.cfg().limits;
     let accept = Accept {
         version: PROTOCOL_VERSION,
@@ -317,7 +329,9 @@ async fn finish(core: Rc<Core>, mut conn: Transport, leftover: BytesMut, hello: 
         stream_window: limits.stream_window,
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
-        capabilities: hello.capabilities & CAP_PUBLIC_URL,
+        // Only what the agent asked for and this gateway does.
+        capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL),
+        tcp,
         public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {

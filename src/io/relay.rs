@@ -8,6 +8,8 @@
 //!   with the declared framing enforced (no byte past a Content-Length, no
 //!   body on a bodyless message, empty DATA ignored);
 //! - [`raw_to_stream`] / [`stream_to_raw`]: the byte relay after a 101;
+//! - [`tcp_relay`]: a raw TCP tunnel connection and its stream, both ways,
+//!   with a half-close crossing in each direction;
 //! - [`UpgradeGate`]: where the response side tells the request side
 //!   whether the upgrade happened;
 //! - [`watch_for_close`]: reads a client socket while a request is served
@@ -453,5 +455,103 @@ pub async fn watch_for_close<R: CancelableAsyncReadRent>(
             Err(e) if e.raw_os_error() == Some(libc::ECANCELED) => return Watched::Cancelled,
             Err(_) => return Watched::Closed,
         }
+    }
+}
+
+/// How a [`tcp_relay`] ended, and the bytes it moved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TcpRelayed {
+    /// Socket -> stream.
+    pub sent: u64,
+    /// Stream -> socket.
+    pub received: u64,
+    /// Both directions ended with END (half-closes), not by an abort.
+    pub clean: bool,
+}
+
+/// A raw TCP tunnel connection <-> its stream until both directions end.
+///
+/// The socket's EOF becomes END (the peer's write side is shut down in
+/// turn); END from the stream shuts the socket's write side, while bytes
+/// still flow the other way. A socket error, a reset stream, the uplink
+/// closing or a write stalled past `write_stall` aborts both ways: the
+/// stream is reset (`CANCEL`) and the socket shut down, so neither pump
+/// waits on the other. With `expect_connected` (the gateway side) the
+/// stream's first event must be the agent's "connected" head, within that
+/// time: an agent that never answers must not hold the connection.
+pub async fn tcp_relay(
+    sock: monoio::net::TcpStream,
+    stream: &Stream,
+    expect_connected: Option<Duration>,
+    write_stall: Duration,
+) -> TcpRelayed {
+    use std::os::fd::AsRawFd;
+    let fd = sock.as_raw_fd();
+    let wd = Watchdog::start(fd, libc::SHUT_RDWR);
+    let (mut rh, mut wh) = monoio::io::Splitable::into_split(sock);
+    let abort = || {
+        stream.reset(ErrorCode::Cancel);
+        super::shutdown_fd(fd, libc::SHUT_RDWR);
+    };
+    let up = async {
+        let mut buf = BytesMut::new();
+        let mut sent = 0u64;
+        loop {
+            let (res, b) =
+                read_append(&mut rh, std::mem::take(&mut buf), 16 * 1024, 64 * 1024).await;
+            buf = b;
+            match res {
+                Ok(0) => {
+                    stream.send_end();
+                    return (sent, true);
+                }
+                Ok(n) => {
+                    sent += n as u64;
+                    if stream.send_data(buf.split().freeze()).await.is_err() {
+                        abort();
+                        return (sent, false);
+                    }
+                }
+                Err(_) => {
+                    abort();
+                    return (sent, false);
+                }
+            }
+        }
+    };
+    let down = async {
+        if let Some(limit) = expect_connected {
+            // Dropping a pending `recv` is safe: it only waits on the
+            // stream's queue, no socket.
+            match monoio::time::timeout(limit, stream.recv()).await {
+                Ok(Inbound::Head(h)) if h.as_ref() == crate::proto::tcp::TCP_CONNECTED => {}
+                _ => {
+                    abort();
+                    return (0, false);
+                }
+            }
+        }
+        let t = Deadlines {
+            wd: &wd,
+            read_idle: None,
+            write_stall: Some(write_stall),
+        };
+        match stream_to_writer(&mut wh, stream, OutFraming::Eof, None, t).await {
+            Ok(n) => {
+                let _ = wh.shutdown().await;
+                (n, true)
+            }
+            Err(_) => {
+                abort();
+                (0, false)
+            }
+        }
+    };
+    let ((sent, up_ok), (received, down_ok)) = monoio::join!(up, down);
+    wd.stop();
+    TcpRelayed {
+        sent,
+        received,
+        clean: up_ok && down_ok,
     }
 }

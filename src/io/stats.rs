@@ -41,10 +41,13 @@ pub enum ErrorKind {
     HandshakeLimit,
     /// A request over its session's rate (429).
     RateLimited,
+    /// A TLS handshake on the public HTTPS listener failed (plain HTTP,
+    /// garbage, a client that left or stalled); closed unanswered.
+    HttpsHandshake,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 20] = [
+    pub const ALL: [ErrorKind; 21] = [
         ErrorKind::BadRequest,
         ErrorKind::HeadTooLarge,
         ErrorKind::HeaderTimeout,
@@ -65,6 +68,7 @@ impl ErrorKind {
         ErrorKind::FdReserve,
         ErrorKind::HandshakeLimit,
         ErrorKind::RateLimited,
+        ErrorKind::HttpsHandshake,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl ErrorKind {
             ErrorKind::FdReserve => "fd_reserve",
             ErrorKind::HandshakeLimit => "handshake_limit",
             ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::HttpsHandshake => "https_handshake",
         }
     }
 }
@@ -201,6 +206,15 @@ pub struct CoreStats {
     pub frames_per_writev: Hist,
     pub kib_per_writev: Hist,
     pub errors: [AtomicU64; ErrorKind::ALL.len()],
+    /// HTTPS connections whose TLS side is on this core (handshake or
+    /// relay); their HTTP side counts in `public_conns` wherever it is.
+    pub https_conns: AtomicU64,
+    /// Public TCP tunnel connections open now / served (gateway).
+    pub tcp_conns: AtomicU64,
+    pub tcp_conns_total: AtomicU64,
+    /// TCP tunnel bytes from public clients / to public clients (gateway).
+    pub tcp_bytes_in: AtomicU64,
+    pub tcp_bytes_out: AtomicU64,
 }
 
 impl CoreStats {

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use super::error::{ErrorCode, ProtoError};
 use super::frame::{Frame, FrameType, MAX_FRAME_CEILING};
+use super::tcp::{put_ports, CAP_TCP, MAX_TCP_TUNNELS};
 
 pub const PROTOCOL_VERSION: u16 = 1;
 
@@ -61,6 +62,9 @@ pub struct Hello {
     pub uplinks_total: u16,
     pub token: String,
     pub session: String,
+    /// TCP tunnel ports asked for (0: any free one), present on the wire
+    /// only with `CAP_TCP` in `capabilities` (see `tcp.rs`).
+    pub tcp: Vec<u16>,
 }
 
 impl Hello {
@@ -83,11 +87,23 @@ impl Hello {
                 "HELLO uplink_index is not below uplinks_total",
             ));
         }
+        if self.tcp.len() > MAX_TCP_TUNNELS
+            || (!self.tcp.is_empty() && self.capabilities & CAP_TCP == 0)
+        {
+            return Err(ProtoError::BadPayload(
+                "HELLO TCP ports without CAP_TCP, or more than 64",
+            ));
+        }
         Ok(())
     }
 
     pub fn encoded_len(&self) -> usize {
-        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len()
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        Self::FIXED_LEN + 2 + self.token.len() + 2 + self.session.len() + tcp
     }
 
     /// # Panics
@@ -103,6 +119,9 @@ impl Hello {
         dst.put_u16(self.uplinks_total);
         put_str16(dst, &self.token);
         put_str16(dst, &self.session);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
     }
 
     /// Checks magic, then version, before anything else, so a peer of
@@ -133,6 +152,11 @@ impl Hello {
                 ))
             }
         };
+        let tcp = if capabilities & CAP_TCP != 0 {
+            r.ports()?
+        } else {
+            Vec::new()
+        };
         // Trailing bytes: fields of a later minor revision, ignored.
         let hello = Self {
             version,
@@ -142,6 +166,7 @@ impl Hello {
             uplinks_total,
             token,
             session,
+            tcp,
         };
         hello.validate()?;
         Ok(hello)
@@ -163,9 +188,14 @@ pub struct Accept {
     pub conn_window: u32,
     /// Concurrent streams per uplink.
     pub max_streams: u32,
-    /// Capability bits the gateway enables (a subset of the agent's).
-    /// Appended after `max_streams`; absent (an older gateway) reads as 0.
+    /// Capability bits the gateway enabled on this uplink (a subset of the
+    /// HELLO's). Appended after `max_streams`; absent (an older gateway)
+    /// reads as 0. The optional parts follow in bit order: `CAP_TCP`'s
+    /// ports, then `CAP_PUBLIC_URL`'s endpoint.
     pub capabilities: u32,
+    /// With `CAP_TCP`: the public port granted for each port of the HELLO,
+    /// in the same order.
+    pub tcp: Vec<u16>,
     /// With `CAP_PUBLIC_URL`: where the public reaches this gateway's
     /// sessions, so the agent can print its URL.
     pub public: Option<PublicEndpoint>,
@@ -176,8 +206,7 @@ pub struct Accept {
 /// domain, at any Host `NAME` (the gateway routes by Host alone).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PublicEndpoint {
-    /// "http" (or "https" once the gateway terminates TLS itself); at most
-    /// 255 bytes.
+    /// "http" or "https"; at most 255 bytes.
     pub scheme: String,
     /// `--domain`, empty when the gateway has none.
     pub domain: String,
@@ -209,12 +238,16 @@ impl Accept {
     pub const BASE_LEN: usize = 2 + 2 + 2 + 2 + 4 * 4;
 
     pub fn encoded_len(&self) -> usize {
-        Self::BASE_LEN
-            + 4
-            + self
-                .public
-                .as_ref()
-                .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len())
+        let tcp = if self.capabilities & CAP_TCP != 0 {
+            2 + 2 * self.tcp.len()
+        } else {
+            0
+        };
+        let public = self
+            .public
+            .as_ref()
+            .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len());
+        Self::BASE_LEN + 4 + tcp + public
     }
 
     /// What the gateway should check once, at start-up: an agent refuses an
@@ -263,6 +296,9 @@ impl Accept {
         dst.put_u32(self.conn_window);
         dst.put_u32(self.max_streams);
         dst.put_u32(self.capabilities);
+        if self.capabilities & CAP_TCP != 0 {
+            put_ports(dst, &self.tcp);
+        }
         if let Some(p) = &self.public {
             dst.put_u16(p.port);
             let len = u8::try_from(p.scheme.len()).expect("scheme longer than 255 bytes");
@@ -292,11 +328,15 @@ impl Accept {
             conn_window: r.u32()?,
             max_streams: r.u32()?,
             capabilities: 0,
+            tcp: Vec::new(),
             public: None,
         };
         // A gateway without capabilities ends here.
         if !r.rest.is_empty() {
             accept.capabilities = r.u32()?;
+        }
+        if accept.capabilities & CAP_TCP != 0 {
+            accept.tcp = r.ports()?;
         }
         if accept.capabilities & CAP_PUBLIC_URL != 0 {
             let port = r.u16()?;
@@ -459,6 +499,16 @@ impl<'a> Reader<'a> {
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.rest)
     }
+
+    /// A TCP port list (`tcp.rs`): count u16, then that many u16, at most
+    /// `MAX_TCP_TUNNELS`.
+    fn ports(&mut self) -> Result<Vec<u16>, ProtoError> {
+        let n = usize::from(self.u16()?);
+        if n > MAX_TCP_TUNNELS {
+            return Err(ProtoError::BadPayload("more than 64 TCP ports"));
+        }
+        (0..n).map(|_| self.u16()).collect()
+    }
 }
 
 #[cfg(test)]
@@ -477,6 +527,7 @@ mod tests {
             uplinks_total: 2,
             token: "secret".into(),
             session: "demo".into(),
+            tcp: Vec::new(),
         }
     }
 
@@ -490,6 +541,7 @@ mod tests {
             conn_window: DEFAULT_CONN_WINDOW,
             max_streams: DEFAULT_MAX_STREAMS,
             capabilities: CAP_PUBLIC_URL,
+            tcp: Vec::new(),
             public: Some(PublicEndpoint {
                 scheme: "http".into(),
                 domain: "tunnel.example.com".into(),
@@ -542,6 +594,15 @@ mod tests {
             .collect()
     }
 
+    fn random_ports(rng: &mut XorShift, caps: u32) -> Vec<u16> {
+        if caps & CAP_TCP == 0 {
+            return Vec::new();
+        }
+        (0..rng.below(MAX_TCP_TUNNELS + 1))
+            .map(|_| rng.next_u32() as u16)
+            .collect()
+    }
+
     fn random_text(rng: &mut XorShift, max_chars: usize) -> String {
         const CHARS: &[char] = &['a', 'Z', '0', ' ', '-', 'é', 'ß', '€', '日', '🦀', '\0'];
         (0..rng.below(max_chars + 1))
@@ -583,6 +644,11 @@ mod tests {
                 uplinks_total: total,
                 token: random_text(&mut rng, 40),
                 session: random_session(&mut rng),
+                tcp: Vec::new(),
+            };
+            let h = Hello {
+                tcp: random_ports(&mut rng, h.capabilities),
+                ..h
             };
             assert_eq!(h.validate(), Ok(()));
             assert_eq!(Hello::decode(&hello_bytes(&h)), Ok(h.clone()));
@@ -605,7 +671,12 @@ mod tests {
                 conn_window: rng.next_u32(),
                 max_streams: rng.next_u32(),
                 capabilities: rng.next_u32(),
+                tcp: Vec::new(),
                 public: None,
+            };
+            let a = Accept {
+                tcp: random_ports(&mut rng, a.capabilities),
+                ..a
             };
             // Half of them with a public endpoint.
             let a = if rng.below(2) == 0 {
@@ -681,6 +752,59 @@ mod tests {
         let mut bytes = accept_bytes(&accept());
         bytes.extend_from_slice(&[0xff; 9]);
         assert_eq!(Accept::decode(&bytes), Ok(accept()));
+        let tcp = Accept {
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
+            tcp: vec![20000, 20022],
+            ..accept()
+        };
+        let mut bytes = accept_bytes(&tcp);
+        bytes.extend_from_slice(&[0xff; 9]);
+        assert_eq!(Accept::decode(&bytes), Ok(tcp));
+    }
+
+    #[test]
+    fn tcp_ports_travel_only_with_the_capability() {
+        // An older gateway's ACCEPT (no capabilities field) enables nothing.
+        let bytes = accept_bytes(&accept());
+        assert_eq!(
+            Accept::decode(&bytes[..Accept::BASE_LEN]),
+            Ok(base_accept())
+        );
+        // HELLO: the list follows the session with CAP_TCP, else nothing
+        // does (and a list without the bit is refused before encoding).
+        let h = Hello {
+            capabilities: CAP_TCP,
+            tcp: vec![0, 20022],
+            ..hello()
+        };
+        let bytes = hello_bytes(&h);
+        assert_eq!(&bytes[bytes.len() - 6..], &[0, 2, 0, 0, 0x4e, 0x36]);
+        assert_eq!(Hello::decode(&bytes), Ok(h.clone()));
+        // An older gateway reading it ignores the list as trailing bytes;
+        // this one refuses a truncated list.
+        for cut in bytes.len() - 5..bytes.len() {
+            assert!(matches!(
+                Hello::decode(&bytes[..cut]),
+                Err(ProtoError::BadLength { .. })
+            ));
+        }
+        let no_cap = Hello {
+            capabilities: 0,
+            ..h.clone()
+        };
+        assert!(no_cap.validate().is_err());
+        let too_many = Hello {
+            tcp: vec![0; MAX_TCP_TUNNELS + 1],
+            ..h
+        };
+        assert!(too_many.validate().is_err());
+        let mut bytes = hello_bytes(&hello());
+        bytes[9] = 1; // capabilities = CAP_TCP
+        bytes.extend_from_slice(&[0, 65]);
+        assert!(matches!(
+            Hello::decode(&bytes),
+            Err(ProtoError::BadPayload(_))
+        ));
     }
 
     #[test]
@@ -794,7 +918,12 @@ mod tests {
 
     #[test]
     fn every_truncated_accept_is_bad_length() {
-        let bytes = accept_bytes(&accept());
+        let a = Accept {
+            capabilities: CAP_TCP | CAP_PUBLIC_URL,
+            tcp: vec![20000],
+            ..accept()
+        };
+        let bytes = accept_bytes(&a);
         // A cut right after the first revision's fields is that revision.
         for cut in (0..bytes.len()).filter(|&c| c != Accept::BASE_LEN) {
             assert_eq!(

@@ -38,6 +38,9 @@ pub enum ErrorCode {
     UnsupportedVersion,
     Shutdown,
     Overloaded,
+    /// A TCP tunnel port was refused: taken, outside the gateway's range
+    /// or the token's scope, or no TCP tunnels are configured.
+    PortRefused,
     /// A code this version does not define; the number is kept so it can be
     /// logged and forwarded unchanged.
     Unknown(u32),
@@ -64,6 +67,7 @@ impl ErrorCode {
             13 => Self::UnsupportedVersion,
             14 => Self::Shutdown,
             15 => Self::Overloaded,
+            16 => Self::PortRefused,
             other => Self::Unknown(other),
         }
     }
@@ -86,6 +90,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => 13,
             Self::Shutdown => 14,
             Self::Overloaded => 15,
+            Self::PortRefused => 16,
             Self::Unknown(n) => n,
         }
     }
@@ -109,6 +114,7 @@ impl ErrorCode {
             Self::UnsupportedVersion => "UNSUPPORTED_VERSION",
             Self::Shutdown => "SHUTDOWN",
             Self::Overloaded => "OVERLOADED",
+            Self::PortRefused => "PORT_REFUSED",
             Self::Unknown(_) => "UNKNOWN",
         }
     }
@@ -246,6 +252,7 @@ mod tests {
             (13, ErrorCode::UnsupportedVersion, "UNSUPPORTED_VERSION"),
             (14, ErrorCode::Shutdown, "SHUTDOWN"),
             (15, ErrorCode::Overloaded, "OVERLOADED"),
+            (16, ErrorCode::PortRefused, "PORT_REFUSED"),
         ];
         for (n, code, name) in table {
             assert_eq!(ErrorCode::from_u32(n), code);
@@ -257,7 +264,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_keep_their_number() {
-        for n in [16, 1000, u32::MAX] {
+        for n in [17, 1000, u32::MAX] {
             let code = ErrorCode::from_u32(n);
             assert_eq!(code, ErrorCode::Unknown(n));
             assert_eq!(code.as_u32(), n);

@@ -373,6 +373,7 @@ mod tests {
             uplinks_total: 4,
             token: "tk".into(),
             session: "demo".into(),
+            tcp: Vec::new(),
         }
     }
 
@@ -386,6 +387,7 @@ mod tests {
             conn_window: 16 * 1024 * 1024,
             max_streams: 4096,
             capabilities: 0,
+            tcp: Vec::new(),
             public: None,
         }
     }

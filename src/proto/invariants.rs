@@ -22,6 +22,13 @@ pub fn assert_typed_payloads_round_trip(frame: &Frame) {
                 assert_eq!(Frame::accept(&accept).parse_accept(), Ok(accept));
             }
         }
-        FrameType::Open | FrameType::Response | FrameType::Data | FrameType::End => {}
+        FrameType::Open => {
+            // A TCP tunnel OPEN has an exact layout: what parses is the
+            // encoding of what it parsed to.
+            if let Ok(open) = super::tcp::TcpOpen::decode(&frame.payload) {
+                assert_eq!(open.encode(), frame.payload);
+            }
+        }
+        FrameType::Response | FrameType::Data | FrameType::End => {}
     }
 }

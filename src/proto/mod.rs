@@ -37,6 +37,7 @@ pub mod frame;
 pub mod invariants;
 pub mod kind;
 pub mod limits;
+pub mod tcp;
 
 pub use conn::{Connection, Event, Inbound, OpenError, Role, StreamError, StreamState};
 pub use control::{

@@ -350,7 +350,12 @@ pub fn curl(public: SocketAddr, host: &str, path: &str, extra: &[&str]) -> (u16,
         .arg(format!("http://{public}{path}"))
         .output()
         .expect("curl must be installed (.ci/run installs it)");
-    let mut body = out.stdout;
+    curl_status_body(out.stdout)
+}
+
+/// Splits curl's stdout under `-o - -w "\n%{http_code}"` into the status
+/// (0 when curl got no answer) and the body.
+pub fn curl_status_body(mut body: Vec<u8>) -> (u16, Vec<u8>) {
     let nl = body
         .iter()
         .rposition(|b| *b == b'\n')
@@ -863,6 +868,7 @@ pub fn fake_hello(session: &str) -> ringtunnel::proto::Frame {
         uplinks_total: 1,
         token: String::new(),
         session: session.into(),
+        tcp: Vec::new(),
     })
 }
 

@@ -50,6 +50,22 @@ impl Ca {
         let cert = params.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
+
+    /// A server certificate for `names` whose subject is `CN=cn`, so a
+    /// client's output (`curl -v`: `subject: CN=...`) tells certificates
+    /// apart. Returns (cert PEM, key PEM).
+    pub fn issue_named(&self, cn: &str, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
 }
 
 /// A temp dir removed on drop.

@@ -1,0 +1,416 @@
+//! Raw TCP tunnels, gateway side: the public ports a session holds, their
+//! listeners, and one stream per public connection.
+//!
+//! **Ownership.** A port belongs to a session's claim (`claims.rs`): it is
+//! planned and checked at the uplink handshake (range, token scope,
+//! taken), bound here, and stays the session's while the claim lives,
+//! lease included, so a restarting agent gets its ports back and nobody
+//! else can take them meanwhile. When the claim goes (last uplink gone
+//! with no lease, or the lease expired: core 0 looks once a second) the
+//! listener is shut down and closed.
+//!
+//! **Listeners and cores.** Each port has ONE listening socket, bound
+//! without SO_REUSEPORT (so a port used by any other process on the host
+//! is refused at the handshake, not silently shared). Every core accepts
+//! on a `dup` of it: the kernel hands each connection to one of the
+//! waiting accepts. A core that holds an uplink of the session serves the
+//! connection itself; one that does not hands the socket to a core that
+//! does (`CoreMsg::TcpConn`, like an HTTP handoff) or, when no core holds
+//! one (the agent is away during its lease), closes it at once. With the
+//! default `--uplinks` = gateway cores every core holds one and nothing
+//! moves. `shutdown(2)` on the one socket ends every core's pending accept
+//! when the port is released.
+//!
+//! **Connections.** One public connection = one stream, opened with a TCP
+//! OPEN (`proto::tcp`), relayed by `io::relay::tcp_relay` under the same
+//! per-stream credit as HTTP, half-closes crossing as END. The agent's
+//! "connected" answer must come within `--response-timeout`. At most
+//! `--tcp-max-conns-per-port` connections per port at once; one more is
+//! accepted and closed at once, and counted.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use monoio::net::TcpStream;
+
+use super::claims::{Claimant, Claims, Refusal};
+use super::{Core, CoreMsg, Shared};
+use crate::io::stats::CoreStats;
+use crate::proto::tcp::TcpOpen;
+use crate::proto::{ErrorCode, Hello};
+
+/// Gateway-wide TCP tunnel counters (the per-connection ones are per core
+/// in `CoreStats`).
+#[derive(Default)]
+pub(crate) struct TcpCounters {
+    /// Connections accepted and closed at once: over the port's limit.
+    pub(crate) over_limit: AtomicU64,
+    /// Connections closed at once: no uplink of the session on any core.
+    pub(crate) no_agent: AtomicU64,
+    /// Handshakes refused with PORT_REFUSED.
+    pub(crate) port_refused: AtomicU64,
+}
+
+/// One public TCP port of a session.
+pub(crate) struct PortListener {
+    pub(crate) port: u16,
+    pub(crate) session: String,
+    listener: std::net::TcpListener,
+    closed: AtomicBool,
+    /// Connections open on this port, all cores together.
+    active: AtomicUsize,
+}
+
+impl PortListener {
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        // Ends every core's pending accept on this socket.
+        crate::io::shutdown_fd(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+    }
+}
+
+/// A connection's place under its port's limit; released on drop, on
+/// whichever core the connection ends.
+pub(crate) struct TcpSlot(Arc<PortListener>);
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Binds `port` on the public listener's address. No SO_REUSEPORT: a port
+/// another process listens on must fail here.
+fn bind(public: SocketAddr, port: u16) -> std::io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(SocketAddr::new(public.ip(), port))?;
+    l.set_nonblocking(true)?;
+    // std listens with a backlog of 128; a burst of connections to a
+    // tunnel port deserves what the public listener gets.
+    // SAFETY: a valid listening socket; listen(2) again only resizes the
+    // backlog.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    Ok(l)
+}
+
+impl Shared {
+    /// Claims one more uplink of `session` (see `claims.rs` for who may)
+    /// with the TCP ports of the HELLO: plans the ports
+    /// (`Claims::plan_ports`), binds the new ones, claims, and records the
+    /// grant, all under the claims lock so two agents cannot both get a
+    /// port. Returns the core the uplink goes to and the granted ports.
+    pub(super) fn claim_with_ports(
+        &self,
+        hello: &Hello,
+        who: &Claimant,
+        here: usize,
+        movable: bool,
+    ) -> Result<(usize, Vec<u16>), Refusal> {
+        let now = Instant::now();
+        let mut claims = self.claims();
+        let before = claims.reservation(&hello.session, now);
+        claims.expire(now);
+        // A port whose lease just expired may be granted below: its old
+        // listener (which routes to the old session) must go first.
+        self.sync_tcp(&claims);
+        let plan = claims.plan_ports(&hello.session, who, &hello.tcp, &self.cfg.tcp_ports, now)?;
+        let mut fresh = Vec::new();
+        {
+            let open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+            for &p in &plan {
+                // Open already: the session's own port (`sync_tcp` left
+                // no other session's).
+                if open.contains_key(&p) {
+                    continue;
+                }
+                // On the public listener's address (the HTTPS one when
+                // `--listen off`): TCP tunnels face the same network.
+                let Some(public) = self.public_addr.or(self.https_addr) else {
+                    return Err(Refusal {
+                        code: ErrorCode::PortRefused,
+                        reason: "this gateway has no public address for TCP tunnels".into(),
+                    });
+                };
+                match bind(public, p) {
+                    Ok(l) => fresh.push(Arc::new(PortListener {
+                        port: p,
+                        session: hello.session.clone(),
+                        listener: l,
+                        closed: AtomicBool::new(false),
+                        active: AtomicUsize::new(0),
+                    })),
+                    Err(e) => {
+                        return Err(Refusal {
+                            code: ErrorCode::PortRefused,
+                            reason: format!("TCP port {p} cannot be opened on the gateway: {e}"),
+                        })
+                    }
+                }
+            }
+        }
+        // A refused claim drops `fresh`, which closes the sockets.
+        let target = claims.claim(&hello.session, who, here, movable, now)?;
+        if !plan.is_empty() {
+            claims.set_ports(&hello.session, plan.clone());
+        }
+        // The cores' lease replicas learn that the name is held now.
+        self.announce(&claims, &hello.session, before, now);
+        let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        for pl in fresh {
+            tracing::info!(port = pl.port, session = %pl.session, "TCP tunnel port opened");
+            open.insert(pl.port, pl.clone());
+            self.broadcast(|| CoreMsg::TcpListen(pl.clone()));
+        }
+        Ok((target, plan))
+    }
+
+    /// Closes the listeners of ports no claim holds any more. Called with
+    /// the claims lock held, after every change that can drop a claim.
+    pub(super) fn sync_tcp(&self, claims: &Claims) {
+        let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        if open.is_empty() {
+            return;
+        }
+        let held = claims.tcp_ports(Instant::now());
+        open.retain(|port, pl| {
+            let keep = held.get(port) == Some(&pl.session);
+            if !keep {
+                tracing::info!(port, session = %pl.session, "TCP tunnel port closed");
+                pl.close();
+            }
+            keep
+        });
+    }
+
+    /// Drops expired leases and closes their ports (core 0, once a second,
+    /// while any TCP port is open).
+    pub(super) fn expire_tcp(&self) {
+        if self.tcp.lock().map(|m| m.is_empty()).unwrap_or(true) {
+            return;
+        }
+        let mut claims = self.claims();
+        claims.expire(Instant::now());
+        self.sync_tcp(&claims);
+    }
+
+    /// Closes every TCP tunnel listener (gateway shutdown).
+    pub(super) fn close_tcp(&self) {
+        let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        for pl in open.values() {
+            pl.close();
+        }
+        open.clear();
+    }
+
+    /// Prometheus lines for TCP tunnels.
+    pub(super) fn tcp_metrics(&self) -> String {
+        let (ports, conns) = {
+            let open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+            let conns: usize = open
+                .values()
+                .map(|p| p.active.load(Ordering::Relaxed))
+                .sum();
+            (open.len(), conns)
+        };
+        let sum = |f: fn(&CoreStats) -> &AtomicU64| -> u64 {
+            self.stats.iter().map(|c| CoreStats::get(f(c))).sum()
+        };
+        format!(
+            "# HELP ringtunnel_tcp_ports Open TCP tunnel ports.\n\
+             # TYPE ringtunnel_tcp_ports gauge\nringtunnel_tcp_ports {ports}\n\
+             # HELP ringtunnel_tcp_connections Public TCP tunnel connections open.\n\
+             # TYPE ringtunnel_tcp_connections gauge\nringtunnel_tcp_connections {conns}\n\
+             # HELP ringtunnel_tcp_connections_total Public TCP tunnel connections served.\n\
+             # TYPE ringtunnel_tcp_connections_total counter\n\
+             ringtunnel_tcp_connections_total {}\n\
+             # HELP ringtunnel_tcp_bytes_total TCP tunnel bytes, by direction.\n\
+             # TYPE ringtunnel_tcp_bytes_total counter\n\
+             ringtunnel_tcp_bytes_total{{direction=\"in\"}} {}\n\
+             ringtunnel_tcp_bytes_total{{direction=\"out\"}} {}\n\
+             # HELP ringtunnel_tcp_refused_total TCP tunnel connections closed at accept.\n\
+             # TYPE ringtunnel_tcp_refused_total counter\n\
+             ringtunnel_tcp_refused_total{{reason=\"over_limit\"}} {}\n\
+             ringtunnel_tcp_refused_total{{reason=\"no_agent\"}} {}\n\
+             # HELP ringtunnel_tcp_port_refusals_total Agent handshakes refused for a TCP port.\n\
+             # TYPE ringtunnel_tcp_port_refusals_total counter\n\
+             ringtunnel_tcp_port_refusals_total {}\n",
+            sum(|c| &c.tcp_conns_total),
+            sum(|c| &c.tcp_bytes_in),
+            sum(|c| &c.tcp_bytes_out),
+            self.tcp_counters.over_limit.load(Ordering::Relaxed),
+            self.tcp_counters.no_agent.load(Ordering::Relaxed),
+            self.tcp_counters.port_refused.load(Ordering::Relaxed),
+        )
+    }
+
+    /// `"tcp":{...}` for /stats.
+    pub(super) fn tcp_json(&self) -> String {
+        let open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ports: Vec<String> = open
+            .values()
+            .map(|p| {
+                format!(
+                    "{{\"port\":{},\"session\":\"{}\",\"connections\":{}}}",
+                    p.port,
+                    p.session,
+                    p.active.load(Ordering::Relaxed)
+                )
+            })
+            .collect();
+        ports.sort();
+        format!(
+            "\"tcp\":{{\"ports\":[{}],\"refused_over_limit\":{},\"refused_no_agent\":{}}}",
+            ports.join(","),
+            self.tcp_counters.over_limit.load(Ordering::Relaxed),
+            self.tcp_counters.no_agent.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// Starts this core's accept loop on a new port.
+pub(super) fn listen(core: &Rc<Core>, pl: Arc<PortListener>) {
+    if pl.closed.load(Ordering::SeqCst) {
+        return;
+    }
+    let l = match pl.listener.try_clone() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(port = pl.port, error = %e, "cannot share a TCP tunnel listener");
+            return;
+        }
+    };
+    let l = match monoio::net::TcpListener::from_std(l) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(port = pl.port, error = %e, "cannot listen on a TCP tunnel port");
+            return;
+        }
+    };
+    let c = core.clone();
+    crate::runtime::spawn_isolated("tcp-accept", async move {
+        accept_loop(c, pl, l).await;
+    });
+}
+
+async fn accept_loop(core: Rc<Core>, pl: Arc<PortListener>, l: monoio::net::TcpListener) {
+    let mut backoff = crate::limits::AcceptBackoff::new("tcp tunnel");
+    loop {
+        let res = l.accept().await;
+        if pl.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        match res {
+            Ok((sock, peer)) => {
+                backoff.succeeded();
+                let max = core.cfg().tcp_max_conns_per_port;
+                if pl.active.fetch_add(1, Ordering::SeqCst) >= max {
+                    pl.active.fetch_sub(1, Ordering::SeqCst);
+                    core.shared
+                        .tcp_counters
+                        .over_limit
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue; // dropped: closed at once
+                }
+                let slot = TcpSlot(pl.clone());
+                let c = core.clone();
+                crate::runtime::spawn_isolated("tcp-conn", async move {
+                    serve(c, sock, peer, slot, 0).await;
+                });
+            }
+            Err(e) => {
+                let wait = backoff.failed(&e, Instant::now());
+                monoio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Takes over a TCP tunnel connection handed to this core.
+pub(super) fn adopt(core: Rc<Core>, fd: OwnedFd, peer: SocketAddr, slot: TcpSlot) {
+    let std_stream = std::net::TcpStream::from(fd);
+    let _ = std_stream.set_nonblocking(true);
+    let Ok(sock) = TcpStream::from_std(std_stream) else {
+        return;
+    };
+    crate::runtime::spawn_isolated("tcp-conn", async move {
+        serve(core, sock, peer, slot, 1).await;
+    });
+}
+
+/// Counts a connection on this core's gauges while it lives.
+struct ConnGauge(Arc<CoreStats>);
+
+impl Drop for ConnGauge {
+    fn drop(&mut self) {
+        CoreStats::dec(&self.0.tcp_conns);
+    }
+}
+
+async fn serve(core: Rc<Core>, sock: TcpStream, peer: SocketAddr, slot: TcpSlot, hops: u8) {
+    let session = slot.0.session.clone();
+    let Some(up) = core.pick_uplink(&session) else {
+        // No uplink here: the core that has one serves it.
+        if hops == 0 {
+            if let Some(k) = core.remote_core_for(&session, usize::from(peer.port())) {
+                // dup, then let monoio close its own fd: never
+                // `into_raw_fd` (docs/ARCHITECTURE.md, handoffs).
+                let fd = sock.as_raw_fd();
+                // SAFETY: `fd` is a valid open socket for this call.
+                let dup = unsafe { libc::dup(fd) };
+                drop(sock);
+                if dup >= 0 {
+                    // SAFETY: `dup` is a new descriptor we own.
+                    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+                    CoreStats::inc(&core.stats.handoffs_out);
+                    let _ = core.shared.mailboxes[k].send(CoreMsg::TcpConn { fd, peer, slot });
+                }
+                return;
+            }
+        }
+        core.shared
+            .tcp_counters
+            .no_agent
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(port = slot.0.port, %session, "TCP connection closed: no agent");
+        return;
+    };
+    let open = TcpOpen {
+        port: slot.0.port,
+        client: peer,
+    };
+    let Some(stream) = up.open_stream(open.encode()) else {
+        core.shared
+            .tcp_counters
+            .no_agent
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let _ = sock.set_nodelay(true);
+    CoreStats::inc(&core.stats.tcp_conns);
+    CoreStats::inc(&core.stats.tcp_conns_total);
+    let _gauge = ConnGauge(core.stats.clone());
+    let cfg = core.cfg();
+    let r = crate::io::relay::tcp_relay(
+        sock,
+        &stream,
+        Some(cfg.response_timeout),
+        cfg.write_stall_timeout,
+    )
+    .await;
+    core.stats.tcp_bytes_in.fetch_add(r.sent, Ordering::Relaxed);
+    core.stats
+        .tcp_bytes_out
+        .fetch_add(r.received, Ordering::Relaxed);
+    tracing::debug!(
+        port = slot.0.port,
+        %session,
+        %peer,
+        sent = r.sent,
+        received = r.received,
+        clean = r.clean,
+        "TCP tunnel connection closed"
+    );
+}

@@ -1,5 +1,6 @@
-//! The admin endpoint: `GET /metrics` (Prometheus text) and `GET /stats`
-//! (JSON), for the gateway and the agent.
+//! The admin endpoint: `GET /metrics` (Prometheus text), `GET /stats`
+//! (JSON) and the live dashboard at `GET /` (a page polling `/stats`, see
+//! `admin/dashboard/`), for the gateway and the agent.
 //!
 //! It runs on its own small thread with blocking IO: it reads the per-core
 //! counters (relaxed atomics) and never touches a core's `Rc` state, so it
@@ -9,25 +10,46 @@
 //! a connection gets [`CONN_DEADLINE`] for its request and again for the
 //! answer (a client that never sends or never reads is dropped), and an
 //! accept error (EMFILE) backs off instead of spinning. With a token
-//! (`--admin-token`), requests without `Authorization: Bearer <token>` get
-//! 401.
+//! (`--admin-token`), requests for `/stats` and `/metrics` without
+//! `Authorization: Bearer <token>` get 401; the dashboard's static files
+//! carry no data and are served to anyone (the page asks for the token
+//! and sends it with each poll).
+//!
+//! Per-session windows (the gateway's `sessions` in `/stats`): each core
+//! writes its own [`SessionWindows`]; this thread reads every core's and
+//! merges them by session name (`io/stats.rs` says how, without a lock on
+//! the request path).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::io::stats::{CoreStats, ErrorKind, Hist, HistSnapshot, HIST_BUCKETS};
+use crate::io::stats::{
+    CoreStats, ErrorKind, Hist, HistSnapshot, SessionWindows, WindowSnapshot, HIST_BOUNDS,
+    HIST_BUCKETS, MAX_WINDOW_SESSIONS, WINDOW_BYTES, WINDOW_SECS,
+};
+
+mod dashboard;
 
 /// What a role exposes.
 pub trait StatsSource: Send + Sync + 'static {
     /// "gateway" or "agent": the prefix of role-specific metric names.
     fn role(&self) -> &'static str;
     fn cores(&self) -> &[Arc<CoreStats>];
-    /// Extra JSON members (e.g. `"sessions": {...}`), without braces.
+    /// Extra JSON members, without braces.
     fn extra_json(&self) -> String {
         String::new()
+    }
+    /// Sessions with their uplinks per core (the gateway), in name order.
+    fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
+        None
+    }
+    /// Per-core session windows (the gateway).
+    fn windows(&self) -> &[Arc<SessionWindows>] {
+        &[]
     }
     /// Extra Prometheus text appended to `/metrics`.
     fn extra_metrics(&self) -> String {
@@ -93,6 +115,10 @@ pub(crate) fn serve_blocking(
     Ok(local)
 }
 
+/// Requests the admin endpoints of this process have read (any path):
+/// `admin_requests` in `/stats`, e.g. to see a dashboard's polls.
+static ADMIN_REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Reads a request head into `buf` (until its empty line, a full buffer,
 /// EOF or `deadline`); the bytes read. The socket's timeout bounds each
 /// read; the deadline bounds them all (a client trickling one byte per
@@ -120,24 +146,36 @@ pub(crate) fn read_head(
 fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOptions) {
     let mut buf = [0u8; 4096];
     let got = read_head(&mut conn, &mut buf, Instant::now() + CONN_DEADLINE);
+    ADMIN_REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let line = String::from_utf8_lossy(&buf[..got]);
-    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let target = line.split_whitespace().nth(1).unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let authorized = opts
         .token
         .as_deref()
         .map_or(true, |t| bearer_matches(&line, t));
-    let (status, ctype, body) = match path.split('?').next().unwrap_or("/") {
+    let (status, ctype, body) = match path {
+        // Static files: no data in them, and a browser cannot send a
+        // bearer token with a navigation.
+        _ if dashboard::asset(path).is_some() => {
+            let (ctype, body) = dashboard::asset(path).unwrap_or_default();
+            ("200 OK", ctype, body.to_string())
+        }
         _ if !authorized => (
             "401 Unauthorized",
             "text/plain",
             "admin token required\n".to_string(),
         ),
         "/metrics" => ("200 OK", "text/plain; version=0.0.4", render_metrics(src)),
-        "/stats" => ("200 OK", "application/json", render_json(src)),
+        "/stats" => (
+            "200 OK",
+            "application/json",
+            render_json_with(src, &StatsQuery::parse(query)),
+        ),
         _ => (
             "404 Not Found",
             "text/plain",
-            "try /metrics or /stats\n".to_string(),
+            "try / (dashboard), /metrics or /stats\n".to_string(),
         ),
     };
     let challenge = if authorized {
@@ -146,8 +184,9 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
         "WWW-Authenticate: Bearer\r\n"
     };
     let resp = format!(
-        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        "HTTP/1.1 {status}\r\n{challenge}Content-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n{}Connection: close\r\n\r\n{body}",
+        body.len(),
+        dashboard::SECURITY_HEADERS,
     );
     write_until(&mut conn, resp.as_bytes(), Instant::now() + CONN_DEADLINE);
 }
@@ -322,7 +361,165 @@ fn hist_json(s: &HistSnapshot) -> String {
     )
 }
 
+/// What `/stats?...` asks for: with `limit`, one page of sessions
+/// (`sessions_page`) ordered by recent request rate, filtered by `q` (a
+/// substring of the name), from `offset`; without it, every session in
+/// `sessions`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StatsQuery {
+    pub limit: Option<usize>,
+    pub offset: usize,
+    pub filter: String,
+}
+
+/// Rows one page may hold.
+pub const MAX_PAGE: usize = 500;
+
+impl StatsQuery {
+    pub fn parse(query: &str) -> StatsQuery {
+        let mut q = StatsQuery::default();
+        for pair in query.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "limit" => q.limit = v.parse::<usize>().ok().map(|n| n.min(MAX_PAGE)),
+                "offset" => q.offset = v.parse().unwrap_or(0),
+                "q" => q.filter = v.trim().to_ascii_lowercase(),
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+/// `%XX` and `+` of a query value; bytes that do not decode stay as they
+/// are, and non-UTF-8 is replaced.
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(x)) => {
+                out.push(x);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every core's windows merged by session, read at the current second.
+fn merged_windows(src: &dyn StatsSource) -> HashMap<Arc<str>, WindowSnapshot> {
+    let now = crate::io::stats::window_second(Instant::now());
+    let mut out = HashMap::new();
+    for w in src.windows() {
+        w.read(now, &mut out);
+    }
+    out
+}
+
+/// A session's window as JSON members (no braces).
+fn window_json(w: &WindowSnapshot) -> String {
+    format!(
+        "\"requests\":{},\"errors\":{},\"rps\":{:.2},\"rps_1m\":{:.2},\"p50_us\":{},\"p99_us\":{},\"max_us\":{}",
+        w.requests,
+        w.errors,
+        w.rate(RECENT_SECS),
+        w.rate_1m(),
+        w.quantile_us(0.5),
+        w.quantile_us(0.99),
+        w.max_us
+    )
+}
+
+/// The "recent" request rate (`rps`) is the mean of this many complete
+/// seconds: quick to follow a change, steadier than one second.
+pub const RECENT_SECS: usize = 5;
+
+fn join_numbers<T: std::fmt::Display>(v: impl IntoIterator<Item = T>) -> String {
+    v.into_iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The gateway's sessions: all of them (`sessions`, by name), or one page
+/// (`sessions_page`), plus what the windows cost (`window`).
+fn sessions_json(src: &dyn StatsSource, q: &StatsQuery) -> Option<String> {
+    let sessions = src.sessions()?;
+    let windows = merged_windows(src);
+    let empty = WindowSnapshot::default();
+    let untracked: u64 = src.windows().iter().map(|w| w.untracked()).sum();
+    let meta = format!(
+        "\"window\":{{\"seconds\":{WINDOW_SECS},\"recent_seconds\":{RECENT_SECS},\"max_sessions_per_core\":{MAX_WINDOW_SESSIONS},\"bytes_per_session_per_core\":{WINDOW_BYTES},\"untracked\":{untracked}}}"
+    );
+    let Some(limit) = q.limit else {
+        let all: Vec<String> = sessions
+            .iter()
+            .map(|(name, per_core)| {
+                let w = windows.get(name.as_str()).unwrap_or(&empty);
+                format!(
+                    "\"{name}\":{{\"uplinks_per_core\":[{}],\"window\":{{{}}}}}",
+                    join_numbers(per_core),
+                    window_json(w)
+                )
+            })
+            .collect();
+        return Some(format!("\"sessions\":{{{}}},{meta}", all.join(",")));
+    };
+    let total = sessions.len();
+    let mut rows: Vec<(&String, &Vec<u32>, &WindowSnapshot)> = sessions
+        .iter()
+        .filter(|(name, _)| name.contains(q.filter.as_str()))
+        .map(|(name, per_core)| (name, per_core, windows.get(name.as_str()).unwrap_or(&empty)))
+        .collect();
+    let matched = rows.len();
+    // Busiest first; names break ties so a page is stable between polls.
+    rows.sort_by(|a, b| {
+        b.2.rate(RECENT_SECS)
+            .total_cmp(&a.2.rate(RECENT_SECS))
+            .then(b.2.requests.cmp(&a.2.requests))
+            .then(a.0.cmp(b.0))
+    });
+    let page: Vec<String> = rows
+        .iter()
+        .skip(q.offset)
+        .take(limit)
+        .map(|(name, per_core, w)| {
+            format!(
+                "{{\"name\":\"{name}\",\"uplinks_per_core\":[{}],{},\"series\":[{}]}}",
+                join_numbers(per_core.iter()),
+                window_json(w),
+                join_numbers(w.per_second)
+            )
+        })
+        .collect();
+    Some(format!(
+        "\"sessions_page\":{{\"total\":{total},\"matched\":{matched},\"offset\":{},\"limit\":{limit},\"rows\":[{}]}},{meta}",
+        q.offset,
+        page.join(",")
+    ))
+}
+
+/// `/stats` with every session.
 pub fn render_json(src: &dyn StatsSource) -> String {
+    render_json_with(src, &StatsQuery::default())
+}
+
+pub fn render_json_with(src: &dyn StatsSource, q: &StatsQuery) -> String {
     let mut cores = Vec::new();
     for (i, c) in src.cores().iter().enumerate() {
         let errors: Vec<String> = ErrorKind::ALL
@@ -349,12 +546,69 @@ pub fn render_json(src: &dyn StatsSource) -> String {
             errors.join(",")
         ));
     }
-    let extra = src.extra_json();
-    let sep = if extra.is_empty() { "" } else { "," };
+    // The frames-per-writev histogram of all cores, for a chart:
+    // `counts` has one more entry than `bounds` (the +Inf bucket).
+    let mut fpw = HistSnapshot::default();
+    for c in src.cores() {
+        fpw.merge(&c.frames_per_writev.snapshot());
+    }
+    let mut extra: Vec<String> = vec![format!(
+        "\"frames_per_writev_hist\":{{\"bounds\":[{}],\"counts\":[{}]}}",
+        join_numbers(HIST_BOUNDS),
+        join_numbers(fpw.buckets)
+    )];
+    extra.extend(sessions_json(src, q));
+    extra.push(src.extra_json());
+    extra.retain(|e| !e.is_empty());
     format!(
-        "{{\"role\":\"{}\",\"task_panics\":{},\"cores\":[{}]{sep}{extra}}}\n",
+        "{{\"role\":\"{}\",\"task_panics\":{},\"admin_requests\":{},\"cores\":[{}],{}}}\n",
         src.role(),
         crate::runtime::task_panics(),
-        cores.join(",")
+        ADMIN_REQUESTS.load(std::sync::atomic::Ordering::Relaxed),
+        cores.join(","),
+        extra.join(",")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_query_parses_paging_and_a_decoded_filter() {
+        let q = StatsQuery::parse("limit=25&offset=50&q=My%20App+x&junk&limit2=3");
+        assert_eq!(
+            q,
+            StatsQuery {
+                limit: Some(25),
+                offset: 50,
+                filter: "my app x".into()
+            }
+        );
+        // A page is capped; nonsense is ignored; a bad escape stays as is.
+        assert_eq!(StatsQuery::parse("limit=100000").limit, Some(MAX_PAGE));
+        assert_eq!(
+            StatsQuery::parse("limit=x&offset=-1"),
+            StatsQuery::default()
+        );
+        assert_eq!(percent_decode("a%zz%4"), "a%zz%4");
+        assert_eq!(percent_decode("%e2%80%93"), "\u{2013}");
+    }
+
+    #[test]
+    fn dashboard_files_are_served_and_refer_only_to_themselves() {
+        let (ctype, html) = dashboard::asset("/").unwrap();
+        assert!(ctype.starts_with("text/html"));
+        for f in ["/dashboard.js", "/dashboard.css"] {
+            assert!(html.contains(&format!("\"{f}\"")), "{f}");
+            assert!(dashboard::asset(f).is_some(), "{f}");
+        }
+        // Nothing from another origin (no CDN).
+        for (_, body) in
+            ["/", "/dashboard.js", "/dashboard.css"].map(|p| dashboard::asset(p).unwrap())
+        {
+            assert!(!body.contains("https://") && !body.contains("//cdn"));
+        }
+        assert!(dashboard::asset("/stats").is_none());
+    }
 }

@@ -529,3 +529,101 @@ both_drivers!(upgrade_refused_by_backend_keeps_connection_usable, |d| {
     let r = read_response(&mut c, &mut buf, false).unwrap();
     assert_eq!(r.body, b"ringtunnel echo\n");
 });
+
+/// `/stats` carries each session's last minute: requests, errors, rates
+/// and latency quantiles, merged over the cores; `?limit=` pages them.
+#[test]
+fn stats_session_window_counts_requests_errors_and_latency() {
+    let s = Stack::start("uring", 3);
+    let json = |q: &str| -> serde_json::Value {
+        let r = request(
+            s.admin(),
+            &format!("GET /stats{q} HTTP/1.1\r\nHost: x\r\n\r\n"),
+        );
+        serde_json::from_slice(&r.body).expect("JSON")
+    };
+    // The set-up's last requests are counted just after their answers.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = json("")["sessions"]["demo"]["window"]["requests"]
+        .as_u64()
+        .unwrap();
+    for _ in 0..30 {
+        let r = request(
+            s.public(),
+            "GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(r.status, 200);
+    }
+    // A malformed chunked body: a 400 from the gateway, counted for demo.
+    let r = request(
+        s.public(),
+        "POST /echo HTTP/1.1\r\nHost: demo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    );
+    assert_eq!(r.status, 400);
+    // A request is counted once its exchange is over, which may be just
+    // after its client has the answer.
+    let t = std::time::Instant::now();
+    let w = loop {
+        let w = json("")["sessions"]["demo"]["window"].clone();
+        if w["requests"].as_u64().unwrap() >= before + 31 || t.elapsed() > Duration::from_secs(2) {
+            break w;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(w["requests"].as_u64().unwrap(), before + 31, "{w}");
+    assert_eq!(w["errors"].as_u64().unwrap(), 1, "{w}");
+    // The echo waits 3 ms: the median is in the (2, 5] ms bucket or above.
+    let (p50, p99) = (w["p50_us"].as_u64().unwrap(), w["p99_us"].as_u64().unwrap());
+    assert!(
+        p50 >= 2_000 && p99 >= p50 && w["max_us"].as_u64().unwrap() >= p99,
+        "{w}"
+    );
+    // The recent rate counts complete seconds only: it shows once the
+    // second of these requests is over.
+    let t = std::time::Instant::now();
+    while json("")["sessions"]["demo"]["window"]["rps"]
+        .as_f64()
+        .unwrap()
+        == 0.0
+    {
+        assert!(t.elapsed() < Duration::from_secs(3), "rps stayed 0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // One page of one row, filtered; its series adds up to its requests.
+    let page = json("?limit=1&q=DEM")["sessions_page"].clone();
+    assert_eq!(
+        (page["total"].as_u64(), page["matched"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let row = &page["rows"][0];
+    assert_eq!(row["name"], "demo");
+    let series: u64 = row["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert_eq!(series, row["requests"].as_u64().unwrap());
+    assert_eq!(row["series"].as_array().unwrap().len(), 60);
+    let none = json("?limit=10&q=zzz")["sessions_page"].clone();
+    assert_eq!(
+        (
+            none["matched"].as_u64(),
+            none["rows"].as_array().map(Vec::len)
+        ),
+        (Some(0), Some(0))
+    );
+    assert_eq!(json("")["window"]["max_sessions_per_core"], 2048);
+    // Garbage in the query is ignored, never an error; limit=0 is an
+    // empty page.
+    for q in ["?limit=%zz&offset=-3&q=%", "?&&==&q", "?limit=0"] {
+        let v = json(q);
+        assert_eq!(v["role"], "gateway", "{q}");
+        if let Some(rows) = v["sessions_page"]["rows"].as_array() {
+            assert!(rows.is_empty(), "{q}");
+        }
+    }
+    // Every request to the admin endpoint is counted.
+    let n = json("")["admin_requests"].as_u64().unwrap();
+    assert_eq!(json("")["admin_requests"].as_u64().unwrap(), n + 1);
+}

@@ -53,7 +53,7 @@ use bytes::Bytes;
 
 use crate::config::GatewayConfig;
 use crate::http::Scheme;
-use crate::io::stats::CoreStats;
+use crate::io::stats::{CoreStats, SessionWindows, WindowWriter};
 use crate::io::uplink::Uplink;
 use crate::proto::Hello;
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
@@ -179,6 +179,8 @@ pub(crate) struct Shared {
     /// before.
     tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
     tcp_counters: tcp::TcpCounters,
+    /// Per core: the sessions' last-minute windows (dashboard, /stats).
+    pub(crate) windows: Vec<Arc<SessionWindows>>,
 }
 
 impl Shared {
@@ -335,6 +337,8 @@ pub(crate) struct Core {
     pub(crate) inflight: Cell<usize>,
     pub(crate) idle: Notify,
     pub(crate) limits: crate::limits::gate::CoreLimits,
+    /// This core's writer of the sessions' windows.
+    pub(crate) windows: WindowWriter,
 }
 
 impl Core {
@@ -366,6 +370,15 @@ impl Core {
             }
         }
         None
+    }
+
+    /// Counts a request of `session` in its window, now: timed from
+    /// `started` when it reached the agent, and whether it failed.
+    pub(crate) fn count_request(&self, session: &str, started: Option<Instant>, error: bool) {
+        let end = Instant::now();
+        let latency = started.map(|t| end.saturating_duration_since(t).as_micros() as u64);
+        let now = crate::io::stats::window_second(end);
+        self.windows.record(session, now, latency, error);
     }
 
     pub(crate) fn has_local(&self, session: &str) -> bool {
@@ -416,6 +429,7 @@ impl Core {
             .or_default()
             .uplinks
             .push(up.clone());
+        self.windows.open(&session);
         self.refresh_presence(&session);
         // Whether the registry counts this uplink as draining; set by
         // whichever handler runs first (a close may come without a drain).
@@ -478,6 +492,8 @@ impl Core {
             if s.uplinks.is_empty() {
                 let announced = s.announced;
                 sessions.remove(session);
+                let now = crate::io::stats::window_second(Instant::now());
+                self.windows.close(session, now);
                 announced
             } else {
                 false
@@ -753,6 +769,9 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
         tcp: Mutex::new(HashMap::new()),
         tcp_counters: Default::default(),
+        windows: (0..n)
+            .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
+            .collect(),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -832,6 +851,7 @@ async fn core_main(
         inflight: Cell::new(0),
         idle: Notify::new(),
         limits: Default::default(),
+        windows: WindowWriter::new(shared.windows[index].clone()),
     });
     let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
@@ -970,18 +990,14 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_json(&self) -> String {
-        let sessions: Vec<String> = self
-            .placement()
-            .into_iter()
-            .map(|(name, per_core)| {
-                let v: Vec<String> = per_core.iter().map(|n| n.to_string()).collect();
-                format!("\"{name}\":{{\"uplinks_per_core\":[{}]}}", v.join(","))
-            })
-            .collect();
-        format!(
-            "\"sessions\":{{{}}},{}",
-            sessions.join(","),
-            self.tcp_json()
-        )
+        self.tcp_json()
+    }
+
+    fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
+        Some(self.placement())
+    }
+
+    fn windows(&self) -> &[Arc<SessionWindows>] {
+        &self.windows
     }
 }

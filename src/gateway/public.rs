@@ -438,6 +438,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                         held = false;
                         CoreStats::inc(&core.stats.requests);
                         core.stats.error(ErrorKind::Overloaded);
+                        core.count_request(&session, None, true);
                         buf.advance(head.head_len);
                         let msg = format!(
                             "too many requests waiting for session '{session}', retry shortly\n"
@@ -465,6 +466,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             held = false;
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
+            core.count_request(&session, None, true);
             buf.advance(head.head_len);
             let msg = format!(
                 "no agent connected for host '{host_txt}' (session '{session}')\n\
@@ -477,9 +479,11 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         }
         CoreStats::inc(&core.stats.requests);
         buf.advance(head.head_len);
+        let started = Instant::now();
         // Counted only for a session that is here (its cell is shared by
         // all cores), so handoffs are not charged twice.
         if let Err((msg, secs)) = guard::check_rate(&core, &session, client) {
+            core.count_request(&session, None, true);
             if refuse_request(&mut wh, &head, 429, &msg, &[("Retry-After", &secs)]).await {
                 continue;
             }
@@ -488,6 +492,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         // Present here but every local uplink is at its stream limit.
         let Some(stream) = up.and_then(|u| u.open_stream(forward_head(&head, &origin))) else {
             core.stats.error(ErrorKind::Overloaded);
+            core.count_request(&session, None, true);
             let msg = format!("session '{session}' is at its stream limit, retry shortly\n");
             if refuse_request(&mut wh, &head, 503, &msg, &[("Retry-After", "1")]).await {
                 continue;
@@ -495,7 +500,12 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             break;
         };
         core.inflight.set(core.inflight.get() + 1);
-        let keep = exchange(&core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream).await;
+        let (keep, failed) =
+            exchange(&core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream).await;
+        // An upgraded exchange lasts as long as its connection: counted,
+        // not timed.
+        let timed = head.upgrade.is_none().then_some(started);
+        core.count_request(&session, timed, failed);
         // The hop limit is per request: the next one may move again.
         hops = 0;
         held = false;
@@ -521,7 +531,8 @@ fn forward_head(head: &RequestHead, origin: &Origin) -> Bytes {
 
 /// Serves one request over `stream`: the request side (body, then a watch
 /// for the client going away) and the response side run side by side.
-/// Returns whether the connection may carry another request.
+/// Returns whether the connection may carry another request, and whether
+/// the request failed (an error was counted for it).
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     core: &Core,
@@ -532,7 +543,7 @@ async fn exchange(
     wd: &Watchdog,
     req: &RequestHead,
     stream: Stream,
-) -> bool {
+) -> (bool, bool) {
     let cfg = core.cfg();
     let gate = UpgradeGate::default();
     let side = ReqSide::default();
@@ -595,7 +606,7 @@ async fn exchange(
         keep
     };
     let (req_ok, keep) = monoio::join!(pump_req, pump_resp);
-    keep && req_ok
+    (keep && req_ok, side.error.get())
 }
 
 /// Whether the request side should watch the client for a close.
@@ -620,9 +631,17 @@ struct ReqSide {
     failed: RefCell<Option<PumpError>>,
     watch: Cell<Watch>,
     watch_wake: Notify,
+    /// An error was counted for this request (its session's window).
+    error: Cell<bool>,
 }
 
 impl ReqSide {
+    /// Counts an error of this request's answer.
+    fn count(&self, core: &Core, kind: ErrorKind) {
+        core.stats.error(kind);
+        self.error.set(true);
+    }
+
     fn done(&self, now: Instant) {
         self.done_at.set(Some(now));
     }
@@ -649,12 +668,13 @@ impl ReqSide {
 
 /// Counts a failed request side once, by its cause: a malformed body, a
 /// body that stopped arriving, or a client that went away.
-fn count_request_failure(core: &Core, e: &PumpError) {
-    core.stats.error(match e {
+fn count_request_failure(core: &Core, side: &ReqSide, e: &PumpError) {
+    let kind = match e {
         PumpError::BadBody(_) => ErrorKind::BadRequest,
         PumpError::TimedOut(_) => ErrorKind::BodyTimeout,
         _ => ErrorKind::ClientIo,
-    });
+    };
+    side.count(core, kind);
 }
 
 fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
@@ -734,7 +754,7 @@ async fn respond(
     let resp: ResponseHead = loop {
         let Some(ev) = recv_head_event(stream, cfg.response_timeout, side).await else {
             stream.reset(ErrorCode::Cancel);
-            core.stats.error(ErrorKind::BackendTimeout);
+            side.count(core, ErrorKind::BackendTimeout);
             let msg = format!(
                 "the agent for host '{host}' did not answer within {} s\n",
                 cfg.response_timeout.as_secs_f64()
@@ -764,7 +784,7 @@ async fn respond(
                 Ok(Some(h)) => break h,
                 _ => {
                     stream.reset(ErrorCode::ProtocolError);
-                    core.stats.error(ErrorKind::BackendReset);
+                    side.count(core, ErrorKind::BackendReset);
                     send_simple(
                         wh,
                         502,
@@ -782,24 +802,24 @@ async fn respond(
                 let failed = side.failed.borrow().clone();
                 return match failed {
                     Some(PumpError::BadBody(e)) => {
-                        count_request_failure(core, &PumpError::BadBody(e.clone()));
+                        count_request_failure(core, side, &PumpError::BadBody(e.clone()));
                         let msg = format!("bad request body: {e}\n");
                         send_simple(wh, 400, &msg, true, &[]).await;
                         false
                     }
                     Some(e @ PumpError::TimedOut(_)) => {
-                        count_request_failure(core, &e);
+                        count_request_failure(core, side, &e);
                         send_simple(wh, 408, "request body not received in time\n", true, &[])
                             .await;
                         false
                     }
                     Some(e) => {
-                        count_request_failure(core, &e);
+                        count_request_failure(core, side, &e);
                         false
                     }
                     None => {
                         let (status, kind, why) = error_status(code);
-                        core.stats.error(kind);
+                        side.count(core, kind);
                         let extra: &[(&str, &str)] = if status == 503 {
                             &[("Retry-After", "1")]
                         } else {
@@ -815,7 +835,7 @@ async fn respond(
                 if side.failed.borrow().is_some() {
                     return false;
                 }
-                core.stats.error(ErrorKind::AgentGone);
+                side.count(core, ErrorKind::AgentGone);
                 let msg = format!("the agent for host '{host}' disconnected before answering\n");
                 send_simple(wh, 502, &msg, true, &[]).await;
                 return false;
@@ -833,7 +853,7 @@ async fn respond(
             // A switch nobody asked for would hand the client a raw byte
             // stream it cannot frame.
             stream.reset(ErrorCode::ProtocolError);
-            core.stats.error(ErrorKind::BackendReset);
+            side.count(core, ErrorKind::BackendReset);
             let msg = format!("the backend for host '{host}' switched protocols unasked\n");
             send_simple(wh, 502, &msg, true, &[]).await;
             return false;
@@ -876,17 +896,20 @@ async fn respond(
         Err(PumpError::Framing(why)) => {
             // Headers are out: the only honest signal left is to close.
             tracing::debug!(host, why, "agent broke the response framing");
-            core.stats.error(ErrorKind::Protocol);
+            side.count(core, ErrorKind::Protocol);
             stream.reset(ErrorCode::ProtocolError);
             false
         }
         Err(e @ (PumpError::Closed | PumpError::TimedOut(_))) => {
             tracing::debug!(host, error = %e, "client write failed");
-            core.stats.error(if matches!(e, PumpError::TimedOut(_)) {
-                ErrorKind::WriteStall
-            } else {
-                ErrorKind::ClientIo
-            });
+            side.count(
+                core,
+                if matches!(e, PumpError::TimedOut(_)) {
+                    ErrorKind::WriteStall
+                } else {
+                    ErrorKind::ClientIo
+                },
+            );
             stream.reset(ErrorCode::Cancel);
             false
         }
@@ -894,8 +917,8 @@ async fn respond(
             // Our own reset after the request side failed (a client that
             // left mid-upload) is the client's doing, not the agent's.
             match side.failed.borrow().as_ref() {
-                Some(e) => count_request_failure(core, e),
-                None => core.stats.error(ErrorKind::AgentGone),
+                Some(e) => count_request_failure(core, side, e),
+                None => side.count(core, ErrorKind::AgentGone),
             }
             false
         }

@@ -8,15 +8,19 @@
 //! (`apt-get install chromium chromium-driver`); CI installs them
 //! (`.ci/run`) and runs them.
 //!
-//! A page module gets a [`webdriver::Browser`] from
-//! `Browser::start(test_name)` (`None`: skipped) and the process harness
-//! from `common`.
+//! A page module (`dashboard.rs`, `inspector.rs`)
+//! gets a [`webdriver::Browser`] from `Browser::start(test_name)` (`None`:
+//! skipped) and the process harness from `common`. For pages that
+//! re-render themselves, read text with `Browser::texts`/`text_of` (one
+//! script run, nothing goes stale) inside `Browser::wait_for`; pictures
+//! for the docs go through `Browser::doc_screenshot` (written to
+//! `docs/img/` only with `RINGTUNNEL_UPDATE_SCREENSHOTS=1`).
 
 #[path = "../common/mod.rs"]
 mod common;
-mod webdriver;
-
+mod dashboard;
 mod inspector;
+mod webdriver;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

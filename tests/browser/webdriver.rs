@@ -34,11 +34,13 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Flags for a quiet, reproducible headless Chromium on a shared machine:
 /// no GPU, no network of its own (updates, sync, QUIC probes), no sandbox
-/// (tests run as root in CI).
-const CHROMIUM_ARGS: [&str; 9] = [
+/// (tests run as root in CI), no reliance on a large /dev/shm
+/// (containers).
+const CHROMIUM_ARGS: [&str; 10] = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-dev-shm-usage",
     "--disable-quic",
     "--no-first-run",
     "--disable-background-networking",
@@ -302,6 +304,28 @@ impl Browser {
         }
     }
 
+    /// The text content of every element matching a CSS selector, read
+    /// in one script run: no element can go stale in between, as it can
+    /// between `find` and `text` on a page that re-renders itself.
+    pub fn texts(&self, css: &str) -> Vec<String> {
+        let v = self.execute(
+            "return Array.from(document.querySelectorAll(arguments[0])).map(e => e.textContent);",
+            vec![css.into()],
+        );
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| t.as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// [`Browser::texts`] of the first match, if any.
+    pub fn text_of(&self, css: &str) -> Option<String> {
+        self.texts(css).into_iter().next()
+    }
+
     /// Runs `script` (a function body; `arguments[i]` are `args`) in the
     /// page and returns what it returns.
     pub fn execute(&self, script: &str, args: Vec<Value>) -> Value {
@@ -321,6 +345,21 @@ impl Browser {
             std::fs::create_dir_all(dir).expect("screenshot directory");
         }
         std::fs::write(path, png).expect("write screenshot");
+    }
+
+    /// Saves a screenshot for the docs as `docs/img/NAME` when
+    /// `RINGTUNNEL_UPDATE_SCREENSHOTS=1`, else in Cargo's temp directory for
+    /// tests (so a test run leaves the committed images alone). Returns
+    /// the path written.
+    pub fn doc_screenshot(&self, name: &str) -> PathBuf {
+        let dir = if std::env::var("RINGTUNNEL_UPDATE_SCREENSHOTS").is_ok_and(|v| v == "1") {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/img")
+        } else {
+            PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        };
+        let path = dir.join(name);
+        self.screenshot(&path);
+        path
     }
 
     /// Polls `probe` (every 100 ms) until it returns `Some`, for at most

@@ -404,6 +404,9 @@ pub struct AgentConfig {
     pub tcp: Vec<crate::proto::tcp::TcpSpec>,
     /// No line per request (`--quiet`).
     pub quiet: bool,
+    /// Whether `--to` was given: a TCP-only agent (`--tcp` alone) neither
+    /// checks the default backend at start nor prints a Forwarding line.
+    pub http: bool,
     /// The request inspector (`--inspect ADDR`), off when `None`.
     pub inspect: Option<crate::inspect::InspectConfig>,
 }
@@ -431,6 +434,7 @@ impl Default for AgentConfig {
             agent_id: None,
             tcp: Vec::new(),
             quiet: false,
+            http: true,
             inspect: None,
         }
     }

@@ -50,6 +50,9 @@ enum Cmd {
     /// a generated name (defaults from RINGTUNNEL_GATEWAY, RINGTUNNEL_TOKEN
     /// and ~/.config/ringtunnel/agent.toml).
     Http(HttpArgs),
+    /// One-liner TCP tunnel: `ringtunnel tcp 22` exposes 127.0.0.1:22 on a
+    /// public port of the gateway's --tcp-ports (same defaults as http).
+    Tcp(TcpArgs),
     /// Built-in httpbin-like backend for tests, demos and benchmarks.
     Echo(EchoArgs),
     /// Load generator (closed/open loop, sweeps, ramps, comparisons).
@@ -421,6 +424,25 @@ impl ShowArgs {
 struct HttpArgs {
     /// The local app: a port (3000), host:port, or http://host:port.
     to: String,
+    #[command(flatten)]
+    common: OneLinerArgs,
+    #[command(flatten)]
+    show: ShowArgs,
+}
+
+/// `ringtunnel tcp PORT`: the same for a raw TCP service.
+#[derive(Args, Clone)]
+struct TcpArgs {
+    /// The local service: PORT or HOST:PORT, optionally =PUBLIC_PORT (else
+    /// the gateway picks one from its --tcp-ports).
+    target: String,
+    #[command(flatten)]
+    common: OneLinerArgs,
+}
+
+/// What both one-liners take besides their target.
+#[derive(Args, Clone)]
+struct OneLinerArgs {
     /// Session name [default: generated, e.g. brave-otter-3f2a].
     #[arg(long)]
     name: Option<String>,
@@ -444,12 +466,10 @@ struct HttpArgs {
     /// Worker cores [default: all].
     #[arg(long)]
     cores: Option<usize>,
-    #[command(flatten)]
-    show: ShowArgs,
 }
 
-/// The user's agent config file, if there is one: `ringtunnel http` reads
-/// it without being told (XDG base directory rules).
+/// The user's agent config file, if there is one: the one-liners read it
+/// without being told (XDG base directory rules).
 fn user_agent_file() -> Option<PathBuf> {
     let base = match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
         Some(d) => PathBuf::from(d),
@@ -459,17 +479,21 @@ fn user_agent_file() -> Option<PathBuf> {
     path.is_file().then_some(path)
 }
 
-/// The command line of the equivalent `ringtunnel agent`: the one-liner
-/// is that, with a generated name and the user's file as `--config`, so
-/// both share every rule (precedence, validation, output).
-fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
+/// The command line of the equivalent `ringtunnel agent`: a one-liner is
+/// that, with `target` (`--to X` or `--tcp X`), a generated name and the
+/// user's file as `--config`, so both share every rule (precedence,
+/// validation, output).
+fn one_liner_as_agent(
+    c: &OneLinerArgs,
+    target: [&str; 2],
+) -> Result<Vec<std::ffi::OsString>, String> {
     let mut argv: Vec<std::ffi::OsString> = vec!["ringtunnel".into(), "agent".into()];
     let mut push = |flag: &str, v: std::ffi::OsString| {
         argv.push(flag.into());
         argv.push(v);
     };
-    push("--to", h.to.clone().into());
-    let file = h.config.clone().or_else(user_agent_file);
+    push(target[0], target[1].into());
+    let file = c.config.clone().or_else(user_agent_file);
     let file_session = match &file {
         Some(p) => config_file::load::<AgentFile>(p)?.session,
         None => None,
@@ -477,23 +501,35 @@ fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
     if let Some(p) = &file {
         push("--config", p.clone().into());
     }
-    match (&h.name, file_session) {
+    match (&c.name, file_session) {
         (Some(n), _) => push("--session", n.into()),
         (None, Some(_)) => {}
         (None, None) => push("--session", ringtunnel::agent::generated_name().into()),
     }
-    if let Some(g) = &h.gateway {
+    if let Some(g) = &c.gateway {
         push("--gateway", g.into());
     }
-    if let Some(t) = &h.token {
+    if let Some(t) = &c.token {
         push("--token", t.into());
     }
-    if let Some(c) = &h.ca {
-        push("--ca", c.clone().into());
+    if let Some(ca) = &c.ca {
+        push("--ca", ca.clone().into());
     }
-    if let Some(c) = h.cores {
-        push("--cores", c.to_string().into());
+    if let Some(n) = c.cores {
+        push("--cores", n.to_string().into());
     }
+    if c.tls {
+        argv.push("--tls".into());
+    }
+    Ok(argv)
+}
+
+fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
+    let mut argv = one_liner_as_agent(&h.common, ["--to", &h.to])?;
+    let mut push = |flag: &str, v: std::ffi::OsString| {
+        argv.push(flag.into());
+        argv.push(v);
+    };
     if let Some(i) = &h.show.inspect {
         push("--inspect", i.into());
         push("--inspect-max", h.show.inspect_max.to_string().into());
@@ -504,9 +540,6 @@ fn http_as_agent(h: &HttpArgs) -> Result<Vec<std::ffi::OsString>, String> {
     }
     for m in &h.show.inspect_mask {
         push("--inspect-mask", m.into());
-    }
-    if h.tls {
-        argv.push("--tls".into());
     }
     if h.show.quiet {
         argv.push("--quiet".into());
@@ -962,6 +995,15 @@ fn sub<'a>(m: &'a ArgMatches, name: &str) -> &'a ArgMatches {
     m.subcommand_matches(name).unwrap_or(m)
 }
 
+/// A one-liner, parsed again as the `agent` it stands for.
+fn run_as_agent(argv: Vec<std::ffi::OsString>) -> Result<(), String> {
+    let m = Cli::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| e.to_string())?;
+    let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
+    run(cli, &m)
+}
+
 fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
     match cli.cmd {
         Cmd::Gateway(flags) => {
@@ -1002,14 +1044,8 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
             gw.shutdown();
             Ok(())
         }
-        Cmd::Http(h) => {
-            // Parsed again as the `agent` it stands for.
-            let m = Cli::command()
-                .try_get_matches_from(http_as_agent(&h)?)
-                .map_err(|e| e.to_string())?;
-            let cli = Cli::from_arg_matches(&m).map_err(|e| e.to_string())?;
-            run(cli, &m)
-        }
+        Cmd::Http(h) => run_as_agent(http_as_agent(&h)?),
+        Cmd::Tcp(t) => run_as_agent(one_liner_as_agent(&t.common, ["--tcp", &t.target])?),
         Cmd::Agent(a) => {
             let m = sub(matches, "agent");
             let mut a = agent_args(a, m)?;
@@ -1030,6 +1066,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                     .ok_or("--session is required (or session = \"...\" in --config)")?,
                 // A TCP-only agent needs no HTTP backend: its HTTP
                 // requests get 502 from the default address.
+                http: a.to.is_some() || a.tcp.is_empty(),
                 to: match (a.to, a.tcp.is_empty()) {
                     (Some(to), _) => to,
                     (None, false) => AgentConfig::default().to,
@@ -1162,7 +1199,7 @@ fn main() -> ExitCode {
         Cmd::Bench(_) | Cmd::Demo(_) => "warn",
         // The one-liner shows its URL and one line per request, and
         // warnings; not every worker's start-up.
-        Cmd::Http(_) => "warn,ringtunnel::request=info",
+        Cmd::Http(_) | Cmd::Tcp(_) => "warn,ringtunnel::request=info",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -1172,6 +1209,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // The one-liner's lines are for a person: `... INFO GET / 200 1.2 ms`.
+        .with_target(!matches!(cli.cmd, Cmd::Http(_) | Cmd::Tcp(_)))
         .init();
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,

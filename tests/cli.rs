@@ -605,3 +605,53 @@ fn the_token_can_come_from_a_file() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn tcp_one_liner_prints_its_address_and_relays() {
+    // The local service: echoes what it reads.
+    let svc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let svc_addr = svc.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in svc.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    // One public port for this test, below the ephemeral range.
+    let first = 30_000 + (std::process::id() % 1000) as u16;
+    let port = (first..32_000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port");
+    let range = format!("{port}-{port}");
+    let gw = gateway("uring", &["--tcp-ports", &range]);
+    let home = pki::Dir::new("tcp-home");
+    let base = clean_env(home.0.to_str().unwrap());
+    let tunnel = gw.field("tunnel");
+    let target = svc_addr.port().to_string();
+    let tcp = spawn_nowait_env(
+        "tcp",
+        &["tcp", &target, "--cores", "1"],
+        &envs(&base, &[("RINGTUNNEL_GATEWAY", &tunnel)]),
+    );
+    let line = wait_stdout_line(&tcp, "TCP tunnel: ");
+    assert_eq!(
+        line,
+        format!("TCP tunnel: tcp://127.0.0.1:{port} -> {svc_addr}")
+    );
+    wait_stdout_line(&tcp, "ringtunnel agent ready");
+    let mut c = connect(format!("127.0.0.1:{port}").parse().unwrap());
+    c.write_all(b"ping\n").unwrap();
+    let mut got = [0u8; 5];
+    std::io::Read::read_exact(&mut c, &mut got).unwrap();
+    assert_eq!(&got, b"ping\n");
+    // A TCP-only agent has no HTTP backend to check or announce.
+    assert!(!tcp.stdout().contains("Forwarding"), "{}", tcp.stdout());
+    assert!(
+        !tcp.stderr().contains("nothing answers"),
+        "{}",
+        tcp.stderr()
+    );
+}

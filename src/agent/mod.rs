@@ -163,6 +163,9 @@ impl Agent {
     /// the gateway has no domain), once the first uplink is accepted.
     pub fn forwarding(&self) -> Option<String> {
         let s = &self.shared;
+        if !s.cfg.http {
+            return None;
+        }
         let public = s.public.get()?;
         Some(forwarding_line(
             public.as_ref(),
@@ -327,7 +330,9 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         .iter()
         .map(|t| crate::runtime::resolve(&t.local))
         .collect::<std::io::Result<Vec<_>>>()?;
-    warn_if_nothing_listens(backend, &cfg.to);
+    if cfg.http {
+        warn_if_nothing_listens(backend, &cfg.to);
+    }
     let (recorder, inspect_addr) = match &cfg.inspect {
         Some(i) => {
             let (rec, store) = crate::inspect::channel(i.clone(), backend)?;

@@ -739,7 +739,8 @@ fn same_name_with_another_token_is_refused(d: &str) {
         gw2.addr("public"),
         "GET / HTTP/1.1\r\nHost: locked\r\nConnection: close\r\n\r\n",
     );
-    assert_eq!(r.status, 502, "{}", r.text());
+    // Never registered: no tunnel for that host.
+    assert_eq!(r.status, 404, "{}", r.text());
     drop(w);
     // The right token is accepted.
     let _ok = agent(d, &gw2, "locked", ba, &["--token", "secret"]);
@@ -771,13 +772,14 @@ fn session_released_when_its_agent_dies(d: &str) {
     assert!(r.text().starts_with("backend=one\n"), "{}", r.text());
 
     a.kill();
-    let r = wait_status(public, "gone", 502, Duration::from_secs(5));
+    // Without a lease the name is forgotten with its agent: 404.
+    let r = wait_status(public, "gone", 404, Duration::from_secs(5));
     assert!(r.text().contains("gone"), "{}", r.text());
-    // Every core says 502 (no stale uplink anywhere), and the claim is gone.
+    // Every core says 404 (no stale uplink anywhere), and the claim is gone.
     let rs = fresh_requests(public, 20, 2, |_| {
         "GET / HTTP/1.1\r\nHost: gone\r\nConnection: close\r\n\r\n".to_string()
     });
-    assert!(rs.iter().all(|r| r.status == 502));
+    assert!(rs.iter().all(|r| r.status == 404));
     let t = Instant::now();
     while session_placement(&stats_json(admin), "gone").is_some() {
         assert!(

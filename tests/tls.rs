@@ -70,13 +70,13 @@ fn refused_agent(gw: &Proc, backend: SocketAddr, extra: &[&str]) -> String {
     err
 }
 
-/// The session was never registered: its Host gets 502.
+/// The session was never registered: its Host gets 404.
 fn assert_not_registered(gw: &Proc) {
     let r = request(
         gw.addr("public"),
         "GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
     );
-    assert_eq!(r.status, 502, "session must not be routable");
+    assert_eq!(r.status, 404, "session must not be routable");
 }
 
 fn assert_serves(gw: &Proc) {

@@ -463,16 +463,32 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                     Held::TimedOut => {}
                 }
             }
-            held = false;
+            // A name someone holds (its agent is away) is a site that is
+            // down: 502. A name nobody holds is no site at all: 404, as
+            // ngrok and frp answer.
+            let known = std::mem::take(&mut held);
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
             core.count_request(&session, None, true);
             buf.advance(head.head_len);
-            let msg = format!(
-                "no agent connected for host '{host_txt}' (session '{session}')\n\
-                 An agent serves it once connected: ringtunnel http PORT --name {session}\n"
-            );
-            if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
+            let (status, msg) = if known {
+                (
+                    502,
+                    format!(
+                        "no agent connected for host '{host_txt}' (session '{session}')\n\
+                         An agent serves it once connected: ringtunnel http PORT --name {session}\n"
+                    ),
+                )
+            } else {
+                (
+                    404,
+                    format!(
+                        "no tunnel for host '{host_txt}' (session '{session}')\n\
+                         An agent creates it: ringtunnel http PORT --name {session}\n"
+                    ),
+                )
+            };
+            if refuse_request(&mut wh, &head, status, &msg, &[]).await {
                 continue;
             }
             break;

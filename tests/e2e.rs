@@ -282,7 +282,11 @@ both_drivers!(unknown_host_and_bad_requests, |d| {
     // after the hold timeout: tests/scopes.rs).
     let r = request(p, "GET / HTTP/1.1\r\nHost: nosuch\r\n\r\n");
     assert_eq!(r.status, 404);
-    assert!(r.text().contains("no tunnel for host 'nosuch'"), "{}", r.text());
+    assert!(
+        r.text().contains("no tunnel for host 'nosuch'"),
+        "{}",
+        r.text()
+    );
     let r = request(
         p,
         "GET / HTTP/1.1\r\nHost: demo\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",

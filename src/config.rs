@@ -159,6 +159,8 @@ pub struct GatewayConfig {
     /// open gateway (any token, which then only decides who owns a session
     /// name).
     pub tokens: Vec<crate::scope::TokenRule>,
+    /// `[[sessions]]`: rates per session name (reloadable).
+    pub sessions: Vec<crate::scope::SessionRule>,
     pub max_head: usize,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
@@ -213,6 +215,7 @@ impl Default for GatewayConfig {
             domain: None,
             default_session: None,
             tokens: Vec::new(),
+            sessions: Vec::new(),
             max_head: crate::http::DEFAULT_MAX_HEAD,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -270,6 +273,7 @@ impl GatewayConfig {
     pub fn with_reloaded(&self, new: &GatewayConfig) -> GatewayConfig {
         let mut c = self.clone();
         c.tokens = new.tokens.clone();
+        c.sessions = new.sessions.clone();
         c.tunnel_tls = new.tunnel_tls.clone();
         // The HTTPS listener stays as started; its certificates reload.
         c.https_certs = new.https_certs.clone();

@@ -87,6 +87,9 @@ pub struct GatewayFile {
     /// Scoped tokens. Last: TOML puts arrays of tables after plain keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<TokenEntry>,
+    /// Per-session rates (`[[sessions]]`), whoever claims the name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<SessionEntry>,
     /// HTTPS certificates chosen by SNI, after `https_cert` (the first of
     /// all is the default).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -120,6 +123,64 @@ pub struct TokenEntry {
     /// TCP tunnel ports this token may open, e.g. ["20000-20099"]; absent:
     /// any port of the gateway's `tcp_ports`; [] or ["none"]: none.
     pub tcp_ports: Option<Vec<String>>,
+}
+
+/// One `[[sessions]]` table: the request rates of one session name.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SessionEntry {
+    pub name: String,
+    pub rate: Option<String>,
+    pub burst: Option<u32>,
+    pub rate_per_ip: Option<String>,
+    pub burst_per_ip: Option<u32>,
+}
+
+impl SessionEntry {
+    pub fn to_rule(&self) -> Result<crate::scope::SessionRule, String> {
+        let bad = |e: String| format!("[[sessions]] {:?}: {e}", self.name);
+        if !crate::proto::valid_session_name(&self.name) {
+            return Err(bad(
+                "name is not a session name ([a-z0-9-], 1..=63, no leading or trailing -)".into(),
+            ));
+        }
+        let rate = |r: &Option<String>, key: &str| match r {
+            Some(r) => r
+                .parse::<Rate>()
+                .map(Some)
+                .map_err(|e| bad(format!("{key}: {e}"))),
+            None => Ok(None),
+        };
+        let rule = crate::scope::SessionRule {
+            name: self.name.clone(),
+            rate: rate(&self.rate, "rate")?,
+            burst: self.burst,
+            rate_per_ip: rate(&self.rate_per_ip, "rate_per_ip")?,
+            burst_per_ip: self.burst_per_ip,
+        };
+        if rule.rate.is_none() && rule.rate_per_ip.is_none() {
+            return Err(bad("sets neither rate nor rate_per_ip".into()));
+        }
+        if (rule.burst.is_some() && rule.rate.is_none())
+            || (rule.burst_per_ip.is_some() && rule.rate_per_ip.is_none())
+        {
+            return Err(bad("a burst without its rate".into()));
+        }
+        Ok(rule)
+    }
+}
+
+/// The `[[sessions]]` tables as rules: each valid, no name twice.
+pub fn session_rules(entries: &[SessionEntry]) -> Result<Vec<crate::scope::SessionRule>, String> {
+    let mut out: Vec<crate::scope::SessionRule> = Vec::with_capacity(entries.len());
+    for e in entries {
+        let r = e.to_rule()?;
+        if out.iter().any(|o| o.name == r.name) {
+            return Err(format!("[[sessions]] {:?} appears twice", r.name));
+        }
+        out.push(r);
+    }
+    Ok(out)
 }
 
 /// `ringtunnel agent --config FILE`.
@@ -305,6 +366,42 @@ fn valid_pattern(p: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sessions_tables_are_checked() {
+        let entry = |name: &str, rate: Option<&str>, burst: Option<u32>| SessionEntry {
+            name: name.into(),
+            rate: rate.map(str::to_string),
+            burst,
+            ..SessionEntry::default()
+        };
+        let ok = session_rules(&[entry("alpha", Some("5/s"), Some(10))]).unwrap();
+        assert_eq!(ok[0].rate, Some("5/s".parse().unwrap()));
+        assert_eq!(ok[0].burst, Some(10));
+        for (bad, why) in [
+            (
+                vec![entry("Alpha", Some("5/s"), None)],
+                "not a session name",
+            ),
+            (vec![entry("alpha", None, None)], "neither rate"),
+            (vec![entry("alpha", None, Some(3))], "neither rate"),
+            (vec![entry("alpha", Some("0/s"), None)], "at least 1"),
+            (
+                vec![entry("a", Some("1/s"), None), entry("a", Some("2/s"), None)],
+                "twice",
+            ),
+        ] {
+            let e = session_rules(&bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        let f: GatewayFile =
+            toml::from_str("[[sessions]]\nname = \"a\"\nrate = \"1/s\"\nburst = 1\n").unwrap();
+        assert_eq!(f.sessions, vec![entry("a", Some("1/s"), Some(1))]);
+        assert!(
+            toml::from_str::<GatewayFile>("[[sessions]]\nname = \"a\"\nrat = \"1/s\"\n").is_err()
+        );
+    }
+
     use super::*;
 
     const EXAMPLE: &str = r#"

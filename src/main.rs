@@ -205,6 +205,9 @@ struct GatewayArgs {
     /// The file's [[https_certs]] tables (no flag form).
     #[arg(skip)]
     https_certs: Vec<ringtunnel::sni::CertFiles>,
+    /// The file's [[sessions]] tables (no flag form).
+    #[arg(skip)]
+    sessions: Vec<config_file::SessionEntry>,
     #[command(flatten)]
     limits: LimitArgs,
     /// Ports agents may open raw TCP tunnels on: "20000-20999",
@@ -681,6 +684,7 @@ fn gateway_args(
     if a.https_cert.is_some() != a.https_key.is_some() {
         return Err("https_cert and https_key go together".into());
     }
+    a.sessions = f.sessions.clone();
     lay_under!(m, f, a.limits;
         max_conns, max_conns_per_ip, fd_reserve, max_handshakes, handshake_fail_limit,
         handshake_fail_window, handshake_ban, session_burst, admin_token,
@@ -739,6 +743,7 @@ fn gateway_shown(a: &GatewayArgs, rules: &[TokenRule]) -> GatewayFile {
         insecure_plaintext: Some(a.insecure_plaintext),
         trusted_proxies: a.trusted_proxies.clone(),
         proxy_protocol: Some(a.proxy_protocol),
+        sessions: a.sessions.clone(),
         https_listen: a.https_listen.clone(),
         https_cert: a.https_cert.clone(),
         https_key: a.https_key.clone(),
@@ -836,6 +841,7 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         .map_err(|e| format!("--trusted-proxies {e}"))?,
         proxy_protocol: a.proxy_protocol,
         edge_limits: a.limits.config()?,
+        sessions: config_file::session_rules(&a.sessions)?,
         admin_token: a.limits.admin_token,
         https_listen: a.https_listen,
         // The flag's pair first: it is the default certificate.
@@ -964,8 +970,9 @@ fn reload_gateway(
 /// the ones `Gateway::reload` applies (tokens, TLS files and
 /// `config::RELOADABLE`).
 fn restart_only_changes(old: &GatewayFile, new: &GatewayFile) -> Vec<String> {
-    const LIVE: [&str; 8] = [
+    const LIVE: [&str; 9] = [
         "tokens",
+        "sessions",
         "token",
         "tunnel_tls_cert",
         "tunnel_tls_key",

@@ -44,6 +44,18 @@ pub fn rule_still_allows(rules: &[TokenRule], owner: &[u8; 32], session: &str) -
         .any(|r| &r.secret.sha256() == owner && r.allows(session))
 }
 
+/// Rates for one session name, whoever claims it (a `[[sessions]]` table
+/// of the config file). Each rate set here wins over the claiming token's
+/// rule and over the gateway's flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionRule {
+    pub name: String,
+    pub rate: Option<Rate>,
+    pub burst: Option<u32>,
+    pub rate_per_ip: Option<Rate>,
+    pub burst_per_ip: Option<u32>,
+}
+
 /// A request rate: `n` per `per` (e.g. `"50/s"`, `"1000/m"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {

@@ -562,3 +562,45 @@ fn sighup_changes_session_and_per_ip_rates() {
     let r = get(public, "alpha", "/");
     assert!(r.text().contains("your address"), "{}", r.text());
 }
+
+#[test]
+fn sessions_table_sets_a_sessions_rates_over_its_token() {
+    let dir = Dir::new("cfg");
+    let echo = echo("legacy", 0);
+    let name = "gw.toml";
+    // The token's own rate is generous (waiting for the session spends
+    // some of it).
+    let tokens = format!(
+        "{}rate = \"1/h\"\nburst = 1000\n",
+        token_table(ALPHA, "[\"alpha\"]")
+    );
+    let file = dir.write(name, &gw_file("legacy", &tokens));
+    let gw = gateway_from(&file, &[]);
+    let public = gw.proc.addr("public");
+    let _a = agent_with(&gw.proc, "alpha", echo.addr("listen"), &["--token", ALPHA]);
+    wait_routable(public, "alpha");
+    assert_eq!(statuses(public, "alpha", 3), [200, 200, 200]);
+
+    // A [[sessions]] table for alpha wins over the token's rule.
+    let table = "\n[[sessions]]\nname = \"alpha\"\nrate = \"1/h\"\nburst = 2\n";
+    dir.write(name, &gw_file("legacy", &format!("{tokens}{table}")));
+    reload(&gw, true);
+    assert_eq!(statuses(public, "alpha", 4), [200, 200, 429, 429]);
+
+    // A table for another name leaves alpha to its token again.
+    let other = "\n[[sessions]]\nname = \"beta\"\nrate = \"1/h\"\nburst = 1\n";
+    dir.write(name, &gw_file("legacy", &format!("{tokens}{other}")));
+    reload(&gw, true);
+    assert_eq!(statuses(public, "alpha", 3), [200, 200, 200]);
+
+    // A bad table is refused and the running rules stay.
+    let bad = "\n[[sessions]]\nname = \"Alpha!\"\nrate = \"5/s\"\n";
+    dir.write(name, &gw_file("legacy", &format!("{tokens}{bad}")));
+    reload(&gw, false);
+    assert!(
+        gw.stderr().contains("not a session name"),
+        "{}",
+        gw.stderr()
+    );
+    assert_eq!(statuses(public, "alpha", 2), [200, 200]);
+}

@@ -25,8 +25,9 @@ Content-Length: 37\r\nRetry-After: 1\r\nConnection: close\r\n\r\n\
 too many connections, retry shortly\r\n";
 
 impl Shared {
-    /// The request rates of `session`, each from the token rule that
-    /// claimed it if the rule sets it, else from the gateway's flags:
+    /// The request rates of `session`, each from its `[[sessions]]` table
+    /// if one sets it, else from the token rule that claimed it if the rule
+    /// sets it, else from the gateway's flags:
     /// `rate`/`burst` or `--session-rate`/`--session-burst`, and
     /// `rate_per_ip`/`burst_per_ip` or `--rate-per-ip`/`--burst-per-ip`.
     /// Called once per session per core (then cached), so the claims lock
@@ -45,13 +46,21 @@ impl Shared {
                 .find(|r| r.secret.sha256() == h && r.allows(session))
         });
         let lim = &live.cfg.edge_limits;
-        let session_rate = match rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))) {
+        // A `[[sessions]]` table for this name wins over the rule.
+        let table = live.cfg.sessions.iter().find(|t| t.name == session);
+        let session_rate = match table
+            .and_then(|t| t.rate.map(|rate| (rate, t.burst)))
+            .or_else(|| rule.and_then(|r| r.rate.map(|rate| (rate, r.burst))))
+        {
             Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
             None => lim
                 .session_rate
                 .map(|r| rate_with_burst(r, lim.session_burst)),
         };
-        let per_ip = match rule.and_then(|r| r.rate_per_ip.map(|rate| (rate, r.burst_per_ip))) {
+        let per_ip = match table
+            .and_then(|t| t.rate_per_ip.map(|rate| (rate, t.burst_per_ip)))
+            .or_else(|| rule.and_then(|r| r.rate_per_ip.map(|rate| (rate, r.burst_per_ip))))
+        {
             Some((rate, burst)) => Some(rate_with_burst(rate, burst)),
             None => lim
                 .rate_per_ip

@@ -69,24 +69,11 @@ rt_agent agent-b "$RT_GW_TUNNEL" demo "$RT_ECHO_ADDR" --uplinks 2
 : >"$base.txt"
 report=""
 for mode in keepalive close; do
-  r=$rate
-  extra=()
-  if [[ $mode == close ]]; then
-    r=$close_rate
-    extra=(--no-keepalive)
-  fi
-  json=$base-$mode.json
-  bench=(bench "http://$a_public/" --host demo --compare "http://$b_public/"
-    --rate "$r" -c "$conns" -d "$duration" --warmup 1s --json "$json" "${extra[@]}")
   ra0=$(rt_metric_sum "$a_admin" ringtunnel_gateway_requests_total)
   ha0=$(rt_metric_sum "$a_admin" ringtunnel_gateway_handoffs_total)
   hb0=$(rt_metric_sum "$b_admin" ringtunnel_gateway_handoffs_total)
-  rt_log "$mode: ringtunnel ${bench[*]}"
-  rc=0
-  rt_run_bounded "$bound" "$RT_TMP/bench.out" "${RT_BENCH[@]}" "${bench[@]:1}" || rc=$?
-  { echo "## $mode (A = uplinks 1, B = uplinks 2)"; cat "$RT_TMP/bench.out"; echo; } >>"$base.txt"
-  cat "$RT_TMP/bench.out"
-  ((rc == 0)) || rt_die "bench failed ($mode, exit $rc)"
+  rt_ab_bench "$mode" "A = uplinks 1, B = uplinks 2" "$a_public" "$b_public"
+  r=$AB_RATE json=$AB_JSON
   ra1=$(rt_metric_sum "$a_admin" ringtunnel_gateway_requests_total)
   ha1=$(rt_metric_sum "$a_admin" ringtunnel_gateway_handoffs_total)
   hb1=$(rt_metric_sum "$b_admin" ringtunnel_gateway_handoffs_total)

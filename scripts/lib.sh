@@ -505,3 +505,29 @@ rt_fenced() {
   echo '```'
   echo
 }
+
+# rt_ab_bench MODE LABEL A_PUBLIC B_PUBLIC: one open-loop `bench --compare`
+# of gateway A against gateway B (both serving session "demo") in MODE
+# (keepalive, or close: a new connection per request at $close_rate).
+# Reads the caller's rate, close_rate, conns, duration, base and bound;
+# appends the raw tables to $base.txt under "## MODE (LABEL)", prints them,
+# dies if bench fails. Sets AB_RATE (the rate used) and AB_JSON (its
+# --json file, with "rows" for A and "compare" for B).
+rt_ab_bench() {
+  local mode=$1 label=$2 a=$3 b=$4
+  local extra=()
+  AB_RATE=$rate
+  if [[ $mode == close ]]; then
+    AB_RATE=$close_rate
+    extra=(--no-keepalive)
+  fi
+  AB_JSON=$base-$mode.json
+  local args=("http://$a/" --host demo --compare "http://$b/"
+    --rate "$AB_RATE" -c "$conns" -d "$duration" --warmup 1s --json "$AB_JSON" "${extra[@]}")
+  rt_log "$mode: ringtunnel bench ${args[*]}"
+  local rc=0
+  rt_run_bounded "$bound" "$RT_TMP/bench.out" "${RT_BENCH[@]}" "${args[@]}" || rc=$?
+  { echo "## $mode ($label)"; cat "$RT_TMP/bench.out"; echo; } >>"$base.txt"
+  cat "$RT_TMP/bench.out"
+  ((rc == 0)) || rt_die "bench failed ($mode, exit $rc)"
+}

@@ -51,6 +51,11 @@ pub trait StatsSource: Send + Sync + 'static {
     fn windows(&self) -> &[Arc<SessionWindows>] {
         &[]
     }
+    /// `GET /health`: the status line and one word, for load balancers.
+    /// Ready unless said otherwise.
+    fn health(&self) -> (&'static str, &'static str) {
+        ("200 OK", "ready")
+    }
     /// Extra Prometheus text appended to `/metrics`.
     fn extra_metrics(&self) -> String {
         String::new()
@@ -161,6 +166,12 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
             let (ctype, body) = dashboard::asset(path).unwrap_or_default();
             ("200 OK", ctype, body.to_string())
         }
+        // For load balancers' health checks, which carry no token; one
+        // word says nothing an outsider could use.
+        "/health" => {
+            let (status, word) = src.health();
+            (status, "text/plain", format!("{word}\n"))
+        }
         _ if !authorized => (
             "401 Unauthorized",
             "text/plain",
@@ -175,7 +186,7 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
         _ => (
             "404 Not Found",
             "text/plain",
-            "try / (dashboard), /metrics or /stats\n".to_string(),
+            "try / (dashboard), /metrics, /stats or /health\n".to_string(),
         ),
     };
     let challenge = if authorized {

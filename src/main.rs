@@ -1135,10 +1135,14 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                 let (up, total) = (agent.connected_uplinks(), agent.total_uplinks());
                 if !announced && total > 0 && up >= total {
                     // Scripts and tests wait for this line.
-                    match agent.inspect_addr() {
-                        Some(i) => println!("ringtunnel agent ready uplinks={up} inspect={i}"),
-                        None => println!("ringtunnel agent ready uplinks={up}"),
+                    let mut line = format!("ringtunnel agent ready uplinks={up}");
+                    if let Some(i) = agent.inspect_addr() {
+                        line += &format!(" inspect={i}");
                     }
+                    if let Some(a) = agent.admin_addr() {
+                        line += &format!(" admin={a}");
+                    }
+                    println!("{line}");
                     announced = true;
                 }
                 // Asleep until a signal or a nudge from the agent's cores

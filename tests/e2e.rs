@@ -337,6 +337,49 @@ fn idle_gateway_and_agent_do_not_wake_up() {
     assert!(a <= 10, "agent woke {a} times in 3 s while idle");
 }
 
+/// `/health` on the admin listener: ready, then draining from SIGTERM
+/// while a request is still in flight (no token needed).
+#[test]
+fn health_says_ready_then_draining() {
+    let echo = echo("uring", 0);
+    let mut gw = gateway("uring", &["--admin-token", "s3cret-admin"]);
+    let agent = agent(
+        "uring",
+        &gw,
+        "hl",
+        echo.addr("listen"),
+        &["--admin-listen", "127.0.0.1:0"],
+    );
+    let (public, admin) = (gw.addr("public"), gw.addr("admin"));
+    wait_routable(public, "hl");
+    let health = |a| request(a, "GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let r = health(admin);
+    assert_eq!((r.status, r.text()), (200, "ready\n".to_string()));
+    let r = health(agent.addr("admin"));
+    assert_eq!((r.status, r.text()), (200, "ready\n".to_string()));
+    // Keep a request in flight so the gateway drains for a while.
+    let slow = std::thread::spawn(move || {
+        request(
+            public,
+            "GET /delay/2000 HTTP/1.1\r\nHost: hl\r\nConnection: close\r\n\r\n",
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    unsafe { libc::kill(gw.pid() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let r = loop {
+        let r = health(admin);
+        if r.status != 200 || t.elapsed() > Duration::from_secs(2) {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!((r.status, r.text()), (503, "draining\n".to_string()));
+    assert_eq!(slow.join().unwrap(), 200, "the in-flight request finishes");
+    assert!(gw.terminate(Duration::from_secs(10)), "gateway exits");
+}
+
 #[test]
 fn slow_header_gets_408() {
     let echo = echo("uring", 0);

@@ -93,6 +93,16 @@ impl crate::admin::StatsSource for AgentShared {
     fn role(&self) -> &'static str {
         "agent"
     }
+    /// Ready while at least one uplink is accepted; draining once stopping.
+    fn health(&self) -> (&'static str, &'static str) {
+        if self.stop.load(Ordering::Relaxed) {
+            ("503 Service Unavailable", "draining")
+        } else if self.connected.load(Ordering::Relaxed) == 0 {
+            ("503 Service Unavailable", "connecting")
+        } else {
+            ("200 OK", "ready")
+        }
+    }
     fn cores(&self) -> &[Arc<CoreStats>] {
         &self.stats
     }
@@ -140,6 +150,7 @@ impl AgentCore {
 pub struct Agent {
     shared: Arc<AgentShared>,
     workers: Option<crate::runtime::Workers>,
+    admin_addr: Option<std::net::SocketAddr>,
 }
 
 impl Agent {
@@ -173,6 +184,11 @@ impl Agent {
             &s.gateway_host,
             s.backend,
         ))
+    }
+
+    /// Where the admin endpoint listens (`--admin-listen`).
+    pub fn admin_addr(&self) -> Option<std::net::SocketAddr> {
+        self.admin_addr
     }
 
     /// Where the request inspector listens (`--inspect`).
@@ -367,9 +383,13 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         tls,
         tcp: tcp::TcpTunnels::new(tcp_targets),
     });
-    if let Some(a) = &cfg.admin_listen {
-        crate::admin::start(a, shared.clone() as Arc<dyn crate::admin::StatsSource>)?;
-    }
+    let admin_addr = match &cfg.admin_listen {
+        Some(a) => Some(crate::admin::start(
+            a,
+            shared.clone() as Arc<dyn crate::admin::StatsSource>,
+        )?),
+        None => None,
+    };
     let sh = shared.clone();
     let receivers = std::sync::Mutex::new(receivers);
     let workers = crate::runtime::spawn_workers(&cfg.cores.spec("agent"), move |i| {
@@ -381,6 +401,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
     Ok(Agent {
         shared,
         workers: Some(workers),
+        admin_addr,
     })
 }
 

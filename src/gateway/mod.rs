@@ -993,6 +993,16 @@ impl crate::admin::StatsSource for Shared {
         self.tcp_json()
     }
 
+    /// Draining from the first SIGTERM on: a load balancer stops sending
+    /// new connections while the in-flight ones finish.
+    fn health(&self) -> (&'static str, &'static str) {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            ("503 Service Unavailable", "draining")
+        } else {
+            ("200 OK", "ready")
+        }
+    }
+
     fn sessions(&self) -> Option<Vec<(String, Vec<u32>)>> {
         Some(self.placement())
     }

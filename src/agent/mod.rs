@@ -120,7 +120,30 @@ pub(crate) struct AgentCore {
     pub(crate) slot_free: WaitList,
     /// Lifecycle waiters (the core's spawn loop, uplink keepers), woken
     /// when `AgentShared::changed` says so or a keeper ends.
-    events: WaitList,
+    events: Waiters,
+}
+
+/// The tasks waiting on a core's lifecycle events, each listed once: a
+/// task that waits again (an uplink that reconnects, however often) adds
+/// nothing, so the list is bounded by the core's lifecycle tasks (its
+/// spawn loop and its uplink keepers).
+#[derive(Default)]
+struct Waiters(RefCell<Vec<std::task::Waker>>);
+
+impl Waiters {
+    fn register(&self, w: &std::task::Waker) {
+        let mut v = self.0.borrow_mut();
+        if !v.iter().any(|x| x.will_wake(w)) {
+            v.push(w.clone());
+        }
+    }
+
+    fn wake_all(&self) {
+        let all = self.0.take();
+        for w in all {
+            w.wake();
+        }
+    }
 }
 
 impl AgentCore {
@@ -425,7 +448,7 @@ async fn core_main(index: usize, shared: Arc<AgentShared>, events: MailboxReceiv
         running: Cell::new(0),
         waiting: Cell::new(0),
         slot_free: WaitList::new(),
-        events: WaitList::new(),
+        events: Waiters::default(),
     });
     // Lifecycle messages from other threads wake this core's waiters. The
     // task is dropped with the runtime when this function returns.

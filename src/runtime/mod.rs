@@ -181,14 +181,39 @@ fn run_on_driver<Fut: Future<Output = ()>>(driver: DriverKind, fut: Fut) {
             rt.block_on(fut);
         }
         _ => {
-            let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .with_entries(URING_ENTRIES)
-                .enable_timer()
-                .build()
-                .expect("build io_uring runtime");
+            let build = |urb: io_uring::Builder| {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(URING_ENTRIES)
+                    .uring_builder(urb)
+                    .enable_timer()
+                    .build()
+            };
+            let mut rt = match build(tuned_uring()) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring setup flags refused by this kernel; using a plain ring"
+                    );
+                    build(io_uring::IoUring::builder()).expect("build io_uring runtime")
+                }
+            };
             rt.block_on(fut);
         }
     }
+}
+
+/// The ring's setup flags. A ring is built, submitted to and reaped on its
+/// worker thread only, which is what SINGLE_ISSUER promises the kernel (it
+/// then skips the submitter locking); COOP_TASKRUN lets completions wait
+/// for the thread's next io_uring_enter instead of interrupting it with an
+/// IPI-driven task-work run while it is busy in user space (measured in
+/// docs/BENCHMARKS.md, issue 9). Kernels older than 6.0 refuse them, and
+/// [`run_on_driver`] then falls back to a plain ring.
+fn tuned_uring() -> io_uring::Builder {
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_coop_taskrun().setup_single_issuer();
+    urb
 }
 
 static TASK_PANICS: AtomicU64 = AtomicU64::new(0);

@@ -71,7 +71,7 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
         let Some(permit) = guard::admit_public(&core, &stream, peer, false) else {
             return;
         };
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
         let c = core.clone();
         let log = log.clone();
         crate::runtime::spawn_isolated("https-conn", async move {

@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::io::{AsyncReadRent, AsyncWriteRent, Canceller, Splitable};
+use monoio::io::{AsyncReadRent, Canceller, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
@@ -66,7 +66,7 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
         let Some(permit) = guard::admit_public(&core, &stream, peer, true) else {
             return;
         };
-        let _ = stream.set_nodelay(true);
+        // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
         let c = core.clone();
         crate::runtime::spawn_isolated("public-conn", async move {
             let conn = Conn {
@@ -534,7 +534,14 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         }
     }
     wd.stop();
-    let _ = wh.shutdown().await;
+    // Closing the socket sends the FIN. Dropped apart, monoio's write half
+    // would first call shutdown(2) (and an explicit shutdown is one more):
+    // syscalls per connection for nothing, as close shuts both ways anyway.
+    // Reunited, the socket ends with an io_uring close op alone (issue 9,
+    // docs/BENCHMARKS.md).
+    if let Ok(stream) = rh.reunite(wh) {
+        drop(stream);
+    }
 }
 
 /// The head as the backend gets it: hop-by-hop headers dropped by the

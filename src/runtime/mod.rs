@@ -181,14 +181,39 @@ fn run_on_driver<Fut: Future<Output = ()>>(driver: DriverKind, fut: Fut) {
             rt.block_on(fut);
         }
         _ => {
-            let mut rt = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-                .with_entries(URING_ENTRIES)
-                .enable_timer()
-                .build()
-                .expect("build io_uring runtime");
+            let build = |urb: io_uring::Builder| {
+                monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(URING_ENTRIES)
+                    .uring_builder(urb)
+                    .enable_timer()
+                    .build()
+            };
+            let mut rt = match build(tuned_uring()) {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring setup flags refused by this kernel; using a plain ring"
+                    );
+                    build(io_uring::IoUring::builder()).expect("build io_uring runtime")
+                }
+            };
             rt.block_on(fut);
         }
     }
+}
+
+/// The ring's setup flags. A ring is built, submitted to and reaped on its
+/// worker thread only, which is what SINGLE_ISSUER promises the kernel (it
+/// then skips the submitter locking); COOP_TASKRUN lets completions wait
+/// for the thread's next io_uring_enter instead of interrupting it with an
+/// IPI-driven task-work run while it is busy in user space (measured in
+/// docs/BENCHMARKS.md, issue 9). Kernels older than 6.0 refuse them, and
+/// [`run_on_driver`] then falls back to a plain ring.
+fn tuned_uring() -> io_uring::Builder {
+    let mut urb = io_uring::IoUring::builder();
+    urb.setup_coop_taskrun().setup_single_issuer();
+    urb
 }
 
 static TASK_PANICS: AtomicU64 = AtomicU64::new(0);
@@ -260,12 +285,39 @@ pub fn reserve_listen_addr(addr: &str) -> io::Result<SocketAddr> {
 }
 
 /// Binds one core's SO_REUSEPORT listener; must run on a worker thread.
+///
+/// TCP_NODELAY is set on the listener: Linux copies it to every accepted
+/// socket, which saves the accept path a setsockopt(2) per connection
+/// (issue 9, docs/BENCHMARKS.md).
 pub fn bind_reuseport(addr: SocketAddr) -> io::Result<monoio::net::TcpListener> {
+    use std::os::fd::AsRawFd;
     let opts = monoio::net::ListenerOpts::new()
         .reuse_port(true)
         .reuse_addr(true)
         .backlog(4096);
-    monoio::net::TcpListener::bind_with_config(addr, &opts)
+    let l = monoio::net::TcpListener::bind_with_config(addr, &opts)?;
+    set_nodelay(l.as_raw_fd())?;
+    Ok(l)
+}
+
+/// Sets TCP_NODELAY on `fd`.
+fn set_nodelay(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid option pointer and length for an fd we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Resolves a `host:port` once, before the runtimes start.
@@ -312,4 +364,48 @@ pub fn spawn_service_thread(name: &str, f: impl FnOnce() + Send + 'static) -> io
         .name(name.to_string())
         .spawn(f)
         .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn nodelay(fd: std::os::fd::RawFd) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: valid out pointers for an fd the test owns.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
+        v
+    }
+
+    /// The accept path no longer sets TCP_NODELAY per connection: an
+    /// accepted socket must get it from the listener, on both drivers.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_from_the_listener() {
+        for driver in [DriverKind::Auto.resolve(), DriverKind::Legacy] {
+            run_on_driver(driver, async move {
+                let l = bind_reuseport("127.0.0.1:0".parse().unwrap()).unwrap();
+                assert_eq!(nodelay(l.as_raw_fd()), 1);
+                // The kernel completes the handshake into the backlog.
+                let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+                let (s, _) = l.accept().await.unwrap();
+                assert_ne!(
+                    nodelay(s.as_raw_fd()),
+                    0,
+                    "{}: accepted socket without TCP_NODELAY",
+                    driver.as_str()
+                );
+            });
+        }
+    }
 }

@@ -331,40 +331,70 @@ pub async fn stream_to_writer_tapped<W: AsyncWriteRent>(
     }
 }
 
-/// After a 101: raw bytes from the socket -> DATA until the socket's EOF,
-/// which becomes END (a half-close crosses the tunnel).
+/// How [`raw_pump`] stopped.
+enum RawEnd {
+    /// The socket's EOF.
+    Eof,
+    /// A socket read failed.
+    ReadFailed,
+    /// The stream refused DATA.
+    Stream(PumpError),
+}
+
+/// Raw bytes from the socket (after what `buf` already holds) -> DATA,
+/// until the socket ends or the stream refuses; the bytes sent, and why
+/// it stopped. Sends no END: the callers differ there.
+async fn raw_pump<R: AsyncReadRent>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    stream: &Stream,
+) -> (u64, RawEnd) {
+    let mut sent = 0u64;
+    loop {
+        if !buf.is_empty() {
+            let n = buf.len() as u64;
+            if let Err(e) = stream.send_data(buf.split().freeze()).await {
+                return (sent, RawEnd::Stream(e.into()));
+            }
+            sent += n;
+        }
+        let (res, b) = read_append(r, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
+        *buf = b;
+        match res {
+            Ok(0) => return (sent, RawEnd::Eof),
+            Ok(_) => {}
+            Err(_) => return (sent, RawEnd::ReadFailed),
+        }
+    }
+}
+
+/// After a 101: raw bytes from the socket -> DATA until the socket ends
+/// (EOF or a failed read), which becomes END (a half-close crosses the
+/// tunnel).
 pub async fn raw_to_stream<R: AsyncReadRent>(
     r: &mut R,
     buf: &mut BytesMut,
     stream: &Stream,
 ) -> Result<(), PumpError> {
-    loop {
-        if !buf.is_empty() {
-            stream.send_data(buf.split().freeze()).await?;
-        }
-        let (res, b) = read_append(r, std::mem::take(buf), 16 * 1024, 64 * 1024).await;
-        *buf = b;
-        if !matches!(res, Ok(n) if n > 0) {
+    match raw_pump(r, buf, stream).await.1 {
+        RawEnd::Stream(e) => Err(e),
+        RawEnd::Eof | RawEnd::ReadFailed => {
             stream.send_end();
-            return Ok(());
+            Ok(())
         }
     }
 }
 
-/// After a 101: DATA -> raw socket bytes until END, which half-closes the
-/// socket's write side.
+/// After a 101 (and for TCP tunnels): DATA -> raw socket bytes until END,
+/// which half-closes the socket's write side; the bytes written.
 pub async fn stream_to_raw<W: AsyncWriteRent>(
     w: &mut W,
     stream: &Stream,
     t: Deadlines<'_>,
-) -> Result<(), PumpError> {
-    match stream_to_writer(w, stream, OutFraming::Eof, None, t).await {
-        Ok(_) => {
-            let _ = w.shutdown().await;
-            Ok(())
-        }
-        Err(e) => Err(e),
-    }
+) -> Result<u64, PumpError> {
+    let n = stream_to_writer(w, stream, OutFraming::Eof, None, t).await?;
+    let _ = w.shutdown().await;
+    Ok(n)
 }
 
 /// What the response side decided about an `Upgrade` request.
@@ -494,28 +524,15 @@ pub async fn tcp_relay(
         super::shutdown_fd(fd, libc::SHUT_RDWR);
     };
     let up = async {
-        let mut buf = BytesMut::new();
-        let mut sent = 0u64;
-        loop {
-            let (res, b) =
-                read_append(&mut rh, std::mem::take(&mut buf), 16 * 1024, 64 * 1024).await;
-            buf = b;
-            match res {
-                Ok(0) => {
-                    stream.send_end();
-                    return (sent, true);
-                }
-                Ok(n) => {
-                    sent += n as u64;
-                    if stream.send_data(buf.split().freeze()).await.is_err() {
-                        abort();
-                        return (sent, false);
-                    }
-                }
-                Err(_) => {
-                    abort();
-                    return (sent, false);
-                }
+        // Unlike after a 101, a failed read is no half-close: abort.
+        match raw_pump(&mut rh, &mut BytesMut::new(), stream).await {
+            (sent, RawEnd::Eof) => {
+                stream.send_end();
+                (sent, true)
+            }
+            (sent, _) => {
+                abort();
+                (sent, false)
             }
         }
     };
@@ -536,11 +553,8 @@ pub async fn tcp_relay(
             read_idle: None,
             write_stall: Some(write_stall),
         };
-        match stream_to_writer(&mut wh, stream, OutFraming::Eof, None, t).await {
-            Ok(n) => {
-                let _ = wh.shutdown().await;
-                (n, true)
-            }
+        match stream_to_raw(&mut wh, stream, t).await {
+            Ok(n) => (n, true),
             Err(_) => {
                 abort();
                 (0, false)

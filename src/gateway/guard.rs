@@ -7,7 +7,6 @@ use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 
-use std::cell::Cell;
 use std::time::Instant;
 
 use monoio::net::{TcpListener, TcpStream};
@@ -169,28 +168,28 @@ pub(super) fn admit_public(
     }
 }
 
-/// Accepts connections until `stop` is set, handing each to `each`. An
+/// Accepts connections until `stop()` says so, handing each to `each`. An
 /// accept error (EMFILE and friends leave the pending connection queued,
 /// so retrying at once would spin) waits with back-off and logs at most
 /// once per 10 s (`AcceptBackoff`). `what` names the listener in logs.
 pub(super) async fn accept_until_stopped(
     listener: TcpListener,
     what: &'static str,
-    stop: &Cell<bool>,
+    stop: impl Fn() -> bool,
     mut each: impl FnMut(TcpStream, SocketAddr),
 ) {
     let mut backoff = AcceptBackoff::new(what);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                if stop.get() {
+                if stop() {
                     return;
                 }
                 backoff.succeeded();
                 each(stream, peer);
             }
             Err(e) => {
-                if stop.get() {
+                if stop() {
                     return;
                 }
                 let wait = backoff.failed(&e, Instant::now());

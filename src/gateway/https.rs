@@ -66,18 +66,23 @@ pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<
     let log = Rc::new(RefCell::new(LogLimiter::new(
         crate::limits::backoff::LOG_EVERY,
     )));
-    guard::accept_until_stopped(listener, "https", &stop, |stream, peer| {
-        // Over a limit: closed unanswered (see `admit_public`).
-        let Some(permit) = guard::admit_public(&core, &stream, peer, false) else {
-            return;
-        };
-        // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
-        let c = core.clone();
-        let log = log.clone();
-        crate::runtime::spawn_isolated("https-conn", async move {
-            serve(c, stream, peer, permit, log).await;
-        });
-    })
+    guard::accept_until_stopped(
+        listener,
+        "https",
+        || stop.get(),
+        |stream, peer| {
+            // Over a limit: closed unanswered (see `admit_public`).
+            let Some(permit) = guard::admit_public(&core, &stream, peer, false) else {
+                return;
+            };
+            // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
+            let c = core.clone();
+            let log = log.clone();
+            crate::runtime::spawn_isolated("https-conn", async move {
+                serve(c, stream, peer, permit, log).await;
+            });
+        },
+    )
     .await;
 }
 

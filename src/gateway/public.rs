@@ -61,24 +61,29 @@ const MAX_HOPS: u8 = 2;
 /// The plain HTTP listener (`--listen`); HTTPS connections reach `serve`
 /// through `adopt` (`https.rs`).
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
-    guard::accept_until_stopped(listener, "public", &stop, |stream, peer| {
-        // Over a limit: refused here, before any task or buffer.
-        let Some(permit) = guard::admit_public(&core, &stream, peer, true) else {
-            return;
-        };
-        // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
-        let c = core.clone();
-        crate::runtime::spawn_isolated("public-conn", async move {
-            let conn = Conn {
-                peer,
-                scheme: Scheme::Http,
-                proxy_due: c.cfg().proxy_protocol,
-                hops: 0,
-                permit,
+    guard::accept_until_stopped(
+        listener,
+        "public",
+        || stop.get(),
+        |stream, peer| {
+            // Over a limit: refused here, before any task or buffer.
+            let Some(permit) = guard::admit_public(&core, &stream, peer, true) else {
+                return;
             };
-            serve(c, stream, crate::io::carve(8192), conn).await;
-        });
-    })
+            // TCP_NODELAY comes from the listener (`runtime::bind_reuseport`).
+            let c = core.clone();
+            crate::runtime::spawn_isolated("public-conn", async move {
+                let conn = Conn {
+                    peer,
+                    scheme: Scheme::Http,
+                    proxy_due: c.cfg().proxy_protocol,
+                    hops: 0,
+                    permit,
+                };
+                serve(c, stream, crate::io::carve(8192), conn).await;
+            });
+        },
+    )
     .await;
 }
 

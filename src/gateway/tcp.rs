@@ -296,36 +296,24 @@ pub(super) fn listen(core: &Rc<Core>, pl: Arc<PortListener>) {
 }
 
 async fn accept_loop(core: Rc<Core>, pl: Arc<PortListener>, l: monoio::net::TcpListener) {
-    let mut backoff = crate::limits::AcceptBackoff::new("tcp tunnel");
-    loop {
-        let res = l.accept().await;
-        if pl.closed.load(Ordering::SeqCst) {
-            return;
+    let closed = || pl.closed.load(Ordering::SeqCst);
+    super::guard::accept_until_stopped(l, "tcp tunnel", closed, |sock, peer| {
+        let max = core.cfg().tcp_max_conns_per_port;
+        if pl.active.fetch_add(1, Ordering::SeqCst) >= max {
+            pl.active.fetch_sub(1, Ordering::SeqCst);
+            core.shared
+                .tcp_counters
+                .over_limit
+                .fetch_add(1, Ordering::Relaxed);
+            return; // dropped: closed at once
         }
-        match res {
-            Ok((sock, peer)) => {
-                backoff.succeeded();
-                let max = core.cfg().tcp_max_conns_per_port;
-                if pl.active.fetch_add(1, Ordering::SeqCst) >= max {
-                    pl.active.fetch_sub(1, Ordering::SeqCst);
-                    core.shared
-                        .tcp_counters
-                        .over_limit
-                        .fetch_add(1, Ordering::Relaxed);
-                    continue; // dropped: closed at once
-                }
-                let slot = TcpSlot(pl.clone());
-                let c = core.clone();
-                crate::runtime::spawn_isolated("tcp-conn", async move {
-                    serve(c, sock, peer, slot, 0).await;
-                });
-            }
-            Err(e) => {
-                let wait = backoff.failed(&e, Instant::now());
-                monoio::time::sleep(wait).await;
-            }
-        }
-    }
+        let slot = TcpSlot(pl.clone());
+        let c = core.clone();
+        crate::runtime::spawn_isolated("tcp-conn", async move {
+            serve(c, sock, peer, slot, 0).await;
+        });
+    })
+    .await;
 }
 
 /// Takes over a TCP tunnel connection handed to this core.

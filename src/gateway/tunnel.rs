@@ -71,17 +71,22 @@ pub(crate) fn looks_like_http_request(b: &[u8]) -> bool {
 }
 
 pub(super) async fn accept_loop(core: Rc<Core>, listener: TcpListener, stop: Rc<Cell<bool>>) {
-    super::guard::accept_until_stopped(listener, "tunnel", &stop, |stream, peer| {
-        // Banned IP or too many handshakes here: closed unread.
-        let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
-            return;
-        };
-        let c = core.clone();
-        crate::runtime::spawn_isolated("uplink-handshake", async move {
-            handshake(c, stream).await;
-            drop(slot);
-        });
-    })
+    super::guard::accept_until_stopped(
+        listener,
+        "tunnel",
+        || stop.get(),
+        |stream, peer| {
+            // Banned IP or too many handshakes here: closed unread.
+            let Some(slot) = super::guard::admit_tunnel(&core, peer) else {
+                return;
+            };
+            let c = core.clone();
+            crate::runtime::spawn_isolated("uplink-handshake", async move {
+                handshake(c, stream).await;
+                drop(slot);
+            });
+        },
+    )
     .await;
 }
 

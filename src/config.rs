@@ -203,6 +203,8 @@ pub struct GatewayConfig {
     /// Public connections at once per TCP tunnel port; more are accepted
     /// and closed at once.
     pub tcp_max_conns_per_port: usize,
+    /// Cluster membership (`--cluster-etcd`…); `None`: a single node.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl Default for GatewayConfig {
@@ -238,6 +240,7 @@ impl Default for GatewayConfig {
             https_certs: Vec::new(),
             tcp_ports: crate::proto::tcp::PortRanges::none(),
             tcp_max_conns_per_port: defaults::TCP_MAX_CONNS_PER_PORT,
+            cluster: None,
         }
     }
 }
@@ -297,6 +300,9 @@ impl GatewayConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         check_cores(&self.cores)?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         self.check_https()?;
         self.check_plaintext_exposure()?;
         self.edge_limits.validate()?;
@@ -385,6 +391,8 @@ pub struct AgentConfig {
     pub to: String,
     /// None: as many as the gateway has cores (announced in ACCEPT).
     pub uplinks: Option<usize>,
+    /// In a cluster, how many nodes hold uplinks (`--nodes`); `None`: 2.
+    pub nodes: Option<usize>,
     pub cores: Cores,
     pub backend_concurrency: usize,
     pub backend_queue: usize,
@@ -422,6 +430,7 @@ impl Default for AgentConfig {
             session: String::new(),
             to: "127.0.0.1:3000".into(),
             uplinks: None,
+            nodes: None,
             cores: Cores::new(None, true, DriverKind::Auto),
             backend_concurrency: 1024,
             backend_queue: 8192,
@@ -461,6 +470,9 @@ impl AgentConfig {
         }
         if self.uplinks == Some(0) {
             return Err("--uplinks must be at least 1".into());
+        }
+        if self.nodes == Some(0) {
+            return Err("--nodes must be at least 1".into());
         }
         if self.tcp.len() > crate::proto::tcp::MAX_TCP_TUNNELS {
             return Err(format!(

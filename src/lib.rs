@@ -48,6 +48,7 @@
 pub mod admin;
 pub mod agent;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod config_file;
 pub mod demo;

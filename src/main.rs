@@ -218,6 +218,62 @@ struct GatewayArgs {
     /// and closed at once (counted).
     #[arg(long, default_value_t = cfgdef::TCP_MAX_CONNS_PER_PORT)]
     tcp_max_conns_per_port: usize,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Clustering (docs/CLUSTER.md): off unless --cluster-etcd is given.
+#[derive(Args, Clone)]
+struct ClusterArgs {
+    /// etcd client URL(s), comma separated (http://10.0.0.5:2379): join
+    /// the cluster registered there. Needs --node-name, --peer-listen and
+    /// --cluster-secret.
+    #[arg(long, requires_all = ["node_name", "peer_listen"])]
+    cluster_etcd: Option<String>,
+    /// This node's name in the cluster (unique; a-z, 0-9, '-').
+    #[arg(long, requires = "cluster_etcd")]
+    node_name: Option<String>,
+    /// Where this node accepts peer links from the other nodes.
+    #[arg(long, requires = "cluster_etcd")]
+    peer_listen: Option<String>,
+    /// The host other nodes and agents reach this node at [default: the
+    /// host of --peer-listen].
+    #[arg(long, requires = "cluster_etcd")]
+    advertise: Option<String>,
+    /// Secret every node of the cluster presents on its peer links
+    /// [env RINGTUNNEL_CLUSTER_SECRET].
+    #[arg(long, env = "RINGTUNNEL_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Seconds of the node's etcd lease: its keys vanish this long after
+    /// it stops renewing them.
+    #[arg(long, default_value_t = ringtunnel::cluster::DEFAULT_LEASE_TTL.as_secs_f64())]
+    cluster_lease_ttl: f64,
+}
+
+impl ClusterArgs {
+    fn config(&self) -> Result<Option<ringtunnel::cluster::ClusterConfig>, String> {
+        let Some(etcd) = &self.cluster_etcd else {
+            return Ok(None);
+        };
+        let c = ringtunnel::cluster::ClusterConfig {
+            etcd: etcd
+                .split(',')
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect(),
+            node: self.node_name.clone().unwrap_or_default(),
+            peer_listen: self.peer_listen.clone().unwrap_or_default(),
+            advertise: self.advertise.clone(),
+            secret: self
+                .cluster_secret
+                .clone()
+                .ok_or("--cluster-etcd needs --cluster-secret (or RINGTUNNEL_CLUSTER_SECRET)")?,
+            lease_ttl: secs(self.cluster_lease_ttl, "cluster-lease-ttl")?,
+        };
+        c.validate()?;
+        Ok(Some(c))
+    }
 }
 
 /// The gateway's limits (README, "Limits").
@@ -314,9 +370,15 @@ struct AgentArgs {
     /// Backend address (required, here or in --config).
     #[arg(long)]
     to: Option<String>,
-    /// Uplinks to open [default: the gateway's core count].
+    /// Uplinks to open (per node, in a cluster) [default: the gateway's
+    /// core count].
     #[arg(long)]
     uplinks: Option<usize>,
+    /// In a cluster: keep uplinks on this many nodes, chosen by
+    /// rendezvous hashing of the session name [default: 2]. Ignored by a
+    /// single gateway.
+    #[arg(long)]
+    nodes: Option<usize>,
     #[command(flatten)]
     core: CoreArgs,
     /// Backend requests in flight per core; more wait in a bounded queue.
@@ -855,6 +917,7 @@ fn gateway_config(a: GatewayArgs, file_rules: Vec<TokenRule>) -> Result<GatewayC
         tcp_ports: ringtunnel::proto::tcp::PortRanges::parse(&a.tcp_ports)
             .map_err(|e| format!("--tcp-ports {}: {e}", a.tcp_ports))?,
         tcp_max_conns_per_port: a.tcp_max_conns_per_port,
+        cluster: a.cluster.config()?,
     })
 }
 
@@ -1087,6 +1150,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), String> {
                     .map(|t| ringtunnel::proto::tcp::TcpSpec::parse(t))
                     .collect::<Result<_, _>>()?,
                 uplinks: a.uplinks,
+                nodes: a.nodes,
                 cores: a.core.cores(),
                 backend_concurrency: a.backend_concurrency,
                 backend_queue: a.backend_queue,

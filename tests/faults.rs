@@ -608,6 +608,7 @@ fn silent_peers_are_detected_by_heartbeat() {
                 capabilities: 0,
                 tcp: Vec::new(),
                 public: None,
+                nodes: Vec::new(),
             };
             proto::encode(&Frame::accept(&accept), &mut out);
             c.write_all(&out).unwrap();

@@ -812,6 +812,7 @@ fn older_gateway_without_tcp_tunnels_stops_the_agent() {
                 capabilities: 0,
                 tcp: Vec::new(),
                 public: None,
+                nodes: Vec::new(),
             });
             let old = Frame::new(FrameType::Accept, 0, new.payload.slice(..Accept::BASE_LEN));
             let mut out = BytesMut::new();

@@ -113,6 +113,9 @@ pub(crate) enum CoreMsg {
         peer: SocketAddr,
         slot: tcp::TcpSlot,
     },
+    /// The cluster view changed (control plane, `cluster::registry`): the
+    /// core swaps its snapshot.
+    Cluster(Arc<crate::cluster::ClusterView>),
     Shutdown,
 }
 
@@ -339,6 +342,9 @@ pub(crate) struct Core {
     pub(crate) limits: crate::limits::gate::CoreLimits,
     /// This core's writer of the sessions' windows.
     pub(crate) windows: WindowWriter,
+    /// The latest cluster view (empty on a single node), read once per
+    /// request that has no uplink on this node.
+    pub(crate) cluster: RefCell<Arc<crate::cluster::ClusterView>>,
 }
 
 impl Core {
@@ -852,6 +858,7 @@ async fn core_main(
         idle: Notify::new(),
         limits: Default::default(),
         windows: WindowWriter::new(shared.windows[index].clone()),
+        cluster: RefCell::new(Arc::default()),
     });
     let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
@@ -937,6 +944,7 @@ async fn core_main(
                 CoreStats::inc(&core.stats.handoffs_in);
                 tcp::adopt(core.clone(), fd, peer, slot);
             }
+            CoreMsg::Cluster(view) => *core.cluster.borrow_mut() = view,
             CoreMsg::Shutdown => {}
         });
     }

@@ -19,6 +19,18 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Capability bit: the agent can read the gateway's public endpoint, and
 /// (in ACCEPT) the endpoint follows the capabilities field.
 pub const CAP_PUBLIC_URL: u32 = 0x0000_0002;
+/// Capability bit: the agent can keep uplinks on several nodes of a
+/// cluster (`--nodes K`); in ACCEPT, the cluster's ready nodes follow the
+/// public endpoint (`Accept::nodes`).
+pub const CAP_CLUSTER: u32 = 0x0000_0004;
+/// HELLO only: this connection is a peer link from another gateway node
+/// of the cluster, not an agent's uplink. Its `session` is the dialing
+/// node's name and its `token` the cluster secret; the gateway that
+/// accepts it opens no session and serves the streams it carries by
+/// relaying them to its own uplinks (`cluster::peer`).
+pub const CAP_PEER: u32 = 0x0000_0008;
+/// At most this many nodes travel in one ACCEPT.
+pub const MAX_ACCEPT_NODES: usize = 64;
 pub const MAGIC: [u8; 4] = *b"RTNL";
 
 /// Longest session name: a DNS label, so `<session>.<domain>` stays a
@@ -199,6 +211,18 @@ pub struct Accept {
     /// With `CAP_PUBLIC_URL`: where the public reaches this gateway's
     /// sessions, so the agent can print its URL.
     pub public: Option<PublicEndpoint>,
+    /// With `CAP_CLUSTER`: the cluster's ready nodes (this one included),
+    /// at most `MAX_ACCEPT_NODES`, for the agent's rendezvous choice.
+    pub nodes: Vec<AcceptNode>,
+}
+
+/// One cluster node as an agent sees it in ACCEPT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptNode {
+    /// The node's name (a session-name shape, <= 63 bytes).
+    pub name: String,
+    /// Its tunnel address as `host:port` text, at most 255 bytes.
+    pub tunnel: String,
 }
 
 /// The gateway's public HTTP endpoint as clients should type it: a
@@ -247,7 +271,16 @@ impl Accept {
             .public
             .as_ref()
             .map_or(0, |p| 2 + 1 + p.scheme.len() + 2 + p.domain.len());
-        Self::BASE_LEN + 4 + tcp + public
+        let nodes = if self.capabilities & CAP_CLUSTER != 0 {
+            1 + self
+                .nodes
+                .iter()
+                .map(|n| 2 + n.name.len() + n.tunnel.len())
+                .sum::<usize>()
+        } else {
+            0
+        };
+        Self::BASE_LEN + 4 + tcp + public + nodes
     }
 
     /// What the gateway should check once, at start-up: an agent refuses an
@@ -267,6 +300,19 @@ impl Accept {
             return Err(ProtoError::BadPayload(
                 "ACCEPT public endpoint without CAP_PUBLIC_URL, or the reverse",
             ));
+        }
+        if self.capabilities & CAP_CLUSTER == 0 && !self.nodes.is_empty() {
+            return Err(ProtoError::BadPayload("ACCEPT nodes without CAP_CLUSTER"));
+        }
+        if self.nodes.len() > MAX_ACCEPT_NODES {
+            return Err(ProtoError::BadPayload("ACCEPT lists more than 64 nodes"));
+        }
+        for n in &self.nodes {
+            if !valid_session_name(&n.name) || n.tunnel.is_empty() || n.tunnel.len() > 255 {
+                return Err(ProtoError::BadPayload(
+                    "ACCEPT node with a bad name or tunnel address",
+                ));
+            }
         }
         if let Some(p) = &self.public {
             if p.scheme.is_empty() || p.scheme.len() > 255 {
@@ -306,6 +352,17 @@ impl Accept {
             dst.put_slice(p.scheme.as_bytes());
             put_str16(dst, &p.domain);
         }
+        if self.capabilities & CAP_CLUSTER != 0 {
+            let n = u8::try_from(self.nodes.len()).expect("more than 255 nodes");
+            dst.put_u8(n);
+            for node in &self.nodes {
+                for text in [&node.name, &node.tunnel] {
+                    let len = u8::try_from(text.len()).expect("node field over 255 bytes");
+                    dst.put_u8(len);
+                    dst.put_slice(text.as_bytes());
+                }
+            }
+        }
     }
 
     pub fn decode(payload: &[u8]) -> Result<Self, ProtoError> {
@@ -330,6 +387,7 @@ impl Accept {
             capabilities: 0,
             tcp: Vec::new(),
             public: None,
+            nodes: Vec::new(),
         };
         // A gateway without capabilities ends here.
         if !r.rest.is_empty() {
@@ -353,6 +411,21 @@ impl Accept {
                 domain: text(domain)?,
                 port,
             });
+        }
+        if accept.capabilities & CAP_CLUSTER != 0 {
+            let n = r.array::<1>()?[0];
+            for _ in 0..n {
+                let mut field = || -> Result<String, ProtoError> {
+                    let len = r.array::<1>()?[0];
+                    let b = r.bytes(usize::from(len))?;
+                    std::str::from_utf8(b)
+                        .map(str::to_owned)
+                        .map_err(|_| ProtoError::BadPayload("ACCEPT node is not UTF-8"))
+                };
+                let name = field()?;
+                let tunnel = field()?;
+                accept.nodes.push(AcceptNode { name, tunnel });
+            }
         }
         accept.validate()?;
         Ok(accept)
@@ -547,6 +620,7 @@ mod tests {
                 domain: "tunnel.example.com".into(),
                 port: 8080,
             }),
+            nodes: Vec::new(),
         }
     }
 
@@ -673,11 +747,24 @@ mod tests {
                 capabilities: rng.next_u32(),
                 tcp: Vec::new(),
                 public: None,
+                nodes: Vec::new(),
             };
             let a = Accept {
                 tcp: random_ports(&mut rng, a.capabilities),
                 ..a
             };
+            // Nodes whenever CAP_CLUSTER came up.
+            let nodes = if a.capabilities & CAP_CLUSTER != 0 {
+                (0..rng.below(MAX_ACCEPT_NODES + 1))
+                    .map(|i| AcceptNode {
+                        name: format!("gw-{i}-{}", rng.below(100_000)),
+                        tunnel: format!("10.0.0.{}:{}", rng.below(256), rng.next_u32() as u16),
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let a = Accept { nodes, ..a };
             // Half of them with a public endpoint.
             let a = if rng.below(2) == 0 {
                 Accept {

@@ -41,6 +41,13 @@ pub enum ErrorCode {
     /// A TCP tunnel port was refused: taken, outside the gateway's range
     /// or the token's scope, or no TCP tunnels are configured.
     PortRefused,
+    /// GOAWAY from a cluster node going into drain: reconnect to another
+    /// node (the agent opens the replacement before this uplink ends).
+    Rehome,
+    /// RESET of a forwarded stream by the peer it was forwarded to: the
+    /// session has no uplink there (any more). Nothing reached a backend,
+    /// so the forwarding node may try another holder.
+    NotHere,
     /// A code this version does not define; the number is kept so it can be
     /// logged and forwarded unchanged.
     Unknown(u32),
@@ -68,6 +75,8 @@ impl ErrorCode {
             14 => Self::Shutdown,
             15 => Self::Overloaded,
             16 => Self::PortRefused,
+            17 => Self::Rehome,
+            18 => Self::NotHere,
             other => Self::Unknown(other),
         }
     }
@@ -91,6 +100,8 @@ impl ErrorCode {
             Self::Shutdown => 14,
             Self::Overloaded => 15,
             Self::PortRefused => 16,
+            Self::Rehome => 17,
+            Self::NotHere => 18,
             Self::Unknown(n) => n,
         }
     }
@@ -115,6 +126,8 @@ impl ErrorCode {
             Self::Shutdown => "SHUTDOWN",
             Self::Overloaded => "OVERLOADED",
             Self::PortRefused => "PORT_REFUSED",
+            Self::Rehome => "REHOME",
+            Self::NotHere => "NOT_HERE",
             Self::Unknown(_) => "UNKNOWN",
         }
     }
@@ -253,6 +266,8 @@ mod tests {
             (14, ErrorCode::Shutdown, "SHUTDOWN"),
             (15, ErrorCode::Overloaded, "OVERLOADED"),
             (16, ErrorCode::PortRefused, "PORT_REFUSED"),
+            (17, ErrorCode::Rehome, "REHOME"),
+            (18, ErrorCode::NotHere, "NOT_HERE"),
         ];
         for (n, code, name) in table {
             assert_eq!(ErrorCode::from_u32(n), code);
@@ -264,7 +279,7 @@ mod tests {
 
     #[test]
     fn unknown_codes_keep_their_number() {
-        for n in [17, 1000, u32::MAX] {
+        for n in [19, 1000, u32::MAX] {
             let code = ErrorCode::from_u32(n);
             assert_eq!(code, ErrorCode::Unknown(n));
             assert_eq!(code.as_u32(), n);

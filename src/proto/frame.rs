@@ -389,6 +389,7 @@ mod tests {
             capabilities: 0,
             tcp: Vec::new(),
             public: None,
+            nodes: Vec::new(),
         }
     }
 

@@ -41,8 +41,9 @@ pub mod tcp;
 
 pub use conn::{Connection, Event, Inbound, OpenError, Role, StreamError, StreamState};
 pub use control::{
-    valid_session_name, Accept, Hello, PublicEndpoint, CAP_PUBLIC_URL, MAGIC, MAX_REASON_LEN,
-    MAX_SESSION_NAME, MIN_MAX_FRAME, PROTOCOL_VERSION,
+    valid_session_name, Accept, AcceptNode, Hello, PublicEndpoint, CAP_CLUSTER, CAP_PEER,
+    CAP_PUBLIC_URL, MAGIC, MAX_ACCEPT_NODES, MAX_REASON_LEN, MAX_SESSION_NAME, MIN_MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{

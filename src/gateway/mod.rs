@@ -713,6 +713,16 @@ impl Gateway {
         Ok(())
     }
 
+    /// Hands every core a cluster view, as the control plane does when
+    /// etcd changes (`cluster::registry`). Public for tests that drive
+    /// routing without etcd; a running cluster node's registry overwrites
+    /// it at its next change.
+    #[doc(hidden)]
+    pub fn set_cluster_view(&self, view: crate::cluster::ClusterView) {
+        let view = Arc::new(view);
+        self.shared.broadcast(|| CoreMsg::Cluster(view.clone()));
+    }
+
     pub fn begin_shutdown(&self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.broadcast(|| CoreMsg::Shutdown);

@@ -123,6 +123,8 @@ pub struct Uplink {
     /// Called once when the uplink stops taking new streams (GOAWAY either
     /// way, or closed).
     on_drain: RefCell<Option<CloseHandler>>,
+    /// Capabilities negotiated in the handshake (`set_capabilities`).
+    caps: Cell<u32>,
 }
 
 /// Closes the uplink when the task holding it ends, however it ends: a
@@ -203,6 +205,7 @@ impl Uplink {
             on_open: RefCell::new(None),
             on_close: RefCell::new(None),
             on_drain: RefCell::new(None),
+            caps: Cell::new(0),
         });
         CoreStats::inc(&stats.uplinks);
         let mut g = CloseOnDrop::new(&up, "connection closed", rh);
@@ -273,6 +276,22 @@ impl Uplink {
     /// Draining and no stream left.
     pub fn is_idle(&self) -> bool {
         self.conn.borrow().is_idle()
+    }
+
+    /// The code of the first graceful GOAWAY the peer sent (NO_ERROR,
+    /// SHUTDOWN, REHOME), if any.
+    pub fn peer_goaway(&self) -> Option<crate::proto::ErrorCode> {
+        self.conn.borrow().peer_goaway()
+    }
+
+    /// Capability bits negotiated in the handshake (set by the side that
+    /// ran it; 0 until then).
+    pub fn capabilities(&self) -> u32 {
+        self.caps.get()
+    }
+
+    pub fn set_capabilities(&self, caps: u32) {
+        self.caps.set(caps);
     }
 
     pub fn close_reason(&self) -> Option<String> {

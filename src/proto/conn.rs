@@ -279,6 +279,9 @@ pub struct Connection {
     heartbeat: Heartbeat,
     state: ConnState,
     close_reason: Option<CloseReason>,
+    /// The code of a graceful GOAWAY the peer sent (NO_ERROR, SHUTDOWN or
+    /// REHOME): an agent told REHOME moves the uplink to another node.
+    peer_goaway: Option<ErrorCode>,
     streams: IdMap<Stream>,
     /// Released streams that ended cleanly but still have frames to send
     /// (their END): only the scheduler reaches them.
@@ -345,6 +348,7 @@ impl Connection {
             heartbeat,
             state: ConnState::Open,
             close_reason: None,
+            peer_goaway: None,
             streams: IdMap::default(),
             orphans: IdMap::default(),
             next_id: 1,
@@ -387,6 +391,11 @@ impl Connection {
 
     pub fn is_closed(&self) -> bool {
         self.state == ConnState::Closed
+    }
+
+    /// The code of the first graceful GOAWAY received, if any.
+    pub fn peer_goaway(&self) -> Option<ErrorCode> {
+        self.peer_goaway
     }
 
     /// A fatal GOAWAY is queued or the connection closed: the driver
@@ -548,10 +557,16 @@ impl Connection {
             FrameType::Pong => Ok(()),
             FrameType::GoAway => {
                 let (code, reason) = f.parse_goaway().map_err(|e| Fault::Conn(e.into()))?;
-                if matches!(code, ErrorCode::NoError | ErrorCode::Shutdown) {
+                // REHOME is a drain too: the node asks the agent to move,
+                // and the streams in flight finish where they are.
+                if matches!(
+                    code,
+                    ErrorCode::NoError | ErrorCode::Shutdown | ErrorCode::Rehome
+                ) {
                     if self.state == ConnState::Open {
                         self.state = ConnState::Draining;
                     }
+                    self.peer_goaway.get_or_insert(code);
                 } else {
                     self.close(CloseReason::PeerGoAway { code, reason });
                 }
@@ -1370,5 +1385,41 @@ mod tests {
         assert_eq!(c.poll_transmit(&mut out, t), 1);
         assert_eq!(out[0].kind, FrameType::GoAway);
         assert!(c.is_failing());
+    }
+
+    /// A node going into drain tells its agents REHOME: the agent's side
+    /// drains (streams in flight go on, OPENs that crossed the GOAWAY are
+    /// still served) and remembers the code; an error code still closes.
+    #[test]
+    fn rehome_drains_and_is_remembered_error_codes_close() {
+        let t = now0();
+        let mut a = Connection::new(Role::Agent, Limits::default(), Heartbeat::default(), t);
+        let open = |id| {
+            Frame::new(
+                FrameType::Open,
+                id,
+                Bytes::from_static(b"GET / HTTP/1.1\r\n\r\n"),
+            )
+        };
+        a.handle_frame(open(1), t);
+        assert_eq!(a.active_streams(), 1);
+        a.handle_frame(Frame::goaway(ErrorCode::Rehome, "node draining"), t);
+        assert!(!a.is_open() && !a.is_closed());
+        assert_eq!(a.peer_goaway(), Some(ErrorCode::Rehome));
+        assert_eq!(a.active_streams(), 1, "the stream in flight goes on");
+        a.handle_frame(open(3), t);
+        assert_eq!(
+            a.active_streams(),
+            2,
+            "an OPEN that crossed the GOAWAY is served"
+        );
+        // A later SHUTDOWN does not overwrite the first code.
+        a.handle_frame(Frame::goaway(ErrorCode::Shutdown, "x"), t);
+        assert_eq!(a.peer_goaway(), Some(ErrorCode::Rehome));
+
+        let mut b = Connection::new(Role::Agent, Limits::default(), Heartbeat::default(), t);
+        b.handle_frame(Frame::goaway(ErrorCode::ProtocolError, "bad"), t);
+        assert!(b.is_closed());
+        assert_eq!(b.peer_goaway(), None);
     }
 }

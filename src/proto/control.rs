@@ -1138,6 +1138,71 @@ mod tests {
         }
     }
 
+    /// A lying or broken gateway's node list is refused whole: the agent
+    /// never sees a node it could not name or reach by text.
+    #[test]
+    fn garbage_node_lists_are_refused() {
+        let good = Accept {
+            capabilities: CAP_PUBLIC_URL | CAP_CLUSTER,
+            nodes: vec![AcceptNode {
+                name: "gw-a".into(),
+                tunnel: "10.0.0.1:7000".into(),
+            }],
+            ..accept()
+        };
+        let bytes = accept_bytes(&good);
+        assert_eq!(Accept::decode(&bytes), Ok(good.clone()));
+        // The list starts after the public endpoint: count, then fields.
+        let list_at = bytes.len() - (1 + 1 + 4 + 1 + 13);
+        assert_eq!(bytes[list_at], 1);
+        let bad = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = bytes.clone();
+            f(&mut b);
+            Accept::decode(&b)
+        };
+        // More nodes announced than sent.
+        assert!(bad(&|b| b[list_at] = 2).is_err());
+        // A name that is not a session-name shape, then one not UTF-8.
+        assert!(matches!(
+            bad(&|b| b[list_at + 2] = b'G'),
+            Err(ProtoError::BadPayload(_))
+        ));
+        assert!(matches!(
+            bad(&|b| b[list_at + 2] = 0xff),
+            Err(ProtoError::BadPayload(_))
+        ));
+        // A tunnel address that is not UTF-8, an empty one, a length past
+        // the end.
+        assert!(matches!(
+            bad(&|b| b[list_at + 7] = 0xc3),
+            Err(ProtoError::BadPayload(_))
+        ));
+        assert!(bad(&|b| {
+            b[list_at + 6] = 0;
+            b.truncate(list_at + 7);
+        })
+        .is_err());
+        assert!(bad(&|b| b[list_at + 6] = 200).is_err());
+        // Nodes without the capability bit are refused at encode-side
+        // validation too.
+        let no_cap = Accept {
+            capabilities: CAP_PUBLIC_URL,
+            ..good.clone()
+        };
+        assert!(no_cap.validate().is_err());
+        // More than MAX_ACCEPT_NODES.
+        let many = Accept {
+            nodes: (0..=MAX_ACCEPT_NODES)
+                .map(|i| AcceptNode {
+                    name: format!("n{i}"),
+                    tunnel: "10.0.0.1:7000".into(),
+                })
+                .collect(),
+            ..good
+        };
+        assert!(Accept::decode(&accept_bytes(&many)).is_err());
+    }
+
     #[test]
     fn typed_parsers_check_the_frame_type() {
         let ping = Frame::ping([0; 8]);

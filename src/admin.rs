@@ -56,6 +56,12 @@ pub trait StatsSource: Send + Sync + 'static {
     fn health(&self) -> (&'static str, &'static str) {
         ("200 OK", "ready")
     }
+    /// Lines after the `/health` word (each ending in a newline), e.g. a
+    /// clustered agent's nodes; load balancers look at the status and the
+    /// first word only.
+    fn health_detail(&self) -> String {
+        String::new()
+    }
     /// Extra Prometheus text appended to `/metrics`.
     fn extra_metrics(&self) -> String {
         String::new()
@@ -170,7 +176,11 @@ fn handle(mut conn: std::net::TcpStream, src: &dyn StatsSource, opts: &AdminOpti
         // word says nothing an outsider could use.
         "/health" => {
             let (status, word) = src.health();
-            (status, "text/plain", format!("{word}\n"))
+            (
+                status,
+                "text/plain",
+                format!("{word}\n{}", src.health_detail()),
+            )
         }
         _ if !authorized => (
             "401 Unauthorized",

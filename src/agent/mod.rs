@@ -19,13 +19,14 @@
 //! WARN naming the backend (`backend.rs`).
 
 mod backend;
+mod nodes;
 mod tcp;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use monoio::net::TcpStream;
@@ -38,7 +39,8 @@ use crate::io::uplink::{Limits, Uplink};
 use crate::io::watchdog::Watchdog;
 use crate::proto::tcp::CAP_TCP;
 use crate::proto::{
-    ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+    ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_CLUSTER, CAP_PUBLIC_URL,
+    PROTOCOL_VERSION,
 };
 use crate::runtime::mailbox::{mailbox, MailboxReceiver, MailboxSender};
 use crate::runtime::notify::WaitList;
@@ -69,8 +71,12 @@ pub(crate) struct AgentShared {
     pub(crate) recorder: Option<crate::inspect::Recorder>,
     inspect_addr: Option<std::net::SocketAddr>,
     /// One per core: wakes the core's lifecycle waits (`AgentCore::events`)
-    /// when `stop` or `total` changes, so nothing polls them.
+    /// when `stop`, `total` or a slot's node changes, so nothing polls them.
     lifecycle: Vec<MailboxSender<()>>,
+    /// Which cluster nodes the uplinks go to (`nodes.rs`); off on a single
+    /// gateway. Locked when an uplink connects, ends or re-checks its
+    /// target, never on the stream path.
+    nodes: std::sync::Mutex<nodes::Nodes>,
 }
 
 impl AgentShared {
@@ -86,6 +92,25 @@ impl AgentShared {
     fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.changed();
+    }
+
+    fn nodes(&self) -> std::sync::MutexGuard<'_, nodes::Nodes> {
+        self.nodes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the node placement; wakes every core's keepers when a
+    /// slot's target changed.
+    fn with_nodes<T>(&self, f: impl FnOnce(&mut nodes::Nodes) -> T) -> T {
+        let (out, moved) = {
+            let mut n = self.nodes();
+            let before = n.epoch();
+            let out = f(&mut n);
+            (out, n.epoch() != before)
+        };
+        if moved {
+            self.changed();
+        }
+        out
     }
 }
 
@@ -105,6 +130,18 @@ impl crate::admin::StatsSource for AgentShared {
     }
     fn cores(&self) -> &[Arc<CoreStats>] {
         &self.stats
+    }
+    /// In a cluster: `nodes NAME NAME` (the nodes holding its uplinks).
+    fn health_detail(&self) -> String {
+        let n = self.nodes();
+        if !n.is_on() {
+            return String::new();
+        }
+        let on: Vec<String> = n.on_nodes().into_iter().map(|(name, _)| name).collect();
+        format!("nodes {}\n", on.join(" "))
+    }
+    fn extra_json(&self) -> String {
+        self.nodes().json(std::time::Instant::now())
     }
 }
 
@@ -405,6 +442,7 @@ pub fn start(cfg: AgentConfig) -> std::io::Result<Agent> {
         fatal: std::sync::Mutex::new(None),
         tls,
         tcp: tcp::TcpTunnels::new(tcp_targets),
+        nodes: std::sync::Mutex::new(nodes::Nodes::new(&cfg.session, cfg.nodes)),
     });
     let admin_addr = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start(
@@ -500,68 +538,191 @@ async fn core_main(index: usize, shared: Arc<AgentShared>, events: MailboxReceiv
     core.until(|| live.get() == 0).await;
 }
 
+/// One accepted uplink and the node it is on (its ACCEPT's first node;
+/// `None` from a gateway outside any cluster).
+struct Held {
+    up: Rc<Uplink>,
+    node: Option<String>,
+}
+
+/// Counts `h` out: it has closed (or is about to, after `drain`).
+fn release(core: &AgentCore, k: usize, h: &Held) {
+    core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+    if let Some(node) = &h.node {
+        core.shared.with_nodes(|n| n.released(k, node));
+    }
+    crate::signals::nudge();
+}
+
+/// How often a clustered keeper re-checks its slot's target while its
+/// uplink is fine: exclusions run out without an event, and a node back
+/// from one may rank first again.
+const RECHECK: Duration = Duration::from_secs(1);
+
 /// Connects, handshakes and serves uplink `k` until stopped; reconnects
 /// with exponential backoff (100 ms doubling to `reconnect_max`) and
 /// +-50% jitter so that many agents do not reconnect in lockstep.
+///
+/// In a cluster (`nodes.rs`) the uplink goes to its slot's node. When that
+/// target changes (its node failed, was excluded, or a better-ranked node
+/// is usable again) or the node it is on says REHOME (draining), the
+/// keeper opens the replacement first, and only once that is accepted
+/// lets the old uplink finish its streams and close (`drain`): a move
+/// loses nothing. A node that cannot be reached, refuses, or whose uplink
+/// drops is excluded, and the slot tries its next-ranked node at once.
 async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
+    let shared = core.shared.clone();
     let mut backoff = Duration::from_millis(100);
     // Not the agent id alone: a restarted agent has the same one, and its
     // uplinks should not retry in the same rhythm as before.
     let mut seed = random_u64() ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    while !core.shared.stop.load(Ordering::SeqCst) {
-        let why = match connect_uplink(&core, k).await {
-            Ok(up) => {
-                backoff = Duration::from_millis(100);
-                core.shared.connected.fetch_add(1, Ordering::SeqCst);
-                crate::signals::nudge();
-                // Until the uplink closes or the agent stops (both are
-                // events: no polling while it lives).
-                let stopping = monoio::select! {
-                    _ = up.wait_closed() => false,
-                    _ = core.stopped() => true,
-                };
-                if stopping && !up.is_closed() {
-                    drain(&core, &up).await;
+    let mut current: Option<Held> = None;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            if let Some(h) = current.take() {
+                if !h.up.is_closed() {
+                    drain(&core, &h.up, "agent stopping").await;
                 }
-                core.shared.connected.fetch_sub(1, Ordering::SeqCst);
-                crate::signals::nudge();
-                if core.shared.stop.load(Ordering::SeqCst) {
-                    tracing::debug!(uplink = k, "uplink closed: agent stopping");
-                    return;
-                }
-                let reason = up.close_reason().unwrap_or_else(|| "closed".into());
-                format!("uplink lost ({reason})")
+                release(&core, k, &h);
+                tracing::debug!(uplink = k, "uplink closed: agent stopping");
             }
-            Err(Refused(e, code)) => {
-                // A wrong token, an invalid name or another protocol
-                // version will not fix itself: stop instead of hammering
-                // the gateway (`main` says why, once). A taken name or a
-                // busy gateway might.
-                let why = format!("gateway refused the uplink: {e}");
-                if matches!(
-                    code,
-                    ErrorCode::AuthFailed
-                        | ErrorCode::BadSession
-                        | ErrorCode::UnsupportedVersion
-                        | ErrorCode::ProtocolError
-                        | ErrorCode::PortRefused
-                ) {
-                    give_up(&core, why);
-                    return;
-                }
-                why
-            }
-            Err(Fatal(e)) => {
-                // A certificate the agent does not trust (or the gateway's
-                // verdict on ours), or a port that is not a tunnel port,
-                // stays so until someone changes files or flags.
-                give_up(&core, e);
-                return;
-            }
-            Err(Retry(e)) => format!("cannot reach the gateway: {e}"),
-        };
-        if core.shared.stop.load(Ordering::SeqCst) {
             return;
+        }
+        let mut target = shared.with_nodes(|n| n.target(k, Instant::now()));
+        let why = if let Some(h) = current.as_ref().filter(|h| h.up.is_closed()) {
+            let reason = h.up.close_reason().unwrap_or_else(|| "closed".into());
+            let why = format!("uplink lost ({reason})");
+            if let Some(node) = &h.node {
+                shared.with_nodes(|n| n.exclude(node, &why, Instant::now()));
+            }
+            release(&core, k, h);
+            current = None;
+            why
+        } else {
+            if let Some(h) = &current {
+                let cluster = shared.nodes().is_on();
+                let rehome = cluster && !h.up.is_open() && h.up.peer_goaway().is_some();
+                if rehome {
+                    if let Some(node) = &h.node {
+                        let code = h.up.peer_goaway().map_or(String::new(), |c| c.to_string());
+                        target = shared.with_nodes(|n| {
+                            n.exclude(
+                                node,
+                                &format!("node asked to move ({code})"),
+                                Instant::now(),
+                            );
+                            n.target(k, Instant::now())
+                        });
+                    }
+                }
+                let misplaced = match (&target, &h.node) {
+                    (Some(t), Some(n)) => t.name != *n,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if !(rehome || (cluster && misplaced)) {
+                    // Until it closes, the agent stops, the slot's target
+                    // changes or the node starts draining (all events),
+                    // or, in a cluster, the next re-check.
+                    let epoch = shared.nodes().epoch();
+                    let up = h.up.clone();
+                    let tick = if cluster {
+                        RECHECK
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    let sh = shared.clone();
+                    monoio::select! {
+                        _ = up.wait_closed() => {}
+                        _ = core.until(|| {
+                            sh.stop.load(Ordering::SeqCst)
+                                || (cluster && !up.is_open())
+                                || sh.nodes().epoch() != epoch
+                        }) => {}
+                        _ = monoio::time::sleep(tick) => {}
+                    }
+                    continue;
+                }
+            }
+            let dest = target.as_ref().map_or(shared.gateway, |t| t.addr);
+            match connect_uplink(&core, k, dest).await {
+                Ok((up, node)) => {
+                    backoff = Duration::from_millis(100);
+                    shared.connected.fetch_add(1, Ordering::SeqCst);
+                    shared.with_nodes(|n| n.accepted(k, node.as_deref()));
+                    crate::signals::nudge();
+                    let new = Held { up, node };
+                    if let Some(old) = current.replace(new) {
+                        // The replacement is accepted: only now does the
+                        // old uplink stop taking streams, finish those in
+                        // flight and close.
+                        tracing::info!(
+                            uplink = k,
+                            from = old.node.as_deref().unwrap_or("?"),
+                            to = current
+                                .as_ref()
+                                .and_then(|h| h.node.as_deref())
+                                .unwrap_or("?"),
+                            "uplink moved"
+                        );
+                        let c = core.clone();
+                        crate::runtime::spawn_isolated("uplink-move", async move {
+                            if !old.up.is_closed() {
+                                drain(&c, &old.up, "uplink moved to another node").await;
+                            }
+                            release(&c, k, &old);
+                        });
+                    }
+                    continue;
+                }
+                Err(Refused(e, code)) => {
+                    // A wrong token, an invalid name or another protocol
+                    // version will not fix itself: stop instead of hammering
+                    // the gateway (`main` says why, once). A taken name or a
+                    // busy gateway might.
+                    let why = format!("gateway refused the uplink: {e}");
+                    if matches!(
+                        code,
+                        ErrorCode::AuthFailed
+                            | ErrorCode::BadSession
+                            | ErrorCode::UnsupportedVersion
+                            | ErrorCode::ProtocolError
+                            | ErrorCode::PortRefused
+                    ) {
+                        give_up(&core, why);
+                        continue;
+                    }
+                    why
+                }
+                Err(Fatal(e)) => {
+                    // A certificate the agent does not trust (or the gateway's
+                    // verdict on ours), or a port that is not a tunnel port,
+                    // stays so until someone changes files or flags.
+                    give_up(&core, e);
+                    continue;
+                }
+                Err(Retry(e)) => format!("cannot reach the gateway: {e}"),
+            }
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            continue;
+        }
+        // A node that failed is excluded; if that gives the slot another
+        // target, try it now rather than after a backoff.
+        if let Some(t) = &target {
+            let next = shared.with_nodes(|n| {
+                n.exclude(&t.name, &why, Instant::now());
+                n.target(k, Instant::now())
+            });
+            if next.as_ref() != Some(t) {
+                tracing::warn!(
+                    "{why}; uplink {k}: node {} excluded, trying {}",
+                    t.name,
+                    next.as_ref()
+                        .map_or("--gateway".to_string(), |n| n.name.clone())
+                );
+                continue;
+            }
         }
         seed ^= seed << 13;
         seed ^= seed >> 7;
@@ -570,7 +731,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
         let wait = backoff.mul_f64(jitter);
         tracing::warn!(
             "{why}; uplink {k} reconnects to {} in {:.1} s",
-            core.shared.gateway,
+            target.as_ref().map_or(shared.gateway, |t| t.addr),
             wait.as_secs_f64()
         );
         monoio::select! {
@@ -589,8 +750,8 @@ const DRAIN_SETTLE: Duration = Duration::from_millis(250);
 /// Graceful stop of one uplink: GOAWAY, then wait until its streams are
 /// done (and stay so for `DRAIN_SETTLE`) or the grace period ends, then
 /// close.
-async fn drain(core: &AgentCore, up: &Rc<Uplink>) {
-    up.go_away(ErrorCode::Shutdown, "agent stopping");
+async fn drain(core: &AgentCore, up: &Rc<Uplink>, why: &str) {
+    up.go_away(ErrorCode::Shutdown, why);
     let start = std::time::Instant::now();
     let deadline = start + core.cfg().shutdown_grace;
     let mut idle_since: Option<std::time::Instant> = None;
@@ -616,7 +777,7 @@ async fn drain(core: &AgentCore, up: &Rc<Uplink>) {
     }
     // Let the writer flush the last frames before the socket goes.
     monoio::time::sleep(Duration::from_millis(20)).await;
-    up.close_now("agent stopped");
+    up.close_now(why);
 }
 
 /// Stops every uplink of this agent; `main` prints `why` and exits.
@@ -680,26 +841,40 @@ fn handshake_error(
     Retry(e.to_string())
 }
 
-async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, ConnectError> {
+/// Connects uplink `k` to `dest` (`--gateway`, or a cluster node's
+/// tunnel address) and runs the handshake. Returns the uplink and the
+/// node it landed on (the ACCEPT's first node: a clustered gateway lists
+/// itself first).
+async fn connect_uplink(
+    core: &Rc<AgentCore>,
+    k: usize,
+    dest: std::net::SocketAddr,
+) -> Result<(Rc<Uplink>, Option<String>), ConnectError> {
     let cfg = core.cfg();
-    let stream = match monoio::time::timeout(
-        cfg.connect_timeout,
-        TcpStream::connect_addr(core.shared.gateway),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Retry(e.to_string())),
-        Err(_) => return Err(Retry("connect timed out".into())),
+    let stream =
+        match monoio::time::timeout(cfg.connect_timeout, TcpStream::connect_addr(dest)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Retry(e.to_string())),
+            Err(_) => return Err(Retry("connect timed out".into())),
+        };
+    // In a cluster each node sees its share: index and total per node.
+    let (index, total) = {
+        let n = core.shared.nodes();
+        if n.is_on() {
+            let per = n.per_node();
+            (k % per, per)
+        } else {
+            (k, core.shared.total.load(Ordering::SeqCst))
+        }
     };
-    let total = core.shared.total.load(Ordering::SeqCst);
     let hello = Hello {
         version: PROTOCOL_VERSION,
-        // It prints the URL the gateway announces.
-        capabilities: CAP_PUBLIC_URL | if cfg.tcp.is_empty() { 0 } else { CAP_TCP },
+        // It prints the URL the gateway announces, and keeps uplinks on
+        // several nodes when the gateway is part of a cluster.
+        capabilities: CAP_PUBLIC_URL | CAP_CLUSTER | if cfg.tcp.is_empty() { 0 } else { CAP_TCP },
         agent_id: core.shared.agent_id,
-        uplink_index: k as u16,
-        uplinks_total: total.max(k + 1) as u16,
+        uplink_index: index as u16,
+        uplinks_total: total.max(index + 1) as u16,
         token: cfg.token.clone(),
         session: cfg.session.clone(),
         tcp: cfg.tcp.iter().map(|t| t.remote).collect(),
@@ -764,7 +939,17 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
             .accepted(&tcp::gateway_host(&cfg.gateway), &acc.tcp);
     }
     let _ = core.shared.public.set(acc.public.clone());
-    if core.shared.total.load(Ordering::SeqCst) == 0 {
+    let node = acc.nodes.first().map(|n| n.name.clone());
+    let per_node = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
+    let grown = core
+        .shared
+        .with_nodes(|n| n.on_accept(&acc.nodes, per_node, Instant::now()));
+    if let Some(t) = grown {
+        // Cluster mode: K nodes x uplinks per node (only ever grows).
+        if core.shared.total.fetch_max(t, Ordering::SeqCst) < t {
+            core.shared.changed();
+        }
+    } else if core.shared.total.load(Ordering::SeqCst) == 0 {
         let t = cfg.uplinks.unwrap_or(acc.gateway_cores.max(1) as usize);
         if core
             .shared
@@ -780,6 +965,7 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
         core = core.index,
         uplink = k,
         gateway_core = acc.core,
+        node = node.as_deref().unwrap_or("-"),
         session = %cfg.session,
         tls = conn.is_tls(),
         "uplink accepted"
@@ -815,5 +1001,8 @@ async fn connect_uplink(core: &Rc<AgentCore>, k: usize) -> Result<Rc<Uplink>, Co
             backend::serve_stream(c, stream, head).await;
         });
     });
-    Ok(up)
+    // A node that starts draining (REHOME) wakes this uplink's keeper.
+    let c = core.clone();
+    up.set_drain_handler(move || c.events.wake_all());
+    Ok((up, node))
 }

@@ -175,6 +175,9 @@ pub(crate) struct Shared {
     pub(crate) public_addr: Option<SocketAddr>,
     pub(crate) https_addr: Option<SocketAddr>,
     pub(crate) tunnel_addr: SocketAddr,
+    /// In a cluster: where agents reach this node's tunnel listener
+    /// (`tunnel::advertised_tunnel`), listed in ACCEPT.
+    pub(crate) advertised_tunnel: Option<SocketAddr>,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
@@ -280,6 +283,17 @@ impl Shared {
                 crate::scope::authorize(tokens, &token, session),
                 crate::scope::Verdict::Open | crate::scope::Verdict::Rule(_)
             ),
+        }
+    }
+
+    /// The hook for the cluster's control plane when this node starts
+    /// draining (once, from `begin_shutdown`): `cluster::registry` marks
+    /// the node `draining` in etcd from here, so peers and ACCEPTs stop
+    /// listing it. The cores tell their agents REHOME themselves
+    /// (`core_main`'s shutdown path).
+    fn cluster_drain_begins(&self) {
+        if let Some(c) = &self.cfg.cluster {
+            tracing::info!(node = %c.node, "cluster node draining: agents are told to move (REHOME)");
         }
     }
 
@@ -723,8 +737,12 @@ impl Gateway {
         self.shared.broadcast(|| CoreMsg::Cluster(view.clone()));
     }
 
+    /// Starts the drain: `/health` says draining, listeners close, agents
+    /// get GOAWAY (REHOME in a cluster), in-flight requests finish.
     pub fn begin_shutdown(&self) {
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
+            self.shared.cluster_drain_begins();
+        }
         self.shared.broadcast(|| CoreMsg::Shutdown);
     }
 
@@ -762,6 +780,10 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         None => None,
     };
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
+    let advertised_tunnel = match &cfg.cluster {
+        Some(c) => Some(tunnel::advertised_tunnel(c, tunnel_addr)?),
+        None => None,
+    };
     let n = cfg.cores.cores;
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
@@ -781,6 +803,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         public_addr,
         https_addr,
         tunnel_addr,
+        advertised_tunnel,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
         tcp: Mutex::new(HashMap::new()),
@@ -968,9 +991,20 @@ async fn core_main(
     shared.close_tcp();
     // GOAWAY first: agents learn at once that no new streams will come,
     // while the streams in flight on these uplinks finish within the grace
-    // period.
+    // period. In a cluster an agent that can hold uplinks on other nodes
+    // is told REHOME: it opens its replacement elsewhere, then finishes
+    // its streams here and closes the uplink itself.
+    let clustered = shared.cfg.cluster.is_some();
+    let rehomes = |up: &Uplink| clustered && up.capabilities() & crate::proto::CAP_CLUSTER != 0;
     for up in core.all_uplinks() {
-        up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
+        if rehomes(&up) {
+            up.go_away(
+                crate::proto::ErrorCode::Rehome,
+                "node draining: reconnect elsewhere",
+            );
+        } else {
+            up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
+        }
     }
     // Requests waiting for an agent to come back get their answer now
     // (503) instead of being dropped with the core; they count in
@@ -978,7 +1012,18 @@ async fn core_main(
     core.wake_held();
     let grace = shared.cfg.shutdown_grace;
     let deadline = std::time::Instant::now() + grace;
-    while core.inflight.get() > 0 && std::time::Instant::now() < deadline {
+    // In a cluster the node also waits (same grace) for its uplinks:
+    // REHOME'd ones until their agents close them (after their
+    // replacements are accepted elsewhere), others until idle, so that
+    // streams forwarded here by peers finish too.
+    let uplinks_busy = || {
+        clustered
+            && core
+                .all_uplinks()
+                .iter()
+                .any(|up| !up.is_closed() && (rehomes(up) || !up.is_idle()))
+    };
+    while (core.inflight.get() > 0 || uplinks_busy()) && std::time::Instant::now() < deadline {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let _ = monoio::time::timeout(
             left.min(std::time::Duration::from_millis(50)),

@@ -33,7 +33,8 @@ use crate::io::stats::ErrorKind;
 use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
 use crate::proto::{
-    Accept, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_PUBLIC_URL, PROTOCOL_VERSION,
+    Accept, AcceptNode, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_CLUSTER,
+    CAP_PUBLIC_URL, PROTOCOL_VERSION,
 };
 use crate::scope::{self, Verdict};
 
@@ -317,6 +318,61 @@ fn public_endpoint(shared: &super::Shared) -> PublicEndpoint {
     }
 }
 
+/// Where agents reach this node's tunnel listener, for ACCEPT's node
+/// list: `--advertise` (else the `--peer-listen` host) with the bound
+/// tunnel port, resolved once at start-up (agents get an `ip:port`).
+pub(super) fn advertised_tunnel(
+    c: &crate::cluster::ClusterConfig,
+    tunnel: std::net::SocketAddr,
+) -> std::io::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let host = match &c.advertise {
+        Some(h) => h.trim_matches(['[', ']']).to_string(),
+        None => c
+            .peer_listen
+            .rsplit_once(':')
+            .map_or("", |(h, _)| h)
+            .trim_matches(['[', ']'])
+            .to_string(),
+    };
+    (host.as_str(), tunnel.port())
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("--advertise {host}: no address"),
+            )
+        })
+}
+
+/// ACCEPT's node list: this node first (so the agent knows where it
+/// landed, whether it came through a load balancer or not), then the
+/// view's other ready nodes by name, at most `MAX_ACCEPT_NODES` in all.
+/// This node's address is the view's entry for it when there is one
+/// (what the registry published), else `advertised`.
+fn accept_nodes(
+    view: &crate::cluster::ClusterView,
+    me: &str,
+    advertised: std::net::SocketAddr,
+) -> Vec<AcceptNode> {
+    let mine = view.nodes.get(me).map_or(advertised, |n| n.tunnel);
+    std::iter::once(AcceptNode {
+        name: me.to_string(),
+        tunnel: mine.to_string(),
+    })
+    .chain(
+        view.ready_nodes()
+            .filter(|n| n.name != me)
+            .map(|n| AcceptNode {
+                name: n.name.clone(),
+                tunnel: n.tunnel.to_string(),
+            }),
+    )
+    .take(crate::proto::control::MAX_ACCEPT_NODES)
+    .collect()
+}
+
 async fn finish(
     core: Rc<Core>,
     mut conn: Transport,
@@ -326,6 +382,14 @@ async fn finish(
     tcp: Vec<u16>,
 ) {
     let limits = core.cfg().limits;
+    // A clustered node tells an agent that can use it the node list.
+    let cluster = match (&core.shared.cfg.cluster, core.shared.advertised_tunnel) {
+        (Some(c), Some(addr)) if hello.capabilities & CAP_CLUSTER != 0 => {
+            Some(accept_nodes(&core.cluster.borrow(), &c.node, addr))
+        }
+        _ => None,
+    };
+    let cluster_cap = if cluster.is_some() { CAP_CLUSTER } else { 0 };
     let accept = Accept {
         version: PROTOCOL_VERSION,
         gateway_cores: core.shared.mailboxes.len() as u16,
@@ -335,10 +399,11 @@ async fn finish(
         conn_window: limits.conn_window,
         max_streams: limits.max_streams,
         // Only what the agent asked for and this gateway does.
-        capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL),
+        capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL)
+            | cluster_cap,
         tcp,
         public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
-        nodes: Vec::new(),
+        nodes: cluster.unwrap_or_default(),
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");
@@ -365,5 +430,7 @@ async fn finish(
             stats: core.stats.clone(),
         },
     );
+    // Drain tells a CAP_CLUSTER agent REHOME, others SHUTDOWN.
+    up.set_capabilities(accept.capabilities);
     core.add_uplink(up);
 }

@@ -546,8 +546,12 @@ struct Held {
 }
 
 /// Counts `h` out: it has closed (or is about to, after `drain`).
-fn release(core: &AgentCore, k: usize, h: &Held) {
-    core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+/// `counted`: it is still in `connected` (an uplink being moved left it
+/// when its replacement was accepted, so each uplink index counts once).
+fn release(core: &AgentCore, k: usize, h: &Held, counted: bool) {
+    if counted {
+        core.shared.connected.fetch_sub(1, Ordering::SeqCst);
+    }
     if let Some(node) = &h.node {
         core.shared.with_nodes(|n| n.released(k, node));
     }
@@ -583,7 +587,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 if !h.up.is_closed() {
                     drain(&core, &h.up, "agent stopping").await;
                 }
-                release(&core, k, &h);
+                release(&core, k, &h, true);
                 tracing::debug!(uplink = k, "uplink closed: agent stopping");
             }
             return;
@@ -592,11 +596,19 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
         let why = if let Some(h) = current.as_ref().filter(|h| h.up.is_closed()) {
             let reason = h.up.close_reason().unwrap_or_else(|| "closed".into());
             let why = format!("uplink lost ({reason})");
-            if let Some(node) = &h.node {
-                shared.with_nodes(|n| n.exclude(node, &why, Instant::now()));
-            }
-            release(&core, k, h);
+            let on_node = h.node.clone();
+            release(&core, k, h, true);
             current = None;
+            if let Some(node) = on_node {
+                // Its node is suspect: excluded, and the slot's next
+                // target (or --gateway) is tried at once.
+                tracing::warn!("{why}; uplink {k}: node {node} excluded");
+                shared.with_nodes(|n| n.exclude(&node, &why, Instant::now()));
+                continue;
+            }
+            // Not excluded below: `target` is where the slot goes next, not
+            // where the uplink was.
+            target = None;
             why
         } else {
             if let Some(h) = &current {
@@ -648,7 +660,9 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
             match connect_uplink(&core, k, dest).await {
                 Ok((up, node)) => {
                     backoff = Duration::from_millis(100);
-                    shared.connected.fetch_add(1, Ordering::SeqCst);
+                    if current.is_none() {
+                        shared.connected.fetch_add(1, Ordering::SeqCst);
+                    }
                     shared.with_nodes(|n| n.accepted(k, node.as_deref()));
                     crate::signals::nudge();
                     let new = Held { up, node };
@@ -670,7 +684,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                             if !old.up.is_closed() {
                                 drain(&c, &old.up, "uplink moved to another node").await;
                             }
-                            release(&c, k, &old);
+                            release(&c, k, &old, false);
                         });
                     }
                     continue;

@@ -1,0 +1,623 @@
+//! Agents on K cluster nodes (issue 11, part 3), over real sockets:
+//! in-process gateways started with a cluster configuration and handed a
+//! view with `Gateway::set_cluster_view` (as the etcd registry does),
+//! real agent processes, real HTTP clients.
+//!
+//! Every node's tunnel port is reached through a small TCP relay owned by
+//! the test (`Relay`): the view advertises the relay, so "killing a node"
+//! for its agents is closing the relay's connections and its listener at
+//! once, which is what an agent sees when a node dies (its uplinks drop,
+//! new connections are refused).
+
+mod common;
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtunnel::cluster::{rendezvous, ClusterConfig, ClusterView, NodeInfo, NodeState};
+use ringtunnel::config::{Cores, GatewayConfig};
+use ringtunnel::gateway::Gateway;
+use ringtunnel::runtime::DriverKind;
+
+/// A TCP relay in front of a node's tunnel port; `kill` drops every
+/// connection through it and stops listening.
+struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    fn start(upstream: SocketAddr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (s, c) = (stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let (down, _) = match l.accept() {
+                    Ok(x) => x,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                down.set_nonblocking(false).unwrap();
+                let Ok(up) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = up.set_nodelay(true);
+                let _ = down.set_nodelay(true);
+                {
+                    let mut v = c.lock().unwrap();
+                    v.push(down.try_clone().unwrap());
+                    v.push(up.try_clone().unwrap());
+                }
+                for (mut a, mut b) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut a, &mut b);
+                        let _ = b.shutdown(Shutdown::Write);
+                    });
+                }
+            }
+            // The listener closes here: new connections are refused.
+        });
+        Relay {
+            addr,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    /// The node dies, as its agents see it.
+    fn kill(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            t.join().unwrap();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Node {
+    name: String,
+    gw: Option<Gateway>,
+    relay: Relay,
+    public: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Node {
+    fn start(name: &str) -> Node {
+        let gw = ringtunnel::gateway::start(GatewayConfig {
+            listen: "127.0.0.1:0".into(),
+            tunnel_listen: "127.0.0.1:0".into(),
+            admin_listen: Some("127.0.0.1:0".into()),
+            cores: Cores::new(Some(2), false, DriverKind::Auto),
+            shutdown_grace: Duration::from_secs(10),
+            cluster: Some(ClusterConfig {
+                // Not contacted: there is no registry on this branch's
+                // gateways; the test hands them their view.
+                etcd: vec!["http://127.0.0.1:9".into()],
+                node: name.into(),
+                peer_listen: "127.0.0.1:0".into(),
+                advertise: None,
+                secret: "0123456789abcdef".into(),
+                lease_ttl: ringtunnel::cluster::DEFAULT_LEASE_TTL,
+            }),
+            ..GatewayConfig::default()
+        })
+        .expect("gateway starts");
+        let relay = Relay::start(gw.tunnel_addr());
+        Node {
+            name: name.into(),
+            public: gw.public_addr(),
+            admin: gw.admin_addr().unwrap(),
+            gw: Some(gw),
+            relay,
+        }
+    }
+
+    fn gw(&self) -> &Gateway {
+        self.gw.as_ref().unwrap()
+    }
+
+    /// Uplinks of `session` this node routes to (not draining).
+    fn placed(&self, session: &str) -> u32 {
+        session_placement(&stats_json(self.admin), session).map_or(0, |v| v.iter().sum())
+    }
+
+    /// Open uplinks on this node, draining ones included.
+    fn open_uplinks(&self) -> u64 {
+        json_numbers(&stats_json(self.admin), "uplinks")
+            .iter()
+            .sum()
+    }
+}
+
+/// Established TCP sockets of process `pid` whose remote port is one of
+/// `ports` (its uplinks, when `ports` are the nodes' relays): the
+/// process's socket inodes matched against /proc/net/tcp.
+fn sockets_to(pid: u32, ports: &[u16]) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    let l = l.to_string_lossy().to_string();
+                    Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let remote_port = f
+                .get(2)
+                .and_then(|r| r.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            f.get(3) == Some(&"01")
+                && remote_port.is_some_and(|p| ports.contains(&p))
+                && f.get(9).is_some_and(|i| inodes.contains(*i))
+        })
+        .count()
+}
+
+/// A view listing `nodes` (tunnel: their relays) plus `extra` entries.
+fn view(nodes: &[&Node], extra: &[(&str, SocketAddr)]) -> ClusterView {
+    let mut v = ClusterView {
+        revision: 1,
+        ..ClusterView::default()
+    };
+    let entries = nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.relay.addr))
+        .chain(extra.iter().map(|(n, a)| (n.to_string(), *a)));
+    for (name, tunnel) in entries {
+        v.nodes.insert(
+            name.clone(),
+            NodeInfo {
+                name,
+                peer: "127.0.0.1:9".parse().unwrap(),
+                tunnel,
+                cores: 2,
+                state: NodeState::Ready,
+            },
+        );
+    }
+    v
+}
+
+fn give_view(nodes: &[&Node], v: &ClusterView) {
+    for n in nodes {
+        n.gw().set_cluster_view(v.clone());
+    }
+    // The cores take it from their mailboxes.
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+fn cluster_agent(
+    bootstrap: SocketAddr,
+    session: &str,
+    backend: SocketAddr,
+    extra: &[&str],
+) -> Proc {
+    let (gw, to) = (bootstrap.to_string(), backend.to_string());
+    let mut args = vec![
+        "agent",
+        "--gateway",
+        &gw,
+        "--session",
+        session,
+        "--to",
+        &to,
+        "--no-pin",
+        "--cores",
+        "2",
+        "--uplinks",
+        "2",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    spawn("agent", &args, "ringtunnel agent ready")
+}
+
+/// Polls `cond` every 20 ms for up to `limit`; the time it took.
+fn within(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !cond() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// Three nodes, all in every node's view.
+fn three() -> Vec<Node> {
+    let nodes: Vec<Node> = ["gw-a", "gw-b", "gw-c"]
+        .iter()
+        .map(|n| Node::start(n))
+        .collect();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    give_view(&refs, &view(&refs, &[]));
+    nodes
+}
+
+fn by_name<'a>(nodes: &'a [Node], name: &str) -> &'a Node {
+    nodes.iter().find(|n| n.name == name).unwrap()
+}
+
+/// The agent holds its uplinks on exactly the rendezvous top 2, says so
+/// on /health and /stats, and the session is served through both.
+#[test]
+fn agent_holds_uplinks_on_exactly_the_rendezvous_top_k() {
+    let echo = echo("auto", 0);
+    let nodes = three();
+    let rank = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"]);
+    // Bootstrap through the node that ranks last: the agent must move
+    // its first uplink off it.
+    let agent = cluster_agent(
+        by_name(&nodes, rank[2]).relay.addr,
+        "demo",
+        echo.addr("listen"),
+        &["--nodes", "2"],
+    );
+    assert_eq!(agent.field("uplinks"), "4", "2 nodes x 2 uplinks");
+    within(Duration::from_secs(10), "uplinks on the top 2 only", || {
+        by_name(&nodes, rank[0]).placed("demo") == 2
+            && by_name(&nodes, rank[1]).placed("demo") == 2
+            && by_name(&nodes, rank[2]).open_uplinks() == 0
+    });
+    let health = request(
+        agent.addr("admin"),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(health.status, 200);
+    let mut on = [rank[0], rank[1]];
+    on.sort();
+    assert_eq!(health.text(), format!("ready\nnodes {} {}\n", on[0], on[1]));
+    let stats = stats_json(agent.addr("admin"));
+    assert!(
+        stats.contains(&format!(
+            "\"on\":[{{\"node\":\"{}\",\"uplinks\":2}},{{\"node\":\"{}\",\"uplinks\":2}}]",
+            on[0], on[1]
+        )),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("\"nodes_wanted\":2,\"uplinks_per_node\":2"),
+        "{stats}"
+    );
+    for n in [rank[0], rank[1]] {
+        wait_routable(by_name(&nodes, n).public, "demo");
+    }
+}
+
+/// One of its nodes dies: the agent moves that slot to the third node
+/// (bounded time), the other slot does not move, and the session is
+/// served by the new holder.
+#[test]
+fn a_dead_node_is_replaced_by_the_next_ranked_one() {
+    let echo = echo("auto", 0);
+    let mut nodes = three();
+    let rank: Vec<String> = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let agent = cluster_agent(
+        by_name(&nodes, &rank[1]).relay.addr,
+        "demo",
+        echo.addr("listen"),
+        &[],
+    );
+    within(Duration::from_secs(10), "on the top 2", || {
+        by_name(&nodes, &rank[0]).placed("demo") == 2
+            && by_name(&nodes, &rank[1]).placed("demo") == 2
+    });
+    let dead = nodes.iter().position(|n| n.name == rank[0]).unwrap();
+    let agent_fds = agent.fd_count();
+    let relays: Vec<u16> = nodes.iter().map(|n| n.relay.addr.port()).collect();
+    nodes[dead].relay.kill();
+    let took = within(
+        Duration::from_secs(5),
+        "slot moved to the third node",
+        || by_name(&nodes, &rank[2]).placed("demo") == 2,
+    );
+    eprintln!("slot moved to {} in {took:?}", rank[2]);
+    assert_eq!(
+        by_name(&nodes, &rank[1]).placed("demo"),
+        2,
+        "the other slot stays"
+    );
+    wait_routable(by_name(&nodes, &rank[2]).public, "demo");
+    let health = request(
+        agent.addr("admin"),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let mut on = [rank[1].as_str(), rank[2].as_str()];
+    on.sort();
+    assert_eq!(health.text(), format!("ready\nnodes {} {}\n", on[0], on[1]));
+    let stats = stats_json(agent.addr("admin"));
+    assert!(
+        stats.contains(&format!("\"excluded\":[{{\"node\":\"{}\"", rank[0])),
+        "{stats}"
+    );
+    // The dead node's gateway saw its uplinks go too, and the agent holds
+    // no more sockets than before.
+    within(Duration::from_secs(5), "dead node's uplinks closed", || {
+        nodes[dead].open_uplinks() == 0
+    });
+    // Uplink sockets exactly as many as before; all fds within the
+    // harness's tolerance (the backend pool may keep one more).
+    within(
+        Duration::from_secs(2),
+        "agent back at 4 uplink sockets",
+        || sockets_to(agent.pid(), &relays) == 4 && agent.fd_count() <= agent_fds + 2,
+    );
+}
+
+/// Drain one holder under load: the agent's replacement on the third node
+/// is accepted before the drained node's uplinks close (sampled all
+/// along), requests in flight on the draining node finish (with
+/// `Connection: close`), and the holder that stays fails nothing.
+#[test]
+fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
+    let echo = echo("auto", 0);
+    let mut nodes = three();
+    let rank: Vec<String> = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
+        .into_iter()
+        .map(String::from)
+        .collect();
+    let agent = cluster_agent(
+        by_name(&nodes, &rank[0]).relay.addr,
+        "demo",
+        echo.addr("listen"),
+        &[],
+    );
+    within(Duration::from_secs(10), "on the top 2", || {
+        by_name(&nodes, &rank[0]).placed("demo") == 2
+            && by_name(&nodes, &rank[1]).placed("demo") == 2
+    });
+    let (draining, stays, third) = (
+        by_name(&nodes, &rank[0]),
+        by_name(&nodes, &rank[1]),
+        by_name(&nodes, &rank[2]),
+    );
+    wait_routable(stays.public, "demo");
+    wait_routable(draining.public, "demo");
+
+    // Load on the holder that stays, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, ok, failed, public) =
+                (stop.clone(), ok.clone(), failed.clone(), stays.public);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let r = request(
+                        public,
+                        "GET /delay/20 HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
+                    );
+                    if r.status == 200 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    // Requests in flight on the draining node when the drain starts
+    // (keep-alive requests: the answer must close the connection).
+    let inflight: Vec<_> = (0..8)
+        .map(|_| {
+            let public = draining.public;
+            std::thread::spawn(move || {
+                request(public, "GET /delay/700 HTTP/1.1\r\nHost: demo\r\n\r\n")
+            })
+        })
+        .collect();
+    // Sampler: the drained node's open uplinks (read first) plus the
+    // third node's never fall below 2; an old uplink closing before its
+    // replacement was accepted would show as a dip.
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (go, d, t) = (sampling.clone(), draining.admin, third.admin);
+        std::thread::spawn(move || {
+            let mut min = u64::MAX;
+            let mut samples = 0;
+            while go.load(Ordering::SeqCst) {
+                let a: u64 = json_numbers(&stats_json(d), "uplinks").iter().sum();
+                let b: u64 = json_numbers(&stats_json(t), "uplinks").iter().sum();
+                min = min.min(a + b);
+                samples += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (min, samples)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    // With every request of the test in flight (the backend pool at its
+    // largest): 4 uplinks plus backend connections.
+    let agent_fds = agent.fd_count();
+    let relays: Vec<u16> = nodes.iter().map(|n| n.relay.addr.port()).collect();
+    draining.gw().begin_shutdown();
+    // The replacement: the third node holds the slot.
+    let moved = within(
+        Duration::from_secs(5),
+        "replacement on the third node",
+        || third.placed("demo") == 2,
+    );
+    // The drained node's uplinks are closed by the agent once its streams
+    // are done (700 ms requests, then the agent's 250 ms settle).
+    let closed = within(
+        Duration::from_secs(8),
+        "drained node's uplinks closed",
+        || draining.open_uplinks() == 0,
+    );
+    eprintln!("drain: replacement accepted after {moved:?}, old uplinks closed after {closed:?}");
+    for h in inflight {
+        let r = h.join().unwrap();
+        assert_eq!(
+            r.status,
+            200,
+            "in flight on the draining node: {}",
+            r.text()
+        );
+        assert_eq!(r.text(), "delayed\n");
+        assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    for h in load {
+        h.join().unwrap();
+    }
+    sampling.store(false, Ordering::SeqCst);
+    let (min, samples) = sampler.join().unwrap();
+    assert!(samples > 10, "{samples} samples");
+    assert!(
+        min >= 2,
+        "an uplink closed before its replacement was accepted (min {min})"
+    );
+    assert_eq!(
+        failed.load(Ordering::SeqCst),
+        0,
+        "failed on the holder that stays"
+    );
+    assert!(ok.load(Ordering::SeqCst) > 20, "load ran: {ok:?}");
+    assert_eq!(stays.placed("demo"), 2);
+    let third_public = third.public;
+    within(
+        Duration::from_secs(2),
+        "no stream left on the holder that stays",
+        || metric_sum(&metrics(stays.admin), "ringtunnel_active_streams", "core=") == 0,
+    );
+    // Uplink sockets exactly as many as before; all fds within the
+    // harness's tolerance (the backend pool may keep one more).
+    within(
+        Duration::from_secs(2),
+        "agent back at 4 uplink sockets",
+        || sockets_to(agent.pid(), &relays) == 4 && agent.fd_count() <= agent_fds + 2,
+    );
+    // The drained node's workers end once its uplinks are gone.
+    let d = nodes.iter().position(|n| n.name == rank[0]).unwrap();
+    let gw = nodes[d].gw.take().unwrap();
+    let t = Instant::now();
+    gw.join();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "drained node took {:?} to stop",
+        t.elapsed()
+    );
+    let health = request(
+        agent.addr("admin"),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    let mut on = [rank[1].as_str(), rank[2].as_str()];
+    on.sort();
+    assert_eq!(health.text(), format!("ready\nnodes {} {}\n", on[0], on[1]));
+    wait_routable(third_public, "demo");
+}
+
+/// A node list naming an address where nothing listens: that node is
+/// excluded and the others are used.
+#[test]
+fn an_unreachable_node_in_the_list_is_excluded_and_the_others_used() {
+    let echo = echo("auto", 0);
+    let nodes: Vec<Node> = ["gw-b", "gw-c"].iter().map(|n| Node::start(n)).collect();
+    // A port nothing listens on.
+    let ghost_addr = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let names = ["ghost", "gw-b", "gw-c"];
+    // A session for which the ghost ranks first.
+    let session = (0..100)
+        .map(|i| format!("s{i}"))
+        .find(|s| rendezvous::rank(s, names)[0] == "ghost")
+        .unwrap();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    give_view(&refs, &view(&refs, &[("ghost", ghost_addr)]));
+    let agent = cluster_agent(nodes[0].relay.addr, &session, echo.addr("listen"), &[]);
+    within(Duration::from_secs(10), "on the two real nodes", || {
+        nodes[0].placed(&session) == 2 && nodes[1].placed(&session) == 2
+    });
+    within(Duration::from_secs(3), "ghost listed as excluded", || {
+        stats_json(agent.addr("admin")).contains("\"excluded\":[{\"node\":\"ghost\"")
+    });
+    // Each node lists itself first in its ACCEPT (the last ACCEPT wins).
+    let stats = stats_json(agent.addr("admin"));
+    assert!(
+        stats.contains("\"known\":[{\"node\":\"gw-b\"")
+            || stats.contains("\"known\":[{\"node\":\"gw-c\""),
+        "{stats}"
+    );
+    // Its exclusion runs out and the agent tries the ghost again (it
+    // ranks first), 1 s then 2 s later: a failed connect each time, never
+    // a working uplink lost.
+    // (Once the bootstrap uplinks that moved have closed.)
+    within(Duration::from_secs(3), "4 uplinks open", || {
+        nodes[0].open_uplinks() + nodes[1].open_uplinks() == 4
+    });
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(3500) {
+        let (a, b) = (nodes[0].open_uplinks(), nodes[1].open_uplinks());
+        assert_eq!(a + b, 4, "{a} + {b} at {:?}", t.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        (nodes[0].placed(&session), nodes[1].placed(&session)),
+        (2, 2)
+    );
+}
+
+/// An agent of this version against a gateway outside any cluster: no
+/// node list, the same uplinks as before, nothing about nodes on /health
+/// or /stats.
+#[test]
+fn a_single_gateway_agent_is_unchanged() {
+    let echo = echo("auto", 0);
+    let gw = gateway("auto", &[]);
+    let agent = agent(
+        "auto",
+        &gw,
+        "demo",
+        echo.addr("listen"),
+        &["--nodes", "2", "--admin-listen", "127.0.0.1:0"],
+    );
+    assert_eq!(agent.field("uplinks"), "2", "the gateway's core count");
+    wait_routable(gw.addr("public"), "demo");
+    assert_eq!(
+        session_placement(&stats_json(gw.addr("admin")), "demo"),
+        Some(vec![1, 1])
+    );
+    let health = request(
+        agent.addr("admin"),
+        "GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert_eq!(health.text(), "ready\n");
+    assert!(!stats_json(agent.addr("admin")).contains("\"cluster\""));
+}

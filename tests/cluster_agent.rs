@@ -11,15 +11,21 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use common::*;
 use ringtunnel::cluster::{rendezvous, ClusterConfig, ClusterView, NodeInfo, NodeState};
 use ringtunnel::config::{Cores, GatewayConfig};
 use ringtunnel::gateway::Gateway;
+use ringtunnel::proto::{
+    Accept, Decoder, ErrorCode, Frame, FrameType, Hello, CAP_CLUSTER, CAP_PUBLIC_URL,
+    PROTOCOL_VERSION,
+};
 use ringtunnel::runtime::DriverKind;
 
 /// A TCP relay in front of a node's tunnel port; `kill` drops every
@@ -620,4 +626,132 @@ fn a_single_gateway_agent_is_unchanged() {
     );
     assert_eq!(health.text(), "ready\n");
     assert!(!stats_json(agent.addr("admin")).contains("\"cluster\""));
+}
+
+/// A fake agent over a std socket: sends `hello`, returns the socket,
+/// the ACCEPT and the bytes read past it.
+fn fake_agent(tunnel: SocketAddr, capabilities: u32) -> (TcpStream, Accept, BytesMut) {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        capabilities,
+        agent_id: 7 + u64::from(capabilities),
+        uplink_index: 0,
+        uplinks_total: 1,
+        token: String::new(),
+        session: format!("raw{capabilities}"),
+        tcp: Vec::new(),
+    };
+    let mut s = TcpStream::connect(tunnel).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = BytesMut::new();
+    ringtunnel::proto::encode(&Frame::hello(&hello), &mut b);
+    s.write_all(&b).unwrap();
+    let mut buf = BytesMut::new();
+    let f = next_frame(&mut s, &mut buf).expect("ACCEPT");
+    assert_eq!(f.kind, FrameType::Accept);
+    (s, f.parse_accept().unwrap(), buf)
+}
+
+/// The next frame other than PING/PONG, `None` at EOF.
+fn next_frame(s: &mut TcpStream, buf: &mut BytesMut) -> Option<Frame> {
+    let mut dec = Decoder::new(ringtunnel::proto::DEFAULT_MAX_FRAME);
+    loop {
+        while let Ok(Some(f)) = dec.decode(buf) {
+            if !matches!(f.kind, FrameType::Ping | FrameType::Pong) {
+                return Some(f);
+            }
+        }
+        let mut tmp = [0u8; 4096];
+        let n = s.read(&mut tmp).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&tmp[..n]);
+    }
+}
+
+/// What a clustered gateway says, byte for byte on a raw socket: the node
+/// list only to an agent that asked (CAP_CLUSTER), this node first with
+/// its advertised address, the other ready nodes by name, draining ones
+/// left out; on drain REHOME to that agent and SHUTDOWN to one that
+/// cannot move, which keeps the uplink until the gateway closes it.
+#[test]
+fn a_clustered_gateway_lists_nodes_and_says_rehome_only_to_agents_that_can_move() {
+    let me = Node::start("gw-m");
+    let mut v = view(&[&me], &[("gw-z", "10.0.0.9:7000".parse().unwrap())]);
+    v.nodes.insert(
+        "gw-d".into(),
+        NodeInfo {
+            name: "gw-d".into(),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            tunnel: "10.0.0.8:7000".parse().unwrap(),
+            cores: 2,
+            state: NodeState::Draining,
+        },
+    );
+    v.nodes.insert(
+        "gw-a".into(),
+        NodeInfo {
+            name: "gw-a".into(),
+            peer: "127.0.0.1:9".parse().unwrap(),
+            tunnel: "10.0.0.7:7000".parse().unwrap(),
+            cores: 2,
+            state: NodeState::Ready,
+        },
+    );
+    give_view(&[&me], &v);
+    let tunnel = me.gw().tunnel_addr();
+    let (mut mover, acc, mut mbuf) = fake_agent(tunnel, CAP_CLUSTER);
+    assert_eq!(acc.capabilities & CAP_CLUSTER, CAP_CLUSTER);
+    let listed: Vec<(String, String)> = acc
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.tunnel.clone()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("gw-m".to_string(), me.relay.addr.to_string()),
+            ("gw-a".to_string(), "10.0.0.7:7000".to_string()),
+            ("gw-z".to_string(), "10.0.0.9:7000".to_string()),
+        ]
+    );
+    let (mut stayer, acc, mut sbuf) = fake_agent(tunnel, 0);
+    assert_eq!(acc.capabilities & CAP_CLUSTER, 0);
+    assert!(acc.nodes.is_empty());
+
+    // Without a view entry for itself, the node lists its own advertised
+    // address (the --peer-listen host and the tunnel port).
+    give_view(&[&me], &ClusterView::default());
+    let (_s, acc, _) = fake_agent(tunnel, CAP_CLUSTER | CAP_PUBLIC_URL);
+    assert_eq!(acc.nodes.len(), 1);
+    assert_eq!(acc.nodes[0].name, "gw-m");
+    assert_eq!(acc.nodes[0].tunnel, tunnel.to_string());
+    drop(_s);
+
+    let t = Instant::now();
+    me.gw().begin_shutdown();
+    let g = next_frame(&mut mover, &mut mbuf).expect("GOAWAY");
+    assert_eq!(g.kind, FrameType::GoAway);
+    assert_eq!(g.parse_goaway().unwrap().0, ErrorCode::Rehome);
+    let g = next_frame(&mut stayer, &mut sbuf).expect("GOAWAY");
+    assert_eq!(g.parse_goaway().unwrap().0, ErrorCode::Shutdown);
+    // The REHOME'd uplink is the agent's to close: the node waits for it
+    // (here until the fake agent hangs up), the idle SHUTDOWN one is not
+    // waited for.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(me.open_uplinks() >= 1, "closed before its agent moved");
+    drop(mover);
+    assert!(
+        next_frame(&mut stayer, &mut sbuf).is_none(),
+        "closed by the gateway"
+    );
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    within(Duration::from_secs(2), "no uplink left", || {
+        me.open_uplinks() == 0
+    });
 }

@@ -755,3 +755,57 @@ fn a_clustered_gateway_lists_nodes_and_says_rehome_only_to_agents_that_can_move(
         me.open_uplinks() == 0
     });
 }
+
+/// A node that accepts connections and never answers the handshake (a
+/// stalled or wedged process): the agent gives up on it after its
+/// handshake timeout, excludes it, uses the others, and keeps no socket
+/// to it.
+#[test]
+fn a_node_that_never_answers_the_handshake_is_excluded() {
+    let echo = echo("auto", 0);
+    let nodes: Vec<Node> = ["gw-b", "gw-c"].iter().map(|n| Node::start(n)).collect();
+    // Accepts, holds every connection, reads nothing.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap();
+    let held: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for c in mute.incoming().flatten() {
+                held.lock().unwrap().push(c);
+            }
+        });
+    }
+    let names = ["mute", "gw-b", "gw-c"];
+    let session = (0..100)
+        .map(|i| format!("s{i}"))
+        .find(|s| rendezvous::rank(s, names)[0] == "mute")
+        .unwrap();
+    let refs: Vec<&Node> = nodes.iter().collect();
+    give_view(&refs, &view(&refs, &[("mute", mute_addr)]));
+    let t = Instant::now();
+    let agent = cluster_agent(
+        nodes[0].relay.addr,
+        &session,
+        echo.addr("listen"),
+        &["--handshake-timeout", "1"],
+    );
+    within(Duration::from_secs(10), "on the two real nodes", || {
+        nodes[0].placed(&session) == 2 && nodes[1].placed(&session) == 2
+    });
+    eprintln!("placed around the mute node in {:?}", t.elapsed());
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the agent tried the mute node"
+    );
+    within(Duration::from_secs(3), "mute node excluded", || {
+        let s = stats_json(agent.addr("admin"));
+        s.contains("\"excluded\":[{\"node\":\"mute\"") && s.contains("no handshake answer")
+    });
+    // The agent closed its side of every attempt.
+    within(
+        Duration::from_secs(3),
+        "no socket left to the mute node",
+        || sockets_to(agent.pid(), &[mute_addr.port()]) == 0,
+    );
+}

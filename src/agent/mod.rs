@@ -12,6 +12,12 @@
 //! a restarted agent (same id: see `agent_id`) takes its name back and
 //! the requests held meanwhile go to it.
 //!
+//! In a cluster (an ACCEPT lists nodes) the uplinks are K node slots of
+//! `--uplinks` each; `nodes.rs` says which node each slot uses, and the
+//! keepers move an uplink make-before-break: the replacement is accepted
+//! before the old one drains (on REHOME from a draining node, on a node
+//! that failed, or when a better-ranked node is back).
+//!
 //! What the user sees: the first ACCEPT carries the gateway's public
 //! endpoint, from which [`forwarding_line`] says where the app is
 //! reachable; each request ends with one INFO line (target
@@ -558,6 +564,30 @@ fn release(core: &AgentCore, k: usize, h: &Held, counted: bool) {
     crate::signals::nudge();
 }
 
+/// One old uplink finishing after a move, counted in its keeper's
+/// `moving` until dropped (however its task ends: a panic too).
+struct Moving {
+    core: Rc<AgentCore>,
+    count: Rc<Cell<usize>>,
+}
+
+impl Moving {
+    fn start(core: &Rc<AgentCore>, count: &Rc<Cell<usize>>) -> Self {
+        count.set(count.get() + 1);
+        Moving {
+            core: core.clone(),
+            count: count.clone(),
+        }
+    }
+}
+
+impl Drop for Moving {
+    fn drop(&mut self) {
+        self.count.set(self.count.get() - 1);
+        self.core.events.wake_all();
+    }
+}
+
 /// How often a clustered keeper re-checks its slot's target while its
 /// uplink is fine: exclusions run out without an event, and a node back
 /// from one may rank first again.
@@ -581,6 +611,9 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
     // uplinks should not retry in the same rhythm as before.
     let mut seed = random_u64() ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut current: Option<Held> = None;
+    // Old uplinks still finishing their streams after a move: the keeper
+    // outlives them (the core's main future owns only the keepers).
+    let moving = Rc::new(Cell::new(0usize));
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             if let Some(h) = current.take() {
@@ -590,6 +623,7 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 release(&core, k, &h, true);
                 tracing::debug!(uplink = k, "uplink closed: agent stopping");
             }
+            core.until(|| moving.get() == 0).await;
             return;
         }
         let mut target = shared.with_nodes(|n| n.target(k, Instant::now()));
@@ -600,14 +634,23 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
             release(&core, k, h, true);
             current = None;
             if let Some(node) = on_node {
-                // Its node is suspect: excluded, and the slot's next
-                // target (or --gateway) is tried at once.
-                tracing::warn!("{why}; uplink {k}: node {node} excluded");
-                shared.with_nodes(|n| n.exclude(&node, &why, Instant::now()));
-                continue;
+                // Its node is suspect: excluded, and the slot's next node
+                // is tried at once. Only nodes not excluded are tried so,
+                // each at most once per exclusion; --gateway is tried
+                // after the usual backoff.
+                let next = shared.with_nodes(|n| {
+                    n.exclude(&node, &why, Instant::now());
+                    n.target(k, Instant::now())
+                });
+                if let Some(next) = next {
+                    tracing::warn!(
+                        "{why}; uplink {k}: node {node} excluded, trying {}",
+                        next.name
+                    );
+                    continue;
+                }
             }
-            // Not excluded below: `target` is where the slot goes next, not
-            // where the uplink was.
+            // Not excluded below: that is for a node a connect failed to.
             target = None;
             why
         } else {
@@ -680,7 +723,9 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                             "uplink moved"
                         );
                         let c = core.clone();
+                        let done = Moving::start(&core, &moving);
                         crate::runtime::spawn_isolated("uplink-move", async move {
+                            let _done = done;
                             if !old.up.is_closed() {
                                 drain(&c, &old.up, "uplink moved to another node").await;
                             }

@@ -39,7 +39,13 @@ struct Relay {
 
 impl Relay {
     fn start(upstream: SocketAddr) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Relay::start_on("127.0.0.1:0".parse().unwrap(), upstream)
+    }
+
+    /// On `at` (a killed relay's address: the node comes back where the
+    /// view says it is).
+    fn start_on(at: SocketAddr, upstream: SocketAddr) -> Relay {
+        let l = TcpListener::bind(at).unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -325,7 +331,7 @@ fn agent_holds_uplinks_on_exactly_the_rendezvous_top_k() {
 /// (bounded time), the other slot does not move, and the session is
 /// served by the new holder.
 #[test]
-fn a_dead_node_is_replaced_by_the_next_ranked_one() {
+fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
     let echo = echo("auto", 0);
     let mut nodes = three();
     let rank: Vec<String> = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
@@ -382,6 +388,30 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one() {
         "agent back at 4 uplink sockets",
         || sockets_to(agent.pid(), &relays) == 4 && agent.fd_count() <= agent_fds + 2,
     );
+
+    // The node comes back: once its exclusion (1 s) has run out it ranks
+    // first again and gets its slot back, the replacement accepted there
+    // before the third node's uplinks close.
+    let upstream = nodes[dead].gw().tunnel_addr();
+    let at = nodes[dead].relay.addr;
+    nodes[dead].relay = Relay::start_on(at, upstream);
+    let took = within(
+        Duration::from_secs(5),
+        "slot back on the revived node",
+        || nodes[dead].placed("demo") == 2,
+    );
+    eprintln!("slot back on {} in {took:?}", rank[0]);
+    within(
+        Duration::from_secs(3),
+        "third node's uplinks closed",
+        || by_name(&nodes, &rank[2]).open_uplinks() == 0,
+    );
+    assert_eq!(
+        by_name(&nodes, &rank[1]).placed("demo"),
+        2,
+        "the other slot stays"
+    );
+    wait_routable(nodes[dead].public, "demo");
 }
 
 /// Drain one holder under load: the agent's replacement on the third node
@@ -808,4 +838,91 @@ fn a_node_that_never_answers_the_handshake_is_excluded() {
         "no socket left to the mute node",
         || sockets_to(agent.pid(), &[mute_addr.port()]) == 0,
     );
+}
+
+/// A lying gateway: its ACCEPT carries a node list with a name that is no
+/// node name. The agent's codec refuses the ACCEPT (a connection error),
+/// the agent says why, retries with backoff, never counts that uplink as
+/// connected, and neither crashes nor follows the list.
+#[test]
+fn an_accept_with_a_garbage_node_list_is_refused() {
+    let liar = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = liar.local_addr().unwrap();
+    let attempts = Arc::new(AtomicU64::new(0));
+    {
+        let attempts = attempts.clone();
+        std::thread::spawn(move || {
+            let acc = Accept {
+                version: PROTOCOL_VERSION,
+                gateway_cores: 2,
+                core: 0,
+                max_frame: 256 * 1024,
+                stream_window: 256 * 1024,
+                conn_window: 1024 * 1024,
+                max_streams: 100,
+                capabilities: CAP_CLUSTER,
+                tcp: Vec::new(),
+                public: None,
+                nodes: vec![ringtunnel::proto::AcceptNode {
+                    name: "gw-a".into(),
+                    tunnel: "127.0.0.1:1".into(),
+                }],
+            };
+            let mut payload = BytesMut::new();
+            acc.encode(&mut payload);
+            // The name's first byte (after count and name length): "Gw-a".
+            let name_at = payload.len() - (4 + 1 + 11);
+            assert_eq!(&payload[name_at..name_at + 4], b"gw-a");
+            payload[name_at] = b'G';
+            let mut wire = BytesMut::new();
+            ringtunnel::proto::encode(
+                &Frame::new(FrameType::Accept, 0, payload.freeze()),
+                &mut wire,
+            );
+            for mut c in liar.incoming().flatten() {
+                attempts.fetch_add(1, Ordering::SeqCst);
+                let mut b = [0u8; 4096];
+                let _ = c.read(&mut b);
+                let _ = c.write_all(&wire);
+                // Left open: the agent must be the one to close.
+                std::thread::spawn(move || {
+                    let _ = c.read(&mut b);
+                });
+            }
+        });
+    }
+    let echo = echo("auto", 0);
+    let (gw, to) = (addr.to_string(), echo.addr("listen").to_string());
+    let mut agent = spawn_nowait(
+        "agent",
+        &[
+            "agent",
+            "--gateway",
+            &gw,
+            "--session",
+            "demo",
+            "--to",
+            &to,
+            "--no-pin",
+            "--cores",
+            "1",
+            "--uplinks",
+            "1",
+        ],
+    );
+    assert!(
+        agent.wait_stderr("ACCEPT node with a bad name", Duration::from_secs(5)),
+        "{}",
+        agent.stderr()
+    );
+    within(Duration::from_secs(5), "the agent retried", || {
+        attempts.load(Ordering::SeqCst) >= 3
+    });
+    assert_eq!(
+        agent.wait_exit(Duration::from_millis(200)),
+        None,
+        "still running"
+    );
+    assert!(!agent.stdout().contains("ready"), "{}", agent.stdout());
+    assert!(!agent.stderr().contains("panicked"), "{}", agent.stderr());
 }

@@ -143,8 +143,12 @@ impl crate::admin::StatsSource for AgentShared {
         if !n.is_on() {
             return String::new();
         }
-        let on: Vec<String> = n.on_nodes().into_iter().map(|(name, _)| name).collect();
-        format!("nodes {}\n", on.join(" "))
+        let on: String = n
+            .on_nodes()
+            .iter()
+            .map(|(name, _)| format!(" {name}"))
+            .collect();
+        format!("nodes{on}\n")
     }
     fn extra_json(&self) -> String {
         self.nodes().json(std::time::Instant::now())
@@ -588,11 +592,6 @@ impl Drop for Moving {
     }
 }
 
-/// How often a clustered keeper re-checks its slot's target while its
-/// uplink is fine: exclusions run out without an event, and a node back
-/// from one may rank first again.
-const RECHECK: Duration = Duration::from_secs(1);
-
 /// Connects, handshakes and serves uplink `k` until stopped; reconnects
 /// with exponential backoff (100 ms doubling to `reconnect_max`) and
 /// +-50% jitter so that many agents do not reconnect in lockstep.
@@ -678,14 +677,16 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                 if !(rehome || (cluster && misplaced)) {
                     // Until it closes, the agent stops, the slot's target
                     // changes or the node starts draining (all events),
-                    // or, in a cluster, the next re-check.
-                    let epoch = shared.nodes().epoch();
-                    let up = h.up.clone();
-                    let tick = if cluster {
-                        RECHECK
-                    } else {
-                        Duration::from_secs(3600)
+                    // or an exclusion runs out (no event: a timer), after
+                    // which a node back from it may rank first again.
+                    let (epoch, expiry) = {
+                        let n = shared.nodes();
+                        (n.epoch(), n.next_expiry(Instant::now()))
                     };
+                    let up = h.up.clone();
+                    // No exclusion running: a timer that never matters.
+                    let tick =
+                        expiry.map_or(Duration::from_secs(3600), |d| d + Duration::from_millis(1));
                     let sh = shared.clone();
                     monoio::select! {
                         _ = up.wait_closed() => {}

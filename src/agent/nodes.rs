@@ -170,6 +170,16 @@ impl Nodes {
         self.known.iter().find(|k| &k.name == name).cloned()
     }
 
+    /// How long until the next exclusion runs out (when a slot may move
+    /// back), if one is running.
+    pub(crate) fn next_expiry(&self, now: Instant) -> Option<Duration> {
+        self.excluded
+            .values()
+            .filter(|e| e.until > now)
+            .map(|e| e.until - now)
+            .min()
+    }
+
     /// Takes `node` out of the candidates for a while (see the module
     /// doc). A node already excluded stays so until its current deadline:
     /// the uplinks of one slot failing together count once.
@@ -395,8 +405,13 @@ mod tests {
             Some(third.clone()),
             "the third-ranked node takes over"
         );
+        assert_eq!(n.next_expiry(t), Some(EXCLUDE_FIRST));
         // Failing again while excluded does not lengthen the exclusion.
         n.exclude(&gone, "again", t + Duration::from_millis(500));
+        assert_eq!(
+            n.next_expiry(t + Duration::from_millis(500)),
+            Some(Duration::from_millis(500))
+        );
         let back = t + EXCLUDE_FIRST;
         assert_eq!(
             targets(&mut n, back),

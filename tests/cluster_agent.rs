@@ -349,7 +349,8 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
             && by_name(&nodes, &rank[1]).placed("demo") == 2
     });
     let dead = nodes.iter().position(|n| n.name == rank[0]).unwrap();
-    let agent_fds = agent.fd_count();
+    let backend = echo.addr("listen");
+    let agent_fds = agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]);
     let relays: Vec<u16> = nodes.iter().map(|n| n.relay.addr.port()).collect();
     nodes[dead].relay.kill();
     let took = within(
@@ -381,12 +382,18 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
     within(Duration::from_secs(5), "dead node's uplinks closed", || {
         nodes[dead].open_uplinks() == 0
     });
-    // Uplink sockets exactly as many as before; all fds within the
-    // harness's tolerance (the backend pool may keep one more).
+    // Uplink sockets exactly as many as before; the fds other than
+    // backend connections (a pool that may have grown under load) within
+    // the harness's tolerance of theirs.
     within(
-        Duration::from_secs(2),
+        Duration::from_secs(3),
         "agent back at 4 uplink sockets",
-        || sockets_to(agent.pid(), &relays) == 4 && agent.fd_count() <= agent_fds + 2,
+        || sockets_to(agent.pid(), &relays) == 4,
+    );
+    within(
+        Duration::from_secs(3),
+        "agent fds back at their baseline",
+        || agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]) <= agent_fds + 2,
     );
 
     // The node comes back: once its exclusion (1 s) has run out it ranks
@@ -468,11 +475,12 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
         .collect();
     // Requests in flight on the draining node when the drain starts
     // (keep-alive requests: the answer must close the connection).
+    let launched = Instant::now();
     let inflight: Vec<_> = (0..8)
         .map(|_| {
             let public = draining.public;
             std::thread::spawn(move || {
-                request(public, "GET /delay/700 HTTP/1.1\r\nHost: demo\r\n\r\n")
+                request(public, "GET /delay/1500 HTTP/1.1\r\nHost: demo\r\n\r\n")
             })
         })
         .collect();
@@ -498,8 +506,15 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
     std::thread::sleep(Duration::from_millis(200));
     // With every request of the test in flight (the backend pool at its
     // largest): 4 uplinks plus backend connections.
-    let agent_fds = agent.fd_count();
+    let backend = echo.addr("listen");
+    let agent_fds = agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]);
     let relays: Vec<u16> = nodes.iter().map(|n| n.relay.addr.port()).collect();
+    // 1.5 s requests: still in flight when the drain starts.
+    let drain_at = launched.elapsed();
+    assert!(
+        drain_at < Duration::from_millis(1200),
+        "drain at {drain_at:?}"
+    );
     draining.gw().begin_shutdown();
     // The replacement: the third node holds the slot.
     let moved = within(
@@ -508,13 +523,20 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
         || third.placed("demo") == 2,
     );
     // The drained node's uplinks are closed by the agent once its streams
-    // are done (700 ms requests, then the agent's 250 ms settle).
-    let closed = within(
+    // are done (1.5 s requests, then the agent's 250 ms settle).
+    within(
         Duration::from_secs(8),
         "drained node's uplinks closed",
         || draining.open_uplinks() == 0,
     );
-    eprintln!("drain: replacement accepted after {moved:?}, old uplinks closed after {closed:?}");
+    let closed = launched.elapsed() - drain_at;
+    eprintln!(
+        "drain: replacement accepted {moved:?} after the drain began, old uplinks closed after {closed:?}"
+    );
+    assert!(
+        launched.elapsed() >= Duration::from_millis(1500),
+        "old uplinks closed before their requests could finish"
+    );
     for h in inflight {
         let r = h.join().unwrap();
         assert_eq!(
@@ -551,12 +573,18 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
         "no stream left on the holder that stays",
         || metric_sum(&metrics(stays.admin), "ringtunnel_active_streams", "core=") == 0,
     );
-    // Uplink sockets exactly as many as before; all fds within the
-    // harness's tolerance (the backend pool may keep one more).
+    // Uplink sockets exactly as many as before; the fds other than
+    // backend connections (a pool that may have grown under load) within
+    // the harness's tolerance of theirs.
     within(
-        Duration::from_secs(2),
+        Duration::from_secs(3),
         "agent back at 4 uplink sockets",
-        || sockets_to(agent.pid(), &relays) == 4 && agent.fd_count() <= agent_fds + 2,
+        || sockets_to(agent.pid(), &relays) == 4,
+    );
+    within(
+        Duration::from_secs(3),
+        "agent fds back at their baseline",
+        || agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]) <= agent_fds + 2,
     );
     // The drained node's workers end once its uplinks are gone.
     let d = nodes.iter().position(|n| n.name == rank[0]).unwrap();
@@ -925,4 +953,31 @@ fn an_accept_with_a_garbage_node_list_is_refused() {
     );
     assert!(!agent.stdout().contains("ready"), "{}", agent.stdout());
     assert!(!agent.stderr().contains("panicked"), "{}", agent.stderr());
+}
+
+/// An agent that connected while its node knew only itself (the cluster
+/// still forming) learns the other nodes: uplink 0 re-dials every 10 s
+/// while fewer nodes are known than `--nodes`, and the new ACCEPT's list
+/// gives it its second node.
+#[test]
+fn an_agent_that_saw_one_node_learns_the_others() {
+    let echo = echo("auto", 0);
+    let nodes: Vec<Node> = ["gw-a", "gw-b", "gw-c"]
+        .iter()
+        .map(|n| Node::start(n))
+        .collect();
+    let rank = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"]);
+    // No view yet: each node lists only itself.
+    let first = by_name(&nodes, rank[0]);
+    let agent = cluster_agent(first.relay.addr, "demo", echo.addr("listen"), &[]);
+    assert_eq!(agent.field("uplinks"), "2", "one node known: K = 1");
+    let refs: Vec<&Node> = nodes.iter().collect();
+    give_view(&refs, &view(&refs, &[]));
+    let took = within(Duration::from_secs(15), "on the top 2", || {
+        by_name(&nodes, rank[0]).placed("demo") == 2 && by_name(&nodes, rank[1]).placed("demo") == 2
+    });
+    eprintln!("second node after {took:?}");
+    let stats = stats_json(agent.addr("admin"));
+    assert!(stats.contains("\"slots\":[\""), "{stats}");
+    assert_eq!(by_name(&nodes, rank[2]).open_uplinks(), 0);
 }

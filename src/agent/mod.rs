@@ -674,7 +674,11 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                     (Some(_), None) => true,
                     (None, _) => false,
                 };
-                if !(rehome || (cluster && misplaced)) {
+                let refresh = shared.nodes().refresh(k, Instant::now());
+                if refresh.is_ok() {
+                    tracing::debug!(uplink = k, "re-dialling for a fresh node list");
+                }
+                if !(rehome || (cluster && misplaced) || refresh.is_ok()) {
                     // Until it closes, the agent stops, the slot's target
                     // changes or the node starts draining (all events),
                     // or an exclusion runs out (no event: a timer), after
@@ -684,9 +688,14 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         (n.epoch(), n.next_expiry(Instant::now()))
                     };
                     let up = h.up.clone();
-                    // No exclusion running: a timer that never matters.
+                    // Neither an exclusion running nor a refresh due: a
+                    // timer that never matters.
+                    let next = match (expiry, refresh.err().flatten()) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
                     let tick =
-                        expiry.map_or(Duration::from_secs(3600), |d| d + Duration::from_millis(1));
+                        next.map_or(Duration::from_secs(3600), |d| d + Duration::from_millis(1));
                     let sh = shared.clone();
                     monoio::select! {
                         _ = up.wait_closed() => {}
@@ -714,15 +723,18 @@ async fn keep_uplink(core: Rc<AgentCore>, k: usize) {
                         // The replacement is accepted: only now does the
                         // old uplink stop taking streams, finish those in
                         // flight and close.
-                        tracing::info!(
-                            uplink = k,
-                            from = old.node.as_deref().unwrap_or("?"),
-                            to = current
+                        let (from, to) = (
+                            old.node.as_deref().unwrap_or("?"),
+                            current
                                 .as_ref()
                                 .and_then(|h| h.node.as_deref())
                                 .unwrap_or("?"),
-                            "uplink moved"
                         );
+                        if from == to {
+                            tracing::debug!(uplink = k, node = from, "uplink re-dialled");
+                        } else {
+                            tracing::info!(uplink = k, from, to, "uplink moved");
+                        }
                         let c = core.clone();
                         let done = Moving::start(&core, &moving);
                         crate::runtime::spawn_isolated("uplink-move", async move {

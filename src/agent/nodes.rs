@@ -40,6 +40,11 @@ use crate::proto::AcceptNode;
 pub(crate) const EXCLUDE_FIRST: Duration = Duration::from_secs(1);
 /// Longest exclusion.
 pub(crate) const EXCLUDE_MAX: Duration = Duration::from_secs(30);
+/// While fewer nodes are known than `--nodes` asks for, how often uplink 0
+/// re-dials its node (make-before-break) to read a fresh list: a node list
+/// travels only in ACCEPT, and an agent that connected while the cluster
+/// was still forming must not stay on fewer nodes for good.
+pub(crate) const REFRESH: Duration = Duration::from_secs(10);
 
 /// A node the agent may connect to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +78,8 @@ pub(crate) struct Nodes {
     holding: HashMap<usize, String>,
     /// Bumped whenever a slot's target changes: keepers re-check theirs.
     epoch: u64,
+    /// When the last node list arrived.
+    listed_at: Option<Instant>,
 }
 
 impl Nodes {
@@ -86,6 +93,7 @@ impl Nodes {
             slots: Vec::new(),
             holding: HashMap::new(),
             epoch: 0,
+            listed_at: None,
         }
     }
 
@@ -124,6 +132,7 @@ impl Nodes {
             return None;
         }
         let before = self.total();
+        self.listed_at = Some(now);
         if !self.is_on() {
             self.per_node = per_node.max(1);
         }
@@ -168,6 +177,22 @@ impl Nodes {
         self.recompute(now);
         let name = self.slots.get(self.slot_of(uplink))?.as_ref()?;
         self.known.iter().find(|k| &k.name == name).cloned()
+    }
+
+    /// Whether uplink `uplink` should re-dial for a fresh node list now
+    /// (`Ok`), or in how long (`Err`, `None`: no need). Only uplink 0, and
+    /// only while fewer nodes are known than wanted (see [`REFRESH`]).
+    pub(crate) fn refresh(&self, uplink: usize, now: Instant) -> Result<(), Option<Duration>> {
+        let Some(at) = self
+            .listed_at
+            .filter(|_| uplink == 0 && self.known.len() < self.want)
+        else {
+            return Err(None);
+        };
+        match (at + REFRESH).checked_duration_since(now) {
+            Some(d) if !d.is_zero() => Err(Some(d)),
+            _ => Ok(()),
+        }
     }
 
     /// How long until the next exclusion runs out (when a slot may move
@@ -467,6 +492,20 @@ mod tests {
         n.exclude("gw-c", "x", t);
         n.on_accept(&list(&ALL[..2]), 1, t);
         assert!(n.excluded.is_empty());
+    }
+
+    #[test]
+    fn uplink_0_refreshes_the_list_while_fewer_nodes_are_known_than_wanted() {
+        let t = Instant::now();
+        let mut n = Nodes::new("demo", None);
+        assert_eq!(n.refresh(0, t), Err(None), "off");
+        n.on_accept(&list(&ALL[..1]), 2, t);
+        assert_eq!(n.refresh(0, t), Err(Some(REFRESH)));
+        assert_eq!(n.refresh(1, t + REFRESH), Err(None), "uplink 0 only");
+        assert_eq!(n.refresh(0, t + REFRESH), Ok(()));
+        let t2 = t + REFRESH;
+        n.on_accept(&list(&ALL), 2, t2);
+        assert_eq!(n.refresh(0, t2 + REFRESH), Err(None), "enough nodes known");
     }
 
     #[test]

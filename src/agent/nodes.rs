@@ -269,7 +269,16 @@ impl Nodes {
         if !self.is_on() {
             return String::new();
         }
-        let q = |s: &str| format!("\"{}\"", s.replace(['"', '\\'], ""));
+        // Names are session-shaped; reasons may carry a gateway's text:
+        // quotes, backslashes and control characters never reach the JSON.
+        let q = |s: &str| {
+            let clean: String = crate::limits::log_safe(s)
+                .chars()
+                .filter(|c| !matches!(c, '"' | '\\'))
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            format!("\"{clean}\"")
+        };
         let slots: Vec<String> = self
             .slots
             .iter()
@@ -521,7 +530,7 @@ mod tests {
         assert_eq!(n.on_nodes(), vec![("gw-a".into(), 2), ("gw-b".into(), 1)]);
         n.released(1, "gw-a");
         assert_eq!(n.on_nodes(), vec![("gw-a".into(), 1), ("gw-b".into(), 1)]);
-        n.exclude("gw-c", "refused \"x\"", t);
+        n.exclude("gw-c", "refused \"x\"\n\\", t);
         let j = n.json(t);
         assert!(
             j.starts_with("\"cluster\":{\"nodes_wanted\":2,\"uplinks_per_node\":2,"),
@@ -534,7 +543,9 @@ mod tests {
             "{j}"
         );
         assert!(
-            j.contains("\"excluded\":[{\"node\":\"gw-c\",\"ms_left\":1000,\"why\":\"refused x\"}]"),
+            j.contains(
+                "\"excluded\":[{\"node\":\"gw-c\",\"ms_left\":1000,\"why\":\"refused x \"}]"
+            ),
             "{j}"
         );
     }

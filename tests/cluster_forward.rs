@@ -615,3 +615,84 @@ fn a_node_that_leaves_the_view_is_no_longer_dialed() {
     }
     assert_eq!(get(p.b.public_addr(), "/").status, 404);
 }
+
+/// Reads frames off a raw peer link until one matches `want` (PINGs and
+/// WINDOWs pass by); `None` once the link closed.
+fn next_frame(
+    s: &mut TcpStream,
+    buf: &mut bytes::BytesMut,
+    want: impl Fn(&ringtunnel::proto::Frame) -> bool,
+) -> Option<ringtunnel::proto::Frame> {
+    let mut dec = ringtunnel::proto::Decoder::new(1 << 24);
+    let mut tmp = [0u8; 65536];
+    loop {
+        while let Ok(Some(f)) = dec.decode(buf) {
+            if want(&f) {
+                return Some(f);
+            }
+        }
+        match s.read(&mut tmp) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// A peer that holds the secret but lies: OPENs with two hops, with no
+/// prefix, for a session the node does not hold, then an honest one,
+/// then garbage. Each lie costs only its stream; garbage only the link.
+#[test]
+fn a_lying_peer_gets_its_streams_reset_and_garbage_closes_only_its_link() {
+    use ringtunnel::cluster::prefix;
+    use ringtunnel::proto::{encode, ErrorCode, Frame, FrameType, CAP_PEER};
+    let p = pair();
+    // A is the holder: speak to its peer port as node B would.
+    let mut s = stranger(p.a.peer_addr().unwrap());
+    s.write_all(&hello(CAP_PEER, SECRET)).unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let acc = next_frame(&mut s, &mut buf, |_| true).expect("ACCEPT");
+    assert_eq!(acc.kind, FrameType::Accept);
+    let head = b"GET /bytes/5 HTTP/1.1\r\nHost: demo\r\n\r\n";
+    let send = |s: &mut TcpStream, f: Frame| {
+        let mut b = bytes::BytesMut::new();
+        encode(&f, &mut b);
+        s.write_all(&b).unwrap();
+    };
+    let reset_of = |s: &mut TcpStream, buf: &mut bytes::BytesMut, id: u32| {
+        let f =
+            next_frame(s, buf, |f| f.stream == id && f.kind == FrameType::Reset).expect("a RESET");
+        f.reset_code().unwrap()
+    };
+    send(&mut s, Frame::open(1, prefix::encode(2, "demo", head)));
+    assert_eq!(reset_of(&mut s, &mut buf, 1), ErrorCode::ProtocolError);
+    send(&mut s, Frame::open(2, bytes::Bytes::from_static(head)));
+    assert_eq!(reset_of(&mut s, &mut buf, 2), ErrorCode::ProtocolError);
+    send(&mut s, Frame::open(3, prefix::encode(1, "nobody", head)));
+    assert_eq!(reset_of(&mut s, &mut buf, 3), ErrorCode::NotHere);
+    // The honest one: the agent's response, exactly.
+    send(&mut s, Frame::open(4, prefix::encode(1, "demo", head)));
+    send(&mut s, Frame::end(4));
+    let r = next_frame(&mut s, &mut buf, |f| f.stream == 4).expect("a response");
+    assert_eq!(r.kind, FrameType::Response);
+    assert!(r.payload.starts_with(b"HTTP/1.1 200"));
+    let d = next_frame(&mut s, &mut buf, |f| f.stream == 4).expect("its body");
+    assert_eq!(d.kind, FrameType::Data);
+    assert_eq!(d.payload.len(), 5);
+    let e = next_frame(&mut s, &mut buf, |f| f.stream == 4).expect("its end");
+    assert_eq!(e.kind, FrameType::End);
+    // Garbage: a frame header announcing 1 GiB. The link goes (GOAWAY,
+    // then close); B's own links and the node are untouched.
+    let links = sum(&p.a, |c| &c.peer_links);
+    s.write_all(&[0x40, 0, 0, 0, 0x12, 0, 0, 0, 0, 0, 0, 9])
+        .unwrap();
+    let g = next_frame(&mut s, &mut buf, |f| f.kind == FrameType::GoAway);
+    assert!(g.is_some(), "GOAWAY before the close");
+    assert!(next_frame(&mut s, &mut buf, |_| false).is_none(), "closed");
+    let t = Instant::now();
+    while sum(&p.a, |c| &c.peer_links) != links - 1 {
+        assert!(t.elapsed() < 2 * SEC, "the lying link is still counted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(get(p.b.public_addr(), "/").status, 200);
+    wait_idle(&p.a, "A");
+}

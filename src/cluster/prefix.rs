@@ -125,6 +125,21 @@ mod tests {
         assert_eq!(&f.open[..], open);
     }
 
+    /// The example of docs/PROTOCOL.md, section 15, byte for byte.
+    #[test]
+    fn the_documented_example() {
+        let wire = encode(1, "demo", b"GET / HTTP/1.1\r\nHost: demo\r\n\r\n");
+        let mut b = BytesMut::new();
+        crate::proto::encode(&crate::proto::Frame::open(1, wire), &mut b);
+        let hex: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "00 00 00 25 10 00 00 00 00 00 00 01 01 01 04 64 65 6d 6f \
+             47 45 54 20 2f 20 48 54 54 50 2f 31 2e 31 \
+             0d 0a 48 6f 73 74 3a 20 64 65 6d 6f 0d 0a 0d 0a"
+        );
+    }
+
     #[test]
     fn rejects_each_malformation() {
         let ok = encode(1, "a-1", b"x");

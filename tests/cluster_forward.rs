@@ -23,11 +23,16 @@ const SECRET: &str = "a-cluster-secret-of-some-length";
 const SEC: Duration = Duration::from_secs(1);
 
 fn node(name: &str) -> Gateway {
+    node_with(name, 1)
+}
+
+fn node_with(name: &str, cores: usize) -> Gateway {
     ringtunnel::gateway::start(GatewayConfig {
         listen: "127.0.0.1:0".into(),
         tunnel_listen: "127.0.0.1:0".into(),
         admin_listen: Some("127.0.0.1:0".into()),
-        cores: Cores::new(Some(1), false, DriverKind::Auto),
+        cores: Cores::new(Some(cores), false, DriverKind::Auto),
+        shutdown_grace: 5 * SEC,
         write_stall_timeout: SEC,
         cluster: Some(ClusterConfig {
             // Never contacted here: the test hands the views out.
@@ -75,8 +80,13 @@ fn sum(gw: &Gateway, f: impl Fn(&ringtunnel::io::stats::CoreStats) -> &AtomicU64
 }
 
 fn agent_on(gw: &Gateway, backend: SocketAddr) -> Proc {
+    agent_cores(gw, backend, 1)
+}
+
+fn agent_cores(gw: &Gateway, backend: SocketAddr, cores: usize) -> Proc {
     let tunnel = gw.tunnel_addr().to_string();
     let backend = backend.to_string();
+    let cores = cores.to_string();
     spawn(
         "agent",
         &[
@@ -89,7 +99,7 @@ fn agent_on(gw: &Gateway, backend: SocketAddr) -> Proc {
             &backend,
             "--no-pin",
             "--cores",
-            "1",
+            &cores,
         ],
         "ringtunnel agent ready",
     )
@@ -199,6 +209,21 @@ fn get_post_chunked_and_websocket_cross_one_peer_link() {
     assert_eq!(r.body.len(), 100_000);
     drop(c);
 
+    // Expect: 100-continue: the 100 crosses the splice before the body.
+    let mut c = connect(b);
+    c.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: demo\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 100);
+    c.write_all(b"hello there").unwrap();
+    let r = read_response(&mut c, &mut buf, false).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, b"hello there");
+    drop(c);
+
     // WebSocket: 101 through the splice, then 1 MiB echoed raw.
     let mut c = connect(b);
     c.write_all(
@@ -231,8 +256,8 @@ fn get_post_chunked_and_websocket_cross_one_peer_link() {
     assert_eq!(c.read(&mut tmp).unwrap(), 0);
     drop(c);
 
-    assert!(sum(&p.b, |c| &c.forwarded_out) >= 6);
-    assert!(sum(&p.a, |c| &c.forwarded_in) >= 6);
+    assert!(sum(&p.b, |c| &c.forwarded_out) >= 7);
+    assert!(sum(&p.a, |c| &c.forwarded_in) >= 7);
     assert_eq!(sum(&p.b, |c| &c.forward_retries), 0);
     let m = metrics(p.b.admin_addr().unwrap());
     assert!(
@@ -695,4 +720,78 @@ fn a_lying_peer_gets_its_streams_reset_and_garbage_closes_only_its_link() {
     }
     assert_eq!(get(p.b.public_addr(), "/").status, 200);
     wait_idle(&p.a, "A");
+}
+
+/// Two-core nodes: B's two cores each dial A, A's kernel spreads the links
+/// over its cores, and the agent holds an uplink on each of A's cores, so
+/// every forwarded stream finds one where it lands.
+#[test]
+fn two_core_nodes_forward_from_every_core() {
+    let echo = echo("uring", 0);
+    let a = node_with("node-a", 2);
+    let b = node_with("node-b", 2);
+    let _agent = agent_cores(&a, echo.addr("listen"), 2);
+    wait_routable(a.public_addr(), "demo");
+    let nodes = [
+        ("node-a", &a, a.peer_addr().unwrap()),
+        ("node-b", &b, b.peer_addr().unwrap()),
+    ];
+    b.set_cluster_view(view(&nodes, &["node-a"]));
+    wait_status(b.public_addr(), "demo", 200, 10 * SEC);
+    let t = Instant::now();
+    while sum(&b, |c| &c.peer_links) != 2 {
+        assert!(t.elapsed() < 5 * SEC, "one link per core of B");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for i in 0..40 {
+        let r = get(b.public_addr(), &format!("/bytes/{i}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.body.len(), i);
+    }
+    let per_core: Vec<u64> = b
+        .stats()
+        .iter()
+        .map(|c| c.forwarded_out.load(Ordering::SeqCst))
+        .collect();
+    assert!(per_core.iter().all(|&n| n > 0), "{per_core:?}");
+    assert_eq!(sum(&b, |c| &c.forward_retries), 0);
+    wait_idle(&b, "B");
+    wait_idle(&a, "A");
+}
+
+/// A holder that shuts down: its GOAWAY takes it out of B's routing at
+/// once, while a forwarded request in flight finishes within its grace.
+#[test]
+fn a_holder_shutting_down_finishes_what_it_has_and_takes_no_more() {
+    let p = pair();
+    let b = p.b.public_addr();
+    let slow = std::thread::spawn(move || get(b, "/delay/800"));
+    let t = Instant::now();
+    while sum(&p.a, |c| &c.active_streams) < 2 {
+        assert!(t.elapsed() < 5 * SEC, "the slow request never reached A");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let Pair {
+        a, b: gb, agent, ..
+    } = p;
+    let stopper = std::thread::spawn(move || a.shutdown());
+    let t = Instant::now();
+    // B's link to A drains at once: a new request is not sent there.
+    loop {
+        let r = get(gb.public_addr(), "/");
+        if r.status == 502 {
+            break;
+        }
+        assert!(t.elapsed() < SEC, "B still forwards to a stopping node");
+    }
+    let r = slow.join().unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the request in flight finishes: {}",
+        r.text()
+    );
+    stopper.join().unwrap();
+    drop(agent);
+    wait_idle(&gb, "B");
 }

@@ -795,3 +795,52 @@ fn a_holder_shutting_down_finishes_what_it_has_and_takes_no_more() {
     drop(agent);
     wait_idle(&gb, "B");
 }
+
+/// Forwarding cost (issue 11, S1, on loopback in one process): the same
+/// closed-loop load against node B (forwarded to A) and node A (the
+/// holder), alternating, 35 ms backend, c=100 and c=1000, 3 s each.
+/// A measurement, not a check: run it in release,
+/// `cargo test --release --test cluster_forward -- --ignored --nocapture forwarding_cost`.
+#[test]
+#[ignore]
+fn forwarding_cost() {
+    let echo = echo("uring", 35);
+    let a = node("node-a");
+    let b = node("node-b");
+    let _agent = agent_on(&a, echo.addr("listen"));
+    wait_routable(a.public_addr(), "demo");
+    let nodes = [
+        ("node-a", &a, a.peer_addr().unwrap()),
+        ("node-b", &b, b.peer_addr().unwrap()),
+    ];
+    let v = view(&nodes, &["node-a"]);
+    a.set_cluster_view(v.clone());
+    b.set_cluster_view(v);
+    wait_status(b.public_addr(), "demo", 200, 10 * SEC);
+    for c in ["100", "1000"] {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "bench",
+                &format!("http://{}/", b.public_addr()),
+                "--host",
+                "demo",
+                "--compare",
+                &format!("http://{}/", a.public_addr()),
+                "-c",
+                c,
+                "-d",
+                "3s",
+                "--cores",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        println!("c={c}\n{}", String::from_utf8_lossy(&out.stdout));
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!(
+        "forwarded_out={} forward_retries={}",
+        sum(&b, |c| &c.forwarded_out),
+        sum(&b, |c| &c.forward_retries)
+    );
+}

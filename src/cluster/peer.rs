@@ -21,6 +21,10 @@
 //! unreachable on this core at that moment (routing only takes open
 //! links), not when the node's etcd lease runs out.
 //!
+//! Peer links are plain TCP: the cluster secret and the forwarded
+//! requests cross them unencrypted, so `--peer-listen` belongs on a
+//! private network between the nodes.
+//!
 //! Liveness: peer links ping every `min(--heartbeat, 1 s)` and are dead
 //! after three intervals without a frame, so a blackholed node is skipped
 //! within 3 s (plus at most one timer tick, ~1 ms) of its last frame.
@@ -243,6 +247,8 @@ pub(crate) fn sync(core: &Rc<Core>, view: &ClusterView) {
 async fn keep_link(core: Rc<Core>, slot: Rc<Slot>) {
     let stopping = |c: &Core| c.shared.shutting_down.load(Ordering::Relaxed);
     let mut backoff = BACKOFF_MIN;
+    // One WARN per outage, the retries at DEBUG.
+    let mut warned = false;
     let mut seed = (core.index as u64 + 1)
         .wrapping_mul(0x9e37_79b9_7f4a_7c15)
         .wrapping_add(std::process::id() as u64)
@@ -252,6 +258,7 @@ async fn keep_link(core: Rc<Core>, slot: Rc<Slot>) {
         match dial(&core, &slot.node, addr).await {
             Ok(up) => {
                 backoff = BACKOFF_MIN;
+                warned = false;
                 tracing::info!(core = core.index, node = %slot.node, %addr, "peer link up");
                 *slot.link.borrow_mut() = Some(up.clone());
                 let w = Rc::downgrade(&slot);
@@ -281,6 +288,10 @@ async fn keep_link(core: Rc<Core>, slot: Rc<Slot>) {
                 tracing::info!(core = core.index, node = %slot.node, reason = %why, "peer link down");
                 // A drained link finishes its streams and is closed by
                 // its peer; a new one takes new streams meanwhile.
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(core = core.index, node = %slot.node, %addr, error = %e, "cannot link to peer node; retrying");
             }
             Err(e) => {
                 tracing::debug!(core = core.index, node = %slot.node, %addr, error = %e, "peer dial failed");

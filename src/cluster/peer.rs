@@ -40,9 +40,10 @@
 //! and each received chunk is held until it was queued on the other
 //! stream under that stream's credit. So credit flows end to end: a
 //! client that stops reading stops the agent, and a spliced stream holds
-//! at most one stream window (`--stream-window`) per direction on each of
-//! its two links. Either side ending, resetting or vanishing ends the
-//! other.
+//! at most one stream window (256 KiB by default) per direction on each of
+//! its two links, and all of a peer link's streams together at most its
+//! connection window (16 MiB by default) per direction, as on any uplink.
+//! Either side ending, resetting or vanishing ends the other.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -27,11 +27,15 @@ fn node(name: &str) -> Gateway {
 }
 
 fn node_with(name: &str, cores: usize) -> Gateway {
+    node_on(name, cores, DriverKind::Auto)
+}
+
+fn node_on(name: &str, cores: usize, driver: DriverKind) -> Gateway {
     ringtunnel::gateway::start(GatewayConfig {
         listen: "127.0.0.1:0".into(),
         tunnel_listen: "127.0.0.1:0".into(),
         admin_listen: Some("127.0.0.1:0".into()),
-        cores: Cores::new(Some(cores), false, DriverKind::Auto),
+        cores: Cores::new(Some(cores), false, driver),
         shutdown_grace: 5 * SEC,
         write_stall_timeout: SEC,
         cluster: Some(ClusterConfig {
@@ -138,9 +142,13 @@ struct Pair {
 }
 
 fn pair() -> Pair {
+    pair_on(DriverKind::Auto)
+}
+
+fn pair_on(driver: DriverKind) -> Pair {
     let echo = echo("uring", 0);
-    let a = node("node-a");
-    let b = node("node-b");
+    let a = node_on("node-a", 1, driver);
+    let b = node_on("node-b", 1, driver);
     let agent = agent_on(&a, echo.addr("listen"));
     wait_routable(a.public_addr(), "demo");
     let nodes = [
@@ -161,7 +169,17 @@ fn pair() -> Pair {
 
 #[test]
 fn get_post_chunked_and_websocket_cross_one_peer_link() {
-    let p = pair();
+    cross_one_peer_link(DriverKind::Auto);
+}
+
+/// The same on the epoll driver (both nodes).
+#[test]
+fn get_post_chunked_and_websocket_cross_one_peer_link_on_epoll() {
+    cross_one_peer_link(DriverKind::Legacy);
+}
+
+fn cross_one_peer_link(driver: DriverKind) {
+    let p = pair_on(driver);
     let b = p.b.public_addr();
     let r = get(b, "/");
     assert_eq!(r.status, 200);

@@ -133,6 +133,47 @@ fn wait_idle(gw: &Gateway, what: &str) {
     }
 }
 
+/// Sockets of this process on `port` (its side of the connections it
+/// accepted there): /proc/net/tcp entries, not listening, with an inode
+/// (held by an fd; closed ones waiting in TIME_WAIT have none).
+fn held_sockets(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local = f[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local, 16).unwrap() == port && f[3] != "0A" && f[9] != "0"
+        })
+        .count()
+}
+
+/// Waits until each node holds only what it held at `base`: streams and
+/// public connections none, and on B's public port, A's peer port and
+/// A's tunnel port exactly the sockets `base` counted (the peer links
+/// and the agent's uplink, nothing a client left behind).
+fn wait_back(p: &Pair, base: [usize; 3], what: &str) {
+    wait_idle(&p.b, &format!("B {what}"));
+    wait_idle(&p.a, &format!("A {what}"));
+    let ports = [
+        p.b.public_addr().port(),
+        p.a.peer_addr().unwrap().port(),
+        p.a.tunnel_addr().port(),
+    ];
+    let t = Instant::now();
+    loop {
+        let now = ports.map(held_sockets);
+        if now == base {
+            return;
+        }
+        assert!(
+            t.elapsed() < 5 * SEC,
+            "{what}: sockets on B public / A peer / A tunnel {now:?}, baseline {base:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Two nodes: A with the agent, B without; both know the view.
 struct Pair {
     _echo: Proc,
@@ -291,6 +332,13 @@ fn cross_one_peer_link(driver: DriverKind) {
 fn stalled_and_vanishing_clients_free_both_nodes() {
     let p = pair();
     let b = p.b.public_addr();
+    let base = [
+        held_sockets(b.port()),
+        held_sockets(p.a.peer_addr().unwrap().port()),
+        held_sockets(p.a.tunnel_addr().port()),
+    ];
+    // One peer link from B accepted on A, the agent's uplink on A.
+    assert_eq!(base, [0, 1, 1]);
     // A client that stops reading a big download: B drops it after the
     // write-stall timeout (1 s), and the credit it held on both links
     // comes back (a fresh download afterwards runs at full speed).
@@ -311,8 +359,7 @@ fn stalled_and_vanishing_clients_free_both_nodes() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(c);
-    wait_idle(&p.b, "B after a stalled reader");
-    wait_idle(&p.a, "A after a stalled reader");
+    wait_back(&p, base, "after a stalled reader");
     let r = get(b, "/bytes/20000000");
     assert_eq!(r.body.len(), 20_000_000, "a fresh download after the stall");
 
@@ -325,8 +372,7 @@ fn stalled_and_vanishing_clients_free_both_nodes() {
         got += c.read(&mut [0u8; 65536]).unwrap();
     }
     abort(c);
-    wait_idle(&p.b, "B after a vanished downloader");
-    wait_idle(&p.a, "A after a vanished downloader");
+    wait_back(&p, base, "after a vanished downloader");
 
     // A client that vanishes mid-upload.
     let mut c = connect(b);
@@ -335,8 +381,7 @@ fn stalled_and_vanishing_clients_free_both_nodes() {
     c.write_all(&pattern(1_000_000)).unwrap();
     std::thread::sleep(Duration::from_millis(100));
     abort(c);
-    wait_idle(&p.b, "B after a vanished uploader");
-    wait_idle(&p.a, "A after a vanished uploader");
+    wait_back(&p, base, "after a vanished uploader");
     assert_eq!(get(b, "/").status, 200, "still served afterwards");
 }
 

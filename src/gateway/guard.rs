@@ -172,7 +172,7 @@ pub(super) fn admit_public(
 /// accept error (EMFILE and friends leave the pending connection queued,
 /// so retrying at once would spin) waits with back-off and logs at most
 /// once per 10 s (`AcceptBackoff`). `what` names the listener in logs.
-pub(super) async fn accept_until_stopped(
+pub(crate) async fn accept_until_stopped(
     listener: TcpListener,
     what: &'static str,
     stop: impl Fn() -> bool,
@@ -201,7 +201,7 @@ pub(super) async fn accept_until_stopped(
 
 /// Admits a tunnel connection into its handshake, or refuses it (counted;
 /// the caller drops the socket without reading a byte).
-pub(super) fn admit_tunnel(core: &Core, peer: SocketAddr) -> Option<HandshakeSlot> {
+pub(crate) fn admit_tunnel(core: &Core, peer: SocketAddr) -> Option<HandshakeSlot> {
     match core.shared.limits.admit_handshake(&core.limits, peer.ip()) {
         Ok(slot) => Some(slot),
         Err(kind) => {

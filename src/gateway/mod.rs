@@ -34,7 +34,7 @@
 //! else in `Shared::cfg` is fixed at start-up.
 
 mod claims;
-mod guard;
+pub(crate) mod guard;
 mod https;
 mod public;
 mod tcp;
@@ -178,6 +178,8 @@ pub(crate) struct Shared {
     /// In a cluster: where agents reach this node's tunnel listener
     /// (`tunnel::advertised_tunnel`), listed in ACCEPT.
     pub(crate) advertised_tunnel: Option<SocketAddr>,
+    /// The peer listener (`--peer-listen`), in a cluster only.
+    pub(crate) peer_addr: Option<SocketAddr>,
     /// Tokens and TLS, replaced by reloads. Read with [`Shared::live`].
     live: RwLock<Arc<Live>>,
     pub(crate) limits: crate::limits::GatewayLimits,
@@ -190,6 +192,11 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A fresh uplink id (agents' uplinks and peer links share them).
+    pub(crate) fn next_uplink_id(&self) -> u64 {
+        self.next_uplink.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn claims(&self) -> std::sync::MutexGuard<'_, Claims> {
         self.claims_locked.fetch_add(1, Ordering::Relaxed);
         self.claims.lock().unwrap_or_else(|e| e.into_inner())
@@ -297,6 +304,55 @@ impl Shared {
         }
     }
 
+    /// Forwarding counters per core (`cluster::peer`); nothing on a
+    /// single node.
+    fn cluster_metrics(&self) -> String {
+        use std::fmt::Write;
+        if self.cfg.cluster.is_none() {
+            return String::new();
+        }
+        let mut out = String::new();
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&CoreStats) -> &AtomicU64,
+        );
+        let series: [Series; 4] = [
+            (
+                "ringtunnel_forwarded_out_total",
+                "Requests sent over a peer link to a node holding their session (each attempt).",
+                "counter",
+                |c| &c.forwarded_out,
+            ),
+            (
+                "ringtunnel_forwarded_in_total",
+                "Forwarded streams received from peer nodes.",
+                "counter",
+                |c| &c.forwarded_in,
+            ),
+            (
+                "ringtunnel_forward_retries_total",
+                "NOT_HERE answers after which a request went on to the next holder.",
+                "counter",
+                |c| &c.forward_retries,
+            ),
+            (
+                "ringtunnel_peer_links",
+                "Open peer links (dialed and accepted).",
+                "gauge",
+                |c| &c.peer_links,
+            ),
+        ];
+        for (name, help, kind, f) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, c) in self.stats.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{core=\"{i}\"}} {}", CoreStats::get(f(c)));
+            }
+        }
+        out
+    }
+
     fn broadcast(&self, msg: impl Fn() -> CoreMsg) {
         for m in &self.mailboxes {
             let _ = m.send(msg());
@@ -359,6 +415,8 @@ pub(crate) struct Core {
     /// The latest cluster view (empty on a single node), read once per
     /// request that has no uplink on this node.
     pub(crate) cluster: RefCell<Arc<crate::cluster::ClusterView>>,
+    /// This core's peer links (`cluster::peer`); empty on a single node.
+    pub(crate) peers: crate::cluster::peer::Peers,
 }
 
 impl Core {
@@ -676,6 +734,11 @@ impl Gateway {
         self.shared.tunnel_addr
     }
 
+    /// The peer listener's address (`--peer-listen`), in a cluster.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.shared.peer_addr
+    }
+
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
     }
@@ -784,6 +847,10 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         Some(c) => Some(tunnel::advertised_tunnel(c, tunnel_addr)?),
         None => None,
     };
+    let peer_addr = match &cfg.cluster {
+        Some(c) => Some(crate::runtime::reserve_listen_addr(&c.peer_listen)?),
+        None => None,
+    };
     let n = cfg.cores.cores;
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
@@ -804,6 +871,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         https_addr,
         tunnel_addr,
         advertised_tunnel,
+        peer_addr,
         live: RwLock::new(Arc::new(live)),
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
         tcp: Mutex::new(HashMap::new()),
@@ -871,7 +939,8 @@ async fn core_main(
         let h = bind(shared.https_addr)?;
         crate::runtime::bind_reuseport(shared.tunnel_addr).map(|t| (p, h, t))
     });
-    let (public_l, https_l, tunnel_l) = match listeners {
+    let listeners = listeners.and_then(|l| Ok((l, bind(shared.peer_addr)?)));
+    let ((public_l, https_l, tunnel_l), peer_l) = match listeners {
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err(format!("core {index}: cannot bind listeners: {e}")));
@@ -892,10 +961,12 @@ async fn core_main(
         limits: Default::default(),
         windows: WindowWriter::new(shared.windows[index].clone()),
         cluster: RefCell::new(Arc::default()),
+        peers: Default::default(),
     });
     let public_fd = public_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let https_fd = https_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let tunnel_fd = std::os::fd::AsRawFd::as_raw_fd(&tunnel_l);
+    let peer_fd = peer_l.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let _ = ready.send(Ok(()));
     drop(ready);
 
@@ -919,6 +990,13 @@ async fn core_main(
     crate::runtime::spawn_isolated("tunnel-accept", async move {
         tunnel::accept_loop(c, tunnel_l, s).await;
     });
+    if let Some(l) = peer_l {
+        let c = core.clone();
+        let s = stop.clone();
+        crate::runtime::spawn_isolated("peer-accept", async move {
+            crate::cluster::peer::accept_loop(c, l, s).await;
+        });
+    }
     if index == 0 && !shared.cfg.tcp_ports.is_empty() {
         // Leases expire lazily (at the next claim); TCP ports must close
         // when theirs does, so core 0 looks once a second.
@@ -977,14 +1055,17 @@ async fn core_main(
                 CoreStats::inc(&core.stats.handoffs_in);
                 tcp::adopt(core.clone(), fd, peer, slot);
             }
-            CoreMsg::Cluster(view) => *core.cluster.borrow_mut() = view,
+            CoreMsg::Cluster(view) => {
+                *core.cluster.borrow_mut() = view.clone();
+                crate::cluster::peer::sync(core, &view);
+            }
             CoreMsg::Shutdown => {}
         });
     }
     stop.set(true);
     // shutdown(2) on a listening socket fails its pending accept, so the
     // accept loops end and drop (close) their listeners.
-    for fd in [public_fd, https_fd].into_iter().flatten() {
+    for fd in [public_fd, https_fd, peer_fd].into_iter().flatten() {
         crate::io::shutdown_fd(fd, libc::SHUT_RDWR);
     }
     crate::io::shutdown_fd(tunnel_fd, libc::SHUT_RDWR);
@@ -1005,6 +1086,12 @@ async fn core_main(
         } else {
             up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
         }
+    }
+    // Peers stop forwarding here at once; forwarded streams in flight
+    // finish within the grace period like the others.
+    core.peers.stop_dialing();
+    for link in core.peers.all_links() {
+        link.go_away(crate::proto::ErrorCode::Shutdown, "node shutting down");
     }
     // Requests waiting for an agent to come back get their answer now
     // (503) instead of being dropped with the core; they count in
@@ -1033,7 +1120,7 @@ async fn core_main(
     }
     // Give writers a moment to flush the last frames before the core ends.
     monoio::time::sleep(std::time::Duration::from_millis(50)).await;
-    for up in core.all_uplinks() {
+    for up in core.all_uplinks().into_iter().chain(core.peers.all_links()) {
         up.close_now("gateway shut down");
     }
     tracing::info!(core = index, "gateway core stopped");
@@ -1049,7 +1136,7 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics() + &self.tcp_metrics()
+        self.limit_metrics() + &self.tcp_metrics() + &self.cluster_metrics()
     }
 
     fn extra_json(&self) -> String {

@@ -34,6 +34,7 @@ use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::{TcpListener, TcpStream};
 
 use super::{guard, Core, CoreMsg, Held};
+use crate::cluster::peer;
 use crate::http::proxy::{self, ProxyError};
 use crate::http::{self, BodyKind, HeadError, Origin, RequestHead, ResponseHead, Scheme};
 use crate::io::relay::{
@@ -389,8 +390,9 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             head.host.as_deref(),
             cfg.domain.as_deref(),
             cfg.default_session.as_deref(),
-            // A reserved session (its agent restarting) keeps its Host.
-            |n| core.is_present(n) || core.is_reserved(n),
+            // A reserved session (its agent restarting) keeps its Host, and
+            // so does one another node of the cluster holds.
+            |n| core.is_present(n) || core.is_reserved(n) || peer::held_elsewhere(&core, n),
         );
         let host_txt = head.host.clone().unwrap_or_default();
         let Some(session) = session else {
@@ -404,6 +406,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             break;
         };
         let up = core.pick_uplink(&session);
+        let started_at = Instant::now();
         if up.is_none() && !core.has_local(&session) {
             if hops < MAX_HOPS {
                 if let Some(target) = core.remote_core_for(&session, client.port() as usize) {
@@ -431,6 +434,42 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
                         Err(_) => tracing::error!("cannot reunite public socket halves"),
                     }
                     return;
+                }
+            }
+            // No core of this node holds it: a node of the cluster that
+            // does serves it over a peer link, rather than a wait here.
+            let links = peer::links_for(&core, &session);
+            if !links.is_empty() {
+                // This node's rates apply (the holder checks none for a
+                // forwarded stream): charged once, here.
+                if let Err((msg, secs)) = guard::check_rate(&core, &session, client) {
+                    CoreStats::inc(&core.stats.requests);
+                    core.count_request(&session, None, true);
+                    buf.advance(head.head_len);
+                    if refuse_request(&mut wh, &head, 429, &msg, &[("Retry-After", &secs)]).await {
+                        continue;
+                    }
+                    break;
+                }
+                let fwd = Forward {
+                    session: &session,
+                    origin: &origin,
+                    fd,
+                    wd: &wd,
+                };
+                // None: every holder said NOT_HERE; on as if none were
+                // listed.
+                if let Some((keep, failed)) =
+                    forward(&core, fwd, &mut rh, &mut wh, &mut buf, &head, links).await
+                {
+                    let timed = head.upgrade.is_none().then_some(started_at);
+                    core.count_request(&session, timed, failed);
+                    hops = 0;
+                    held = false;
+                    if !keep || core.shared.shutting_down.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    continue;
                 }
             }
             if !held && core.is_reserved(&session) {
@@ -471,7 +510,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             // A name someone holds (its agent is away) is a site that is
             // down: 502. A name nobody holds is no site at all: 404, as
             // ngrok and frp answer.
-            let known = std::mem::take(&mut held);
+            let known = std::mem::take(&mut held) || peer::held_elsewhere(&core, &session);
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
             core.count_request(&session, None, true);
@@ -521,8 +560,11 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             break;
         };
         core.inflight.set(core.inflight.get() + 1);
-        let (keep, failed) =
-            exchange(&core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream).await;
+        let ex = exchange(
+            &core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream, false,
+        )
+        .await;
+        let (keep, failed) = (ex.keep, ex.failed);
         // An upgraded exchange lasts as long as its connection: counted,
         // not timed.
         let timed = head.upgrade.is_none().then_some(started);
@@ -557,10 +599,90 @@ fn forward_head(head: &RequestHead, origin: &Origin) -> Bytes {
     dst.freeze()
 }
 
+/// What one request of a forwarded exchange needs besides the sockets.
+struct Forward<'a> {
+    session: &'a str,
+    origin: &'a Origin,
+    fd: RawFd,
+    wd: &'a Watchdog,
+}
+
+/// Serves a request over a peer link to a node holding its session, trying
+/// `links` in order: a holder that answers RESET NOT_HERE before the
+/// request sent any body byte (a request without a body) makes it try the
+/// next one. `None`: every holder said NOT_HERE and nothing was written
+/// to the client; the head is back at the front of `buf`, as it was.
+/// Otherwise the exchange's (keep-alive, failed).
+///
+/// The head is the one the backend gets (`forward_head`: forwarding
+/// headers by this node's trust rules), behind the peer prefix; the
+/// holder relays it unchanged.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    core: &Core,
+    f: Forward<'_>,
+    rh: &mut TcpOwnedReadHalf,
+    wh: &mut TcpOwnedWriteHalf,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    links: Vec<Rc<crate::io::uplink::Uplink>>,
+) -> Option<(bool, bool)> {
+    CoreStats::inc(&core.stats.requests);
+    let raw_head = buf.split_to(head.head_len);
+    let open = crate::cluster::prefix::encode(1, f.session, &forward_head(head, f.origin));
+    // Retrying is safe only while nothing of the request went out but its
+    // head: a request with a body sends its first bytes at once.
+    let retryable = head.body == BodyKind::Empty;
+    core.inflight.set(core.inflight.get() + 1);
+    let mut out = None;
+    for link in links {
+        let Some(stream) = link.open_stream(open.clone()) else {
+            continue;
+        };
+        CoreStats::inc(&core.stats.forwarded_out);
+        let ex = exchange(core, rh, wh, buf, f.fd, f.wd, head, stream, retryable).await;
+        if !ex.not_here {
+            out = Some((ex.keep, ex.failed));
+            break;
+        }
+        CoreStats::inc(&core.stats.forward_retries);
+        tracing::debug!(
+            core = core.index,
+            session = f.session,
+            "NOT_HERE from a holder: next one"
+        );
+    }
+    core.inflight.set(core.inflight.get() - 1);
+    if core.inflight.get() == 0 {
+        core.idle.notify();
+    }
+    if out.is_none() {
+        // Put the head back for the caller's own answer (or a re-route
+        // after a hold): rare, so a copy is fine.
+        CoreStats::dec(&core.stats.requests);
+        let mut b = BytesMut::with_capacity(raw_head.len() + buf.len());
+        b.extend_from_slice(&raw_head);
+        b.extend_from_slice(buf);
+        *buf = b;
+    }
+    out
+}
+
+/// How an exchange ended.
+struct Exchanged {
+    /// The connection may carry another request.
+    keep: bool,
+    /// An error was counted for the request.
+    failed: bool,
+    /// The peer answered RESET NOT_HERE to a retryable forwarded request:
+    /// nothing was written to the client; try another holder.
+    not_here: bool,
+}
+
 /// Serves one request over `stream`: the request side (body, then a watch
 /// for the client going away) and the response side run side by side.
-/// Returns whether the connection may carry another request, and whether
-/// the request failed (an error was counted for it).
+/// `retryable`: a forwarded request that may go to another holder after
+/// NOT_HERE (see `forward`).
 #[allow(clippy::too_many_arguments)]
 async fn exchange(
     core: &Core,
@@ -571,10 +693,14 @@ async fn exchange(
     wd: &Watchdog,
     req: &RequestHead,
     stream: Stream,
-) -> (bool, bool) {
+    retryable: bool,
+) -> Exchanged {
     let cfg = core.cfg();
     let gate = UpgradeGate::default();
-    let side = ReqSide::default();
+    let side = ReqSide {
+        retryable,
+        ..ReqSide::default()
+    };
     // Created only if a watch starts (most answers come first).
     let canceller: RefCell<Option<Canceller>> = RefCell::new(None);
     let max_watch = cfg.max_head;
@@ -634,7 +760,11 @@ async fn exchange(
         keep
     };
     let (req_ok, keep) = monoio::join!(pump_req, pump_resp);
-    (keep && req_ok, side.error.get())
+    Exchanged {
+        keep: keep && req_ok,
+        failed: side.error.get(),
+        not_here: side.not_here.get(),
+    }
 }
 
 /// Whether the request side should watch the client for a close.
@@ -661,6 +791,10 @@ struct ReqSide {
     watch_wake: Notify,
     /// An error was counted for this request (its session's window).
     error: Cell<bool>,
+    /// A forwarded request that NOT_HERE may send to another holder.
+    retryable: bool,
+    /// It got NOT_HERE and nothing was answered.
+    not_here: Cell<bool>,
 }
 
 impl ReqSide {
@@ -728,6 +862,11 @@ fn error_status(code: ErrorCode) -> (u16, ErrorKind, &'static str) {
             "the agent is at its concurrency limit, retry shortly",
         ),
         ErrorCode::Shutdown => (503, ErrorKind::AgentGone, "the agent is shutting down"),
+        ErrorCode::NotHere => (
+            502,
+            ErrorKind::NoSession,
+            "the node this request was forwarded to has no agent of the session",
+        ),
         _ => (502, ErrorKind::AgentGone, "the agent aborted the request"),
     }
 }
@@ -843,6 +982,10 @@ async fn respond(
                     }
                     Some(e) => {
                         count_request_failure(core, side, &e);
+                        false
+                    }
+                    None if code == ErrorCode::NotHere && side.retryable => {
+                        side.not_here.set(true);
                         false
                     }
                     None => {

@@ -215,6 +215,14 @@ pub struct CoreStats {
     /// TCP tunnel bytes from public clients / to public clients (gateway).
     pub tcp_bytes_in: AtomicU64,
     pub tcp_bytes_out: AtomicU64,
+    /// Cluster (gateway): requests sent over a peer link to a holder node
+    /// (each attempt), forwarded streams received from peers, NOT_HERE
+    /// answers that sent a request on to the next holder, and peer links
+    /// open now (both directions; they count in `uplinks` too).
+    pub forwarded_out: AtomicU64,
+    pub forwarded_in: AtomicU64,
+    pub forward_retries: AtomicU64,
+    pub peer_links: AtomicU64,
 }
 
 impl CoreStats {

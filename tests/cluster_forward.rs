@@ -332,12 +332,20 @@ fn cross_one_peer_link(driver: DriverKind) {
 fn stalled_and_vanishing_clients_free_both_nodes() {
     let p = pair();
     let b = p.b.public_addr();
-    let base = [
-        held_sockets(b.port()),
-        held_sockets(p.a.peer_addr().unwrap().port()),
-        held_sockets(p.a.tunnel_addr().port()),
-    ];
-    // One peer link from B accepted on A, the agent's uplink on A.
+    let held = || {
+        [
+            held_sockets(b.port()),
+            held_sockets(p.a.peer_addr().unwrap().port()),
+            held_sockets(p.a.tunnel_addr().port()),
+        ]
+    };
+    // One peer link from B accepted on A, the agent's uplink on A (on a
+    // loaded machine the kernel's table may lag the handshakes a little).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held() != [0, 1, 1] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let base = held();
     assert_eq!(base, [0, 1, 1]);
     // A client that stops reading a big download: B drops it after the
     // write-stall timeout (1 s), and the credit it held on both links

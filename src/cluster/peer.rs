@@ -132,6 +132,11 @@ impl Peers {
         v
     }
 
+    /// Links other nodes dialed to this core (they forward to us on them).
+    pub(crate) fn accepted_links(&self) -> Vec<Rc<Uplink>> {
+        self.accepted.borrow().clone()
+    }
+
     /// Stops every dialer (shutdown): none redials.
     pub(crate) fn stop_dialing(&self) {
         for s in self.dialed.borrow().values() {

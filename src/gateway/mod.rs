@@ -1087,10 +1087,14 @@ async fn core_main(
             up.go_away(crate::proto::ErrorCode::Shutdown, "gateway shutting down");
         }
     }
-    // Peers stop forwarding here at once; forwarded streams in flight
-    // finish within the grace period like the others.
+    // Peers stop forwarding here at once (GOAWAY on the links they
+    // dialed); forwarded streams in flight finish within the grace period
+    // like the others. The links this core dialed stay usable until the
+    // end: a request still reaching this draining node on a kept-alive
+    // connection is forwarded to a node that holds its session, now that
+    // the local uplinks were told to move.
     core.peers.stop_dialing();
-    for link in core.peers.all_links() {
+    for link in core.peers.accepted_links() {
         link.go_away(crate::proto::ErrorCode::Shutdown, "node shutting down");
     }
     // Requests waiting for an agent to come back get their answer now

@@ -184,6 +184,8 @@ pub(crate) struct Shared {
     tcp_counters: tcp::TcpCounters,
     /// Per core: the sessions' last-minute windows (dashboard, /stats).
     pub(crate) windows: Vec<Arc<SessionWindows>>,
+    /// The cluster registry (`--cluster-etcd`); `None`: a single node.
+    pub(crate) cluster: Option<crate::cluster::registry::RegistryHandle>,
 }
 
 impl Shared {
@@ -203,7 +205,30 @@ impl Shared {
             c.release(session, core, drained, now);
             // Without a lease the claim, and its TCP ports, end now.
             self.sync_tcp(c);
+            self.register_hold(c, session);
         });
+    }
+
+    /// Tells the cluster registry whether this node holds `session`:
+    /// registered while at least one uplink of it is connected here (live
+    /// or draining), withdrawn when the last one goes. Called under the
+    /// claims lock after every change of the count, so the registry gets
+    /// the holds and releases in the claims' order; it only queues them
+    /// (`RegistryHandle` never blocks).
+    ///
+    /// Not during the local lease (`--session-lease`, no uplink left):
+    /// other nodes read a session key as "forward requests here", and a
+    /// node with no uplink could only hold them or answer 502, while a node
+    /// the agent has reconnected to can serve them. The lease keeps the
+    /// name for its owner on this node only.
+    fn register_hold(&self, c: &Claims, session: &str) {
+        let Some(reg) = &self.cluster else {
+            return;
+        };
+        match c.uplinks_of(session) {
+            Some((n, agent)) if n > 0 => reg.hold(session, agent),
+            _ => reg.release(session),
+        }
     }
 
     /// Runs `f` on the registry and, still under its lock (so every core
@@ -638,6 +663,9 @@ pub struct Gateway {
     shared: Arc<Shared>,
     workers: Option<crate::runtime::Workers>,
     admin: Option<SocketAddr>,
+    /// The cluster control plane, stopped (lease revoked) once the
+    /// workers have ended.
+    registry: Option<crate::cluster::registry::Registry>,
 }
 
 impl Gateway {
@@ -685,6 +713,21 @@ impl Gateway {
         if let Some(w) = self.workers.take() {
             w.join();
         }
+        self.stop_registry();
+    }
+
+    /// Revokes the node's etcd lease (its keys vanish at once) and ends
+    /// the control plane. After the workers ended: until then the node
+    /// still serves, registered as draining.
+    fn stop_registry(&mut self) {
+        if let Some(r) = self.registry.take() {
+            r.stop();
+        }
+    }
+
+    /// The cluster registry's handle (`None` on a single node).
+    pub fn cluster(&self) -> Option<&crate::cluster::registry::RegistryHandle> {
+        self.shared.cluster.as_ref()
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
@@ -723,7 +766,12 @@ impl Gateway {
         self.shared.broadcast(|| CoreMsg::Cluster(view.clone()));
     }
 
+    /// Starts stopping. In a cluster the node key says "draining" first,
+    /// so peers and agents move away while in-flight requests finish.
     pub fn begin_shutdown(&self) {
+        if let Some(reg) = &self.shared.cluster {
+            reg.set_state(crate::cluster::NodeState::Draining);
+        }
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.broadcast(|| CoreMsg::Shutdown);
     }
@@ -733,6 +781,7 @@ impl Gateway {
         if let Some(w) = self.workers.take() {
             w.join();
         }
+        self.stop_registry();
     }
 }
 
@@ -742,7 +791,51 @@ impl Drop for Gateway {
             self.begin_shutdown();
             w.join();
         }
+        self.stop_registry();
     }
+}
+
+/// `addr` as other nodes and agents reach it: its port, and the host of
+/// `--advertise` if given (resolved once, here).
+fn advertised(advertise: Option<&str>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let Some(host) = advertise else {
+        return Ok(addr);
+    };
+    use std::net::ToSocketAddrs;
+    (host.trim_matches(['[', ']']), addr.port())
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("--advertise {host}: no address"),
+            )
+        })
+}
+
+/// This node as it registers itself in etcd.
+fn node_info(
+    c: &crate::cluster::ClusterConfig,
+    tunnel: SocketAddr,
+    cores: usize,
+) -> std::io::Result<crate::cluster::NodeInfo> {
+    let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    // The peer listener (cluster::peer) binds --peer-listen as given.
+    let peer: SocketAddr = {
+        use std::net::ToSocketAddrs;
+        c.peer_listen
+            .to_socket_addrs()
+            .map_err(|e| invalid(format!("--peer-listen {}: {e}", c.peer_listen)))?
+            .next()
+            .ok_or_else(|| invalid(format!("--peer-listen {}: no address", c.peer_listen)))?
+    };
+    Ok(crate::cluster::NodeInfo {
+        name: c.node.clone(),
+        peer: advertised(c.advertise.as_deref(), peer)?,
+        tunnel: advertised(c.advertise.as_deref(), tunnel)?,
+        cores: cores.min(usize::from(u16::MAX)) as u16,
+        state: crate::cluster::NodeState::Ready,
+    })
 }
 
 /// Starts the gateway's workers; returns once listeners are bound.
@@ -763,6 +856,15 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     };
     let tunnel_addr = crate::runtime::reserve_listen_addr(&cfg.tunnel_listen)?;
     let n = cfg.cores.cores;
+    // Before the cores: their claims tell it what to register from the
+    // first uplink on (queued until it starts below).
+    let mut registry = match &cfg.cluster {
+        Some(c) => Some((
+            crate::cluster::registry::Registry::new(c.clone()),
+            node_info(c, tunnel_addr, n)?,
+        )),
+        None => None,
+    };
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -788,6 +890,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         windows: (0..n)
             .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
             .collect(),
+        cluster: registry.as_ref().map(|(r, _)| r.handle()),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -830,10 +933,22 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
             "public edge: client addresses from PROXY headers / trusted proxies"
         );
     }
+    let registry = match registry.take() {
+        Some((mut r, me)) => {
+            let sh = shared.clone();
+            tracing::info!(node = %me.name, peer = %me.peer, tunnel = %me.tunnel, etcd = ?sh.cfg.cluster.as_ref().map(|c| &c.etcd), "cluster: joining");
+            r.start(me, move |view| {
+                sh.broadcast(|| CoreMsg::Cluster(view.clone()))
+            })?;
+            Some(r)
+        }
+        None => None,
+    };
     Ok(Gateway {
         shared,
         workers: Some(workers),
         admin,
+        registry,
     })
 }
 
@@ -1004,11 +1119,15 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics() + &self.tcp_metrics()
+        let cluster = self.cluster.as_ref().map(|c| c.metrics());
+        self.limit_metrics() + &self.tcp_metrics() + cluster.as_deref().unwrap_or("")
     }
 
     fn extra_json(&self) -> String {
-        self.tcp_json()
+        match &self.cluster {
+            Some(c) => format!("{},{}", self.tcp_json(), c.json()),
+            None => self.tcp_json(),
+        }
     }
 
     /// Draining from the first SIGTERM on: a load balancer stops sending

@@ -93,8 +93,9 @@ pub fn hold_json(h: &SessionHold) -> String {
     serde_json::json!({ "agent_id": h.agent_id }).to_string()
 }
 
+/// Unknown fields are allowed: a newer node may register more, and an
+/// older one must still read it during a rolling upgrade.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct NodeJson {
     peer: SocketAddr,
     tunnel: SocketAddr,
@@ -855,6 +856,9 @@ mod tests {
             ),
             None
         );
+        // A field a newer node adds does not hide the node.
+        let newer = r#"{"cores":4,"peer":"10.0.0.1:7100","state":"draining","tunnel":"10.0.0.1:7000","zone":"b"}"#;
+        assert_eq!(parse_node("gw-a", newer.as_bytes()).unwrap(), n);
         let h = SessionHold { agent_id: 42 };
         assert_eq!(hold_json(&h), r#"{"agent_id":42}"#);
         assert_eq!(parse_hold(hold_json(&h).as_bytes()), Some(h));

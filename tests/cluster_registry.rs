@@ -1,0 +1,585 @@
+//! The cluster registry over real processes: a real etcd (3.4+, on free
+//! loopback ports with a temporary data directory, killed by PID on drop)
+//! and gateways started with `--cluster-etcd`. etcd is required: without
+//! it these tests fail, they do not skip.
+//!
+//! Every wait is bounded; lease TTL 2 s unless a test says otherwise.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringtunnel::cluster::etcd::{Client, Timeouts};
+
+const SECRET: &str = "0123456789abcdef-cluster";
+const TTL: u64 = 2;
+const D: &str = "uring";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One etcd member on loopback.
+struct Etcd {
+    child: Option<Child>,
+    dir: PathBuf,
+    client: u16,
+    peer: u16,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir =
+            std::env::temp_dir().join(format!("rt-etcd-{}-{}", std::process::id(), free_port()));
+        let mut e = Etcd {
+            child: None,
+            dir,
+            client: free_port(),
+            peer: free_port(),
+        };
+        e.run();
+        e
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client)
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("etcd running").id() as i32
+    }
+
+    /// Starts (again) on the same ports and data directory, and waits
+    /// until it answers.
+    fn run(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg("t")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen-client-urls", &self.url()])
+            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "etcd must be installed for the cluster tests (apt-get install etcd-server; \
+                 .ci/run installs it)",
+            );
+        self.child = Some(child);
+        let t = Instant::now();
+        loop {
+            if self.client().range_prefix("/").is_ok() {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(15),
+                "etcd did not answer on {} within 15 s",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&[self.url()], Timeouts::default()).unwrap()
+    }
+
+    fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // A stopped process must be continued to die promptly.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGCONT);
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every key under /ringtunnel/ with its value, as text.
+    fn keys(&self) -> Vec<(String, String)> {
+        let page = self
+            .client()
+            .range_prefix("/ringtunnel/")
+            .expect("range etcd");
+        page.kvs
+            .into_iter()
+            .map(|kv| {
+                (
+                    String::from_utf8(kv.key).unwrap(),
+                    String::from_utf8(kv.value).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn has_key(&self, key: &str) -> bool {
+        self.keys().iter().any(|(k, _)| k == key)
+    }
+
+    /// Waits up to `limit` until `key` is present (`want`) or absent.
+    fn wait_key(&self, key: &str, want: bool, limit: Duration) -> Duration {
+        let t = Instant::now();
+        while self.has_key(key) != want {
+            assert!(
+                t.elapsed() < limit,
+                "{key} still {} after {limit:?}; keys: {:?}",
+                if want { "absent" } else { "present" },
+                self.keys()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A gateway node of the cluster at `etcd`.
+fn node(etcd: &Etcd, name: &str, extra: &[&str]) -> Proc {
+    let peer = format!("127.0.0.1:{}", free_port());
+    let url = etcd.url();
+    let ttl = extra
+        .iter()
+        .position(|a| *a == "--cluster-lease-ttl")
+        .map(|_| Vec::new())
+        .unwrap_or_else(|| vec!["--cluster-lease-ttl".to_string(), TTL.to_string()]);
+    let mut args: Vec<&str> = vec![
+        "--cluster-etcd",
+        &url,
+        "--node-name",
+        name,
+        "--peer-listen",
+        &peer,
+        "--cluster-secret",
+        SECRET,
+    ];
+    args.extend(ttl.iter().map(String::as_str));
+    args.extend_from_slice(extra);
+    gateway(D, &args)
+}
+
+fn cluster_json(admin: SocketAddr) -> serde_json::Value {
+    let s = stats_json(admin);
+    let v: serde_json::Value =
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("/stats is not JSON ({e}): {s}"));
+    v["cluster"].clone()
+}
+
+fn metric(admin: SocketAddr, name: &str) -> f64 {
+    let m = metrics(admin);
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Waits up to `limit` for `f` to hold, saying `what` if it never does.
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
+}
+
+/// The node names the view at `admin` shows holding `session`.
+fn holders(admin: SocketAddr, session: &str) -> Vec<String> {
+    cluster_json(admin)["sessions"][session]
+        .as_array()
+        .map(|a| a.iter().map(|n| n.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn node_names(admin: SocketAddr) -> Vec<String> {
+    cluster_json(admin)["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| n["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn get(public: SocketAddr, host: &str) -> u16 {
+    curl(public, host, "/", &["-m", "5"]).0
+}
+
+#[test]
+fn keys_carry_their_json_and_every_node_sees_every_session() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", &[]);
+    let b = node(&etcd, "b", &[]);
+    let echo = echo(D, 0);
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    wait_routable(a.addr("public"), "demo");
+
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(3),
+    );
+    etcd.wait_key("/ringtunnel/v1/nodes/b", true, Duration::from_secs(3));
+    let keys = etcd.keys();
+    let value = |k: &str| -> serde_json::Value {
+        let v = &keys.iter().find(|(key, _)| key == k).unwrap().1;
+        serde_json::from_str(v).unwrap_or_else(|e| panic!("{k}: {v:?} is not JSON: {e}"))
+    };
+    let na = value("/ringtunnel/v1/nodes/a");
+    assert_eq!(na["state"], "ready", "{na}");
+    assert_eq!(na["cores"], 2, "{na}");
+    assert_eq!(na["tunnel"], a.field("tunnel"), "{na}");
+    let peer: SocketAddr = na["peer"].as_str().unwrap().parse().unwrap();
+    assert_eq!(peer.ip().to_string(), "127.0.0.1");
+    let hold = value("/ringtunnel/v1/sessions/demo/a");
+    assert!(hold["agent_id"].as_u64().is_some(), "{hold}");
+    assert_eq!(hold.as_object().unwrap().len(), 1, "only agent_id: {hold}");
+    // No other keys: B holds no session.
+    assert_eq!(keys.len(), 3, "{keys:?}");
+
+    // B's view, pushed to its cores, shows A's session and both nodes.
+    let badmin = b.addr("admin");
+    wait_for(
+        "B's view shows demo held by a",
+        Duration::from_secs(3),
+        || holders(badmin, "demo") == ["a"],
+    );
+    let c = cluster_json(badmin);
+    assert_eq!(c["node"], "b");
+    assert_eq!(c["state"], "ready");
+    assert_eq!(c["etcd_up"], true);
+    assert_eq!(node_names(badmin), ["a", "b"]);
+    assert_eq!(metric(badmin, "ringtunnel_cluster_nodes"), 2.0);
+    assert_eq!(metric(badmin, "ringtunnel_cluster_sessions"), 1.0);
+    assert_eq!(metric(badmin, "ringtunnel_cluster_etcd_up"), 1.0);
+    assert_eq!(metric(badmin, "ringtunnel_cluster_etcd_errors_total"), 0.0);
+    let rev = metric(badmin, "ringtunnel_cluster_view_revision");
+    assert!(rev >= 4.0, "revision {rev}: at least the 3 puts");
+}
+
+#[test]
+fn a_killed_node_vanishes_within_its_lease() {
+    let etcd = Etcd::start();
+    let mut a = node(&etcd, "a", &[]);
+    let b = node(&etcd, "b", &[]);
+    let echo = echo(D, 0);
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    wait_routable(a.addr("public"), "demo");
+    let badmin = b.addr("admin");
+    wait_for("B sees a and demo", Duration::from_secs(3), || {
+        holders(badmin, "demo") == ["a"]
+    });
+
+    a.kill(); // SIGKILL: no revoke, the lease must run out.
+    let limit = Duration::from_secs(TTL + 1);
+    let gone = etcd.wait_key("/ringtunnel/v1/nodes/a", false, limit);
+    assert!(!etcd.has_key("/ringtunnel/v1/sessions/demo/a"));
+    // Not at once: the keys outlived the node until its lease expired.
+    assert!(
+        gone > Duration::from_millis(500),
+        "keys went after {gone:?}: too soon for a lease expiry"
+    );
+    wait_for("B's view drops a", Duration::from_secs(1), || {
+        node_names(badmin) == ["b"] && holders(badmin, "demo").is_empty()
+    });
+    assert_eq!(metric(badmin, "ringtunnel_cluster_sessions"), 0.0);
+}
+
+#[test]
+fn graceful_stop_revokes_the_lease_at_once() {
+    let etcd = Etcd::start();
+    // A long lease: keys that go within a second were revoked, not expired.
+    let mut a = node(&etcd, "a", &["--cluster-lease-ttl", "30"]);
+    let b = node(&etcd, "b", &[]);
+    let echo = echo(D, 0);
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    wait_routable(a.addr("public"), "demo");
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(3),
+    );
+    let badmin = b.addr("admin");
+    wait_for("B sees a", Duration::from_secs(3), || {
+        node_names(badmin) == ["a", "b"]
+    });
+
+    let t = Instant::now();
+    assert!(a.terminate(Duration::from_secs(10)), "A did not exit");
+    let exited = t.elapsed();
+    etcd.wait_key("/ringtunnel/v1/nodes/a", false, Duration::from_secs(1));
+    assert!(!etcd.has_key("/ringtunnel/v1/sessions/demo/a"));
+    wait_for("B's view drops a", Duration::from_secs(1), || {
+        node_names(badmin) == ["b"]
+    });
+    assert!(exited < Duration::from_secs(10), "{exited:?}");
+}
+
+#[test]
+fn drain_marks_the_node_key_draining_before_the_node_goes() {
+    let etcd = Etcd::start();
+    let echo = echo(D, 0);
+    // A long grace and a request in flight keep A draining for a while.
+    let mut a = node(
+        &etcd,
+        "a",
+        &["--shutdown-grace", "5", "--cluster-lease-ttl", "30"],
+    );
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    let public = a.addr("public");
+    wait_routable(public, "demo");
+    etcd.wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(3));
+    // A request that takes 2 s holds the shutdown open.
+    let inflight = std::thread::spawn(move || curl(public, "demo", "/delay/2000", &["-m", "10"]).0);
+    std::thread::sleep(Duration::from_millis(200));
+    unsafe {
+        libc::kill(a.pid() as i32, libc::SIGTERM);
+    }
+    wait_for("node key says draining", Duration::from_secs(1), || {
+        etcd.keys()
+            .iter()
+            .any(|(k, v)| k == "/ringtunnel/v1/nodes/a" && v.contains("\"state\":\"draining\""))
+    });
+    assert_eq!(
+        inflight.join().unwrap(),
+        200,
+        "the in-flight request finishes"
+    );
+    // No second SIGTERM (that one would mean "exit now"): it exits on its
+    // own once the request is done, revoking its lease.
+    wait_for("A exits after its drain", Duration::from_secs(10), || {
+        matches!(a.child.try_wait(), Ok(Some(_)))
+    });
+    etcd.wait_key("/ringtunnel/v1/nodes/a", false, Duration::from_secs(1));
+}
+
+#[test]
+fn a_session_held_on_another_node_is_refused_to_another_agent() {
+    let etcd = Etcd::start();
+    let a = node(&etcd, "a", &[]);
+    let b = node(&etcd, "b", &[]);
+    let echo = echo(D, 0);
+    let _first = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    wait_routable(a.addr("public"), "demo");
+    let badmin = b.addr("admin");
+    wait_for("B sees demo on a", Duration::from_secs(3), || {
+        holders(badmin, "demo") == ["a"]
+    });
+
+    // Another agent (its own random agent id) claims the name on B.
+    let args = agent_args(D, &b, "demo", echo.addr("listen"), &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let second = spawn_nowait("agent-2", &args);
+    assert!(
+        second.wait_stderr("held by another agent on node 'a'", Duration::from_secs(5)),
+        "agent 2 must be refused naming node a: {}",
+        second.stderr()
+    );
+    assert!(
+        second.stderr().contains("gateway refused the uplink"),
+        "{}",
+        second.stderr()
+    );
+    assert!(!second.stdout().contains("ringtunnel agent ready"));
+    // B registered nothing for it; A's hold is intact and still serves.
+    assert_eq!(holders(badmin, "demo"), ["a"]);
+    assert!(!etcd.has_key("/ringtunnel/v1/sessions/demo/b"));
+    assert_eq!(get(a.addr("public"), "demo"), 200);
+    let refused = metric_sum(
+        &metrics(badmin),
+        "ringtunnel_errors_total",
+        "handshake_refused",
+    );
+    assert!(refused >= 1, "B counted no refusal");
+}
+
+/// Shared by the outage tests: A serves "demo" from its own agent; the
+/// outage is `outage(&mut etcd)`; during it requests keep working and
+/// A's metrics say etcd is down; after it, keys and metrics come back.
+/// Returns A's lease before and after.
+fn outage_keeps_serving(outage: impl FnOnce(&mut Etcd, &dyn Fn())) -> (String, String) {
+    let mut etcd = Etcd::start();
+    let a = node(&etcd, "a", &[]);
+    let b = node(&etcd, "b", &[]);
+    let echo = echo(D, 0);
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    let (public, admin, badmin) = (a.addr("public"), a.addr("admin"), b.addr("admin"));
+    wait_routable(public, "demo");
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(3),
+    );
+    wait_for("B sees demo", Duration::from_secs(3), || {
+        holders(badmin, "demo") == ["a"]
+    });
+    let base = baseline(&a, admin);
+    let lease_before = cluster_json(admin)["lease"].as_str().unwrap().to_string();
+
+    let during = || {
+        // Down within a renewal period plus one call's timeout.
+        wait_for("A reports etcd down", Duration::from_secs(TTL + 2), || {
+            metric(admin, "ringtunnel_cluster_etcd_up") == 0.0
+        });
+        assert!(metric(admin, "ringtunnel_cluster_etcd_errors_total") >= 1.0);
+        // Everything that worked still works, and the views are kept.
+        for _ in 0..20 {
+            assert_eq!(
+                get(public, "demo"),
+                200,
+                "a request failed during the outage"
+            );
+        }
+        assert_eq!(holders(admin, "demo"), ["a"]);
+        assert_eq!(holders(badmin, "demo"), ["a"], "B keeps its last view");
+        assert_eq!(node_names(badmin), ["a", "b"]);
+    };
+    outage(&mut etcd, &during);
+
+    wait_for("A reports etcd up again", Duration::from_secs(10), || {
+        metric(admin, "ringtunnel_cluster_etcd_up") == 1.0
+    });
+    // Converged: both nodes' keys and A's session are back, under a new
+    // lease if the old one expired.
+    etcd.wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(5));
+    etcd.wait_key("/ringtunnel/v1/nodes/b", true, Duration::from_secs(5));
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(5),
+    );
+    wait_for("B sees demo on a again", Duration::from_secs(5), || {
+        holders(badmin, "demo") == ["a"] && metric(badmin, "ringtunnel_cluster_etcd_up") == 1.0
+    });
+    assert_eq!(get(public, "demo"), 200);
+    // The keys stay: the lease is renewed again (2 TTLs later still there).
+    std::thread::sleep(Duration::from_secs(TTL * 2));
+    assert!(etcd.has_key("/ringtunnel/v1/sessions/demo/a"));
+    assert!(etcd.has_key("/ringtunnel/v1/nodes/a"));
+    let lease_after = cluster_json(admin)["lease"].as_str().unwrap().to_string();
+    // No connection to the dead etcd left behind.
+    wait_baseline(&a, admin, base, Duration::from_secs(5));
+    (lease_before, lease_after)
+}
+
+#[test]
+fn etcd_paused_longer_than_the_lease_changes_nothing_that_works_and_converges() {
+    let (before, after) = outage_keeps_serving(|etcd, during| {
+        etcd.signal(libc::SIGSTOP);
+        let t = Instant::now();
+        during();
+        // Longer than the TTL: the lease expires while etcd is paused.
+        let pause = Duration::from_secs(TTL * 2 + 1);
+        std::thread::sleep(pause.saturating_sub(t.elapsed()));
+        etcd.signal(libc::SIGCONT);
+    });
+    // The old lease expired while etcd was paused: the keys came back
+    // under a new one.
+    assert_ne!(before, after, "the lease must have been granted again");
+}
+
+#[test]
+fn etcd_killed_and_restarted_on_its_data_changes_nothing_that_works_and_converges() {
+    outage_keeps_serving(|etcd, during| {
+        etcd.kill();
+        let t = Instant::now();
+        during();
+        let down = Duration::from_secs(TTL * 2 + 1);
+        std::thread::sleep(down.saturating_sub(t.elapsed()));
+        etcd.run();
+    });
+}
+
+#[test]
+fn strangers_keys_are_ignored_and_a_dead_first_endpoint_is_skipped() {
+    let etcd = Etcd::start();
+    // The first endpoint refuses connections: every call moves on to the
+    // second.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let both = format!("{dead},{}", etcd.url());
+    let peer = format!("127.0.0.1:{}", free_port());
+    let ttl = TTL.to_string();
+    let a = gateway(
+        D,
+        &[
+            "--cluster-etcd",
+            &both,
+            "--node-name",
+            "a",
+            "--peer-listen",
+            &peer,
+            "--cluster-secret",
+            SECRET,
+            "--cluster-lease-ttl",
+            &ttl,
+        ],
+    );
+    let admin = a.addr("admin");
+    etcd.wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(5));
+
+    // Lies and garbage under the prefix: not JSON, JSON of another
+    // shape, bad names, a key outside the layout, binary.
+    let mut c = etcd.client();
+    for (k, v) in [
+        ("/ringtunnel/v1/nodes/evil", &b"not json"[..]),
+        (
+            "/ringtunnel/v1/nodes/Bad_Name",
+            br#"{"cores":1,"peer":"1.2.3.4:5","state":"ready","tunnel":"1.2.3.4:6"}"#,
+        ),
+        (
+            "/ringtunnel/v1/nodes/liar",
+            br#"{"cores":1,"peer":"1.2.3.4:5","state":"asleep","tunnel":"1.2.3.4:6"}"#,
+        ),
+        (
+            "/ringtunnel/v1/nodes/braggart",
+            br#"{"cores":"many","peer":"1.2.3.4:5","state":"ready","tunnel":"1.2.3.4:6"}"#,
+        ),
+        (
+            "/ringtunnel/v1/sessions/demo/evil",
+            br#"{"agent_id":"seven"}"#,
+        ),
+        ("/ringtunnel/v1/sessions/no-node-part", br#"{"agent_id":7}"#),
+        ("/ringtunnel/v1/elsewhere", b"\xff\x00"),
+    ] {
+        c.put(k, v, 0).unwrap();
+    }
+    // A well-formed key of a node that never registered is shown as is.
+    c.put("/ringtunnel/v1/sessions/ghost/z", br#"{"agent_id":7}"#, 0)
+        .unwrap();
+    wait_for(
+        "A's view has the ghost session",
+        Duration::from_secs(3),
+        || holders(admin, "ghost") == ["z"],
+    );
+    assert_eq!(node_names(admin), ["a"], "no stranger among the nodes");
+    assert!(holders(admin, "demo").is_empty());
+    assert_eq!(metric(admin, "ringtunnel_cluster_sessions"), 1.0);
+    assert_eq!(metric(admin, "ringtunnel_cluster_etcd_up"), 1.0);
+    // Still alive and answering on its public port (no session: not 200).
+    let st = get(a.addr("public"), "nobody");
+    assert!(st == 404 || st == 502, "status {st}");
+}

@@ -583,3 +583,119 @@ fn strangers_keys_are_ignored_and_a_dead_first_endpoint_is_skipped() {
     let st = get(a.addr("public"), "nobody");
     assert!(st == 404 || st == 502, "status {st}");
 }
+
+/// A fake etcd on loopback that answers every request the same bad way,
+/// until dropped.
+struct LyingEtcd {
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Clone, Copy)]
+enum Lie {
+    /// Bytes that are not HTTP.
+    Garbage,
+    /// HTTP 200 whose body is not etcd's JSON.
+    BadJson,
+    /// Accepts, reads, never answers.
+    Stall,
+}
+
+impl LyingEtcd {
+    fn start(lie: Lie) -> LyingEtcd {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                let Ok((mut s, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                let answer: &[u8] = match lie {
+                    Lie::Garbage => b"\x16\x03\x01 this is not HTTP at all\r\n\r\n",
+                    Lie::BadJson => b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{\"ID\":[1]",
+                    Lie::Stall => b"",
+                };
+                let _ = s.write_all(answer);
+                // Stalled connections stay open (bounded: the test is short).
+                held.push(s);
+                if !matches!(lie, Lie::Stall) {
+                    held.clear();
+                }
+            }
+        });
+        LyingEtcd {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LyingEtcd {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn an_etcd_that_lies_or_stalls_costs_nothing_but_its_counter() {
+    for lie in [Lie::Garbage, Lie::BadJson, Lie::Stall] {
+        let fake = LyingEtcd::start(lie);
+        let url = format!("http://{}", fake.addr);
+        let peer = format!("127.0.0.1:{}", free_port());
+        let ttl = TTL.to_string();
+        let a = gateway(
+            D,
+            &[
+                "--cluster-etcd",
+                &url,
+                "--node-name",
+                "a",
+                "--peer-listen",
+                &peer,
+                "--cluster-secret",
+                SECRET,
+                "--cluster-lease-ttl",
+                &ttl,
+            ],
+        );
+        let admin = a.addr("admin");
+        let echo = echo(D, 0);
+        let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+        // The node serves as a single node would.
+        wait_routable(a.addr("public"), "demo");
+        wait_for("errors counted", Duration::from_secs(5), || {
+            metric(admin, "ringtunnel_cluster_etcd_errors_total") >= 2.0
+        });
+        let fds = a.fd_count();
+        let errors = metric(admin, "ringtunnel_cluster_etcd_errors_total");
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(metric(admin, "ringtunnel_cluster_etcd_up"), 0.0);
+        let more = metric(admin, "ringtunnel_cluster_etcd_errors_total");
+        assert!(more > errors, "it keeps retrying");
+        // Capped backoff: at most ~2 threads x (3 s / 100 ms) calls.
+        assert!(more - errors <= 60.0, "{} errors in 3 s", more - errors);
+        // Retries do not leak connections.
+        assert!(a.fd_count() <= fds + 2, "fds {} -> {}", fds, a.fd_count());
+        for _ in 0..10 {
+            assert_eq!(get(a.addr("public"), "demo"), 200);
+        }
+        assert_eq!(cluster_json(admin)["revision"], 0, "no view was made up");
+    }
+}

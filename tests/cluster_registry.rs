@@ -383,17 +383,17 @@ fn a_session_held_on_another_node_is_refused_to_another_agent() {
     let a = node(&etcd, "a", &[]);
     let b = node(&etcd, "b", &[]);
     let echo = echo(D, 0);
-    let _first = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    let _first = agent(D, &a, "demo", echo.addr("listen"), &["--agent-id", "1"]);
     wait_routable(a.addr("public"), "demo");
     let badmin = b.addr("admin");
     wait_for("B sees demo on a", Duration::from_secs(3), || {
         holders(badmin, "demo") == ["a"]
     });
 
-    // Another agent (its own random agent id) claims the name on B.
-    let args = agent_args(D, &b, "demo", echo.addr("listen"), &[]);
+    // Another agent claims the name on B.
+    let args = agent_args(D, &b, "demo", echo.addr("listen"), &["--agent-id", "2"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let second = spawn_nowait("agent-2", &args);
+    let mut second = spawn_nowait("agent-2", &args);
     assert!(
         second.wait_stderr("held by another agent on node 'a'", Duration::from_secs(5)),
         "agent 2 must be refused naming node a: {}",
@@ -415,6 +415,21 @@ fn a_session_held_on_another_node_is_refused_to_another_agent() {
         "handshake_refused",
     );
     assert!(refused >= 1, "B counted no refusal");
+    second.proc.kill();
+
+    // The same agent (its id) on a second node is welcome: that is how an
+    // agent keeps uplinks on K nodes.
+    let same = agent(D, &b, "demo", echo.addr("listen"), &["--agent-id", "1"]);
+    wait_routable(b.addr("public"), "demo");
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/demo/b",
+        true,
+        Duration::from_secs(3),
+    );
+    wait_for("both nodes hold demo", Duration::from_secs(3), || {
+        holders(badmin, "demo") == ["a", "b"]
+    });
+    drop(same);
 }
 
 /// Shared by the outage tests: A serves "demo" from its own agent; the

@@ -11,7 +11,7 @@
 //!   core never waits for etcd. The thread keeps the *desired* state (node
 //!   info, sessions held) and a set of keys that may differ from it in
 //!   etcd; whatever etcd refuses stays in that set and is written again
-//!   when etcd answers (capped exponential backoff, 100 ms to 2 s). When
+//!   when etcd answers (capped exponential backoff, 100 ms to 1 s). When
 //!   the lease is found gone (expired while etcd or this node was
 //!   unreachable), a new one is granted and the node key and every session
 //!   key are written again: the node converges to what it holds.
@@ -28,6 +28,15 @@
 //! (`ringtunnel_cluster_etcd_errors_total`), log at most one line per 10 s
 //! per thread, and retry. [`RegistryStatus::etcd_up`] is false from the
 //! first failed call until both threads have succeeded again.
+//!
+//! After an outage longer than the TTL the lease may be gone: a single
+//! member that was paused revokes expired leases when it resumes (a new
+//! leader after a quorum loss, or a restarted member, extends them
+//! instead). The node's keys are then absent from every view from that
+//! revoke until this node has granted a new lease and written them again:
+//! at most one backoff step (1 s) plus a few writes. Views are not the
+//! only liveness signal (peer links are), but during that gap other nodes
+//! do not forward to this one.
 //!
 //! A graceful [`Registry::stop`] revokes the lease, so the node's keys
 //! vanish at once; a node that dies leaves them until the TTL passes.
@@ -56,7 +65,10 @@ pub const MAX_NODES: usize = 1024;
 pub const MAX_SESSION_KEYS: usize = 1_000_000;
 /// Backoff between failed etcd calls: doubles from the first to the cap.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// Low: after an outage longer than the TTL, etcd may revoke the expired
+/// lease as soon as it answers again, and the node's keys are missing from
+/// every view until this thread has written them again.
+const BACKOFF_CAP: Duration = Duration::from_secs(1);
 /// How often the watch thread looks up from a silent stream (stop flag,
 /// idle bound).
 const WATCH_POLL: Duration = Duration::from_millis(500);

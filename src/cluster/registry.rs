@@ -924,6 +924,118 @@ mod tests {
         assert_eq!(m.session_keys, 0);
     }
 
+    /// A fake etcd watch endpoint: answers the watch request with `body`
+    /// (chunked, written in `pieces` with pauses), then keeps the stream
+    /// open until the test ends.
+    fn fake_watch(pieces: Vec<Vec<u8>>) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap();
+            for p in pieces {
+                s.write_all(&p).unwrap();
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            // Open, silent, until the client goes.
+            let _ = s.read(&mut buf);
+        });
+        (url, t)
+    }
+
+    fn chunk(msg: &str) -> Vec<u8> {
+        format!("{:x}\r\n{msg}\n\r\n", msg.len() + 1).into_bytes()
+    }
+
+    fn put_event(rev: i64, key: &str, value: &str) -> String {
+        use super::super::etcd::b64_encode;
+        format!(
+            r#"{{"result":{{"header":{{"revision":"{rev}"}},"events":[{{"kv":{{"key":"{}","mod_revision":"{rev}","value":"{}"}}}}]}}}}"#,
+            b64_encode(key.as_bytes()),
+            b64_encode(value.as_bytes())
+        )
+    }
+
+    /// Runs a watcher on `url` until `until` holds for the published
+    /// views (or 5 s); returns every view published.
+    fn watch_views(
+        url: &str,
+        until: impl Fn(&[Arc<ClusterView>]) -> bool,
+    ) -> Vec<Arc<ClusterView>> {
+        let views = Arc::new(Mutex::new(Vec::new()));
+        let v = views.clone();
+        let mut w = Watcher {
+            client: Client::new(&[url.to_string()], Timeouts::default()).unwrap(),
+            ttl: Duration::from_secs(5),
+            status: Arc::default(),
+            publish: Box::new(move |view| v.lock().unwrap().push(view)),
+            log: crate::limits::LogLimiter::new(Duration::from_secs(10)),
+            model: Model::default(),
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let runner = std::thread::spawn(move || {
+            let mut s = w.client.watch(PREFIX, 1, WATCH_POLL).unwrap();
+            let _ = w.follow(&mut s, &st);
+        });
+        let t = Instant::now();
+        while !until(&views.lock().unwrap()) && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::SeqCst);
+        runner.join().unwrap();
+        let out = views.lock().unwrap().clone();
+        out
+    }
+
+    #[test]
+    fn messages_read_together_make_one_push() {
+        let node = r#"{"cores":2,"peer":"127.0.0.1:1","state":"ready","tunnel":"127.0.0.1:2"}"#;
+        // Created, then three events in ONE chunk (one read), then later
+        // a fourth on its own.
+        let three = [
+            put_event(2, "/ringtunnel/v1/nodes/a", node),
+            put_event(3, "/ringtunnel/v1/nodes/b", node),
+            put_event(4, "/ringtunnel/v1/sessions/demo/a", r#"{"agent_id":1}"#),
+        ]
+        .join("\n");
+        let created = r#"{"result":{"header":{"revision":"1"},"created":true}}"#;
+        let mut first = chunk(created);
+        first.extend(chunk(&three));
+        let (url, server) = fake_watch(vec![
+            first,
+            chunk(&put_event(
+                5,
+                "/ringtunnel/v1/sessions/x/b",
+                r#"{"agent_id":2}"#,
+            )),
+        ]);
+        let views = watch_views(&url, |v| v.last().is_some_and(|v| v.revision == 5));
+        server.join().unwrap();
+        let revs: Vec<i64> = views.iter().map(|v| v.revision).collect();
+        assert_eq!(revs, [4, 5], "one push per batch read");
+        assert_eq!(views[0].nodes.len(), 2);
+        assert_eq!(views[1].sessions.len(), 2);
+    }
+
+    #[test]
+    fn a_watch_split_at_odd_bytes_still_reads_whole_messages() {
+        let node = r#"{"cores":2,"peer":"127.0.0.1:1","state":"ready","tunnel":"127.0.0.1:2"}"#;
+        let wire = chunk(&put_event(7, "/ringtunnel/v1/nodes/a", node));
+        // 1 byte, then 5, then the rest: each a separate write.
+        let pieces = vec![wire[..1].to_vec(), wire[1..6].to_vec(), wire[6..].to_vec()];
+        let (url, server) = fake_watch(pieces);
+        let views = watch_views(&url, |v| !v.is_empty());
+        server.join().unwrap();
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].revision, 7);
+        assert!(views[0].nodes.contains_key("a"));
+    }
+
     #[test]
     fn backoff_doubles_up_to_its_cap_and_resets() {
         let mut b = Backoff::default();

@@ -458,9 +458,10 @@ fn outage_keeps_serving(outage: impl FnOnce(&mut Etcd, &dyn Fn(), SocketAddr)) -
 
     let during = || {
         // Down within a renewal period plus one call's timeout.
-        wait_for("A reports etcd down", Duration::from_secs(TTL + 2), || {
+        let down = wait_for("A reports etcd down", Duration::from_secs(TTL + 2), || {
             metric(admin, "ringtunnel_cluster_etcd_up") == 0.0
         });
+        eprintln!("etcd down noticed after {down:?}");
         assert!(metric(admin, "ringtunnel_cluster_etcd_errors_total") >= 1.0);
         // Everything that worked still works, and the views are kept.
         for _ in 0..20 {
@@ -476,9 +477,10 @@ fn outage_keeps_serving(outage: impl FnOnce(&mut Etcd, &dyn Fn(), SocketAddr)) -
     };
     outage(&mut etcd, &during, badmin);
 
-    wait_for("A reports etcd up again", Duration::from_secs(10), || {
+    let up = wait_for("A reports etcd up again", Duration::from_secs(10), || {
         metric(admin, "ringtunnel_cluster_etcd_up") == 1.0
     });
+    eprintln!("etcd up again noticed after {up:?}");
     // Converged: both nodes' keys and A's session are back, under a new
     // lease if the old one expired.
     etcd.wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(5));

@@ -31,22 +31,47 @@ fn free_port() -> u16 {
 struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
+    name: String,
     client: u16,
     peer: u16,
+    /// `--initial-cluster` (this member alone, or every member's).
+    initial: String,
 }
 
 impl Etcd {
-    fn start() -> Etcd {
+    fn new(name: &str) -> Etcd {
         let dir =
             std::env::temp_dir().join(format!("rt-etcd-{}-{}", std::process::id(), free_port()));
-        let mut e = Etcd {
+        let peer = free_port();
+        Etcd {
             child: None,
             dir,
+            name: name.to_string(),
             client: free_port(),
-            peer: free_port(),
-        };
+            peer,
+            initial: format!("{name}=http://127.0.0.1:{peer}"),
+        }
+    }
+
+    /// A one-member cluster, answering.
+    fn start() -> Etcd {
+        let mut e = Etcd::new("t");
         e.run();
         e
+    }
+
+    /// A cluster of `n` members, answering.
+    fn cluster(n: usize) -> Vec<Etcd> {
+        let mut m: Vec<Etcd> = (0..n).map(|i| Etcd::new(&format!("m{i}"))).collect();
+        let initial: Vec<String> = m.iter().map(|e| e.initial.clone()).collect();
+        for e in &mut m {
+            e.initial = initial.join(",");
+            e.spawn();
+        }
+        for e in &m {
+            e.wait_ready();
+        }
+        m
     }
 
     fn url(&self) -> String {
@@ -60,17 +85,22 @@ impl Etcd {
     /// Starts (again) on the same ports and data directory, and waits
     /// until it answers.
     fn run(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
+
+    fn spawn(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let child = Command::new("etcd")
             .arg("--name")
-            .arg("t")
+            .arg(&self.name)
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--listen-client-urls", &self.url()])
             .args(["--advertise-client-urls", &self.url()])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("t={peer}")])
+            .args(["--initial-cluster", &self.initial])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -79,6 +109,11 @@ impl Etcd {
                  .ci/run installs it)",
             );
         self.child = Some(child);
+    }
+
+    /// Waits until the member answers a (linearizable) read: it has a
+    /// leader.
+    fn wait_ready(&self) {
         let t = Instant::now();
         loop {
             if self.client().range_prefix("/").is_ok() {
@@ -737,4 +772,89 @@ fn an_etcd_that_lies_or_stalls_costs_nothing_but_its_counter() {
         }
         assert_eq!(cluster_json(admin)["revision"], 0, "no view was made up");
     }
+}
+
+#[test]
+fn quorum_loss_keeps_serving_and_converges_when_it_returns() {
+    let mut members = Etcd::cluster(3);
+    let urls: Vec<String> = members.iter().map(Etcd::url).collect();
+    let all = urls.join(",");
+    let start = |name: &str| {
+        let peer = format!("127.0.0.1:{}", free_port());
+        let ttl = TTL.to_string();
+        gateway(
+            D,
+            &[
+                "--cluster-etcd",
+                &all,
+                "--node-name",
+                name,
+                "--peer-listen",
+                &peer,
+                "--cluster-secret",
+                SECRET,
+                "--cluster-lease-ttl",
+                &ttl,
+            ],
+        )
+    };
+    let a = start("a");
+    let b = start("b");
+    let echo = echo(D, 0);
+    let _agent = agent(D, &a, "demo", echo.addr("listen"), &[]);
+    let (public, admin, badmin) = (a.addr("public"), a.addr("admin"), b.addr("admin"));
+    wait_routable(public, "demo");
+    members[0].wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(3),
+    );
+    wait_for("B sees demo", Duration::from_secs(3), || {
+        holders(badmin, "demo") == ["a"]
+    });
+
+    // Two of three members go: the survivor has no leader. The gateways
+    // watch the first member, which ends their watches ("no leader").
+    members[1].kill();
+    members[2].kill();
+    let down = wait_for(
+        "both nodes report etcd down",
+        Duration::from_secs(TTL + 3),
+        || {
+            metric(admin, "ringtunnel_cluster_etcd_up") == 0.0
+                && metric(badmin, "ringtunnel_cluster_etcd_up") == 0.0
+        },
+    );
+    eprintln!("quorum loss noticed after {down:?}");
+    for _ in 0..20 {
+        assert_eq!(get(public, "demo"), 200, "a request failed without quorum");
+    }
+    assert_eq!(holders(badmin, "demo"), ["a"], "B keeps its last view");
+    // Longer than the TTL without quorum.
+    std::thread::sleep(Duration::from_secs(TTL + 1));
+    assert_eq!(get(public, "demo"), 200);
+
+    members[1].spawn();
+    members[2].spawn();
+    for m in &members {
+        m.wait_ready();
+    }
+    let up = wait_for("both nodes report etcd up", Duration::from_secs(10), || {
+        metric(admin, "ringtunnel_cluster_etcd_up") == 1.0
+            && metric(badmin, "ringtunnel_cluster_etcd_up") == 1.0
+    });
+    eprintln!("quorum back noticed after {up:?}");
+    members[0].wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(5));
+    members[0].wait_key(
+        "/ringtunnel/v1/sessions/demo/a",
+        true,
+        Duration::from_secs(5),
+    );
+    wait_for("B sees demo on a", Duration::from_secs(5), || {
+        holders(badmin, "demo") == ["a"] && node_names(badmin) == ["a", "b"]
+    });
+    // Kept alive from now on.
+    std::thread::sleep(Duration::from_secs(TTL * 2));
+    assert!(members[0].has_key("/ringtunnel/v1/sessions/demo/a"));
+    assert_eq!(get(public, "demo"), 200);
 }

@@ -480,12 +480,40 @@ fn open_watch(
         return Err(EtcdError::Malformed("watch answer is not chunked".into()));
     }
     stream.set_read_timeout(Some(read_timeout))?;
+    keepalive_probes(&stream);
     Ok(WatchStream {
         stream,
         raw: buf,
         chunks: ChunkDecoder::default(),
         body: Vec::new(),
     })
+}
+
+/// TCP keepalive on a watch connection (idle 2 s, then a probe every
+/// second, 3 unanswered: about 5 s), so a path to etcd that went dark
+/// (host gone, blackhole) ends the watch instead of leaving it silent.
+/// A member that is merely paused still ACKs at the kernel level; its
+/// watch resumes when it does.
+fn keepalive_probes(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    for (level, opt, val) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 2),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+    ] {
+        // SAFETY: a valid socket fd and a c_int option of its size.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
 }
 
 /// A watch's response stream.
@@ -609,9 +637,17 @@ pub fn parse_watch_message(line: &[u8]) -> Result<WatchMessage, EtcdError> {
 fn request(authority: &str, path: &str, body: &str, keep_alive: bool) -> String {
     format!(
         "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: {}\r\n\r\n{body}",
+         Content-Length: {}\r\nConnection: {}\r\n{}\r\n{body}",
         body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
+        if keep_alive { "keep-alive" } else { "close" },
+        // gRPC metadata `hasleader` (etcd's WithRequireLeader): a member
+        // that loses its leader ends the watch with "no leader" instead
+        // of keeping it open and silent while the majority moves on.
+        if path == "/v3/watch" {
+            "Grpc-Metadata-Hasleader: true\r\n"
+        } else {
+            ""
+        }
     )
 }
 

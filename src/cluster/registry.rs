@@ -19,9 +19,11 @@
 //!   watches it from that revision + 1, and rebuilds the [`ClusterView`]:
 //!   all the messages already received are applied before one new view is
 //!   pushed to every core (`publish`, the gateway's mailboxes). A watch
-//!   that ends, errs, is cancelled (compaction) or stays silent for
-//!   [`idle_restart`] is replaced by a fresh read of the prefix, so a view
-//!   never misses a change for longer than that.
+//!   that ends, errs, is cancelled (compaction), is on a member that lost
+//!   its leader (asked with `hasleader`: the member ends it), or whose
+//!   connection stops answering TCP keepalive (about 5 s) is replaced by
+//!   a fresh read of the prefix on the next endpoint; one silent for
+//!   [`idle_restart`] too, as a backstop.
 //!
 //! etcd unreachable or without quorum: both threads keep the last view
 //! (the cores keep routing with it), count each failed call
@@ -73,10 +75,12 @@ const BACKOFF_CAP: Duration = Duration::from_secs(1);
 /// idle bound).
 const WATCH_POLL: Duration = Duration::from_millis(500);
 
-/// A silent watch is replaced (prefix re-read) after this long: the bound
-/// on how long a half-open watch connection can hide changes.
+/// A silent watch is replaced (prefix re-read) after this long. A backstop
+/// only: a member that loses its leader ends the watch itself
+/// (`hasleader`), and TCP keepalive ends one whose path went dark within
+/// about 5 s (`etcd::keepalive_probes`).
 pub fn idle_restart(ttl: Duration) -> Duration {
-    (ttl * 3).max(Duration::from_secs(10))
+    (ttl * 12).max(Duration::from_secs(60))
 }
 
 /// The node key of `node`.

@@ -858,3 +858,37 @@ fn quorum_loss_keeps_serving_and_converges_when_it_returns() {
     assert!(members[0].has_key("/ringtunnel/v1/sessions/demo/a"));
     assert_eq!(get(public, "demo"), 200);
 }
+
+#[test]
+fn an_unusable_etcd_url_stops_start_up_with_the_flag_named() {
+    let peer = format!("127.0.0.1:{}", free_port());
+    let mut g = spawn_nowait(
+        "gateway",
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--no-pin",
+            "--cluster-etcd",
+            "http://",
+            "--node-name",
+            "a",
+            "--peer-listen",
+            &peer,
+            "--cluster-secret",
+            SECRET,
+        ],
+    );
+    let code = g.wait_exit(Duration::from_secs(5));
+    assert!(matches!(code, Some(c) if c != 0), "exit {code:?}");
+    assert!(
+        g.wait_stderr("--cluster-etcd: http://: no host", Duration::from_secs(2)),
+        "{}",
+        g.stderr()
+    );
+    assert!(!g.stdout().contains("ready"));
+}

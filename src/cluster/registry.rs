@@ -314,21 +314,23 @@ pub struct Registry {
 
 impl Registry {
     /// The handle works at once: what it is told before `start` is
-    /// written when the lease thread starts.
-    pub fn new(cfg: ClusterConfig) -> Registry {
+    /// written when the lease thread starts. Fails on an etcd URL the
+    /// client cannot use.
+    pub fn new(cfg: ClusterConfig) -> Result<Registry, String> {
+        Client::new(&cfg.etcd, Timeouts::default()).map_err(|e| format!("--cluster-etcd: {e}"))?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let handle = RegistryHandle {
             tx,
             status: Arc::default(),
             node: Arc::from(cfg.node.as_str()),
         };
-        Registry {
+        Ok(Registry {
             cfg,
             handle,
             rx: Some(rx),
             stop: Arc::default(),
             threads: Vec::new(),
-        }
+        })
     }
 
     pub fn handle(&self) -> RegistryHandle {
@@ -1060,7 +1062,8 @@ mod tests {
             advertise: None,
             secret: "0123456789abcdef".into(),
             lease_ttl: Duration::from_secs(3),
-        });
+        })
+        .unwrap();
         let h = r.handle();
         h.hold("demo", 7);
         h.release("demo");

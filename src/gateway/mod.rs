@@ -860,7 +860,8 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
     // first uplink on (queued until it starts below).
     let mut registry = match &cfg.cluster {
         Some(c) => Some((
-            crate::cluster::registry::Registry::new(c.clone()),
+            crate::cluster::registry::Registry::new(c.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
             node_info(c, tunnel_addr, n)?,
         )),
         None => None,
@@ -937,9 +938,17 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         Some((mut r, me)) => {
             let sh = shared.clone();
             tracing::info!(node = %me.name, peer = %me.peer, tunnel = %me.tunnel, etcd = ?sh.cfg.cluster.as_ref().map(|c| &c.etcd), "cluster: joining");
-            r.start(me, move |view| {
+            let started = r.start(me, move |view| {
                 sh.broadcast(|| CoreMsg::Cluster(view.clone()))
-            })?;
+            });
+            if let Err(e) = started {
+                // The workers are up: stop them before failing start-up.
+                shared.broadcast(|| CoreMsg::Shutdown);
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cluster: cannot start the registry: {e}"),
+                ));
+            }
             Some(r)
         }
         None => None,

@@ -892,3 +892,70 @@ fn an_unusable_etcd_url_stops_start_up_with_the_flag_named() {
     );
     assert!(!g.stdout().contains("ready"));
 }
+
+/// What the registry relies on, asked of a real etcd through our client:
+/// leased writes in one transaction, keys gone with their lease, and
+/// how a lost lease shows (keepalive TTL 0, a put "lease not found").
+#[test]
+fn the_etcd_client_against_a_real_member() {
+    use ringtunnel::cluster::etcd::{Write, MAX_TXN_OPS};
+    let etcd = Etcd::start();
+    let mut c = etcd.client();
+    let lease = c.grant(30).unwrap();
+    assert!(c.keepalive(lease).unwrap() > 0);
+    let puts: Vec<Write> = (0..MAX_TXN_OPS)
+        .map(|i| Write::Put {
+            key: format!("/ringtunnel/v1/sessions/s{i}/a"),
+            value: br#"{"agent_id":1}"#.to_vec(),
+            lease,
+        })
+        .collect();
+    let rev = c.write_batch(&puts).unwrap();
+    let page = c.range_prefix("/ringtunnel/v1/sessions/").unwrap();
+    assert_eq!(page.kvs.len(), MAX_TXN_OPS);
+    assert_eq!(page.revision, rev, "one transaction, one revision");
+    // Deletes and puts mixed; one key never twice.
+    let mixed = vec![
+        Write::Delete {
+            key: "/ringtunnel/v1/sessions/s0/a".into(),
+        },
+        Write::Put {
+            key: "/ringtunnel/v1/nodes/a".into(),
+            value: b"{}".to_vec(),
+            lease: 0,
+        },
+    ];
+    assert_eq!(c.write_batch(&mixed).unwrap(), rev + 1);
+    assert_eq!(etcd.keys().len(), MAX_TXN_OPS);
+    // Binary-safe values, and a range of more keys than one page
+    // (RANGE_PAGE) read whole at one revision.
+    let pages = ringtunnel::cluster::etcd::RANGE_PAGE as usize / MAX_TXN_OPS + 2;
+    for b in 0..pages {
+        let batch: Vec<Write> = (0..MAX_TXN_OPS)
+            .map(|i| Write::Put {
+                key: format!("/x/{:06}", b * MAX_TXN_OPS + i),
+                value: vec![0, 0xff, i as u8],
+                lease: 0,
+            })
+            .collect();
+        c.write_batch(&batch).unwrap();
+    }
+    let x = c.range_prefix("/x/").unwrap();
+    assert_eq!(x.kvs.len(), pages * MAX_TXN_OPS, "every page read");
+    assert!(x.kvs.len() > ringtunnel::cluster::etcd::RANGE_PAGE as usize);
+    assert!(
+        x.kvs.windows(2).all(|w| w[0].key < w[1].key),
+        "in order, none twice"
+    );
+    assert_eq!(x.kvs[3].value, [0, 0xff, 3]);
+    // Revoked: its keys go at once; the lease is then reported gone.
+    c.revoke(lease).unwrap();
+    assert_eq!(etcd.keys().len(), 1, "only the unleased node key stays");
+    assert_eq!(c.keepalive(lease).unwrap(), 0);
+    let e = c
+        .put("/ringtunnel/v1/sessions/late/a", b"{}", lease)
+        .unwrap_err();
+    assert!(e.lease_not_found(), "{e}");
+    let e = c.write_batch(&puts[..1]).unwrap_err();
+    assert!(e.lease_not_found(), "{e}");
+}

@@ -17,7 +17,7 @@
 //! newline-separated JSON messages ([`WatchStream`], [`parse_watch_message`]);
 //! and base64 ([`b64_encode`], [`b64_decode`]).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Write as _};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -102,6 +102,24 @@ impl From<io::Error> for EtcdError {
     fn from(e: io::Error) -> Self {
         EtcdError::Io(e)
     }
+}
+
+/// Most writes in one [`Client::write_batch`]: below etcd's default
+/// `--max-txn-ops` (128).
+pub const MAX_TXN_OPS: usize = 64;
+
+/// One write of a transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// `lease` 0: no lease.
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: i64,
+    },
+    Delete {
+        key: String,
+    },
 }
 
 /// One key-value pair as read.
@@ -329,6 +347,32 @@ impl Client {
             req["lease"] = json!(lease.to_string());
         }
         let r: HeaderOnly = parse(&self.call("/v3/kv/put", &req)?)?;
+        Ok(r.header.revision)
+    }
+
+    /// Applies `writes` in one transaction (all or none; no conditions).
+    /// At most [`MAX_TXN_OPS`] writes, each key at most once (etcd
+    /// refuses a transaction that names a key twice). Returns the
+    /// revision of the write.
+    pub fn write_batch(&mut self, writes: &[Write]) -> Result<i64, EtcdError> {
+        assert!(writes.len() <= MAX_TXN_OPS, "{} writes", writes.len());
+        let ops: Vec<serde_json::Value> = writes
+            .iter()
+            .map(|w| match w {
+                Write::Put { key, value, lease } => {
+                    let mut p =
+                        json!({"key": b64_encode(key.as_bytes()), "value": b64_encode(value)});
+                    if *lease != 0 {
+                        p["lease"] = json!(lease.to_string());
+                    }
+                    json!({ "request_put": p })
+                }
+                Write::Delete { key } => {
+                    json!({"request_delete_range": {"key": b64_encode(key.as_bytes())}})
+                }
+            })
+            .collect();
+        let r: HeaderOnly = parse(&self.call("/v3/kv/txn", &json!({ "success": ops }))?)?;
         Ok(r.header.revision)
     }
 
@@ -739,66 +783,109 @@ fn read_length(s: &mut TcpStream, buf: &mut Vec<u8>, n: usize) -> Result<Vec<u8>
 }
 
 /// Incremental decoder of a chunked body: moves the data of whole
-/// chunks (and of partial ones as far as read) from `raw` to `out`.
+/// chunks (and of partial ones as far as read) from `raw` to `out`, then
+/// consumes the trailer section (etcd's gateway sends one on errors:
+/// `Grpc-Trailer-Content-Type`), so a kept connection starts its next
+/// response exactly after this one.
 #[derive(Default, Debug)]
 struct ChunkDecoder {
-    /// Data bytes left in the current chunk, then its CRLF.
-    left: usize,
-    in_chunk: bool,
-    done: bool,
+    state: ChunkState,
 }
 
+#[derive(Default, Debug, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    #[default]
+    Size,
+    /// In a chunk's data, this many bytes left.
+    Data(usize),
+    /// After a chunk's data: its CRLF.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one (bytes of
+    /// trailers seen so far, bounded).
+    Trailers(usize),
+    Done,
+}
+
+/// Longest chunk-size line, and the most trailer bytes taken.
+const MAX_CHUNK_LINE: usize = 1024;
+const MAX_TRAILERS: usize = 8 * 1024;
+
 impl ChunkDecoder {
-    /// Consumes what it can of `raw`; `Ok(true)` at the last chunk.
+    /// Consumes what it can of `raw`; `Ok(true)` once the body and its
+    /// trailers are complete.
     fn feed(&mut self, raw: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<bool, String> {
         let mut pos = 0;
-        let res = loop {
-            if self.done {
-                break Ok(true);
-            }
-            if self.in_chunk {
-                let take = self.left.min(raw.len() - pos);
-                out.extend_from_slice(&raw[pos..pos + take]);
-                pos += take;
-                self.left -= take;
-                if self.left > 0 {
-                    break Ok(false);
-                }
-                if raw.len() - pos < 2 {
-                    break Ok(false);
-                }
-                if &raw[pos..pos + 2] != b"\r\n" {
-                    break Err("chunk not followed by CRLF".to_string());
-                }
-                pos += 2;
-                self.in_chunk = false;
-                continue;
-            }
-            let Some(nl) = raw[pos..].windows(2).position(|w| w == b"\r\n") else {
-                if raw.len() - pos > 1024 {
-                    break Err("chunk size line too long".to_string());
-                }
-                break Ok(false);
-            };
-            let line = std::str::from_utf8(&raw[pos..pos + nl]).map_err(|e| e.to_string())?;
-            let size = line.split(';').next().unwrap_or("").trim();
-            let size =
-                usize::from_str_radix(size, 16).map_err(|_| format!("bad chunk size {size:?}"))?;
-            if size > MAX_BODY {
-                break Err("chunk too large".to_string());
-            }
-            pos += nl + 2;
-            if size == 0 {
-                // Trailers are not used by etcd; the final CRLF may
-                // follow later and is not needed.
-                self.done = true;
-                continue;
-            }
-            self.left = size;
-            self.in_chunk = true;
-        };
+        let res = self.step(raw, &mut pos, out);
         raw.drain(..pos);
         res
+    }
+
+    fn step(&mut self, raw: &[u8], pos: &mut usize, out: &mut Vec<u8>) -> Result<bool, String> {
+        let line = |pos: usize| raw[pos..].windows(2).position(|w| w == b"\r\n");
+        loop {
+            match self.state {
+                ChunkState::Done => return Ok(true),
+                ChunkState::Data(left) => {
+                    let take = left.min(raw.len() - *pos);
+                    out.extend_from_slice(&raw[*pos..*pos + take]);
+                    *pos += take;
+                    if take < left {
+                        self.state = ChunkState::Data(left - take);
+                        return Ok(false);
+                    }
+                    self.state = ChunkState::DataEnd;
+                }
+                ChunkState::DataEnd => {
+                    if raw.len() - *pos < 2 {
+                        return Ok(false);
+                    }
+                    if &raw[*pos..*pos + 2] != b"\r\n" {
+                        return Err("chunk not followed by CRLF".into());
+                    }
+                    *pos += 2;
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Size => {
+                    let Some(nl) = line(*pos) else {
+                        if raw.len() - *pos > MAX_CHUNK_LINE {
+                            return Err("chunk size line too long".into());
+                        }
+                        return Ok(false);
+                    };
+                    let text =
+                        std::str::from_utf8(&raw[*pos..*pos + nl]).map_err(|e| e.to_string())?;
+                    let size = text.split(';').next().unwrap_or("").trim();
+                    let size = usize::from_str_radix(size, 16)
+                        .map_err(|_| format!("bad chunk size {size:?}"))?;
+                    if size > MAX_BODY {
+                        return Err("chunk too large".into());
+                    }
+                    *pos += nl + 2;
+                    self.state = if size == 0 {
+                        ChunkState::Trailers(0)
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Trailers(seen) => {
+                    let Some(nl) = line(*pos) else {
+                        if seen + raw.len() - *pos > MAX_TRAILERS {
+                            return Err("trailers too long".into());
+                        }
+                        return Ok(false);
+                    };
+                    *pos += nl + 2;
+                    self.state = if nl == 0 {
+                        ChunkState::Done
+                    } else if seen + nl + 2 > MAX_TRAILERS {
+                        return Err("trailers too long".into());
+                    } else {
+                        ChunkState::Trailers(seen + nl + 2)
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -1155,6 +1242,30 @@ mod tests {
         }
         let mut d = ChunkDecoder::default();
         assert!(d.feed(&mut b"zz\r\n".to_vec(), &mut Vec::new()).is_err());
+        // Trailers (etcd sends one with an error answer) are consumed, and
+        // nothing after them: the next response on the connection stays.
+        let wire =
+            b"5\r\nhello\r\n0\r\nGrpc-Trailer-Content-Type: application/grpc\r\n\r\nHTTP/1.1";
+        for step in [1, 3, wire.len()] {
+            let mut d = ChunkDecoder::default();
+            let (mut raw, mut out, mut done) = (Vec::new(), Vec::new(), false);
+            for piece in wire.chunks(step) {
+                raw.extend_from_slice(piece);
+                done = d.feed(&mut raw, &mut out).unwrap();
+                if done {
+                    break;
+                }
+            }
+            assert!(done, "step {step}");
+            assert_eq!(out, b"hello");
+            let rest_start = wire.len() - b"HTTP/1.1".len();
+            let consumed_all_before = raw.is_empty() || wire[rest_start..].starts_with(&raw);
+            assert!(consumed_all_before, "step {step}: left {raw:?}");
+        }
+        let mut d = ChunkDecoder::default();
+        let mut endless = b"0\r\n".to_vec();
+        endless.extend(std::iter::repeat_n(b'x', MAX_TRAILERS + 10));
+        assert!(d.feed(&mut endless, &mut Vec::new()).is_err());
         let mut d = ChunkDecoder::default();
         assert!(d
             .feed(&mut b"3\r\nabcXY".to_vec(), &mut Vec::new())

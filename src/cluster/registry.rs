@@ -57,7 +57,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Deserialize;
 
-use super::etcd::{Client, EtcdError, Event, KeyValue, Timeouts, WatchMessage};
+use super::etcd::{Client, EtcdError, Event, KeyValue, Timeouts, WatchMessage, Write, MAX_TXN_OPS};
 use super::{ClusterConfig, ClusterView, NodeInfo, NodeState, SessionHold};
 use super::{NODES_PREFIX, PREFIX, SESSIONS_PREFIX};
 
@@ -575,21 +575,30 @@ impl LeaseKeeper {
                 .put(&key, node_json(&self.me).as_bytes(), self.lease)?;
             self.node_dirty = false;
         }
-        // Sorted so the order is the same on every retry (logs, tests).
+        // In transactions of up to MAX_TXN_OPS writes (a reconnect storm
+        // of a thousand sessions is ~16 round trips, not a thousand
+        // fsyncs); sorted so the order is the same on every retry.
         let mut dirty: Vec<String> = self.dirty.iter().cloned().collect();
         dirty.sort();
-        for session in dirty {
-            let key = session_key(&session, &self.me.name);
-            match self.desired.get(&session) {
-                Some(&agent_id) => {
-                    let v = hold_json(&SessionHold { agent_id });
-                    self.client.put(&key, v.as_bytes(), self.lease)?;
-                }
-                None => {
-                    self.client.delete(&key)?;
-                }
+        for batch in dirty.chunks(MAX_TXN_OPS) {
+            let writes: Vec<Write> = batch
+                .iter()
+                .map(|session| {
+                    let key = session_key(session, &self.me.name);
+                    match self.desired.get(session) {
+                        Some(&agent_id) => Write::Put {
+                            key,
+                            value: hold_json(&SessionHold { agent_id }).into_bytes(),
+                            lease: self.lease,
+                        },
+                        None => Write::Delete { key },
+                    }
+                })
+                .collect();
+            self.client.write_batch(&writes)?;
+            for session in batch {
+                self.dirty.remove(session);
             }
-            self.dirty.remove(&session);
         }
         Ok(())
     }

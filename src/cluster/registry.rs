@@ -4,7 +4,8 @@
 //! - **`cluster-lease`** owns the node's etcd lease and every key written
 //!   under it. It grants the lease (`ClusterConfig::lease_ttl`), puts the
 //!   node key (`/ringtunnel/v1/nodes/{node}`: [`NodeInfo`] as JSON), renews
-//!   the lease every TTL/3, and puts or deletes the session keys
+//!   the lease every TTL/3, and puts or deletes (in transactions of up to
+//!   [`MAX_TXN_OPS`] writes) the session keys
 //!   (`/ringtunnel/v1/sessions/{session}/{node}`: `{"agent_id": N}`) that
 //!   the cores ask for through [`RegistryHandle::hold`] and
 //!   [`RegistryHandle::release`]. Those calls only send on a channel: a

@@ -35,6 +35,9 @@
 //! - [`gateway`], [`agent`], [`echo`], [`bench`](mod@bench), [`demo`]: the programs.
 //! - [`limits`]: connection limits, the fd reserve, per-session rates,
 //!   handshake bans and accept back-off.
+//! - [`cluster`]: many gateways as one: the shared vocabulary, the etcd
+//!   client and the node's registry (control-plane threads that push
+//!   cluster views to the cores), rendezvous hashing.
 //! - [`admin`]: `/metrics` and `/stats`; [`config`]: validated settings;
 //!   [`config_file`]: the TOML file behind `--config`; [`signals`]:
 //!   SIGTERM/SIGINT/SIGHUP as flags.

@@ -20,8 +20,10 @@
 //! the lease's TTL passes. Peers do not wait for that: a peer link that
 //! drops marks the node unreachable on that core at once (`peer.rs`).
 
+pub mod etcd;
 pub mod peer;
 pub mod prefix;
+pub mod registry;
 pub mod rendezvous;
 
 use std::collections::{BTreeMap, HashMap};

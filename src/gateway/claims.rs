@@ -401,6 +401,13 @@ impl Claims {
             .collect()
     }
 
+    /// Uplinks of `session` connected now (live and draining) and the
+    /// agent that claimed it; `None` without a claim. What the cluster
+    /// registry is told (`Shared::register_hold`).
+    pub(crate) fn uplinks_of(&self, session: &str) -> Option<(u32, u64)> {
+        self.map.get(session).map(|c| (c.connected(), c.agent))
+    }
+
     /// Who holds `session` now (a live or leased claim).
     pub(crate) fn holder(&self, session: &str) -> Option<Holder> {
         self.map.get(session).map(|c| c.holder.clone())

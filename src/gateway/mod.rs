@@ -189,6 +189,8 @@ pub(crate) struct Shared {
     tcp_counters: tcp::TcpCounters,
     /// Per core: the sessions' last-minute windows (dashboard, /stats).
     pub(crate) windows: Vec<Arc<SessionWindows>>,
+    /// The cluster registry (`--cluster-etcd`); `None`: a single node.
+    pub(crate) cluster: Option<crate::cluster::registry::RegistryHandle>,
 }
 
 impl Shared {
@@ -213,7 +215,30 @@ impl Shared {
             c.release(session, core, drained, now);
             // Without a lease the claim, and its TCP ports, end now.
             self.sync_tcp(c);
+            self.register_hold(c, session);
         });
+    }
+
+    /// Tells the cluster registry whether this node holds `session`:
+    /// registered while at least one uplink of it is connected here (live
+    /// or draining), withdrawn when the last one goes. Called under the
+    /// claims lock after every change of the count, so the registry gets
+    /// the holds and releases in the claims' order; it only queues them
+    /// (`RegistryHandle` never blocks).
+    ///
+    /// Not during the local lease (`--session-lease`, no uplink left):
+    /// other nodes read a session key as "forward requests here", and a
+    /// node with no uplink could only hold them or answer 502, while a node
+    /// the agent has reconnected to can serve them. The lease keeps the
+    /// name for its owner on this node only.
+    fn register_hold(&self, c: &Claims, session: &str) {
+        let Some(reg) = &self.cluster else {
+            return;
+        };
+        match c.uplinks_of(session) {
+            Some((n, agent)) if n > 0 => reg.hold(session, agent),
+            _ => reg.release(session),
+        }
     }
 
     /// Runs `f` on the registry and, still under its lock (so every core
@@ -301,6 +326,9 @@ impl Shared {
     fn cluster_drain_begins(&self) {
         if let Some(c) = &self.cfg.cluster {
             tracing::info!(node = %c.node, "cluster node draining: agents are told to move (REHOME)");
+        }
+        if let Some(reg) = &self.cluster {
+            reg.set_state(crate::cluster::NodeState::Draining);
         }
     }
 
@@ -710,6 +738,9 @@ pub struct Gateway {
     shared: Arc<Shared>,
     workers: Option<crate::runtime::Workers>,
     admin: Option<SocketAddr>,
+    /// The cluster control plane, stopped (lease revoked) once the
+    /// workers have ended.
+    registry: Option<crate::cluster::registry::Registry>,
 }
 
 impl Gateway {
@@ -762,6 +793,21 @@ impl Gateway {
         if let Some(w) = self.workers.take() {
             w.join();
         }
+        self.stop_registry();
+    }
+
+    /// Revokes the node's etcd lease (its keys vanish at once) and ends
+    /// the control plane. After the workers ended: until then the node
+    /// still serves, registered as draining.
+    fn stop_registry(&mut self) {
+        if let Some(r) = self.registry.take() {
+            r.stop();
+        }
+    }
+
+    /// The cluster registry's handle (`None` on a single node).
+    pub fn cluster(&self) -> Option<&crate::cluster::registry::RegistryHandle> {
+        self.shared.cluster.as_ref()
     }
 
     /// Applies a reloaded configuration: tokens (with their scopes and
@@ -801,7 +847,9 @@ impl Gateway {
     }
 
     /// Starts the drain: `/health` says draining, listeners close, agents
-    /// get GOAWAY (REHOME in a cluster), in-flight requests finish.
+    /// get GOAWAY (REHOME in a cluster), in-flight requests finish. In a
+    /// cluster the node key says "draining" first, so peers and agents
+    /// move away while in-flight requests finish.
     pub fn begin_shutdown(&self) {
         if !self.shared.shutting_down.swap(true, Ordering::SeqCst) {
             self.shared.cluster_drain_begins();
@@ -814,6 +862,7 @@ impl Gateway {
         if let Some(w) = self.workers.take() {
             w.join();
         }
+        self.stop_registry();
     }
 }
 
@@ -823,7 +872,44 @@ impl Drop for Gateway {
             self.begin_shutdown();
             w.join();
         }
+        self.stop_registry();
     }
+}
+
+/// `addr` as other nodes and agents reach it: its port, and the host of
+/// `--advertise` if given (resolved once, here).
+fn advertised(advertise: Option<&str>, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let Some(host) = advertise else {
+        return Ok(addr);
+    };
+    use std::net::ToSocketAddrs;
+    (host.trim_matches(['[', ']']), addr.port())
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("--advertise {host}: no address"),
+            )
+        })
+}
+
+/// This node as it registers itself in etcd.
+fn node_info(
+    c: &crate::cluster::ClusterConfig,
+    tunnel: SocketAddr,
+    peer: SocketAddr,
+    cores: usize,
+) -> std::io::Result<crate::cluster::NodeInfo> {
+    // `peer` is the peer listener's bound address (cluster::peer), so a
+    // port 0 in --peer-listen is registered as the port it got.
+    Ok(crate::cluster::NodeInfo {
+        name: c.node.clone(),
+        peer: advertised(c.advertise.as_deref(), peer)?,
+        tunnel: advertised(c.advertise.as_deref(), tunnel)?,
+        cores: cores.min(usize::from(u16::MAX)) as u16,
+        state: crate::cluster::NodeState::Ready,
+    })
 }
 
 /// Starts the gateway's workers; returns once listeners are bound.
@@ -852,6 +938,21 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         None => None,
     };
     let n = cfg.cores.cores;
+    // Before the cores: their claims tell it what to register from the
+    // first uplink on (queued until it starts below).
+    let mut registry = match &cfg.cluster {
+        Some(c) => Some((
+            crate::cluster::registry::Registry::new(c.clone())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            node_info(
+                c,
+                tunnel_addr,
+                peer_addr.expect("a cluster has a peer listener"),
+                n,
+            )?,
+        )),
+        None => None,
+    };
     let mut senders = Vec::with_capacity(n);
     let mut receivers = Vec::with_capacity(n);
     for _ in 0..n {
@@ -879,6 +980,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         windows: (0..n)
             .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
             .collect(),
+        cluster: registry.as_ref().map(|(r, _)| r.handle()),
     });
     let admin = match &cfg.admin_listen {
         Some(a) => Some(crate::admin::start_with(
@@ -921,10 +1023,30 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
             "public edge: client addresses from PROXY headers / trusted proxies"
         );
     }
+    let registry = match registry.take() {
+        Some((mut r, me)) => {
+            let sh = shared.clone();
+            tracing::info!(node = %me.name, peer = %me.peer, tunnel = %me.tunnel, etcd = ?sh.cfg.cluster.as_ref().map(|c| &c.etcd), "cluster: joining");
+            let started = r.start(me, move |view| {
+                sh.broadcast(|| CoreMsg::Cluster(view.clone()))
+            });
+            if let Err(e) = started {
+                // The workers are up: stop them before failing start-up.
+                shared.broadcast(|| CoreMsg::Shutdown);
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!("cluster: cannot start the registry: {e}"),
+                ));
+            }
+            Some(r)
+        }
+        None => None,
+    };
     Ok(Gateway {
         shared,
         workers: Some(workers),
         admin,
+        registry,
     })
 }
 
@@ -1140,11 +1262,18 @@ impl crate::admin::StatsSource for Shared {
     }
 
     fn extra_metrics(&self) -> String {
-        self.limit_metrics() + &self.tcp_metrics() + &self.cluster_metrics()
+        let cluster = self.cluster.as_ref().map(|c| c.metrics());
+        self.limit_metrics()
+            + &self.tcp_metrics()
+            + &self.cluster_metrics()
+            + cluster.as_deref().unwrap_or("")
     }
 
     fn extra_json(&self) -> String {
-        self.tcp_json()
+        match &self.cluster {
+            Some(c) => format!("{},{}", self.tcp_json(), c.json()),
+            None => self.tcp_json(),
+        }
     }
 
     /// Draining from the first SIGTERM on: a load balancer stops sending

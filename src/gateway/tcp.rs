@@ -158,6 +158,7 @@ impl Shared {
         }
         // The cores' lease replicas learn that the name is held now.
         self.announce(&claims, &hello.session, before, now);
+        self.register_hold(&claims, &hello.session);
         let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
         for pl in fresh {
             tracing::info!(port = pl.port, session = %pl.session, "TCP tunnel port opened");

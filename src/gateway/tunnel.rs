@@ -232,6 +232,10 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         .await;
         return;
     }
+    if let Some(reason) = held_elsewhere(&core, &hello, &who) {
+        refuse(&mut conn, &core, ErrorCode::SessionTaken, &reason).await;
+        return;
+    }
     let movable = !conn.is_tls();
     let claimed = core
         .shared
@@ -265,6 +269,33 @@ async fn handshake(core: Rc<Core>, stream: TcpStream) {
         // SAFETY: we own the fd again since the send failed.
         drop(unsafe { std::net::TcpStream::from_raw_fd(fd) });
     }
+}
+
+/// In a cluster: why this HELLO must be refused because another node
+/// holds its session for a different agent (per this core's view), so a
+/// stranger cannot take a name held elsewhere. A token whose rule says
+/// `pool = true` may serve a session with several agents, so its HELLO
+/// is not checked (the token's scope is the guard there, on every node).
+///
+/// The window left: two agents saying HELLO for one free name on two
+/// nodes before either node's session key has reached the other's view
+/// (one etcd write, then the watch: milliseconds; longer while etcd is
+/// unreachable, when no view changes) are both accepted; each node then
+/// serves its own agent until one of them goes.
+fn held_elsewhere(core: &Core, hello: &Hello, who: &Claimant) -> Option<String> {
+    let me = core.shared.cluster.as_ref()?.node();
+    if who.pool {
+        return None;
+    }
+    let view = core.cluster.borrow();
+    let holders = view.sessions.get(&hello.session)?;
+    let (node, _) = holders
+        .iter()
+        .find(|(node, h)| node.as_str() != me && h.agent_id != hello.agent_id)?;
+    Some(format!(
+        "session '{}' is held by another agent on node '{node}'",
+        hello.session
+    ))
 }
 
 /// Takes over an uplink handed to this core.

@@ -716,7 +716,9 @@ fn refused_ports_stop_the_agent_with_the_reason() {
         }
         if next.wait_exit(Duration::from_millis(50)).is_some() {
             // Refused while the lease ran: try again.
-            assert!(next.stderr().contains("taken"), "{}", next.stderr());
+            // The process has exited; its stderr reader may not have
+            // read the pipe to its end yet.
+            assert!(next.wait_stderr("taken", SEC), "{}", next.stderr());
             assert!(t.elapsed() < 10 * SEC, "the lease never ended");
             next = tcp_agent_bg("uring", &gw, "next", &[spec(ssh, Some(p0))], &[]);
         }

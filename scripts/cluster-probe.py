@@ -246,7 +246,9 @@ def analyze(args):
     s = summarize(rows)
     hmap = haproxy_map(args.haproxy_log) if args.haproxy_log else {}
     servers = set(filter(None, (args.servers or "").split(",")))
-    inflight = [r for r in rows if r[0] <= t < r[1]]
+    # In flight at t, or at any time in [t, until] when --until is given.
+    until = max(args.until or t, t)
+    inflight = [r for r in rows if r[0] <= until and r[1] > t]
     on = [r for r in inflight if server_of(hmap, r[2], r[0]) in servers]
     failed = [r for r in rows if not ok(r[3])]
     late = [r for r in failed if r[0] >= t + args.after_ms / 1000]
@@ -286,7 +288,8 @@ def main():
     a.add_argument("--at", type=float, default=0.0, help="event time (unix seconds)")
     a.add_argument("--haproxy-log")
     a.add_argument("--servers", help="gateways (HAProxy server names) to count in-flight requests on")
-    a.add_argument("--after-ms", type=float, default=100)
+    a.add_argument("--until", type=float, help="count requests in flight at any time in [at, until]")
+    a.add_argument("--after-ms", type=float, default=100, help="failed_late: failures starting this long after --at")
     args = p.parse_args()
     if args.cmd == "run":
         asyncio.run(run(args))

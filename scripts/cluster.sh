@@ -315,12 +315,14 @@ etcd_holders() {
 
 # -------------------------------------------------------------- gateways
 
+# --advertise: agents are told each node's tunnel address from etcd; with
+# --tunnel-listen 0.0.0.0 the node must say which address reaches it.
 start_gw() {
   local n=$1 ip
   ip=$(ip_of "$n")
   start_proc "$n" "rt-$n" env RUST_LOG="${RUST_LOG:-info}" RINGTUNNEL_CLUSTER_SECRET="$SECRET" \
     "$BIN" gateway --listen 0.0.0.0:8080 --tunnel-listen 0.0.0.0:7000 \
-    --admin-listen "$ip:9090" --peer-listen "$ip:7100" \
+    --admin-listen "$ip:9090" --peer-listen "$ip:7100" --advertise "$ip" \
     --cluster-etcd "$(etcd_urls)" --node-name "$n" \
     --proxy-protocol --trusted-proxies "$LB_IP/32" --insecure-plaintext \
     --cores "$GW_CORES" --heartbeat-interval "$HB"
@@ -465,7 +467,7 @@ cmd_up() {
   printf 'ETCD_MEMBERS=%s\nAGENT_NODES=%s\nGW_CORES=%s\nBIN=%q\n' \
     "$ETCD_MEMBERS" "$AGENT_NODES" "$GW_CORES" "$BIN" >"$STATE/env"
   # Whatever fails from here on leaves nothing behind.
-  trap 'log "up failed; tearing down (logs: $STATE/log)"; down_keep_logs' ERR EXIT
+  trap 'trap - ERR EXIT; log "up failed; tearing down (logs: $STATE/log)"; down_keep_logs' ERR EXIT
   ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
   net_up "$delay"
@@ -508,7 +510,6 @@ load_env() {
 
 # Stops every recorded process (newest first), deletes our namespaces.
 down_keep_logs() {
-  trap - ERR EXIT
   local f name pid i alive
   if [[ -d $STATE/pids ]]; then
     # SIGTERM to all at once (a gateway drains for up to its
@@ -632,7 +633,7 @@ probe_start() {
   local name=$1 secs=$2 conns=$3 port=${4:-8080} host=${5:-$SESSION}
   start_proc "$name" rt-client timeout --kill-after=5 $((secs + 30)) \
     python3 "$PROBE" run --target "$LB_IP:$port" --host "$host" --conns "$conns" \
-    --duration "$secs" --timeout 5 --out "$STATE/$name.csv"
+    --duration "$secs" --timeout 10 --out "$STATE/$name.csv"
 }
 
 probe_wait() {
@@ -650,6 +651,26 @@ non_holders() {
   for g in "${GWS[@]}"; do [[ ,$1, == *",$g,"* ]] || out+=("$g"); done
   local IFS=,
   echo "${out[*]}"
+}
+
+# idle_after: the running gateways' public connections and streams back
+# to 0 (within 10 s) once the load has ended. Prints "yes", or the first
+# gateway still busy and its figures.
+idle_after() {
+  local g m c st deadline=$((SECONDS + 10))
+  for g in "${GWS[@]}"; do
+    pid_of "$g" >/dev/null || continue
+    c=-1 st=-1
+    while ((SECONDS < deadline)); do
+      m=$(admin_get "$g" /metrics 2>/dev/null) || { sleep 0.1; continue; }
+      c=$(awk '/^ringtunnel_gateway_connections[{ ]/ { s += $NF } END { print s + 0 }' <<<"$m")
+      st=$(awk '/^ringtunnel_active_streams[{ ]/ { s += $NF } END { print s + 0 }' <<<"$m")
+      ((c == 0 && st == 0)) && break
+      sleep 0.1
+    done
+    ((c == 0 && st == 0)) || { echo "no($g:conns=$c,streams=$st)"; return 0; }
+  done
+  echo yes
 }
 
 # S0: what works without the cluster code: health checks, PROXY v2 to the
@@ -724,7 +745,7 @@ s1() {
   local line verdict
   line=$(jq -r '
     [.rows, .compare] | transpose[] | . as [$f, $l] |
-    "c=\($f.label): p50 \($l.latency_ms.p50|.*100|round/100)->\($f.latency_ms.p50|.*100|round/100) ms, p99 \($l.latency_ms.p99|.*100|round/100)->\($f.latency_ms.p99|.*100|round/100) ms, RPS \($l.rps|round)->\($f.rps|round) (x\(($f.rps/$l.rps)*100|round/100)), errors \($l.errors.total + 0)/\($f.errors.total + 0)" +
+    "\($f.label): p50 \($l.latency_ms.p50|.*100|round/100)->\($f.latency_ms.p50|.*100|round/100) ms, p99 \($l.latency_ms.p99|.*100|round/100)->\($f.latency_ms.p99|.*100|round/100) ms, RPS \($l.rps|round)->\($f.rps|round) (x\(($f.rps/$l.rps)*100|round/100)), errors \($l.errors.total + 0)/\($f.errors.total + 0)" +
     (if ($f.latency_ms.p50 - $l.latency_ms.p50) <= 0.5 and ($f.latency_ms.p99 - $l.latency_ms.p99) <= 2
         and ($f.rps / $l.rps) >= 0.7 and ($f.errors.total + $l.errors.total) == 0 then "" else " [miss]" end)
   ' "$json" | paste -sd';' -)
@@ -749,15 +770,17 @@ s2() {
   t=$(now)
   signal_proc "$v" KILL
   probe_wait s2 45 || { result S2 "probe failed" "-" FAIL; return 1; }
+  local idle
+  idle=$(idle_after)
   # In flight on the dead node: on its HAProxy connections, plus those on
   # nodes without the session (forwarded, maybe through it).
   kv "$(analyze s2 --at "$t" --servers "$v,$others" --after-ms 100)" ||
     { result S2 "analysis failed" "-" FAIL; return 1; }
   local failed inflight late late_n verdict=FAIL
   failed=$(field failed) inflight=$(field inflight_on) late=$(field failed_late) late_n=$(field late_requests)
-  ((failed <= inflight && late == 0 && late_n > 0)) && verdict=PASS
-  result S2 "killed $v (holders $h) at t+4s, c=$conns: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}=$inflight failed-started->100ms-after=$late of $late_n retried=$(field retried)" \
-    "failed <= in flight on the dead node; all requests from +100 ms succeed" "$verdict"
+  ((failed <= inflight && late == 0 && late_n > 0)) && [[ $idle == yes ]] && verdict=PASS
+  result S2 "killed $v (holders $h) at t+4s, c=$conns: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}=$inflight failed-started->100ms-after=$late of $late_n retried=$(field retried) idle-after=$idle" \
+    "failed <= in flight on the dead node; all requests from +100 ms succeed; survivors idle after" "$verdict"
 }
 
 # S3: nftables blackhole of a node holding the session.
@@ -775,12 +798,14 @@ s3() {
   blackhole "$v" on
   probe_wait s3 $((detect / 1000 + 60)) || { result S3 "probe failed" "-" FAIL; return 1; }
   blackhole "$v" off
+  local idle
+  idle=$(idle_after)
   kv "$(analyze s3 --at "$t" --after-ms "$detect")" ||
     { result S3 "analysis failed" "-" FAIL; return 1; }
   local late verdict=FAIL
   late=$(field failed_late)
-  ((late == 0 && $(field late_requests) > 0)) && verdict=PASS
-  result S3 "blackholed $v (holders $h): requests=$(field requests) failed=$(field failed) ($(field failed_kinds)) last failure started at +$(field last_fail_ms) ms; failed after +${detect} ms: $late" \
+  ((late == 0 && $(field late_requests) > 0)) && [[ $idle == yes ]] && verdict=PASS
+  result S3 "blackholed $v (holders $h): requests=$(field requests) failed=$(field failed) ($(field failed_kinds)) last failure started at +$(field last_fail_ms) ms; failed after +${detect} ms: $late; idle-after=$idle" \
     "failures only within the detection bound (${detect} ms; TODO(lead): the peer heartbeat bound)" "$verdict"
 }
 
@@ -811,6 +836,8 @@ s4() {
   e=$(now)
   pid_of "$v" >/dev/null && { log "$v still running 30 s after SIGTERM"; stop_proc "$v" 1; }
   probe_wait s4 60 || { result S4 "probe failed" "-" FAIL; return 1; }
+  local idle
+  idle=$(idle_after)
   kv "$(analyze s4 --at "$t")" ||
     { result S4 "analysis failed" "-" FAIL; return 1; }
   # Re-homed before the exit: a sample taken before it shows K holders
@@ -823,8 +850,8 @@ s4() {
   fi
   local failed verdict=FAIL
   failed=$(field failed)
-  ((failed == 0)) && [[ $rehomed == yes ]] && verdict=PASS
-  result S4 "drained $v (holders $h, spare ${n:-none}), exit after $(awk -v a="$t" -v b="$e" 'BEGIN { printf "%.1f", b - a }') s: requests=$(field requests) failed=$failed ($(field failed_kinds)) retried=$(field retried) re-homed-before-exit=$rehomed" \
+  ((failed == 0)) && [[ $rehomed == yes && $idle == yes ]] && verdict=PASS
+  result S4 "drained $v (holders $h, spare ${n:-none}), exit after $(awk -v a="$t" -v b="$e" 'BEGIN { printf "%.1f", b - a }') s: requests=$(field requests) failed=$failed ($(field failed_kinds)) retried=$(field retried) re-homed-before-exit=$rehomed idle-after=$idle" \
     "0 failed; K holders without the node before it exits" "$verdict"
 }
 
@@ -856,12 +883,14 @@ etcd_outage() {
   wait_for 20 "demo2 answered through every node" ready_everywhere && ok=1
   t1=$(date +%s%N)
   probe_wait "$id" 60 || { result "$id" "probe failed" "-" FAIL; return 1; }
+  local idle
+  idle=$(idle_after)
   kv "$(analyze "$id" --at "$back")" ||
     { result "$id" "analysis failed" "-" FAIL; return 1; }
   local failed verdict=FAIL
   failed=$(field failed)
-  ((failed == 0 && ok == 1)) && verdict=PASS
-  result "$id" "etcd ${members} member(s), stopped $* for ${secs}s, c=50: requests=$(field requests) failed=$failed ($(field failed_kinds)); new session after etcd returned: $( ((ok)) && echo "served by all 3 nodes in $(((t1 - t0) / 1000000)) ms" || echo "not served by all nodes in 20 s")" \
+  ((failed == 0 && ok == 1)) && [[ $idle == yes ]] && verdict=PASS
+  result "$id" "etcd ${members} member(s), stopped $* for ${secs}s, c=50: requests=$(field requests) failed=$failed ($(field failed_kinds)); new session after etcd returned: $( ((ok)) && echo "served by all 3 nodes in $(((t1 - t0) / 1000000)) ms" || echo "not served by all nodes in 20 s"); idle-after=$idle" \
     "0 failed for existing sessions; a new session works after" "$verdict"
 }
 
@@ -951,6 +980,8 @@ s8() {
   sleep 5
   signal_proc "$v" CONT
   probe_wait s8 60 || { result S8 "probe failed" "-" FAIL; return 1; }
+  local idle
+  idle=$(idle_after)
   # No split session: once settled, etcd's holders are exactly the
   # gateways with live uplinks of the session, K of them.
   consistent() {
@@ -962,13 +993,15 @@ s8() {
   local cons=no
   wait_for 15 "etcd holders == live uplinks" consistent && cons=yes
   # In flight on the paused node: requests on its connections, or on
-  # nodes that may forward to it, that overlap the pause.
-  kv "$(analyze s8 --at "$t" --servers "$v,$others" --after-ms 6000)" ||
+  # nodes that may forward to it, that overlap the pause (the kernel
+  # still accepts them into a stopped process's sockets).
+  kv "$(analyze s8 --at "$t" --until "$(awk -v t="$t" 'BEGIN { printf "%.3f", t + 5 }')" \
+    --servers "$v,$others" --after-ms 6000)" ||
     { result S8 "analysis failed" "-" FAIL; return 1; }
   local failed inflight late verdict=FAIL
   failed=$(field failed) inflight=$(field inflight_on) late=$(field failed_late)
-  ((failed <= inflight && late == 0)) && [[ $cons == yes ]] && verdict=PASS
-  result S8 "SIGSTOP $v (holders $h) 5 s: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}-at-stop=$inflight failed-after-resume+1s=$late; etcd '$(etcd_holders "$SESSION")' vs uplinks '$(live_holders "$SESSION")' consistent=$cons" \
+  ((failed <= inflight && late == 0)) && [[ $cons == yes && $idle == yes ]] && verdict=PASS
+  result S8 "SIGSTOP $v (holders $h) 5 s: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}-during-pause=$inflight failed-after-resume+1s=$late; etcd '$(etcd_holders "$SESSION")' vs uplinks '$(live_holders "$SESSION")' consistent=$cons idle-after=$idle" \
     "no split session; failed <= in flight on the paused node" "$verdict"
 }
 
@@ -999,11 +1032,12 @@ cmd_test() {
     ((rc != 124)) || log "time cap of ${cap}s reached: run ended"
     return "$rc"
   fi
-  trap 'log "signal: tearing down"; down_keep_logs; exit 143' TERM INT
+  trap 'trap - EXIT; log "signal: tearing down"; down_keep_logs; exit 143' TERM INT
   trap 'down_keep_logs' EXIT
   ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
   local failed=() start=$SECONDS
   for s in "${list[@]}"; do
+    rm -rf "$STATE.failed/$s"
     log "--- $s"
     local fn=${s,,}
     if ! "$fn"; then
@@ -1013,6 +1047,11 @@ cmd_test() {
       cp -r "$STATE/log" "$STATE"/*.csv "$STATE/haproxy.cfg" "$STATE.failed/$s/" 2>/dev/null || true
     fi
   done
+  down_keep_logs
+  if ip netns list | grep -q '^rt-'; then
+    log "namespaces left after the run: $(ip netns list | awk '/^rt-/ { print $1 }' | paste -sd' ' -)"
+    failed+=(teardown)
+  fi
   log "done in $((SECONDS - start)) s; results appended to $(realpath --relative-to="$ROOT" "$RESULTS" 2>/dev/null || echo "$RESULTS")"
   if ((${#failed[@]})); then
     log "FAILED: ${failed[*]} (logs in $STATE.failed/)"

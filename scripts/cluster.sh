@@ -992,6 +992,9 @@ if ds:
     print(f"sessions={len(ds)} p50={q(0.5):.2f} p99={q(0.99):.2f} max={ds[-1]:.2f}")
 PY
 )
+  local every
+  every=$(cut -d' ' -f1 "$STATE/s7.samples" | uniq | awk 'NR > 1 { s += $1 - p; n++ } { p = $1 }
+    END { printf "%.1f", n ? s / n : 0 }')
   kv "requests=0 $figs"
   local verdict=FAIL
   if ((full == 1 && after == before)) && [[ $(field p99) =~ ^[0-9.]+$ ]] &&

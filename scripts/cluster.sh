@@ -1039,10 +1039,12 @@ s8() {
   kv "$(analyze s8 --at "$t" --until "$(awk -v t="$t" 'BEGIN { printf "%.3f", t + 5 }')" \
     --servers "$v,$others" --after-ms 6000)" ||
     { result S8 "analysis failed" "-" FAIL; return 1; }
-  local failed inflight late verdict=FAIL
+  local failed inflight late verdict=FAIL at_stop
   failed=$(field failed) inflight=$(field inflight_on) late=$(field failed_late)
+  # The tighter figure too: in flight on those connections at the stop.
+  at_stop=$(analyze s8 --at "$t" --servers "$v,$others" | tr ' ' '\n' | sed -n 's/^inflight_on=//p')
   ((failed <= inflight && late == 0)) && [[ $cons == yes && $idle == yes ]] && verdict=PASS
-  result S8 "SIGSTOP $v (holders $h) 5 s: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}-during-pause=$inflight failed-after-resume+1s=$late; etcd '$(etcd_holders "$SESSION")' vs uplinks '$(live_holders "$SESSION")' consistent=$cons idle-after=$idle" \
+  result S8 "SIGSTOP $v (holders $h) 5 s: requests=$(field requests) failed=$failed ($(field failed_kinds)) in-flight-on-$v${others:+/$others}-at-stop=${at_stop:-?}-during-pause=$inflight failed-after-resume+1s=$late; etcd '$(etcd_holders "$SESSION")' vs uplinks '$(live_holders "$SESSION")' consistent=$cons idle-after=$idle" \
     "no split session; failed <= in flight on the paused node" "$verdict"
 }
 

@@ -730,6 +730,16 @@ s1() {
     result S1 "holders='$(holders "$SESSION")': no node with and one without" "p50 +0.5 ms, p99 +2 ms, RPS x0.7" FAIL
     return 1
   fi
+  # Both routes must answer 200 (bench counts only 5xx as errors: a
+  # node that cannot route answers 404 fast and would look cheap).
+  local port st
+  for port in "$(node_port "$n")" "$(node_port "$h")"; do
+    st=$(status_via "$port" "$SESSION")
+    [[ $st == 200 ]] || {
+      result S1 "port $port (holders '$(holders "$SESSION")') answers $st, not 200" "p50 +0.5 ms, p99 +2 ms, RPS x0.7" FAIL
+      return 1
+    }
+  done
   local json=$STATE/s1.json
   start_proc s1-bench rt-client timeout --kill-after=5 120 env RUST_LOG=warn "$BIN" bench \
     "http://$LB_IP:$(node_port "$n")/" --host "$SESSION" \
@@ -741,6 +751,13 @@ s1() {
     result S1 "bench failed (see log/s1-bench.err)" "p50 +0.5 ms, p99 +2 ms, RPS x0.7" FAIL
     return 1
   fi
+  for port in "$(node_port "$n")" "$(node_port "$h")"; do
+    st=$(status_via "$port" "$SESSION")
+    [[ $st == 200 ]] || {
+      result S1 "port $port answers $st after the bench" "p50 +0.5 ms, p99 +2 ms, RPS x0.7" FAIL
+      return 1
+    }
+  done
   # rows = without the session (forwarded), compare = with it.
   local line verdict
   line=$(jq -r '

@@ -905,8 +905,12 @@ fn node_info(
     // port 0 in --peer-listen is registered as the port it got.
     Ok(crate::cluster::NodeInfo {
         name: c.node.clone(),
+        // Without --advertise the peer listener's own host is the one to
+        // dial (validated: not unspecified); the tunnel address takes the
+        // same host (`tunnel::advertised_tunnel`), never the bound
+        // 0.0.0.0 of --tunnel-listen.
         peer: advertised(c.advertise.as_deref(), peer)?,
-        tunnel: advertised(c.advertise.as_deref(), tunnel)?,
+        tunnel,
         cores: cores.min(usize::from(u16::MAX)) as u16,
         state: crate::cluster::NodeState::Ready,
     })

@@ -981,3 +981,53 @@ fn the_etcd_client_against_a_real_member() {
     let e = c.write_batch(&puts[..1]).unwrap_err();
     assert!(e.lease_not_found(), "{e}");
 }
+
+/// A node whose tunnel listener is a wildcard registers the host agents
+/// can dial (the `--peer-listen` host), never 0.0.0.0: agents on K nodes
+/// connect to the addresses from the node keys.
+#[test]
+fn a_wildcard_tunnel_listener_registers_a_dialable_address() {
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let peer = format!("127.0.0.1:{}", free_port());
+    let ttl = TTL.to_string();
+    let n = spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--listen",
+            "127.0.0.1:0",
+            "--tunnel-listen",
+            "0.0.0.0:0",
+            "--insecure-plaintext",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--cores",
+            "1",
+            "--cluster-etcd",
+            &url,
+            "--node-name",
+            "w",
+            "--peer-listen",
+            &peer,
+            "--cluster-secret",
+            SECRET,
+            "--cluster-lease-ttl",
+            &ttl,
+        ],
+        "ringtunnel gateway ready",
+    );
+    etcd.wait_key("/ringtunnel/v1/nodes/w", true, Duration::from_secs(3));
+    let keys = etcd.keys();
+    let v = &keys
+        .iter()
+        .find(|(k, _)| k == "/ringtunnel/v1/nodes/w")
+        .unwrap()
+        .1;
+    let node: serde_json::Value = serde_json::from_str(v).unwrap();
+    let tunnel: SocketAddr = node["tunnel"].as_str().unwrap().parse().unwrap();
+    let bound: SocketAddr = n.field("tunnel").parse().unwrap();
+    assert_eq!(tunnel.ip().to_string(), "127.0.0.1", "{node}");
+    assert_eq!(tunnel.port(), bound.port(), "{node}");
+}

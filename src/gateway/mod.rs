@@ -950,7 +950,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
             node_info(
                 c,
-                tunnel_addr,
+                advertised_tunnel.expect("a cluster has an advertised tunnel address"),
                 peer_addr.expect("a cluster has a peer listener"),
                 n,
             )?,

@@ -14,7 +14,7 @@
 //! | key | value | lease |
 //! |---|---|---|
 //! | `/ringtunnel/v1/nodes/{node}` | [`NodeInfo`] | the node's |
-//! | `/ringtunnel/v1/sessions/{session}/{node}` | [`SessionHold`] | the node's |
+//! | `/ringtunnel/v1/sessions/{session}/{node}` | [`SessionHold`] (`{"agent_id":N,"tcp":[..]}`, `tcp` left out when empty) | the node's |
 //!
 //! A node that dies stops renewing its lease; etcd deletes its keys when
 //! the lease's TTL passes. Peers do not wait for that: a peer link that

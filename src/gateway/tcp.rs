@@ -27,6 +27,15 @@
 //! "connected" answer must come within `--response-timeout`. At most
 //! `--tcp-max-conns-per-port` connections per port at once; one more is
 //! accepted and closed at once, and counted.
+//!
+//! **Clusters.** A session hold in the registry lists the session's ports
+//! (`SessionHold::tcp`). Every node listens on each port another node
+//! holds (`Shared::sync_cluster_tcp`, core 0 on each view) and forwards a
+//! connection that no local uplink takes over a peer link to a holder
+//! (`forward`: the same TCP OPEN behind the peer prefix, NOT_HERE -> next
+//! holder). Such a listener closes when no hold lists the port. In a
+//! cluster a `--tcp` spec must name its port: nodes picking ports for an
+//! agent's simultaneous uplinks could pick different ones.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -241,18 +241,30 @@ impl Shared {
         if self.shutting_down.load(Ordering::SeqCst) {
             return;
         }
-        let mut remote: HashMap<u16, String> = HashMap::new();
-        let mut names: Vec<&String> = view.sessions.keys().collect();
-        names.sort();
-        for s in names {
-            for (node, hold) in &view.sessions[s] {
-                if node == me || !view.nodes.contains_key(node) {
-                    continue;
-                }
-                for &p in &hold.tcp {
-                    remote.entry(p).or_insert_with(|| s.clone());
+        // Only holds that list ports, sorted so that every view gives a
+        // port to the same session: a cluster without TCP tunnels costs a
+        // walk over the view, never the claims lock.
+        let mut listed: Vec<(&String, u16)> = Vec::new();
+        for (s, holds) in &view.sessions {
+            for (node, hold) in holds {
+                if node != me && view.nodes.contains_key(node) {
+                    listed.extend(hold.tcp.iter().map(|&p| (s, p)));
                 }
             }
+        }
+        listed.sort_unstable();
+        let mut remote: HashMap<u16, String> = HashMap::new();
+        for (s, p) in listed {
+            remote.entry(p).or_insert_with(|| s.clone());
+        }
+        if remote.is_empty()
+            && self
+                .remote_tcp
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        {
+            return;
         }
         let claims = self.claims();
         let changed = {

@@ -31,16 +31,18 @@ const TRAILER: &[u8] = b"\nEOF-SEEN\n";
 /// B's `--tcp-max-conns-per-port`.
 const MAX_CONNS: usize = 3;
 
-/// A port free on both 127.0.0.1 and 127.0.0.2, different per call.
+/// A port free on both 127.0.0.1 and 127.0.0.2, different per call,
+/// below the ephemeral range (so no client socket takes it between the
+/// check and the gateway's bind).
 fn free_port() -> u16 {
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     if NEXT.load(Ordering::SeqCst) == 0 {
-        let start = 33_000 + (std::process::id() % 100) as u16 * 50;
+        let start = 12_000 + (std::process::id() % 100) as u16 * 70;
         let _ = NEXT.compare_exchange(0, start, Ordering::SeqCst, Ordering::SeqCst);
     }
     loop {
         let p = NEXT.fetch_add(1, Ordering::SeqCst);
-        assert!(p < 40_000, "no free port found");
+        assert!(p < 19_999, "no free port found");
         let free = ["127.0.0.1", "127.0.0.2"]
             .iter()
             .all(|h| TcpListener::bind((*h, p)).is_ok());
@@ -402,6 +404,71 @@ fn a_tcp_tunnel_is_served_through_a_node_without_its_agent() {
         peer_base,
         "after the listener came back",
     );
+
+    // The agent vanishes mid-connection (SIGKILL): the client's
+    // connection through B ends, nothing is left on either node.
+    let mut s = client(at_b);
+    assert_eq!(read_exact(&mut s, GREETING.len()), GREETING);
+    s.write_all(b"ping").unwrap();
+    assert_eq!(read_exact(&mut s, 4), b"ping");
+    let mut agent = agent;
+    agent.proc.kill();
+    let mut rest = Vec::new();
+    let t = Instant::now();
+    let _ = s.read_to_end(&mut rest);
+    assert!(t.elapsed() < 10 * SEC, "the client was not let go");
+    assert!(rest.is_empty(), "{rest:?}");
+    drop(s);
+    wait_back(&a, &b, &svc, port, peer_base, "after the agent vanished");
+}
+
+#[test]
+fn not_here_sends_a_tcp_connection_to_the_next_holder() {
+    // C is listed as a holder but has no agent: B's connections that try
+    // C first get NOT_HERE and go on to A, and every one is served.
+    let port = free_port();
+    assert!(TcpListener::bind(("127.0.0.3", port)).is_ok());
+    let svc = service();
+    let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
+    let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
+    let c = node("node-c", "127.0.0.3", port, MAX_CONNS);
+    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let agent = tcp_agent(&a, &format!("{}={port}", svc.addr));
+    wait_stdout(&agent, &format!("TCP tunnel: tcp://127.0.0.1:{port} ->"));
+    let mut v = view(&a, &b, &["node-a", "node-c"], &[port], 1);
+    v.nodes.insert(
+        "node-c".into(),
+        NodeInfo {
+            name: "node-c".into(),
+            peer: c.peer_addr().unwrap(),
+            tunnel: c.tunnel_addr(),
+            cores: 2,
+            state: NodeState::Ready,
+        },
+    );
+    for gw in [&a, &b, &c] {
+        gw.set_cluster_view(v.clone());
+    }
+    wait_served(at_b);
+    // Give every core of B its links to A and C (the probe proved one).
+    std::thread::sleep(Duration::from_millis(500));
+    let retries = sum(&b, |c| &c.forward_retries);
+    for i in 0..8u8 {
+        let mut s = client(at_b);
+        assert_eq!(
+            read_exact(&mut s, GREETING.len()),
+            GREETING,
+            "connection {i}"
+        );
+        s.write_all(&[i]).unwrap();
+        assert_eq!(read_exact(&mut s, 1), [i]);
+    }
+    assert!(
+        sum(&b, |c| &c.forward_retries) > retries,
+        "no connection tried C first"
+    );
+    let peer_base = held_sockets(a.peer_addr().unwrap().port());
+    wait_back(&a, &b, &svc, port, peer_base, "after the retries");
     drop(agent);
 }
 
@@ -459,8 +526,9 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
         "the agent kept going: {}",
         auto.stderr()
     );
+    // (its stderr is collected by a thread: wait for the line, bounded)
     assert!(
-        auto.stderr().contains("explicit public port"),
+        auto.wait_stderr("explicit public port", 5 * SEC),
         "{}",
         auto.stderr()
     );
@@ -498,7 +566,7 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
     );
     assert!(other.wait_exit(20 * SEC).is_some(), "{}", other.stderr());
     assert!(
-        other.stderr().contains("another session on another node"),
+        other.wait_stderr("another session on another node", 5 * SEC),
         "{}",
         other.stderr()
     );

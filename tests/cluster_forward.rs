@@ -73,7 +73,15 @@ fn view(nodes: &[(&str, &Gateway, SocketAddr)], holders: &[&str]) -> ClusterView
     }
     let h: BTreeMap<String, SessionHold> = holders
         .iter()
-        .map(|n| (n.to_string(), SessionHold { agent_id: 1 }))
+        .map(|n| {
+            (
+                n.to_string(),
+                SessionHold {
+                    agent_id: 1,
+                    tcp: Vec::new(),
+                },
+            )
+        })
         .collect();
     v.sessions.insert("demo".into(), h);
     v

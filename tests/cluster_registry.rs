@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -980,6 +980,137 @@ fn the_etcd_client_against_a_real_member() {
     assert!(e.lease_not_found(), "{e}");
     let e = c.write_batch(&puts[..1]).unwrap_err();
     assert!(e.lease_not_found(), "{e}");
+}
+
+/// A cluster node on `host` (its public, tunnel and peer listeners) with
+/// TCP tunnel ports `port`: two nodes on one machine need two loopback
+/// addresses to both listen on the same tunnel port.
+fn tcp_node(etcd: &Etcd, name: &str, host: &str, port: u16) -> Proc {
+    let url = etcd.url();
+    let listen = format!("{host}:0");
+    let peer = format!("{host}:{}", free_port());
+    let range = format!("{port}-{port}");
+    let ttl = TTL.to_string();
+    spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--listen",
+            &listen,
+            "--tunnel-listen",
+            &listen,
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--no-pin",
+            "--driver",
+            D,
+            "--cores",
+            "2",
+            "--tcp-ports",
+            &range,
+            "--cluster-etcd",
+            &url,
+            "--node-name",
+            name,
+            "--peer-listen",
+            &peer,
+            "--cluster-secret",
+            SECRET,
+            "--cluster-lease-ttl",
+            &ttl,
+        ],
+        "ringtunnel gateway ready",
+    )
+}
+
+#[test]
+fn a_tcp_tunnel_port_is_registered_and_served_by_every_node() {
+    use std::io::{Read, Write};
+    let etcd = Etcd::start();
+    // Free on both loopback addresses.
+    let port = loop {
+        let p = free_port();
+        if TcpListener::bind(("127.0.0.2", p)).is_ok() {
+            break p;
+        }
+    };
+    let a = tcp_node(&etcd, "a", "127.0.0.1", port);
+    let b = tcp_node(&etcd, "b", "127.0.0.2", port);
+    let svc = TcpListener::bind("127.0.0.1:0").unwrap();
+    let svc_addr = svc.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in svc.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let spec = format!("{svc_addr}={port}");
+    let tunnel = a.field("tunnel");
+    let mut agent = spawn_nowait(
+        "agent",
+        &[
+            "agent",
+            "--gateway",
+            &tunnel,
+            "--session",
+            "db",
+            "--no-pin",
+            "--cores",
+            "1",
+            "--nodes",
+            "1",
+            "--tcp",
+            &spec,
+        ],
+    );
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/db/a",
+        true,
+        Duration::from_secs(10),
+    );
+    let v = etcd
+        .keys()
+        .into_iter()
+        .find(|(k, _)| k == "/ringtunnel/v1/sessions/db/a")
+        .unwrap()
+        .1;
+    let hold: serde_json::Value = serde_json::from_str(&v).unwrap();
+    assert_eq!(hold["tcp"], serde_json::json!([port]), "{v}");
+
+    // B learns the port from etcd and serves it over a peer link.
+    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    wait_for("B serves the port", Duration::from_secs(10), || {
+        let Ok(mut s) = TcpStream::connect_timeout(&at_b, Duration::from_secs(1)) else {
+            return false;
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut got).is_ok() && &got == b"ping"
+    });
+    let badmin = b.addr("admin");
+    assert!(metric(badmin, "ringtunnel_tcp_forwarded_total") >= 1.0);
+
+    // The agent goes: A withdraws the hold, B closes its copy of the port.
+    agent.proc.kill();
+    etcd.wait_key(
+        "/ringtunnel/v1/sessions/db/a",
+        false,
+        Duration::from_secs(10),
+    );
+    wait_for("B closes the port", Duration::from_secs(5), || {
+        matches!(
+            TcpStream::connect_timeout(&at_b, Duration::from_secs(1)),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    });
+    drop(a);
 }
 
 /// A node whose tunnel listener is a wildcard registers the host agents

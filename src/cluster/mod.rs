@@ -14,7 +14,7 @@
 //! | key | value | lease |
 //! |---|---|---|
 //! | `/ringtunnel/v1/nodes/{node}` | [`NodeInfo`] | the node's |
-//! | `/ringtunnel/v1/sessions/{session}/{node}` | [`SessionHold`] | the node's |
+//! | `/ringtunnel/v1/sessions/{session}/{node}` | [`SessionHold`] (`{"agent_id":N,"tcp":[..]}`, `tcp` left out when empty) | the node's |
 //!
 //! A node that dies stops renewing its lease; etcd deletes its keys when
 //! the lease's TTL passes. Peers do not wait for that: a peer link that
@@ -151,6 +151,12 @@ pub struct SessionHold {
     /// same name for different agents is a conflict the later claim
     /// loses.
     pub agent_id: u64,
+    /// The session's granted TCP tunnel ports on that node, in the
+    /// agent's `--tcp` order (JSON `"tcp":[..]`, left out when empty;
+    /// readers that predate it ignore it). Every other node opens a
+    /// listener for each and forwards its connections here
+    /// (`gateway::tcp`).
+    pub tcp: Vec<u16>,
 }
 
 /// What a node knows of the cluster: the registered nodes and which
@@ -212,7 +218,10 @@ mod tests {
         ] {
             v.nodes.insert(n.into(), node(n, s));
         }
-        let hold = SessionHold { agent_id: 1 };
+        let hold = SessionHold {
+            agent_id: 1,
+            tcp: Vec::new(),
+        };
         let h: BTreeMap<String, SessionHold> = ["a", "b", "me", "gone"]
             .iter()
             .map(|n| (n.to_string(), hold.clone()))

@@ -107,7 +107,11 @@ pub fn node_json(n: &NodeInfo) -> String {
 
 /// The JSON value of a session key.
 pub fn hold_json(h: &SessionHold) -> String {
-    serde_json::json!({ "agent_id": h.agent_id }).to_string()
+    if h.tcp.is_empty() {
+        serde_json::json!({ "agent_id": h.agent_id }).to_string()
+    } else {
+        serde_json::json!({ "agent_id": h.agent_id, "tcp": h.tcp }).to_string()
+    }
 }
 
 /// Unknown fields are allowed: a newer node may register more, and an
@@ -135,6 +139,8 @@ pub fn parse_node(name: &str, value: &[u8]) -> Option<NodeInfo> {
 #[derive(Deserialize)]
 struct HoldJson {
     agent_id: u64,
+    #[serde(default)]
+    tcp: Vec<u16>,
 }
 
 /// Reads a session key's value; `None` if it is not one.
@@ -142,6 +148,7 @@ pub fn parse_hold(value: &[u8]) -> Option<SessionHold> {
     let j: HoldJson = serde_json::from_slice(value).ok()?;
     Some(SessionHold {
         agent_id: j.agent_id,
+        tcp: j.tcp,
     })
 }
 
@@ -189,7 +196,7 @@ impl RegistryStatus {
 }
 
 enum Cmd {
-    Hold { session: String, agent_id: u64 },
+    Hold { session: String, hold: SessionHold },
     Release { session: String },
     State(NodeState),
 }
@@ -204,11 +211,12 @@ pub struct RegistryHandle {
 }
 
 impl RegistryHandle {
-    /// This node holds an uplink of `session` now (its agent: `agent_id`).
-    pub fn hold(&self, session: &str, agent_id: u64) {
+    /// This node holds an uplink of `session` now (its agent: `agent_id`,
+    /// its granted TCP ports here: `tcp`).
+    pub fn hold(&self, session: &str, agent_id: u64, tcp: Vec<u16>) {
         let _ = self.tx.send(Cmd::Hold {
             session: session.to_string(),
-            agent_id,
+            hold: SessionHold { agent_id, tcp },
         });
     }
 
@@ -443,8 +451,8 @@ struct LeaseKeeper {
     /// 0: none (not granted yet, or found gone).
     lease: i64,
     next_keepalive: Instant,
-    /// Sessions this node holds, with their agent.
-    desired: HashMap<String, u64>,
+    /// Sessions this node holds, with their agent and TCP ports.
+    desired: HashMap<String, SessionHold>,
     /// Sessions whose key in etcd may differ from `desired`.
     dirty: HashSet<String>,
     node_dirty: bool,
@@ -509,8 +517,9 @@ impl LeaseKeeper {
 
     fn apply(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Hold { session, agent_id } => {
-                if self.desired.insert(session.clone(), agent_id) != Some(agent_id) {
+            Cmd::Hold { session, hold } => {
+                if self.desired.get(&session) != Some(&hold) {
+                    self.desired.insert(session.clone(), hold);
                     self.dirty.insert(session);
                 }
             }
@@ -587,9 +596,9 @@ impl LeaseKeeper {
                 .map(|session| {
                     let key = session_key(session, &self.me.name);
                     match self.desired.get(session) {
-                        Some(&agent_id) => Write::Put {
+                        Some(hold) => Write::Put {
                             key,
-                            value: hold_json(&SessionHold { agent_id }).into_bytes(),
+                            value: hold_json(hold).into_bytes(),
                             lease: self.lease,
                         },
                         None => Write::Delete { key },
@@ -887,9 +896,21 @@ mod tests {
         // A field a newer node adds does not hide the node.
         let newer = r#"{"cores":4,"peer":"10.0.0.1:7100","state":"draining","tunnel":"10.0.0.1:7000","zone":"b"}"#;
         assert_eq!(parse_node("gw-a", newer.as_bytes()).unwrap(), n);
-        let h = SessionHold { agent_id: 42 };
+        let h = SessionHold {
+            agent_id: 42,
+            tcp: Vec::new(),
+        };
         assert_eq!(hold_json(&h), r#"{"agent_id":42}"#);
         assert_eq!(parse_hold(hold_json(&h).as_bytes()), Some(h));
+        // TCP ports ride along; an older reader ignores the field, an
+        // older writer's hold reads as none.
+        let t = SessionHold {
+            agent_id: 42,
+            tcp: vec![20001, 20000],
+        };
+        assert_eq!(hold_json(&t), r#"{"agent_id":42,"tcp":[20001,20000]}"#);
+        assert_eq!(parse_hold(hold_json(&t).as_bytes()), Some(t));
+        assert_eq!(parse_hold(br#"{"agent_id":42,"tcp":"x"}"#), None);
         assert_eq!(parse_hold(b"{}"), None);
     }
 
@@ -1075,7 +1096,7 @@ mod tests {
         })
         .unwrap();
         let h = r.handle();
-        h.hold("demo", 7);
+        h.hold("demo", 7, vec![20000]);
         h.release("demo");
         h.set_state(NodeState::Draining);
         assert_eq!(h.status().state(), NodeState::Draining);

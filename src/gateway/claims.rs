@@ -408,6 +408,14 @@ impl Claims {
         self.map.get(session).map(|c| (c.connected(), c.agent))
     }
 
+    /// The TCP ports granted to `session`'s claim (empty without one).
+    pub(crate) fn ports_of(&self, session: &str) -> Vec<u16> {
+        self.map
+            .get(session)
+            .map(|c| c.tcp.clone())
+            .unwrap_or_default()
+    }
+
     /// Who holds `session` now (a live or leased claim).
     pub(crate) fn holder(&self, session: &str) -> Option<Holder> {
         self.map.get(session).map(|c| c.holder.clone())

@@ -187,6 +187,10 @@ pub(crate) struct Shared {
     /// before.
     tcp: Mutex<HashMap<u16, Arc<tcp::PortListener>>>,
     tcp_counters: tcp::TcpCounters,
+    /// TCP ports the last cluster view shows held by other nodes, with
+    /// their session (`tcp::Shared::sync_cluster_tcp`); empty outside a
+    /// cluster.
+    remote_tcp: Mutex<HashMap<u16, String>>,
     /// Per core: the sessions' last-minute windows (dashboard, /stats).
     pub(crate) windows: Vec<Arc<SessionWindows>>,
     /// The cluster registry (`--cluster-etcd`); `None`: a single node.
@@ -236,7 +240,7 @@ impl Shared {
             return;
         };
         match c.uplinks_of(session) {
-            Some((n, agent)) if n > 0 => reg.hold(session, agent),
+            Some((n, agent)) if n > 0 => reg.hold(session, agent, c.ports_of(session)),
             _ => reg.release(session),
         }
     }
@@ -981,6 +985,7 @@ pub fn start(cfg: GatewayConfig) -> std::io::Result<Gateway> {
         limits: crate::limits::GatewayLimits::new(cfg.edge_limits.clone(), nofile, n),
         tcp: Mutex::new(HashMap::new()),
         tcp_counters: Default::default(),
+        remote_tcp: Mutex::new(HashMap::new()),
         windows: (0..n)
             .map(|_| Arc::new(SessionWindows::new(crate::io::stats::MAX_WINDOW_SESSIONS)))
             .collect(),
@@ -1184,6 +1189,10 @@ async fn core_main(
             CoreMsg::Cluster(view) => {
                 *core.cluster.borrow_mut() = view.clone();
                 crate::cluster::peer::sync(core, &view);
+                // Node-wide, so one core does it.
+                if core.index == 0 {
+                    core.shared.sync_cluster_tcp(&view);
+                }
             }
             CoreMsg::Shutdown => {}
         });

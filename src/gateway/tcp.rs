@@ -27,7 +27,17 @@
 //! "connected" answer must come within `--response-timeout`. At most
 //! `--tcp-max-conns-per-port` connections per port at once; one more is
 //! accepted and closed at once, and counted.
+//!
+//! **Clusters.** A session hold in the registry lists the session's ports
+//! (`SessionHold::tcp`). Every node listens on each port another node
+//! holds (`Shared::sync_cluster_tcp`, core 0 on each view) and forwards a
+//! connection that no local uplink takes over a peer link to a holder
+//! (`forward`: the same TCP OPEN behind the peer prefix, NOT_HERE -> next
+//! holder). Such a listener closes when no hold lists the port. In a
+//! cluster a `--tcp` spec must name its port: nodes picking ports for an
+//! agent's simultaneous uplinks could pick different ones.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
@@ -40,6 +50,7 @@ use monoio::net::TcpStream;
 use super::claims::{Claimant, Claims, Refusal};
 use super::{Core, CoreMsg, Shared};
 use crate::io::stats::CoreStats;
+use crate::io::uplink::Inbound;
 use crate::proto::tcp::TcpOpen;
 use crate::proto::{ErrorCode, Hello};
 
@@ -53,6 +64,8 @@ pub(crate) struct TcpCounters {
     pub(crate) no_agent: AtomicU64,
     /// Handshakes refused with PORT_REFUSED.
     pub(crate) port_refused: AtomicU64,
+    /// Connections served over a peer link by another node (cluster).
+    pub(crate) forwarded: AtomicU64,
 }
 
 /// One public TCP port of a session.
@@ -109,6 +122,19 @@ impl Shared {
         here: usize,
         movable: bool,
     ) -> Result<(usize, Vec<u16>), Refusal> {
+        if self.cfg.cluster.is_some() && hello.tcp.contains(&0) {
+            // Every node must grant the same public port to the same
+            // tunnel (the ports of a session are one address across the
+            // cluster), and an agent's K uplinks handshake at the same
+            // time, before any node sees another's grant: only a port the
+            // agent names is the same everywhere.
+            return Err(Refusal {
+                code: ErrorCode::PortRefused,
+                reason: "in a cluster every --tcp tunnel needs an explicit public port \
+                         (--tcp LOCAL=PORT), the same on every node"
+                    .into(),
+            });
+        }
         let now = Instant::now();
         let mut claims = self.claims();
         let before = claims.reservation(&hello.session, now);
@@ -121,10 +147,18 @@ impl Shared {
         {
             let open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
             for &p in &plan {
-                // Open already: the session's own port (`sync_tcp` left
-                // no other session's).
-                if open.contains_key(&p) {
-                    continue;
+                // Open already: the session's own port, local or held by
+                // another node (`sync_tcp` left no other session's that
+                // this node holds) ...
+                if let Some(pl) = open.get(&p) {
+                    if pl.session == hello.session {
+                        continue;
+                    }
+                    // ... or another session's on another node.
+                    return Err(Refusal {
+                        code: ErrorCode::PortRefused,
+                        reason: format!("TCP port {p} is taken by another session on another node"),
+                    });
                 }
                 // On the public listener's address (the HTTPS one when
                 // `--listen off`): TCP tunnels face the same network.
@@ -168,22 +202,125 @@ impl Shared {
         Ok((target, plan))
     }
 
-    /// Closes the listeners of ports no claim holds any more. Called with
-    /// the claims lock held, after every change that can drop a claim.
+    /// Closes the listeners of ports neither a claim here nor (in a
+    /// cluster) another node's hold in the last view holds for their
+    /// session any more. Called with the claims lock held, after every
+    /// change that can drop a claim or a remote hold.
     pub(super) fn sync_tcp(&self, claims: &Claims) {
         let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
         if open.is_empty() {
             return;
         }
         let held = claims.tcp_ports(Instant::now());
+        let remote = self.remote_tcp.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|port, pl| {
-            let keep = held.get(port) == Some(&pl.session);
+            let keep = held.get(port) == Some(&pl.session) || remote.get(port) == Some(&pl.session);
             if !keep {
                 tracing::info!(port, session = %pl.session, "TCP tunnel port closed");
                 pl.close();
             }
             keep
         });
+    }
+
+    /// Takes a new cluster view (core 0, on every view): every TCP port
+    /// that another node's hold lists gets a listener here too, unless a
+    /// session of this node holds it (that one keeps it: the view's other
+    /// holder conflicts, and connections here go to the local session),
+    /// the port is outside this node's `--tcp-ports`, or it cannot be
+    /// bound (logged; tried again with the next view). Its connections
+    /// are served by a local uplink of the session if one appears, else
+    /// forwarded to a holder (`serve`). Listeners of ports the view no
+    /// longer shows held elsewhere, and not held here, are closed.
+    /// Two sessions listing the same port on other nodes: the first by
+    /// name gets it.
+    pub(super) fn sync_cluster_tcp(&self, view: &crate::cluster::ClusterView) {
+        let Some(me) = self.cfg.cluster.as_ref().map(|c| c.node.as_str()) else {
+            return;
+        };
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return;
+        }
+        // Only holds that list ports, sorted so that every view gives a
+        // port to the same session: a cluster without TCP tunnels costs a
+        // walk over the view, never the claims lock.
+        let mut listed: Vec<(&String, u16)> = Vec::new();
+        for (s, holds) in &view.sessions {
+            for (node, hold) in holds {
+                if node != me && view.nodes.contains_key(node) {
+                    listed.extend(hold.tcp.iter().map(|&p| (s, p)));
+                }
+            }
+        }
+        listed.sort_unstable();
+        let mut remote: HashMap<u16, String> = HashMap::new();
+        for (s, p) in listed {
+            remote.entry(p).or_insert_with(|| s.clone());
+        }
+        if remote.is_empty()
+            && self
+                .remote_tcp
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+        {
+            return;
+        }
+        let claims = self.claims();
+        let changed = {
+            let mut r = self.remote_tcp.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = *r != remote;
+            *r = remote.clone();
+            changed
+        };
+        if changed {
+            self.sync_tcp(&claims);
+        }
+        let local = claims.tcp_ports(Instant::now());
+        let Some(public) = self.public_addr.or(self.https_addr) else {
+            return;
+        };
+        let mut ports: Vec<(u16, String)> = remote.into_iter().collect();
+        ports.sort();
+        let mut open = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, session) in ports {
+            if open.contains_key(&p) {
+                continue;
+            }
+            // Said once per change of the view's ports, not per view.
+            if let Some(other) = local.get(&p) {
+                if changed {
+                    tracing::warn!(port = p, %session, local = %other, "TCP port held by a session here and by another on another node; this node keeps its own");
+                }
+                continue;
+            }
+            if !self.cfg.tcp_ports.contains(p) {
+                if changed {
+                    tracing::warn!(port = p, %session, "TCP port held on another node is outside --tcp-ports here; not opened");
+                }
+                continue;
+            }
+            match bind(public, p) {
+                Ok(l) => {
+                    let pl = Arc::new(PortListener {
+                        port: p,
+                        session,
+                        listener: l,
+                        closed: AtomicBool::new(false),
+                        active: AtomicUsize::new(0),
+                    });
+                    tracing::info!(port = p, session = %pl.session, "TCP tunnel port opened for a session on another node");
+                    open.insert(p, pl.clone());
+                    self.broadcast(|| CoreMsg::TcpListen(pl.clone()));
+                }
+                Err(e) if changed => {
+                    tracing::warn!(port = p, %session, error = %e, "cannot open the TCP port of a session on another node");
+                }
+                Err(e) => {
+                    tracing::debug!(port = p, %session, error = %e, "cannot open the TCP port of a session on another node");
+                }
+            }
+        }
     }
 
     /// Drops expired leases and closes their ports (core 0, once a second,
@@ -235,6 +372,8 @@ impl Shared {
              # TYPE ringtunnel_tcp_refused_total counter\n\
              ringtunnel_tcp_refused_total{{reason=\"over_limit\"}} {}\n\
              ringtunnel_tcp_refused_total{{reason=\"no_agent\"}} {}\n\
+             # HELP ringtunnel_tcp_forwarded_total TCP tunnel connections served by another node over a peer link.\n\
+             # TYPE ringtunnel_tcp_forwarded_total counter\nringtunnel_tcp_forwarded_total {}\n\
              # HELP ringtunnel_tcp_port_refusals_total Agent handshakes refused for a TCP port.\n\
              # TYPE ringtunnel_tcp_port_refusals_total counter\n\
              ringtunnel_tcp_port_refusals_total {}\n",
@@ -243,6 +382,7 @@ impl Shared {
             sum(|c| &c.tcp_bytes_out),
             self.tcp_counters.over_limit.load(Ordering::Relaxed),
             self.tcp_counters.no_agent.load(Ordering::Relaxed),
+            self.tcp_counters.forwarded.load(Ordering::Relaxed),
             self.tcp_counters.port_refused.load(Ordering::Relaxed),
         )
     }
@@ -263,10 +403,11 @@ impl Shared {
             .collect();
         ports.sort();
         format!(
-            "\"tcp\":{{\"ports\":[{}],\"refused_over_limit\":{},\"refused_no_agent\":{}}}",
+            "\"tcp\":{{\"ports\":[{}],\"refused_over_limit\":{},\"refused_no_agent\":{},\"forwarded\":{}}}",
             ports.join(","),
             self.tcp_counters.over_limit.load(Ordering::Relaxed),
-            self.tcp_counters.no_agent.load(Ordering::Relaxed)
+            self.tcp_counters.no_agent.load(Ordering::Relaxed),
+            self.tcp_counters.forwarded.load(Ordering::Relaxed)
         )
     }
 }
@@ -359,6 +500,16 @@ async fn serve(core: Rc<Core>, sock: TcpStream, peer: SocketAddr, slot: TcpSlot,
                 return;
             }
         }
+        // No core of this node has one: a node of the cluster that does
+        // serves it over a peer link.
+        let links = crate::cluster::peer::links_for(&core, &session);
+        if !links.is_empty() {
+            let client = peer;
+            if forward(&core, sock, client, &slot, links).await {
+                return;
+            }
+            tracing::debug!(port = slot.0.port, %session, "TCP connection closed: every holder said NOT_HERE");
+        }
         core.shared
             .tcp_counters
             .no_agent
@@ -402,4 +553,84 @@ async fn serve(core: Rc<Core>, sock: TcpStream, peer: SocketAddr, slot: TcpSlot,
         clean = r.clean,
         "TCP tunnel connection closed"
     );
+}
+
+/// Serves a TCP tunnel connection over a peer link to a node holding its
+/// session, trying `links` in order. The OPEN is the one this node would
+/// send its own agent (same port, the client's address) behind the peer
+/// prefix; the holder opens it on its uplink unchanged. This side waits
+/// for the agent's "connected" head (within `--response-timeout`) before
+/// relaying, so a holder that answers RESET NOT_HERE sends the connection
+/// to the next holder with nothing of it lost (the client's first bytes
+/// wait in the socket). Anything else before "connected" closes the
+/// connection. `false`: every holder said NOT_HERE or took no stream;
+/// the socket was not touched.
+async fn forward(
+    core: &Rc<Core>,
+    sock: TcpStream,
+    client: SocketAddr,
+    slot: &TcpSlot,
+    links: Vec<Rc<crate::io::uplink::Uplink>>,
+) -> bool {
+    let session = &slot.0.session;
+    let open = TcpOpen {
+        port: slot.0.port,
+        client,
+    };
+    let payload = crate::cluster::prefix::encode(1, session, &open.encode());
+    let cfg = core.cfg();
+    for link in links {
+        let Some(stream) = link.open_stream(payload.clone()) else {
+            continue;
+        };
+        CoreStats::inc(&core.stats.forwarded_out);
+        match monoio::time::timeout(cfg.response_timeout, stream.recv()).await {
+            Ok(Inbound::Head(h)) if h.as_ref() == crate::proto::tcp::TCP_CONNECTED => {}
+            Ok(Inbound::Reset(ErrorCode::NotHere)) => {
+                CoreStats::inc(&core.stats.forward_retries);
+                continue;
+            }
+            other => {
+                // The agent refused or never answered: the client's
+                // connection ends here, as for a local agent.
+                tracing::debug!(port = slot.0.port, %session, answer = ?other.map(|i| inbound_kind(&i)), "forwarded TCP connection not connected");
+                stream.reset(ErrorCode::Cancel);
+                return true;
+            }
+        }
+        core.shared
+            .tcp_counters
+            .forwarded
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = sock.set_nodelay(true);
+        CoreStats::inc(&core.stats.tcp_conns);
+        CoreStats::inc(&core.stats.tcp_conns_total);
+        let _gauge = ConnGauge(core.stats.clone());
+        let r = crate::io::relay::tcp_relay(sock, &stream, None, cfg.write_stall_timeout).await;
+        core.stats.tcp_bytes_in.fetch_add(r.sent, Ordering::Relaxed);
+        core.stats
+            .tcp_bytes_out
+            .fetch_add(r.received, Ordering::Relaxed);
+        tracing::debug!(
+            port = slot.0.port,
+            %session,
+            %client,
+            sent = r.sent,
+            received = r.received,
+            clean = r.clean,
+            "forwarded TCP tunnel connection closed"
+        );
+        return true;
+    }
+    false
+}
+
+fn inbound_kind(i: &Inbound) -> &'static str {
+    match i {
+        Inbound::Head(_) => "head",
+        Inbound::Data(_) => "data",
+        Inbound::End => "end",
+        Inbound::Reset(_) => "reset",
+        Inbound::Gone => "gone",
+    }
 }

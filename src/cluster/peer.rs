@@ -537,27 +537,6 @@ async fn handshake(core: Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     });
 }
 
-/// Counts a spliced stream in the core's in-flight requests, so a stopping
-/// core waits for it (up to its grace period).
-struct InFlight(Rc<Core>);
-
-impl InFlight {
-    fn new(core: &Rc<Core>) -> InFlight {
-        core.inflight.set(core.inflight.get() + 1);
-        InFlight(core.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let c = &self.0;
-        c.inflight.set(c.inflight.get() - 1);
-        if c.inflight.get() == 0 {
-            c.idle.notify();
-        }
-    }
-}
-
 /// Serves one forwarded stream: over a local uplink of its session, or
 /// reset NOT_HERE.
 async fn serve_forwarded(core: Rc<Core>, peer: Stream, payload: Bytes) {
@@ -579,7 +558,7 @@ async fn serve_forwarded(core: Rc<Core>, peer: Stream, payload: Bytes) {
         peer.reset(ErrorCode::Overloaded);
         return;
     };
-    let _inflight = InFlight::new(&core);
+    let _inflight = crate::gateway::InFlight::enter(&*core);
     monoio::join!(pipe(&local, &peer, true), pipe(&peer, &local, false));
 }
 

@@ -408,6 +408,29 @@ struct HoldQueue {
     wake: WaitList,
 }
 
+/// Counts a request (served, held, forwarded or spliced) in its core's
+/// `inflight` while it lives, so a stopping core waits for it; the last
+/// one to end wakes the core's `idle`. Borrowed (`&Core`) inside a
+/// request's task, owned (`Rc<Core>`) where the guard outlives a borrow.
+pub(crate) struct InFlight<C: std::ops::Deref<Target = Core>>(C);
+
+impl<C: std::ops::Deref<Target = Core>> InFlight<C> {
+    pub(crate) fn enter(core: C) -> Self {
+        core.inflight.set(core.inflight.get() + 1);
+        InFlight(core)
+    }
+}
+
+impl<C: std::ops::Deref<Target = Core>> Drop for InFlight<C> {
+    fn drop(&mut self) {
+        let core = &*self.0;
+        core.inflight.set(core.inflight.get() - 1);
+        if core.inflight.get() == 0 {
+            core.idle.notify();
+        }
+    }
+}
+
 /// How a held request ended.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Held {
@@ -667,7 +690,7 @@ impl Core {
             return Held::Full;
         }
         q.waiting.set(q.waiting.get() + 1);
-        self.inflight.set(self.inflight.get() + 1);
+        let _inflight = InFlight::enter(self);
         // Leaves the queue however the wait ends (the task may be dropped).
         struct Leave<'a>(&'a Core, &'a str, Rc<HoldQueue>);
         impl Drop for Leave<'_> {
@@ -676,11 +699,6 @@ impl Core {
                 self.2.waiting.set(n);
                 if n == 0 {
                     self.0.holds.borrow_mut().remove(self.1);
-                }
-                let core = self.0;
-                core.inflight.set(core.inflight.get() - 1);
-                if core.inflight.get() == 0 {
-                    core.idle.notify();
                 }
             }
         }

@@ -406,7 +406,6 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             break;
         };
         let up = core.pick_uplink(&session);
-        let started_at = Instant::now();
         if up.is_none() && !core.has_local(&session) {
             if hops < MAX_HOPS {
                 if let Some(target) = core.remote_core_for(&session, client.port() as usize) {
@@ -440,6 +439,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             // does serves it over a peer link, rather than a wait here.
             let links = peer::links_for(&core, &session);
             if !links.is_empty() {
+                let started_at = Instant::now();
                 // This node's rates apply (the holder checks none for a
                 // forwarded stream): charged once, here.
                 if let Err((msg, secs)) = guard::check_rate(&core, &session, client) {
@@ -559,7 +559,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             }
             break;
         };
-        core.inflight.set(core.inflight.get() + 1);
+        let inflight = super::InFlight::enter(&*core);
         let ex = exchange(
             &core, &mut rh, &mut wh, &mut buf, fd, &wd, &head, stream, false,
         )
@@ -572,10 +572,7 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
         // The hop limit is per request: the next one may move again.
         hops = 0;
         held = false;
-        core.inflight.set(core.inflight.get() - 1);
-        if core.inflight.get() == 0 {
-            core.idle.notify();
-        }
+        drop(inflight);
         if !keep || core.shared.shutting_down.load(Ordering::Relaxed) {
             break;
         }
@@ -633,7 +630,7 @@ async fn forward(
     // Retrying is safe only while nothing of the request went out but its
     // head: a request with a body sends its first bytes at once.
     let retryable = head.body == BodyKind::Empty;
-    core.inflight.set(core.inflight.get() + 1);
+    let inflight = super::InFlight::enter(core);
     let mut out = None;
     for link in links {
         let Some(stream) = link.open_stream(open.clone()) else {
@@ -652,10 +649,7 @@ async fn forward(
             "NOT_HERE from a holder: next one"
         );
     }
-    core.inflight.set(core.inflight.get() - 1);
-    if core.inflight.get() == 0 {
-        core.idle.notify();
-    }
+    drop(inflight);
     if out.is_none() {
         // Put the head back for the caller's own answer (or a re-route
         // after a hold): rare, so a copy is fine.

@@ -528,26 +528,38 @@ async fn serve(core: Rc<Core>, sock: TcpStream, peer: SocketAddr, slot: TcpSlot,
             .fetch_add(1, Ordering::Relaxed);
         return;
     };
+    let connected = Some(core.cfg().response_timeout);
+    relay_counted(&core, sock, &stream, connected, &slot, peer, "local").await;
+}
+
+/// Relays an opened TCP tunnel stream (local or forwarded, `via`) to its
+/// socket and counts it: the connection gauges while it lasts, its bytes
+/// when it ends. `expect_connected`: the agent's "connected" is still to
+/// come (a local stream; a forwarded one was answered already).
+async fn relay_counted(
+    core: &Core,
+    sock: TcpStream,
+    stream: &crate::io::uplink::Stream,
+    expect_connected: Option<std::time::Duration>,
+    slot: &TcpSlot,
+    client: SocketAddr,
+    via: &'static str,
+) {
     let _ = sock.set_nodelay(true);
     CoreStats::inc(&core.stats.tcp_conns);
     CoreStats::inc(&core.stats.tcp_conns_total);
     let _gauge = ConnGauge(core.stats.clone());
-    let cfg = core.cfg();
-    let r = crate::io::relay::tcp_relay(
-        sock,
-        &stream,
-        Some(cfg.response_timeout),
-        cfg.write_stall_timeout,
-    )
-    .await;
+    let stall = core.cfg().write_stall_timeout;
+    let r = crate::io::relay::tcp_relay(sock, stream, expect_connected, stall).await;
     core.stats.tcp_bytes_in.fetch_add(r.sent, Ordering::Relaxed);
     core.stats
         .tcp_bytes_out
         .fetch_add(r.received, Ordering::Relaxed);
     tracing::debug!(
         port = slot.0.port,
-        %session,
-        %peer,
+        session = %slot.0.session,
+        %client,
+        via,
         sent = r.sent,
         received = r.received,
         clean = r.clean,
@@ -602,24 +614,7 @@ async fn forward(
             .tcp_counters
             .forwarded
             .fetch_add(1, Ordering::Relaxed);
-        let _ = sock.set_nodelay(true);
-        CoreStats::inc(&core.stats.tcp_conns);
-        CoreStats::inc(&core.stats.tcp_conns_total);
-        let _gauge = ConnGauge(core.stats.clone());
-        let r = crate::io::relay::tcp_relay(sock, &stream, None, cfg.write_stall_timeout).await;
-        core.stats.tcp_bytes_in.fetch_add(r.sent, Ordering::Relaxed);
-        core.stats
-            .tcp_bytes_out
-            .fetch_add(r.received, Ordering::Relaxed);
-        tracing::debug!(
-            port = slot.0.port,
-            %session,
-            %client,
-            sent = r.sent,
-            received = r.received,
-            clean = r.clean,
-            "forwarded TCP tunnel connection closed"
-        );
+        relay_counted(core, sock, &stream, None, slot, client, "forwarded").await;
         return true;
     }
     false

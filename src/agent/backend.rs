@@ -434,7 +434,7 @@ async fn exchange(
         gate.decide(Upgrade::Refused);
         r
     };
-    let (req_ok, resp) = monoio::join!(pump_req, pump_resp);
+    let (req_ok, resp) = crate::runtime::join2(pump_req, pump_resp).await;
     wd.disarm();
     match resp {
         Resp::Reusable if req_ok && gate.get() != Upgrade::Accepted => match rh.reunite(wh) {

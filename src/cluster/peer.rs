@@ -559,7 +559,7 @@ async fn serve_forwarded(core: Rc<Core>, peer: Stream, payload: Bytes) {
         return;
     };
     let _inflight = crate::gateway::InFlight::enter(&*core);
-    monoio::join!(pipe(&local, &peer, true), pipe(&peer, &local, false));
+    crate::runtime::join2(pipe(&local, &peer, true), pipe(&peer, &local, false)).await;
 }
 
 /// One direction of a splice: everything `from` receives goes to `to`.

@@ -243,7 +243,7 @@ async fn relay(core: &Core, tls: Tls, unix: UnixStream, tcp_fd: RawFd, wd: &Watc
         shutdown_fd(tcp_fd, libc::SHUT_RDWR);
         shutdown_fd(unix_fd, libc::SHUT_RDWR);
     };
-    monoio::join!(up, down);
+    crate::runtime::join2(up, down).await;
 }
 
 /// Copies `r` to `w` until either ends. `stall`: each write must finish

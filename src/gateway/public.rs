@@ -753,7 +753,7 @@ async fn exchange(
         }
         keep
     };
-    let (req_ok, keep) = monoio::join!(pump_req, pump_resp);
+    let (req_ok, keep) = crate::runtime::join2(pump_req, pump_resp).await;
     Exchanged {
         keep: keep && req_ok,
         failed: side.error.get(),

@@ -561,7 +561,7 @@ pub async fn tcp_relay(
             }
         }
     };
-    let ((sent, up_ok), (received, down_ok)) = monoio::join!(up, down);
+    let ((sent, up_ok), (received, down_ok)) = crate::runtime::join2(up, down).await;
     wd.stop();
     TcpRelayed {
         sent,

@@ -13,10 +13,12 @@
 //!   though monoio binds with SO_REUSEPORT (which would silently share it).
 
 pub mod catch;
+mod join;
 pub mod mailbox;
 pub mod notify;
 
 pub use catch::{panic_message, CatchUnwind};
+pub use join::join2;
 
 use std::future::Future;
 use std::io;
@@ -226,16 +228,17 @@ pub fn task_panics() -> u64 {
 /// Spawns a task on the current core whose panic ends only that task
 /// (logged and counted in [`task_panics`]).
 pub fn spawn_isolated<F: Future<Output = ()> + 'static>(what: &'static str, fut: F) {
-    monoio::spawn(async move {
-        if let Err(payload) = CatchUnwind::new(fut).await {
-            TASK_PANICS.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                task = what,
-                panic = panic_message(payload.as_ref()),
-                "task panicked; it alone was ended"
-            );
-        }
-    });
+    monoio::spawn(catch::Isolated::new(what, fut));
+}
+
+/// Logs and counts a task's panic (see [`spawn_isolated`]).
+fn count_panic(what: &'static str, payload: &(dyn std::any::Any + Send)) {
+    TASK_PANICS.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(
+        task = what,
+        panic = panic_message(payload),
+        "task panicked; it alone was ended"
+    );
 }
 
 /// Runs `f` with the same isolation as [`spawn_isolated`], for work done
@@ -386,6 +389,34 @@ mod tests {
         };
         assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
         v
+    }
+
+    /// A task spawned with `spawn_isolated` that panics ends alone: it is
+    /// counted, its sibling runs on, and so does the runtime.
+    #[test]
+    fn spawn_isolated_counts_a_panic_and_the_core_goes_on() {
+        let before = task_panics();
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
+        let done = std::rc::Rc::new(std::cell::Cell::new(false));
+        let d = done.clone();
+        rt.block_on(async move {
+            spawn_isolated("test-panic", async {
+                monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                if std::hint::black_box(true) {
+                    panic!("isolated");
+                }
+            });
+            spawn_isolated("test-sibling", async move {
+                monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+                d.set(true);
+            });
+            monoio::time::sleep(std::time::Duration::from_millis(20)).await;
+        });
+        assert!(done.get(), "the sibling task did not finish");
+        assert!(task_panics() > before, "the panic was not counted");
     }
 
     /// The accept path no longer sets TCP_NODELAY per connection: an

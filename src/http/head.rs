@@ -10,8 +10,6 @@
 
 use std::fmt;
 
-use bytes::Bytes;
-
 /// Size of the fixed httparse header array; more headers is an error.
 pub const MAX_HEADERS: usize = 100;
 /// Default cap on the size of a request or response head.
@@ -40,7 +38,7 @@ pub struct RequestHead {
     /// Minor version: 0 = HTTP/1.0, 1 = HTTP/1.1.
     pub version: u8,
     /// As received, in order, with the original name case.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Headers,
     /// `Empty`, `Length(n)` or `Chunked`; never `Eof` for a request.
     pub body: BodyKind,
     /// HTTP/1.1: on unless `Connection: close`; HTTP/1.0: off unless
@@ -61,7 +59,7 @@ pub struct RequestHead {
 impl RequestHead {
     /// First header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        find_header(&self.headers, name)
+        self.headers.get(name)
     }
 
     pub fn is_head(&self) -> bool {
@@ -77,7 +75,7 @@ pub struct ResponseHead {
     pub status: u16,
     pub reason: String,
     /// As received, in order, with the original name case.
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Headers,
     pub body: BodyKind,
     /// Whether the backend connection may carry another request after this
     /// response. Always false for `Eof` bodies.
@@ -89,7 +87,7 @@ pub struct ResponseHead {
 impl ResponseHead {
     /// First header with this name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        find_header(&self.headers, name)
+        self.headers.get(name)
     }
 }
 
@@ -170,7 +168,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
     let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HeadError::Malformed("incomplete request line"));
     };
-    let headers = collect_headers(raw, req.headers);
+    let headers = collect_headers(raw.len(), req.headers);
     let facts = HeaderFacts::scan(&headers)?;
 
     // RFC 9112 6.1: HTTP/1.0 has no chunked coding, so a TE on a 1.0
@@ -215,7 +213,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
         return Err(HeadError::Malformed("missing Host"));
     }
     let host_header = match facts.host {
-        Some(i) => host_of_authority(&headers[i].1)?,
+        Some(i) => host_of_authority(headers.field(i).1)?,
         None => None,
     };
     let host = match authority_of(target) {
@@ -243,7 +241,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
     let expect_continue = version == 1 && facts.expect_continue;
     let upgrade = match facts.upgrade {
         Some(i) if version == 1 && facts.conn_upgrade => {
-            let v = trim_ows(&headers[i].1);
+            let v = trim_ows(headers.field(i).1);
             if v.is_empty() {
                 None
             } else {
@@ -296,7 +294,7 @@ pub fn parse_response(
         return Err(HeadError::Malformed("incomplete status line"));
     };
     let reason = resp.reason.unwrap_or("").to_owned();
-    let headers = collect_headers(raw, resp.headers);
+    let headers = collect_headers(raw.len(), resp.headers);
     let facts = HeaderFacts::scan(&headers)?;
 
     let body = if req_method_head || (100..200).contains(&status) || status == 204 || status == 304
@@ -425,32 +423,154 @@ fn looks_like_http_version(tok: &[u8]) -> bool {
     }
 }
 
-/// Owned headers. The values are slices of ONE copy of the head rather
-/// than one allocation each: heads are parsed on every hop of every
-/// request, so this is a hot path.
-fn collect_headers(head: &[u8], raw: &[httparse::Header<'_>]) -> Vec<(String, Bytes)> {
-    let shared = Bytes::copy_from_slice(head);
-    let base = head.as_ptr() as usize;
-    raw.iter()
-        .map(|h| {
-            // httparse hands out sub-slices of `head`; fall back to a copy
-            // should that ever not hold.
-            let off = (h.value.as_ptr() as usize).wrapping_sub(base);
-            let value = if off <= head.len() && off + h.value.len() <= head.len() {
-                shared.slice(off..off + h.value.len())
-            } else {
-                Bytes::copy_from_slice(h.value)
-            };
-            (h.name.to_owned(), value)
-        })
-        .collect()
+/// The header fields of a parsed head, in order, with the original name
+/// case: their names and values copied once into one buffer, each field
+/// kept as offsets into it.
+///
+/// Heads are parsed on every hop of every request (the gateway parses the
+/// client's request and the agent's response, the agent the forwarded
+/// request and the backend's response), so this is a hot path: one
+/// allocation for all the fields' bytes and one for the offsets, where a
+/// `String` per name and a shared `Bytes` slice per value cost an
+/// allocation and two atomic counts per field (issue 9's profile).
+#[derive(Clone, Default)]
+pub struct Headers {
+    buf: Vec<u8>,
+    fields: Vec<Field>,
 }
 
-pub(crate) fn find_header<'a>(headers: &'a [(String, Bytes)], name: &str) -> Option<&'a [u8]> {
-    headers
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| &v[..])
+/// Offsets of one field in `Headers::buf`: the name is
+/// `buf[start..mid]`, the value `buf[mid..end]`.
+#[derive(Clone, Copy)]
+struct Field {
+    start: u32,
+    mid: u32,
+    end: u32,
+}
+
+impl Headers {
+    /// Fields from names and values; the parser's and tests' constructor.
+    pub fn from_pairs<'a, I, V>(pairs: I) -> Headers
+    where
+        I: IntoIterator<Item = (&'a str, V)>,
+        V: AsRef<[u8]>,
+    {
+        let pairs = pairs.into_iter();
+        let mut h = Headers {
+            buf: Vec::new(),
+            fields: Vec::with_capacity(pairs.size_hint().0),
+        };
+        for (name, value) in pairs {
+            h.push(name, value.as_ref());
+        }
+        h
+    }
+
+    fn push(&mut self, name: &str, value: &[u8]) {
+        // Heads are capped far below 4 GiB (`max_head`), so the offsets fit.
+        let start = self.buf.len() as u32;
+        self.buf.extend_from_slice(name.as_bytes());
+        let mid = self.buf.len() as u32;
+        self.buf.extend_from_slice(value);
+        let end = self.buf.len() as u32;
+        self.fields.push(Field { start, mid, end });
+    }
+
+    pub fn len(&self) -> usize {
+        self.fields.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Name and value of field `i` (in the order received).
+    pub fn field(&self, i: usize) -> (&str, &[u8]) {
+        let f = self.fields[i];
+        let name = &self.buf[f.start as usize..f.mid as usize];
+        // SAFETY: `push` is the only writer of `buf` and `fields`: it copies
+        // every name from a `&str`, and nothing mutates `buf` afterwards, so
+        // `buf[start..mid]` is exactly the bytes of a `str`.
+        let name = unsafe { std::str::from_utf8_unchecked(name) };
+        (name, &self.buf[f.mid as usize..f.end as usize])
+    }
+
+    pub fn iter(&self) -> HeaderIter<'_> {
+        HeaderIter {
+            headers: self,
+            next: 0,
+        }
+    }
+
+    /// Value of the first field with this name (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+}
+
+/// The fields of a [`Headers`], in order.
+#[derive(Clone)]
+pub struct HeaderIter<'a> {
+    headers: &'a Headers,
+    next: usize,
+}
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a str, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.headers.len() {
+            return None;
+        }
+        self.next += 1;
+        Some(self.headers.field(self.next - 1))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.headers.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a str, &'a [u8]);
+    type IntoIter = HeaderIter<'a>;
+
+    fn into_iter(self) -> HeaderIter<'a> {
+        self.iter()
+    }
+}
+
+impl PartialEq for Headers {
+    fn eq(&self, other: &Headers) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(
+                self.iter()
+                    .map(|(n, v)| (n, String::from_utf8_lossy(v).into_owned())),
+            )
+            .finish()
+    }
+}
+
+fn collect_headers(head_len: usize, raw: &[httparse::Header<'_>]) -> Headers {
+    let mut h = Headers {
+        buf: Vec::with_capacity(head_len),
+        fields: Vec::with_capacity(raw.len()),
+    };
+    for f in raw {
+        h.push(f.name, f.value);
+    }
+    h
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -478,7 +598,7 @@ struct HeaderFacts {
 }
 
 impl HeaderFacts {
-    fn scan(headers: &[(String, Bytes)]) -> Result<Self, HeadError> {
+    fn scan(headers: &Headers) -> Result<Self, HeadError> {
         let mut f = HeaderFacts {
             content_length: None,
             has_te: false,
@@ -723,7 +843,7 @@ mod tests {
         assert_eq!(h.header("x-a"), Some(&b"1"[..]));
         assert_eq!(h.header("X-B"), None);
         assert_eq!(h.headers.len(), 2);
-        assert_eq!(h.headers[0].0, "Host");
+        assert_eq!(h.headers.field(0).0, "Host");
         assert!(!h.is_head());
     }
 
@@ -758,6 +878,31 @@ mod tests {
             HeadError::TooLarge
         );
         assert_eq!(HeadError::TooLarge.status(), 431);
+    }
+
+    #[test]
+    fn headers_keep_order_case_and_raw_values() {
+        // obs-text (0x80-0xff) in a value is legal and must pass unchanged;
+        // an empty value and a repeated name are kept as they came.
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-Bin: caf\xe9\r\nX-Empty:\r\nx-bin: 2\r\n\r\n";
+        let h = parse_request(raw, DEFAULT_MAX_HEAD).unwrap().unwrap();
+        let got: Vec<(&str, &[u8])> = h.headers.iter().collect();
+        let want: Vec<(&str, &[u8])> = vec![
+            ("Host", b"a"),
+            ("X-Bin", b"caf\xe9"),
+            ("X-Empty", b""),
+            ("x-bin", b"2"),
+        ];
+        assert_eq!(got, want);
+        assert_eq!(h.headers.len(), 4);
+        assert_eq!(h.header("X-BIN"), Some(&b"caf\xe9"[..]));
+        assert_eq!(h.header("x-missing"), None);
+        assert_eq!(h.headers, Headers::from_pairs(want.iter().copied()));
+        assert_ne!(h.headers, Headers::from_pairs(want[..3].iter().copied()));
+        let mut it = h.headers.iter();
+        it.next();
+        assert_eq!(it.size_hint(), (3, Some(3)));
+        assert!(Headers::default().is_empty());
     }
 
     #[test]

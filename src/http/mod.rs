@@ -41,6 +41,6 @@ pub use encode::{
 };
 pub use forwarded::{encode_request_forwarded, Origin, Scheme};
 pub use head::{
-    parse_request, parse_response, BodyKind, HeadError, RequestHead, ResponseHead,
-    DEFAULT_MAX_HEAD, MAX_HEADERS,
+    parse_request, parse_response, BodyKind, HeadError, HeaderIter, Headers, RequestHead,
+    ResponseHead, DEFAULT_MAX_HEAD, MAX_HEADERS,
 };

@@ -21,10 +21,13 @@ with wrk (-t1, installed from Debian if missing) and `ringtunnel bench`.
 
 Per case, target and tool it prints requests/s, p50 and p99, and CPU
 microseconds per request for each process separately (gateway, agent,
-nginx, echo), user and kernel apart (utime and stime from /proc/PID/stat
-over the measured run, divided by the requests), as the median over
---runs runs with the range, because single runs on a shared machine vary
-by 2-3x.
+nginx, echo), divided by the requests, as the median over --runs runs
+with the range, because single runs on a shared machine vary by 2-3x:
+  on-CPU   the threads' run time from /proc/PID/task/*/schedstat (exact;
+           the "hop CPU" headline, gateway + agent or nginx)
+  ticks    utime and stime from /proc/PID/stat, user and kernel apart
+           (whole clock ticks: coarse at light load, where a run holds
+           only a few ticks per process)
 
 Cases are MODE:CONNS:DELAY_MS, MODE = ka (keep-alive) or close (a new
 connection per request). Default: the rows of the efficiency issue,
@@ -81,19 +84,27 @@ tck=$(rt_clk_tck)
 rows=$RT_TMP/rows.tsv
 : >"$rows"
 
-# utime and stime of a process and, for nginx, of its workers.
+# utime and stime of a process and, for nginx, of its workers (clock ticks,
+# the user/kernel split), then their threads' on-CPU time in nanoseconds
+# from /proc/PID/task/*/schedstat. utime/stime come in whole ticks (10 ms)
+# per process, which at a light load (a few hundred requests a second) is
+# several microseconds per request of rounding; schedstat has none.
 ticks() {
-  local pid total_u=0 total_s=0 stat rest
-  local -a f
+  local pid total_u=0 total_s=0 total_ns=0 stat rest f ns _
+  local -a fl
   for pid in "$@"; do
     [[ -r /proc/$pid/stat ]] || continue
     stat=$(<"/proc/$pid/stat")
     rest=${stat##*) }
-    read -r -a f <<<"$rest"
-    total_u=$((total_u + f[11]))
-    total_s=$((total_s + f[12]))
+    read -r -a fl <<<"$rest"
+    total_u=$((total_u + fl[11]))
+    total_s=$((total_s + fl[12]))
+    for f in /proc/"$pid"/task/*/schedstat; do
+      read -r ns _ <"$f" 2>/dev/null || continue
+      total_ns=$((total_ns + ns))
+    done
   done
-  echo "$total_u $total_s"
+  echo "$total_u $total_s $total_ns"
 }
 
 # ticks of nginx's master and workers together.
@@ -161,11 +172,11 @@ for spec in "${case_list[@]}"; do
         i=0
         for p in "${pids[@]}"; do
           if [[ $p == nginx ]]; then after=$(nginx_ticks); else after=$(ticks "$p"); fi
-          read -r u0 s0 <<<"${before[$i]}"
-          read -r u1 s1 <<<"$after"
+          read -r u0 s0 n0 <<<"${before[$i]}"
+          read -r u1 s1 n1 <<<"$after"
           if [[ -n $res ]]; then
-            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$spec" "$tool" "$target" "$r" "$res" \
-              "${names[$i]}" $((u1 - u0)) $((s1 - s0)) >>"$rows"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$spec" "$tool" "$target" "$r" "$res" \
+              "${names[$i]}" $((u1 - u0)) $((s1 - s0)) $((n1 - n0)) >>"$rows"
           fi
           i=$((i + 1))
         done
@@ -184,11 +195,12 @@ import statistics as st, sys
 tck = float(sys.argv[2])
 runs = {}
 for line in open(sys.argv[1]):
-    spec, tool, target, run, res, proc, ut, kt = line.rstrip("\n").split("\t")
+    spec, tool, target, run, res, proc, ut, kt, ns = line.rstrip("\n").split("\t")
     req, rps, p50, p99 = res.split()
     key = (spec, tool, target)
     r = runs.setdefault(key, {}).setdefault(run, {"req": float(req), "rps": float(rps), "p50": float(p50), "p99": float(p99), "cpu": {}})
     r["cpu"][proc] = (float(ut) / tck * 1e6 / float(req), float(kt) / tck * 1e6 / float(req))
+    r.setdefault("oncpu", {})[proc] = float(ns) / 1e3 / float(req)
 
 def fmt(vals, digits=1):
     return f"{st.median(vals):.{digits}f} [{min(vals):.{digits}f}-{max(vals):.{digits}f}]"
@@ -210,13 +222,16 @@ for spec in specs:
             u = [x["cpu"][p][0] for x in v if p in x["cpu"]]
             k = [x["cpu"][p][1] for x in v if p in x["cpu"]]
             parts.append(f"{p} usr {fmt(u)} sys {fmt(k)}")
-        hop = [sum(sum(x["cpu"][p]) for p in procs if p != "echo") for x in v]
+        hop = [sum(x["oncpu"][p] for p in procs if p != "echo") for x in v]
+        hop_ticks = [sum(sum(x["cpu"][p]) for p in procs if p != "echo") for x in v]
+        each = "; ".join(f"{p} {fmt([x['oncpu'][p] for x in v])}" for p in procs)
         line = (f"  {tool:5} {target:10} n={len(v)} RPS {fmt([x['rps'] for x in v], 0)}"
                 f"  p50 {fmt([x['p50'] for x in v], 2)} ms  p99 {fmt([x['p99'] for x in v], 2)} ms")
         print(line)
         if target != "direct":
-            print(f"        hop CPU us/req (all but echo) {fmt(hop)}")
-        print("        " + "; ".join(parts))
+            print(f"        hop CPU us/req (all but echo) {fmt(hop)}   [from ticks: {fmt(hop_ticks)}]")
+        print(f"        on-CPU us/req: {each}")
+        print("        ticks: " + "; ".join(parts))
     print()
 PY
 )

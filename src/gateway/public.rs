@@ -394,12 +394,12 @@ async fn serve(core: Rc<Core>, stream: TcpStream, buf: BytesMut, conn: Conn) {
             // so does one another node of the cluster holds.
             |n| core.is_present(n) || core.is_reserved(n) || peer::held_elsewhere(&core, n),
         );
-        let host_txt = head.host.clone().unwrap_or_default();
+        let host_txt = head.host.as_deref().unwrap_or("");
         let Some(session) = session else {
             CoreStats::inc(&core.stats.requests);
             core.stats.error(ErrorKind::NoSession);
             buf.advance(head.head_len);
-            let msg = no_tunnel_text(&host_txt, cfg.domain.as_deref());
+            let msg = no_tunnel_text(host_txt, cfg.domain.as_deref());
             if refuse_request(&mut wh, &head, 502, &msg, &[]).await {
                 continue;
             }

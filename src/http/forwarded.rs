@@ -11,7 +11,7 @@
 
 use std::net::IpAddr;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::BytesMut;
 
 use super::encode::encode_request_forward_except;
 use super::head::{trim_ows, RequestHead};
@@ -107,22 +107,26 @@ pub fn encode_request_forwarded(head: &RequestHead, origin: &Origin, dst: &mut B
             proto = proto.or(Some(v).filter(|v| !v.is_empty()));
         }
     }
-    let host_raw = match host_raw {
-        Some(h) => Bytes::copy_from_slice(trim_ows(h)),
-        None => Bytes::from(head.host.clone().unwrap_or_default()),
+    // Borrowed, not copied: the head outlives the encoding.
+    let host_raw: &[u8] = match host_raw {
+        Some(h) => trim_ows(h),
+        None => head.host.as_deref().unwrap_or("").as_bytes(),
     };
     join(&mut xff, origin.ip.as_bytes());
 
-    let mut element = BytesMut::with_capacity(64);
-    element.put_slice(b"for=");
-    element.put_slice(origin.node.as_bytes());
-    element.put_slice(b";proto=");
-    element.put_slice(origin.scheme.as_str().as_bytes());
-    if !host_raw.is_empty() {
-        element.put_slice(b";host=");
-        put_value(&mut element, &host_raw);
+    // This hop's element, written straight onto the list.
+    fwd.reserve(48 + host_raw.len());
+    if !fwd.is_empty() {
+        fwd.extend_from_slice(b", ");
     }
-    join(&mut fwd, &element);
+    fwd.extend_from_slice(b"for=");
+    fwd.extend_from_slice(origin.node.as_bytes());
+    fwd.extend_from_slice(b";proto=");
+    fwd.extend_from_slice(origin.scheme.as_str().as_bytes());
+    if !host_raw.is_empty() {
+        fwd.extend_from_slice(b";host=");
+        put_value(&mut fwd, host_raw);
+    }
 
     encode_request_forward_except(
         head,
@@ -135,7 +139,7 @@ pub fn encode_request_forwarded(head: &RequestHead, origin: &Origin, dst: &mut B
                 "X-Forwarded-Proto",
                 proto.unwrap_or(origin.scheme.as_str().as_bytes()),
             ),
-            ("X-Forwarded-Host", &host_raw),
+            ("X-Forwarded-Host", host_raw),
         ],
         dst,
     );
@@ -154,19 +158,19 @@ fn join(list: &mut Vec<u8>, item: &[u8]) {
 
 /// An RFC 7239 value: a token as is, anything else as a quoted-string
 /// (a Host with a port has a ':', which is not a token character).
-fn put_value(dst: &mut BytesMut, v: &[u8]) {
+fn put_value(dst: &mut Vec<u8>, v: &[u8]) {
     if v.iter().all(|&b| super::body::is_tchar(b)) {
-        dst.put_slice(v);
+        dst.extend_from_slice(v);
         return;
     }
-    dst.put_u8(b'"');
+    dst.push(b'"');
     for &b in v {
         if b == b'"' || b == b'\\' {
-            dst.put_u8(b'\\');
+            dst.push(b'\\');
         }
-        dst.put_u8(b);
+        dst.push(b);
     }
-    dst.put_u8(b'"');
+    dst.push(b'"');
 }
 
 #[cfg(test)]
@@ -272,7 +276,7 @@ mod tests {
 
     #[test]
     fn quoting() {
-        let mut d = BytesMut::new();
+        let mut d = Vec::new();
         put_value(&mut d, b"demo.example");
         put_value(&mut d, b"[::1]:80");
         put_value(&mut d, b"a\"b\\c");

@@ -354,6 +354,12 @@ fn graceful_stop_revokes_the_lease_at_once() {
     // A long lease: keys that go within a second were revoked, not expired.
     let mut a = node(&etcd, "a", &["--cluster-lease-ttl", "30"]);
     let b = node(&etcd, "b", &[]);
+    // The agent learns the nodes from A's ACCEPT: A must know B first, or
+    // the REHOME at A's drain leaves the agent nowhere to move, and A then
+    // waits its whole --shutdown-grace (10 s) for the uplink to go.
+    wait_for("A sees b", Duration::from_secs(3), || {
+        node_names(a.addr("admin")) == ["a", "b"]
+    });
     let echo = echo(D, 0);
     let _agent = agent(D, &a, "demo", echo.addr("listen"), &["--nodes", "1"]);
     wait_routable(a.addr("public"), "demo");

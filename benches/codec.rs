@@ -13,9 +13,22 @@ use std::hint::black_box;
 
 use bytes::{Bytes, BytesMut};
 use harness::{Bench, Unit};
-use ringtunnel::http::{parse_request, BodyDecoder, BodyKind, DEFAULT_MAX_HEAD};
+use ringtunnel::http::{
+    encode_request_forwarded, encode_response_forward, parse_request, parse_response, BodyDecoder,
+    BodyKind, Origin, Scheme, DEFAULT_MAX_HEAD,
+};
 use ringtunnel::io::batch::Batch;
 use ringtunnel::proto::{encode, Decoder, Frame, HEADER_LEN};
+
+/// A typical backend response head, about 200 bytes.
+const RESPONSE_HEAD: &[u8] = b"HTTP/1.1 200 OK\r\n\
+Date: Wed, 02 Dec 2026 18:00:00 GMT\r\n\
+Content-Type: application/json\r\n\
+Content-Length: 1234\r\n\
+Cache-Control: no-store\r\n\
+ETag: \"5f2b-17c\"\r\n\
+Vary: Accept-Encoding\r\n\
+Connection: keep-alive\r\n\r\n";
 
 /// A typical browser-ish request head, about 200 bytes.
 const REQUEST_HEAD: &[u8] = b"GET /api/v1/items?page=2 HTTP/1.1\r\n\
@@ -25,6 +38,26 @@ Accept: application/json\r\n\
 Accept-Encoding: gzip\r\n\
 X-Request-Id: 4f1c2a9e\r\n\
 Connection: keep-alive\r\n\r\n";
+
+/// Lets the other tasks of the runtime run once (monoio 0.2.4 has no
+/// `yield_now`): wakes itself, so it is queued behind them.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
 
 fn payload(len: usize, seed: u8) -> Bytes {
     Bytes::from(
@@ -160,6 +193,88 @@ fn main() {
             .expect("valid head")
             .map(|h| h.head_len)
     });
+
+    // What each hop does with the heads of one request, user space only
+    // (issue 9): the gateway parses the client's head, routes it and
+    // encodes it with the forwarding headers; the agent parses that; then
+    // the agent parses the backend's response head and the gateway parses
+    // it again and encodes it for the client.
+    let origin = Origin::new("192.0.2.7".parse().unwrap(), false, Scheme::Http);
+    let mut fwd = BytesMut::with_capacity(512);
+    let mut gateway_request = || {
+        let head = parse_request(black_box(REQUEST_HEAD), DEFAULT_MAX_HEAD)
+            .expect("valid head")
+            .expect("complete head");
+        let session = ringtunnel::route::route(head.host.as_deref(), None, None, |_| true);
+        fwd.clear();
+        encode_request_forwarded(&head, &origin, &mut fwd);
+        fwd.len() + session.map_or(0, |s| s.len())
+    };
+    let name = format!(
+        "gateway: request head parse + route + forwarded encode ({} B)",
+        REQUEST_HEAD.len()
+    );
+    b.run(&name, Unit::Items(1, "heads"), &mut gateway_request);
+    let forwarded = {
+        let head = parse_request(REQUEST_HEAD, DEFAULT_MAX_HEAD)
+            .unwrap()
+            .unwrap();
+        let mut d = BytesMut::new();
+        encode_request_forwarded(&head, &origin, &mut d);
+        d.freeze()
+    };
+    let name = format!(
+        "agent: forwarded request head parse ({} B)",
+        forwarded.len()
+    );
+    b.run(&name, Unit::Items(1, "heads"), || {
+        parse_request(black_box(&forwarded), DEFAULT_MAX_HEAD)
+            .expect("valid head")
+            .map(|h| h.head_len)
+    });
+    let mut out = BytesMut::with_capacity(512);
+    let name = format!(
+        "response head parse x2 + encode for the client ({} B)",
+        RESPONSE_HEAD.len()
+    );
+    b.run(&name, Unit::Items(1, "heads"), || {
+        let agent = parse_response(black_box(RESPONSE_HEAD), DEFAULT_MAX_HEAD, false)
+            .expect("valid head")
+            .expect("complete head");
+        let gw = parse_response(black_box(RESPONSE_HEAD), DEFAULT_MAX_HEAD, false)
+            .expect("valid head")
+            .expect("complete head");
+        out.clear();
+        encode_response_forward(&gw, gw.body, false, 1, true, &mut out);
+        out.len() + agent.head_len
+    });
+
+    // --- a task per stream ---------------------------------------------------
+    // The agent spawns one task per stream; its future is ~3 KiB (nested
+    // exchange state). One op: spawn such a task and let it run to its end.
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .build()
+        .expect("runtime");
+    let ran = std::rc::Rc::new(std::cell::Cell::new(0u64));
+    b.run(
+        "spawn_isolated a 3 KiB future and run it",
+        Unit::Items(1, "tasks"),
+        || {
+            let r = ran.clone();
+            rt.block_on(async move {
+                let state = [7u8; 3072];
+                ringtunnel::runtime::spawn_isolated("bench", async move {
+                    let state = black_box(state);
+                    YieldOnce(false).await;
+                    r.set(r.get() + u64::from(state[100]));
+                });
+                // The spawned task runs before this one is polled again.
+                YieldOnce(false).await;
+                YieldOnce(false).await;
+            });
+            ran.get()
+        },
+    );
 
     // --- chunked body decode ------------------------------------------------
     let mut chunked = BytesMut::new();

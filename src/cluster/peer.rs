@@ -508,17 +508,8 @@ async fn handshake(core: Rc<Core>, stream: TcpStream, peer: SocketAddr) {
     }
     let limits = core.cfg().limits;
     let accept = Accept {
-        version: PROTOCOL_VERSION,
-        gateway_cores: core.shared.mailboxes.len() as u16,
-        core: core.index as u16,
-        max_frame: limits.max_frame,
-        stream_window: limits.stream_window,
-        conn_window: limits.conn_window,
-        max_streams: limits.max_streams,
         capabilities: CAP_PEER,
-        tcp: Vec::new(),
-        public: None,
-        nodes: Vec::new(),
+        ..core.accept_base(&limits)
     };
     if conn.write_frame(&Frame::accept(&accept)).await.is_err() {
         return;

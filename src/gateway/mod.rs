@@ -480,6 +480,26 @@ impl Core {
         self.cfg.borrow().clone()
     }
 
+    /// The ACCEPT this core answers a handshake with, before what depends
+    /// on the peer (capabilities, TCP ports, public URL, node list): agent
+    /// uplinks (`tunnel.rs`) and peer links (`cluster::peer`) alike.
+    /// `limits`: the ones the link will run with (read once by the caller).
+    pub(crate) fn accept_base(&self, limits: &crate::proto::Limits) -> crate::proto::Accept {
+        crate::proto::Accept {
+            version: crate::proto::PROTOCOL_VERSION,
+            gateway_cores: self.shared.mailboxes.len() as u16,
+            core: self.index as u16,
+            max_frame: limits.max_frame,
+            stream_window: limits.stream_window,
+            conn_window: limits.conn_window,
+            max_streams: limits.max_streams,
+            capabilities: 0,
+            tcp: Vec::new(),
+            public: None,
+            nodes: Vec::new(),
+        }
+    }
+
     /// A reload reached this core: new settings for what starts from now
     /// on, rates re-read, revoked uplinks closed.
     fn reloaded(&self) {

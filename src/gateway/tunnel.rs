@@ -34,7 +34,7 @@ use crate::io::transport::{Transport, UplinkParams};
 use crate::io::watchdog::Watchdog;
 use crate::proto::{
     Accept, AcceptNode, ErrorCode, Frame, FrameType, Hello, PublicEndpoint, CAP_CLUSTER,
-    CAP_PUBLIC_URL, PROTOCOL_VERSION,
+    CAP_PUBLIC_URL,
 };
 use crate::scope::{self, Verdict};
 
@@ -356,25 +356,11 @@ pub(super) fn advertised_tunnel(
     c: &crate::cluster::ClusterConfig,
     tunnel: std::net::SocketAddr,
 ) -> std::io::Result<std::net::SocketAddr> {
-    use std::net::ToSocketAddrs;
     let host = match &c.advertise {
-        Some(h) => h.trim_matches(['[', ']']).to_string(),
-        None => c
-            .peer_listen
-            .rsplit_once(':')
-            .map_or("", |(h, _)| h)
-            .trim_matches(['[', ']'])
-            .to_string(),
+        Some(h) => h.as_str(),
+        None => c.peer_listen.rsplit_once(':').map_or("", |(h, _)| h),
     };
-    (host.as_str(), tunnel.port())
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("--advertise {host}: no address"),
-            )
-        })
+    super::advertised(Some(host), tunnel)
 }
 
 /// ACCEPT's node list: this node first (so the agent knows where it
@@ -422,19 +408,13 @@ async fn finish(
     };
     let cluster_cap = if cluster.is_some() { CAP_CLUSTER } else { 0 };
     let accept = Accept {
-        version: PROTOCOL_VERSION,
-        gateway_cores: core.shared.mailboxes.len() as u16,
-        core: core.index as u16,
-        max_frame: limits.max_frame,
-        stream_window: limits.stream_window,
-        conn_window: limits.conn_window,
-        max_streams: limits.max_streams,
         // Only what the agent asked for and this gateway does.
         capabilities: hello.capabilities & (crate::proto::tcp::KNOWN_CAPS | CAP_PUBLIC_URL)
             | cluster_cap,
         tcp,
         public: (hello.capabilities & CAP_PUBLIC_URL != 0).then(|| public_endpoint(&core.shared)),
         nodes: cluster.unwrap_or_default(),
+        ..core.accept_base(&limits)
     };
     if let Err(e) = conn.write_frame(&Frame::accept(&accept)).await {
         tracing::debug!(error = %e, "ACCEPT write failed");

@@ -196,27 +196,40 @@ impl Drop for Etcd {
 }
 
 /// A gateway node of the cluster at `etcd`.
-fn node(etcd: &Etcd, name: &str, extra: &[&str]) -> Proc {
-    let peer = format!("127.0.0.1:{}", free_port());
-    let url = etcd.url();
-    let ttl = extra
-        .iter()
-        .position(|a| *a == "--cluster-lease-ttl")
-        .map(|_| Vec::new())
-        .unwrap_or_else(|| vec!["--cluster-lease-ttl".to_string(), TTL.to_string()]);
-    let mut args: Vec<&str> = vec![
+/// The flags that make a gateway node `name` of the cluster at `urls`
+/// (comma-separated), with its peer listener at `peer`, then `extra`; the
+/// test's short lease unless `extra` sets one.
+fn node_flags(urls: &str, name: &str, peer: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--cluster-etcd",
-        &url,
+        urls,
         "--node-name",
         name,
         "--peer-listen",
-        &peer,
+        peer,
         "--cluster-secret",
         SECRET,
-    ];
-    args.extend(ttl.iter().map(String::as_str));
-    args.extend_from_slice(extra);
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    if !extra.contains(&"--cluster-lease-ttl") {
+        args.extend(["--cluster-lease-ttl".to_string(), TTL.to_string()]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Node `name` of the cluster at `urls`, a peer listener on a free port.
+fn node_at(urls: &str, name: &str, extra: &[&str]) -> Proc {
+    let peer = format!("127.0.0.1:{}", free_port());
+    let args = node_flags(urls, name, &peer, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     gateway(D, &args)
+}
+
+fn node(etcd: &Etcd, name: &str, extra: &[&str]) -> Proc {
+    node_at(&etcd.url(), name, extra)
 }
 
 fn cluster_json(admin: SocketAddr) -> serde_json::Value {
@@ -622,23 +635,7 @@ fn strangers_keys_are_ignored_and_a_dead_first_endpoint_is_skipped() {
     // second.
     let dead = format!("http://127.0.0.1:{}", free_port());
     let both = format!("{dead},{}", etcd.url());
-    let peer = format!("127.0.0.1:{}", free_port());
-    let ttl = TTL.to_string();
-    let a = gateway(
-        D,
-        &[
-            "--cluster-etcd",
-            &both,
-            "--node-name",
-            "a",
-            "--peer-listen",
-            &peer,
-            "--cluster-secret",
-            SECRET,
-            "--cluster-lease-ttl",
-            &ttl,
-        ],
-    );
+    let a = node_at(&both, "a", &[]);
     let admin = a.addr("admin");
     etcd.wait_key("/ringtunnel/v1/nodes/a", true, Duration::from_secs(5));
 
@@ -759,23 +756,7 @@ fn an_etcd_that_lies_or_stalls_costs_nothing_but_its_counter() {
     for lie in [Lie::Garbage, Lie::BadJson, Lie::Stall] {
         let fake = LyingEtcd::start(lie);
         let url = format!("http://{}", fake.addr);
-        let peer = format!("127.0.0.1:{}", free_port());
-        let ttl = TTL.to_string();
-        let a = gateway(
-            D,
-            &[
-                "--cluster-etcd",
-                &url,
-                "--node-name",
-                "a",
-                "--peer-listen",
-                &peer,
-                "--cluster-secret",
-                SECRET,
-                "--cluster-lease-ttl",
-                &ttl,
-            ],
-        );
+        let a = node_at(&url, "a", &[]);
         let admin = a.addr("admin");
         let echo = echo(D, 0);
         let _agent = agent(D, &a, "demo", echo.addr("listen"), &["--nodes", "1"]);
@@ -807,25 +788,7 @@ fn quorum_loss_keeps_serving_and_converges_when_it_returns() {
     let mut members = Etcd::cluster(3);
     let urls: Vec<String> = members.iter().map(Etcd::url).collect();
     let all = urls.join(",");
-    let start = |name: &str| {
-        let peer = format!("127.0.0.1:{}", free_port());
-        let ttl = TTL.to_string();
-        gateway(
-            D,
-            &[
-                "--cluster-etcd",
-                &all,
-                "--node-name",
-                name,
-                "--peer-listen",
-                &peer,
-                "--cluster-secret",
-                SECRET,
-                "--cluster-lease-ttl",
-                &ttl,
-            ],
-        )
-    };
+    let start = |name: &str| node_at(&all, name, &[]);
     let a = start("a");
     let b = start("b");
     let echo = echo(D, 0);
@@ -992,41 +955,28 @@ fn the_etcd_client_against_a_real_member() {
 /// TCP tunnel ports `port`: two nodes on one machine need two loopback
 /// addresses to both listen on the same tunnel port.
 fn tcp_node(etcd: &Etcd, name: &str, host: &str, port: u16) -> Proc {
-    let url = etcd.url();
     let listen = format!("{host}:0");
     let peer = format!("{host}:{}", free_port());
     let range = format!("{port}-{port}");
-    let ttl = TTL.to_string();
-    spawn(
+    let flags = node_flags(&etcd.url(), name, &peer, &[]);
+    let mut args = vec![
         "gateway",
-        &[
-            "gateway",
-            "--listen",
-            &listen,
-            "--tunnel-listen",
-            &listen,
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--no-pin",
-            "--driver",
-            D,
-            "--cores",
-            "2",
-            "--tcp-ports",
-            &range,
-            "--cluster-etcd",
-            &url,
-            "--node-name",
-            name,
-            "--peer-listen",
-            &peer,
-            "--cluster-secret",
-            SECRET,
-            "--cluster-lease-ttl",
-            &ttl,
-        ],
-        "ringtunnel gateway ready",
-    )
+        "--listen",
+        &listen,
+        "--tunnel-listen",
+        &listen,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--driver",
+        D,
+        "--cores",
+        "2",
+        "--tcp-ports",
+        &range,
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    spawn("gateway", &args, "ringtunnel gateway ready")
 }
 
 #[test]
@@ -1127,34 +1077,22 @@ fn a_wildcard_tunnel_listener_registers_a_dialable_address() {
     let etcd = Etcd::start();
     let url = etcd.url();
     let peer = format!("127.0.0.1:{}", free_port());
-    let ttl = TTL.to_string();
-    let n = spawn(
+    let flags = node_flags(&url, "w", &peer, &[]);
+    let mut args = vec![
         "gateway",
-        &[
-            "gateway",
-            "--listen",
-            "127.0.0.1:0",
-            "--tunnel-listen",
-            "0.0.0.0:0",
-            "--insecure-plaintext",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--no-pin",
-            "--cores",
-            "1",
-            "--cluster-etcd",
-            &url,
-            "--node-name",
-            "w",
-            "--peer-listen",
-            &peer,
-            "--cluster-secret",
-            SECRET,
-            "--cluster-lease-ttl",
-            &ttl,
-        ],
-        "ringtunnel gateway ready",
-    );
+        "--listen",
+        "127.0.0.1:0",
+        "--tunnel-listen",
+        "0.0.0.0:0",
+        "--insecure-plaintext",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--no-pin",
+        "--cores",
+        "1",
+    ];
+    args.extend(flags.iter().map(String::as_str));
+    let n = spawn("gateway", &args, "ringtunnel gateway ready");
     etcd.wait_key("/ringtunnel/v1/nodes/w", true, Duration::from_secs(3));
     let keys = etcd.keys();
     let v = &keys

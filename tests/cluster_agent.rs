@@ -281,6 +281,19 @@ fn by_name<'a>(nodes: &'a [Node], name: &str) -> &'a Node {
     nodes.iter().find(|n| n.name == name).unwrap()
 }
 
+/// The three nodes' names as session "demo" ranks them (best first).
+fn demo_rank() -> Vec<String> {
+    rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+/// Whether "demo" holds its 2 uplinks on each of the top 2 nodes.
+fn on_top_two(nodes: &[Node], rank: &[String]) -> bool {
+    by_name(nodes, &rank[0]).placed("demo") == 2 && by_name(nodes, &rank[1]).placed("demo") == 2
+}
+
 /// The agent holds its uplinks on exactly the rendezvous top 2, says so
 /// on /health and /stats, and the session is served through both.
 #[test]
@@ -334,10 +347,7 @@ fn agent_holds_uplinks_on_exactly_the_rendezvous_top_k() {
 fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
     let echo = echo("auto", 0);
     let mut nodes = three();
-    let rank: Vec<String> = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let rank = demo_rank();
     let agent = cluster_agent(
         by_name(&nodes, &rank[1]).relay.addr,
         "demo",
@@ -345,8 +355,7 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
         &[],
     );
     within(Duration::from_secs(10), "on the top 2", || {
-        by_name(&nodes, &rank[0]).placed("demo") == 2
-            && by_name(&nodes, &rank[1]).placed("demo") == 2
+        on_top_two(&nodes, &rank)
     });
     let dead = nodes.iter().position(|n| n.name == rank[0]).unwrap();
     let backend = echo.addr("listen");
@@ -429,10 +438,7 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
 fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
     let echo = echo("auto", 0);
     let mut nodes = three();
-    let rank: Vec<String> = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"])
-        .into_iter()
-        .map(String::from)
-        .collect();
+    let rank = demo_rank();
     let agent = cluster_agent(
         by_name(&nodes, &rank[0]).relay.addr,
         "demo",
@@ -440,8 +446,7 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
         &[],
     );
     within(Duration::from_secs(10), "on the top 2", || {
-        by_name(&nodes, &rank[0]).placed("demo") == 2
-            && by_name(&nodes, &rank[1]).placed("demo") == 2
+        on_top_two(&nodes, &rank)
     });
     let (draining, stays, third) = (
         by_name(&nodes, &rank[0]),
@@ -966,18 +971,18 @@ fn an_agent_that_saw_one_node_learns_the_others() {
         .iter()
         .map(|n| Node::start(n))
         .collect();
-    let rank = rendezvous::rank("demo", ["gw-a", "gw-b", "gw-c"]);
+    let rank = demo_rank();
     // No view yet: each node lists only itself.
-    let first = by_name(&nodes, rank[0]);
+    let first = by_name(&nodes, &rank[0]);
     let agent = cluster_agent(first.relay.addr, "demo", echo.addr("listen"), &[]);
     assert_eq!(agent.field("uplinks"), "2", "one node known: K = 1");
     let refs: Vec<&Node> = nodes.iter().collect();
     give_view(&refs, &view(&refs, &[]));
     let took = within(Duration::from_secs(15), "on the top 2", || {
-        by_name(&nodes, rank[0]).placed("demo") == 2 && by_name(&nodes, rank[1]).placed("demo") == 2
+        on_top_two(&nodes, &rank)
     });
     eprintln!("second node after {took:?}");
     let stats = stats_json(agent.addr("admin"));
     assert!(stats.contains("\"slots\":[\""), "{stats}");
-    assert_eq!(by_name(&nodes, rank[2]).open_uplinks(), 0);
+    assert_eq!(by_name(&nodes, &rank[2]).open_uplinks(), 0);
 }

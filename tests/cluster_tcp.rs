@@ -78,6 +78,13 @@ fn node(name: &str, host: &str, port: u16, max_conns: usize) -> Gateway {
 
 /// A view of nodes A and B in which `holders` hold session "demo" with
 /// TCP ports `tcp`.
+/// Hands both nodes the same `view` (as the registry would).
+fn give_view(a: &Gateway, b: &Gateway, holders: &[&str], tcp: &[u16], rev: i64) {
+    let v = view(a, b, holders, tcp, rev);
+    a.set_cluster_view(v.clone());
+    b.set_cluster_view(v);
+}
+
 fn view(a: &Gateway, b: &Gateway, holders: &[&str], tcp: &[u16], rev: i64) -> ClusterView {
     let mut v = ClusterView {
         revision: rev,
@@ -304,9 +311,7 @@ fn a_tcp_tunnel_is_served_through_a_node_without_its_agent() {
 
     let agent = tcp_agent(&a, &format!("{}={port}", svc.addr));
     wait_stdout(&agent, &format!("TCP tunnel: tcp://127.0.0.1:{port} ->"));
-    let v = view(&a, &b, &["node-a"], &[port], 1);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
+    give_view(&a, &b, &["node-a"], &[port], 1);
     wait_served(at_b);
     // The links are up (the probe crossed one): their sockets are the
     // baseline of A's peer port.
@@ -387,14 +392,10 @@ fn a_tcp_tunnel_is_served_through_a_node_without_its_agent() {
 
     // A's hold goes (its agent left, in the registry's words): B closes
     // its copy of the port. A's own listener is the claim's business.
-    let v = view(&a, &b, &[], &[], 2);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
+    give_view(&a, &b, &[], &[], 2);
     wait_refused(at_b, "B after A's hold went");
     // And back: the view lists it again, B listens again.
-    let v = view(&a, &b, &["node-a"], &[port], 3);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
+    give_view(&a, &b, &["node-a"], &[port], 3);
     wait_served(at_b);
     wait_back(
         &a,
@@ -482,9 +483,7 @@ fn a_holder_that_is_not_here_makes_b_close_the_connection() {
     let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
     let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
     let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
-    let v = view(&a, &b, &["node-a"], &[port], 1);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
+    give_view(&a, &b, &["node-a"], &[port], 1);
     // Until the peer links are up B closes for lack of a link; after,
     // for NOT_HERE: wait for the retry counter to prove the second.
     let t = Instant::now();
@@ -538,9 +537,7 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
     // has is taken over, not bound twice) and B serves it itself.
     let on_a = tcp_agent(&a, &format!("{}={port}", svc.addr));
     wait_stdout(&on_a, &format!("TCP tunnel: tcp://127.0.0.1:{port} ->"));
-    let v = view(&a, &b, &["node-a"], &[port], 1);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
+    give_view(&a, &b, &["node-a"], &[port], 1);
     let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
     wait_served(at_b);
     // Another session asking B for that port is refused: A's session

@@ -198,27 +198,14 @@ fn sockets_to(pid: u32, ports: &[u16]) -> usize {
 
 /// A view listing `nodes` (tunnel: their relays) plus `extra` entries.
 fn view(nodes: &[&Node], extra: &[(&str, SocketAddr)]) -> ClusterView {
-    let mut v = ClusterView {
-        revision: 1,
-        ..ClusterView::default()
-    };
+    // Peer links are not what these tests look at: a port nobody serves.
+    let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let entries = nodes
         .iter()
         .map(|n| (n.name.clone(), n.relay.addr))
-        .chain(extra.iter().map(|(n, a)| (n.to_string(), *a)));
-    for (name, tunnel) in entries {
-        v.nodes.insert(
-            name.clone(),
-            NodeInfo {
-                name,
-                peer: "127.0.0.1:9".parse().unwrap(),
-                tunnel,
-                cores: 2,
-                state: NodeState::Ready,
-            },
-        );
-    }
-    v
+        .chain(extra.iter().map(|(n, a)| (n.to_string(), *a)))
+        .map(|(name, tunnel)| (name, peer, tunnel, 2));
+    common::cluster::view_of(1, entries, &[], &[])
 }
 
 fn give_view(nodes: &[&Node], v: &ClusterView) {

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -14,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtunnel::cluster::{ClusterConfig, ClusterView, NodeInfo, NodeState, SessionHold};
+use ringtunnel::cluster::{ClusterConfig, ClusterView};
 use ringtunnel::config::{Cores, GatewayConfig};
 use ringtunnel::gateway::Gateway;
 use ringtunnel::runtime::DriverKind;
@@ -55,36 +54,10 @@ fn node_on(name: &str, cores: usize, driver: DriverKind) -> Gateway {
 /// A view of `nodes` (name, gateway, peer address others dial) in which
 /// `holders` hold session "demo".
 fn view(nodes: &[(&str, &Gateway, SocketAddr)], holders: &[&str]) -> ClusterView {
-    let mut v = ClusterView {
-        revision: 1,
-        ..ClusterView::default()
-    };
-    for (name, gw, peer) in nodes {
-        v.nodes.insert(
-            name.to_string(),
-            NodeInfo {
-                name: name.to_string(),
-                peer: *peer,
-                tunnel: gw.tunnel_addr(),
-                cores: 1,
-                state: NodeState::Ready,
-            },
-        );
-    }
-    let h: BTreeMap<String, SessionHold> = holders
+    let nodes = nodes
         .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                SessionHold {
-                    agent_id: 1,
-                    tcp: Vec::new(),
-                },
-            )
-        })
-        .collect();
-    v.sessions.insert("demo".into(), h);
-    v
+        .map(|(name, gw, peer)| (name.to_string(), *peer, gw.tunnel_addr(), 1));
+    common::cluster::view_of(1, nodes, holders, &[])
 }
 
 fn sum(gw: &Gateway, f: impl Fn(&ringtunnel::io::stats::CoreStats) -> &AtomicU64) -> u64 {

@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringtunnel::cluster::{ClusterConfig, ClusterView, NodeInfo, NodeState, SessionHold};
+use ringtunnel::cluster::{ClusterConfig, ClusterView, NodeInfo, NodeState};
 use ringtunnel::config::{Cores, GatewayConfig};
 use ringtunnel::gateway::Gateway;
 use ringtunnel::proto::tcp::PortRanges;
@@ -86,38 +85,15 @@ fn give_view(a: &Gateway, b: &Gateway, holders: &[&str], tcp: &[u16], rev: i64) 
 }
 
 fn view(a: &Gateway, b: &Gateway, holders: &[&str], tcp: &[u16], rev: i64) -> ClusterView {
-    let mut v = ClusterView {
-        revision: rev,
-        ..ClusterView::default()
-    };
-    for (name, gw) in [("node-a", a), ("node-b", b)] {
-        v.nodes.insert(
+    let nodes = [("node-a", a), ("node-b", b)].map(|(name, gw)| {
+        (
             name.to_string(),
-            NodeInfo {
-                name: name.to_string(),
-                peer: gw.peer_addr().unwrap(),
-                tunnel: gw.tunnel_addr(),
-                cores: 2,
-                state: NodeState::Ready,
-            },
-        );
-    }
-    let h: BTreeMap<String, SessionHold> = holders
-        .iter()
-        .map(|n| {
-            (
-                n.to_string(),
-                SessionHold {
-                    agent_id: 1,
-                    tcp: tcp.to_vec(),
-                },
-            )
-        })
-        .collect();
-    if !h.is_empty() {
-        v.sessions.insert("demo".into(), h);
-    }
-    v
+            gw.peer_addr().unwrap(),
+            gw.tunnel_addr(),
+            2,
+        )
+    });
+    common::cluster::view_of(rev, nodes, holders, tcp)
 }
 
 fn sum(gw: &Gateway, f: impl Fn(&ringtunnel::io::stats::CoreStats) -> &AtomicU64) -> u64 {

@@ -276,6 +276,16 @@ fn demo_rank() -> Vec<String> {
         .collect()
 }
 
+/// An agent of "demo" bootstrapped through `rank[via]`, once it holds its
+/// uplinks on the top 2 nodes (10 s at most).
+fn agent_on_top_two(nodes: &[Node], rank: &[String], via: usize, backend: SocketAddr) -> Proc {
+    let agent = cluster_agent(by_name(nodes, &rank[via]).relay.addr, "demo", backend, &[]);
+    within(Duration::from_secs(10), "on the top 2", || {
+        on_top_two(nodes, rank)
+    });
+    agent
+}
+
 /// Whether "demo" holds its 2 uplinks on each of the top 2 nodes.
 fn on_top_two(nodes: &[Node], rank: &[String]) -> bool {
     by_name(nodes, &rank[0]).placed("demo") == 2 && by_name(nodes, &rank[1]).placed("demo") == 2
@@ -335,15 +345,7 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
     let echo = echo("auto", 0);
     let mut nodes = three();
     let rank = demo_rank();
-    let agent = cluster_agent(
-        by_name(&nodes, &rank[1]).relay.addr,
-        "demo",
-        echo.addr("listen"),
-        &[],
-    );
-    within(Duration::from_secs(10), "on the top 2", || {
-        on_top_two(&nodes, &rank)
-    });
+    let agent = agent_on_top_two(&nodes, &rank, 1, echo.addr("listen"));
     let dead = nodes.iter().position(|n| n.name == rank[0]).unwrap();
     let backend = echo.addr("listen");
     let agent_fds = agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]);
@@ -426,15 +428,7 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
     let echo = echo("auto", 0);
     let mut nodes = three();
     let rank = demo_rank();
-    let agent = cluster_agent(
-        by_name(&nodes, &rank[0]).relay.addr,
-        "demo",
-        echo.addr("listen"),
-        &[],
-    );
-    within(Duration::from_secs(10), "on the top 2", || {
-        on_top_two(&nodes, &rank)
-    });
+    let agent = agent_on_top_two(&nodes, &rank, 0, echo.addr("listen"));
     let (draining, stays, third) = (
         by_name(&nodes, &rank[0]),
         by_name(&nodes, &rank[1]),

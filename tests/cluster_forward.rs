@@ -168,7 +168,13 @@ fn pair() -> Pair {
 }
 
 fn pair_on(driver: DriverKind) -> Pair {
-    let echo = echo("uring", 0);
+    pair_with(driver, 0)
+}
+
+/// Node A with the agent of "demo" (echo answering after `delay_ms`),
+/// node B forwarding to it, both with the view that says so.
+fn pair_with(driver: DriverKind, delay_ms: u64) -> Pair {
+    let echo = echo("uring", delay_ms);
     let a = node_on("node-a", 1, driver);
     let b = node_on("node-b", 1, driver);
     let agent = agent_on(&a, echo.addr("listen"));
@@ -856,19 +862,8 @@ fn a_holder_shutting_down_finishes_what_it_has_and_takes_no_more() {
 #[test]
 #[ignore]
 fn forwarding_cost() {
-    let echo = echo("uring", 35);
-    let a = node("node-a");
-    let b = node("node-b");
-    let _agent = agent_on(&a, echo.addr("listen"));
-    wait_routable(a.public_addr(), "demo");
-    let nodes = [
-        ("node-a", &a, a.peer_addr().unwrap()),
-        ("node-b", &b, b.peer_addr().unwrap()),
-    ];
-    let v = view(&nodes, &["node-a"]);
-    a.set_cluster_view(v.clone());
-    b.set_cluster_view(v);
-    wait_status(b.public_addr(), "demo", 200, 10 * SEC);
+    let p = pair_with(DriverKind::Auto, 35);
+    let (a, b) = (&p.a, &p.b);
     for c in ["100", "1000"] {
         let out = std::process::Command::new(BIN)
             .args([
@@ -892,7 +887,7 @@ fn forwarding_cost() {
     }
     println!(
         "forwarded_out={} forward_retries={}",
-        sum(&b, |c| &c.forwarded_out),
-        sum(&b, |c| &c.forward_retries)
+        sum(b, |c| &c.forwarded_out),
+        sum(b, |c| &c.forward_retries)
     );
 }

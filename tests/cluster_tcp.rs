@@ -77,6 +77,17 @@ fn node(name: &str, host: &str, port: u16, max_conns: usize) -> Gateway {
 
 /// A view of nodes A and B in which `holders` hold session "demo" with
 /// TCP ports `tcp`.
+/// The agent stops by itself (20 s at most), having said `why`.
+fn stops_saying(agent: &mut Bg, why: &str) {
+    assert!(
+        agent.wait_exit(20 * SEC).is_some(),
+        "the agent kept going: {}",
+        agent.stderr()
+    );
+    // Its stderr is collected by a thread: wait for the line, bounded.
+    assert!(agent.wait_stderr(why, 5 * SEC), "{}", agent.stderr());
+}
+
 /// Hands both nodes the same `view` (as the registry would).
 fn give_view(a: &Gateway, b: &Gateway, holders: &[&str], tcp: &[u16], rev: i64) {
     let v = view(a, b, holders, tcp, rev);
@@ -496,17 +507,7 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
 
     // A port the gateway would pick could differ per node: refused.
     let mut auto = tcp_agent(&a, &svc.addr.to_string());
-    assert!(
-        auto.wait_exit(20 * SEC).is_some(),
-        "the agent kept going: {}",
-        auto.stderr()
-    );
-    // (its stderr is collected by a thread: wait for the line, bounded)
-    assert!(
-        auto.wait_stderr("explicit public port", 5 * SEC),
-        "{}",
-        auto.stderr()
-    );
+    stops_saying(&mut auto, "explicit public port");
 
     // A holds the port for "demo"; B opened its copy for A's hold. The
     // same agent's uplink to B then gets that port on B (the listener B
@@ -537,12 +538,7 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
             &spec,
         ],
     );
-    assert!(other.wait_exit(20 * SEC).is_some(), "{}", other.stderr());
-    assert!(
-        other.wait_stderr("another session on another node", 5 * SEC),
-        "{}",
-        other.stderr()
-    );
+    stops_saying(&mut other, "another session on another node");
     let on_b = tcp_agent(&b, &format!("{}={port}", svc.addr));
     wait_stdout(&on_b, &format!("TCP tunnel: tcp://127.0.0.2:{port} ->"));
     std::thread::sleep(Duration::from_millis(200));

@@ -780,16 +780,24 @@ s1() {
   result S1 "with $h vs without $n, $dur: $line" "forwarded p50 <= +0.5 ms, p99 <= +2 ms, RPS >= x0.7 (reported; gated with S1_STRICT=1), 0 errors (gated)" "$verdict"
 }
 
+# fresh_with_holder SN: a fresh cluster in which the session has a holder.
+# Sets the caller's h (the holders), v (the first of them: the node the
+# scenario hits) and others (the nodes without the session); on failure
+# reports SN and returns 1.
+fresh_with_holder() {
+  fresh || { result "$1" "up failed" "-" FAIL; return 1; }
+  h=$(holders "$SESSION")
+  v=${h%%,*}
+  others=$(non_holders "$h")
+  [[ -n $v ]] || { result "$1" "no holder" "-" FAIL; return 1; }
+}
+
 # S2: SIGKILL of a node holding the session, K=2, under load through
 # HAProxy.
 s2() {
   local conns=${S2_CONNS:-50}
-  fresh || { result S2 "up failed" "-" FAIL; return 1; }
   local h v others
-  h=$(holders "$SESSION")
-  v=${h%%,*}
-  others=$(non_holders "$h")
-  [[ -n $v ]] || { result S2 "no holder" "-" FAIL; return 1; }
+  fresh_with_holder S2 || return 1
   probe_start s2 12 "$conns"
   sleep 4
   local t
@@ -812,11 +820,8 @@ s2() {
 # S3: nftables blackhole of a node holding the session.
 s3() {
   local detect=${S3_DETECT_MS:-$((HB * 3000 + 1000))}
-  fresh || { result S3 "up failed" "-" FAIL; return 1; }
-  local h v
-  h=$(holders "$SESSION")
-  v=${h%%,*}
-  [[ -n $v ]] || { result S3 "no holder" "-" FAIL; return 1; }
+  local h v others
+  fresh_with_holder S3 || return 1
   probe_start s3 $((detect / 1000 + 14)) 50
   sleep 4
   local t
@@ -838,12 +843,8 @@ s3() {
 # S4: drain a node holding the session during load: HAProxy runtime API,
 # then SIGTERM.
 s4() {
-  fresh || { result S4 "up failed" "-" FAIL; return 1; }
-  local h v n
-  h=$(holders "$SESSION")
-  v=${h%%,*}
-  n=$(non_holders "$h")
-  [[ -n $v ]] || { result S4 "no holder" "-" FAIL; return 1; }
+  local h v others
+  fresh_with_holder S4 || return 1
   probe_start s4 20 50
   sleep 4
   # Holders over time, every 100 ms, until the drained node has exited.
@@ -877,7 +878,7 @@ s4() {
   local failed verdict=FAIL
   failed=$(field failed)
   ((failed == 0)) && [[ $rehomed == yes && $idle == yes ]] && verdict=PASS
-  result S4 "drained $v (holders $h, spare ${n:-none}), exit after $(awk -v a="$t" -v b="$e" 'BEGIN { printf "%.1f", b - a }') s: requests=$(field requests) failed=$failed ($(field failed_kinds)) retried=$(field retried) re-homed-before-exit=$rehomed idle-after=$idle" \
+  result S4 "drained $v (holders $h, spare ${others:-none}), exit after $(awk -v a="$t" -v b="$e" 'BEGIN { printf "%.1f", b - a }') s: requests=$(field requests) failed=$failed ($(field failed_kinds)) retried=$(field retried) re-homed-before-exit=$rehomed idle-after=$idle" \
     "0 failed; K holders without the node before it exits" "$verdict"
 }
 
@@ -1033,12 +1034,8 @@ PY
 
 # S8: SIGSTOP of a node holding the session for 5 s, then SIGCONT.
 s8() {
-  fresh || { result S8 "up failed" "-" FAIL; return 1; }
   local h v others
-  h=$(holders "$SESSION")
-  v=${h%%,*}
-  others=$(non_holders "$h")
-  [[ -n $v ]] || { result S8 "no holder" "-" FAIL; return 1; }
+  fresh_with_holder S8 || return 1
   probe_start s8 16 50
   sleep 3
   local t

@@ -286,6 +286,22 @@ fn agent_on_top_two(nodes: &[Node], rank: &[String], via: usize, backend: Socket
     agent
 }
 
+/// Uplink sockets exactly as many as before (4, to `relays`); the fds
+/// other than backend connections (a pool that may have grown under load)
+/// within the harness's tolerance of `fds`.
+fn agent_back_at_baseline(agent: &Proc, relays: &[u16], backend: SocketAddr, fds: usize) {
+    within(
+        Duration::from_secs(3),
+        "agent back at 4 uplink sockets",
+        || sockets_to(agent.pid(), relays) == 4,
+    );
+    within(
+        Duration::from_secs(3),
+        "agent fds back at their baseline",
+        || agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]) <= fds + 2,
+    );
+}
+
 /// Whether "demo" holds its 2 uplinks on each of the top 2 nodes.
 fn on_top_two(nodes: &[Node], rank: &[String]) -> bool {
     by_name(nodes, &rank[0]).placed("demo") == 2 && by_name(nodes, &rank[1]).placed("demo") == 2
@@ -380,19 +396,7 @@ fn a_dead_node_is_replaced_by_the_next_ranked_one_and_gets_its_slot_back() {
     within(Duration::from_secs(5), "dead node's uplinks closed", || {
         nodes[dead].open_uplinks() == 0
     });
-    // Uplink sockets exactly as many as before; the fds other than
-    // backend connections (a pool that may have grown under load) within
-    // the harness's tolerance of theirs.
-    within(
-        Duration::from_secs(3),
-        "agent back at 4 uplink sockets",
-        || sockets_to(agent.pid(), &relays) == 4,
-    );
-    within(
-        Duration::from_secs(3),
-        "agent fds back at their baseline",
-        || agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]) <= agent_fds + 2,
-    );
+    agent_back_at_baseline(&agent, &relays, backend, agent_fds);
 
     // The node comes back: once its exclusion (1 s) has run out it ranks
     // first again and gets its slot back, the replacement accepted there
@@ -559,19 +563,7 @@ fn draining_a_node_rehomes_its_uplinks_without_losing_a_request() {
         "no stream left on the holder that stays",
         || metric_sum(&metrics(stays.admin), "ringtunnel_active_streams", "core=") == 0,
     );
-    // Uplink sockets exactly as many as before; the fds other than
-    // backend connections (a pool that may have grown under load) within
-    // the harness's tolerance of theirs.
-    within(
-        Duration::from_secs(3),
-        "agent back at 4 uplink sockets",
-        || sockets_to(agent.pid(), &relays) == 4,
-    );
-    within(
-        Duration::from_secs(3),
-        "agent fds back at their baseline",
-        || agent.fd_count() - sockets_to(agent.pid(), &[backend.port()]) <= agent_fds + 2,
-    );
+    agent_back_at_baseline(&agent, &relays, backend, agent_fds);
     // The drained node's workers end once its uplinks are gone.
     let d = nodes.iter().position(|n| n.name == rank[0]).unwrap();
     let gw = nodes[d].gw.take().unwrap();

@@ -118,6 +118,21 @@ struct Service {
     open: Arc<AtomicUsize>,
 }
 
+/// The two-node set-up of most tests here: a free TCP tunnel port, the
+/// service behind it, node A on 127.0.0.1 and node B on 127.0.0.2.
+fn two_nodes() -> (u16, Service, Gateway, Gateway) {
+    let port = free_port();
+    let svc = service();
+    let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
+    let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
+    (port, svc, a, b)
+}
+
+/// The tunnel port as node B serves it.
+fn b_side(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 2], port))
+}
+
 fn service() -> Service {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -287,11 +302,8 @@ fn wait_served(addr: SocketAddr) {
 
 #[test]
 fn a_tcp_tunnel_is_served_through_a_node_without_its_agent() {
-    let port = free_port();
-    let svc = service();
-    let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
-    let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
-    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let (port, svc, a, b) = two_nodes();
+    let at_b = b_side(port);
 
     // Before any view, B has no listener on the port.
     assert!(TcpStream::connect(at_b).is_err());
@@ -420,7 +432,7 @@ fn not_here_sends_a_tcp_connection_to_the_next_holder() {
     let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
     let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
     let c = node("node-c", "127.0.0.3", port, MAX_CONNS);
-    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let at_b = b_side(port);
     let agent = tcp_agent(&a, &format!("{}={port}", svc.addr));
     wait_stdout(&agent, &format!("TCP tunnel: tcp://127.0.0.1:{port} ->"));
     let mut v = view(&a, &b, &["node-a", "node-c"], &[port], 1);
@@ -465,11 +477,8 @@ fn a_holder_that_is_not_here_makes_b_close_the_connection() {
     // The view says A holds the session, but no agent is connected to A:
     // A answers NOT_HERE, B has no other holder and closes the client's
     // connection at once; nothing is left behind.
-    let port = free_port();
-    let svc = service();
-    let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
-    let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
-    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let (port, svc, a, b) = two_nodes();
+    let at_b = b_side(port);
     give_view(&a, &b, &["node-a"], &[port], 1);
     // Until the peer links are up B closes for lack of a link; after,
     // for NOT_HERE: wait for the retry counter to prove the second.
@@ -500,10 +509,7 @@ fn a_holder_that_is_not_here_makes_b_close_the_connection() {
 
 #[test]
 fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote_one() {
-    let port = free_port();
-    let svc = service();
-    let a = node("node-a", "127.0.0.1", port, MAX_CONNS);
-    let b = node("node-b", "127.0.0.2", port, MAX_CONNS);
+    let (port, svc, a, b) = two_nodes();
 
     // A port the gateway would pick could differ per node: refused.
     let mut auto = tcp_agent(&a, &svc.addr.to_string());
@@ -515,7 +521,7 @@ fn in_a_cluster_a_tcp_tunnel_needs_an_explicit_port_and_a_node_reuses_the_remote
     let on_a = tcp_agent(&a, &format!("{}={port}", svc.addr));
     wait_stdout(&on_a, &format!("TCP tunnel: tcp://127.0.0.1:{port} ->"));
     give_view(&a, &b, &["node-a"], &[port], 1);
-    let at_b: SocketAddr = format!("127.0.0.2:{port}").parse().unwrap();
+    let at_b = b_side(port);
     wait_served(at_b);
     // Another session asking B for that port is refused: A's session
     // has it on the other node.
